@@ -1,0 +1,264 @@
+"""`idap`: compress a model from the command line, or write the digits example.
+
+Errors the user can fix print one line (`error: …`) and exit 2; Ctrl-C exits 130.
+Results are written to a sibling temporary directory and moved into --out only when the
+whole run succeeded, so --out never holds a half-written result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+from torch import nn
+
+from core import CompressOptions, ProgressEvent, Target, UserError, compress, load_npz
+from core.errors import ExportError, OptionsError
+from core.model_io import is_factory_spec, load_model
+
+EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """Turns usage errors into `OptionsError` so they print like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise OptionsError(f"{message}.", hint=f"See `{self.prog} --help`.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="idap", description="IDAP++ structured pruning of PyTorch models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prune(commands.add_parser("prune", help="compress a model to a MACs/params target"))
+    example = commands.add_parser("example", help="write a small trained model and its data")
+    example.add_argument("name", choices=["digits"], help="which example")
+    example.add_argument("--out", type=Path, required=True, help="directory for model.pt and data.npz")
+    example.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _add_prune(prune: argparse.ArgumentParser) -> None:
+    defaults = CompressOptions()
+    prune.add_argument("model", metavar="MODEL",
+                       help="file saved with torch.save(model, path), or package.module:factory")
+    prune.add_argument("--weights", help=".safetensors weights for a package.module:factory MODEL")
+    prune.add_argument("--data", type=Path, required=True,
+                       help=".npz with x (inputs) and optional y (labels)")
+    prune.add_argument("--out", type=Path, required=True,
+                       help="directory for model.onnx, model.pt2 and report.json")
+    prune.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    target = prune.add_argument_group("target")
+    target.add_argument("--macs-reduction", type=float, help="fraction of MACs to remove, e.g. 0.5")
+    target.add_argument("--params-reduction", type=float, help="fraction of parameters to remove")
+    target.add_argument("--max-accuracy-drop", type=float, default=Target().max_accuracy_drop,
+                        help="absolute top-1 budget on the held-out split (default: %(default)s)")
+    method = prune.add_argument_group("method")
+    method.add_argument("--stages", default=",".join(defaults.stages),
+                        help="filters, layers or filters,layers (default: %(default)s)")
+    method.add_argument("--device", default=defaults.device, help="auto, cpu or cuda (default: %(default)s)")
+    method.add_argument("--seed", type=int, default=defaults.seed)
+    method.add_argument("--recovery-epochs", type=float,
+                        help=f"fine-tuning epochs after each step (default: {defaults.recovery_epochs})")
+    method.add_argument("--recovery-iterations", type=int, help="fine-tuning iterations after each step")
+    method.add_argument("--final-recovery-epochs", type=float, default=defaults.final_recovery_epochs,
+                        help="fine-tuning epochs at the end (default: %(default)s)")
+    method.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    method.add_argument("--round-to", type=int, help="keep channel counts multiples of N")
+    method.add_argument("--min-width-fraction", type=float, default=defaults.min_width_fraction,
+                        help="never prune a layer below this fraction of its width (default: %(default)s)")
+    method.add_argument("--ignore-layer", action="append", default=[], metavar="NAME",
+                        help="module name never to prune (repeatable)")
+    method.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop pruning after this long")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "example":
+            return _run_example(args)
+        return _run_prune(args)
+    except UserError as err:
+        _print_error(str(err))
+        return EXIT_USER_ERROR
+    except ExportError as err:
+        _print_error(f"Export of the pruned model failed: {err}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _print_error("Interrupted; nothing was written to --out.")
+        return EXIT_INTERRUPTED
+
+
+def _print_error(text: str) -> None:
+    # One line, whatever the message embeds, so scripts and logs can rely on it.
+    print("error: " + " ".join(text.split()), file=sys.stderr)
+
+
+def _run_example(args: argparse.Namespace) -> int:
+    from core.examples import make_digits_example  # pulls in scikit-learn, needed only here
+
+    model_path, data_path = make_digits_example(args.out, seed=args.seed)
+    print(f"model: {model_path}\ndata:  {data_path}")
+    return 0
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    target, options = _target_and_options(args)
+    out = args.out.resolve()
+    inputs = [args.data, *(Path(p) for p in (args.model, args.weights) if p and Path(p).exists())]
+    _check_out_dir(out, args.force, inputs)
+    data = load_npz(args.data)
+    model = _load_model(args.model, args.weights)
+    with _staging_dir(out) as staging:
+        with _ProgressBar() as bar:
+            result = compress(model, data, target, options, staging, progress=bar)
+        _publish(staging, out)
+    print(format_summary(result.report))
+    print("Artifacts:")
+    for path in result.artifacts.values():
+        print(f"  {out / Path(path).relative_to(staging)}")
+    return 0
+
+
+def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptions]:
+    if args.recovery_epochs is not None and args.recovery_iterations is not None:
+        raise OptionsError(
+            "--recovery-epochs and --recovery-iterations both set the recovery budget.",
+            hint="Pass only one of them.",
+        )
+    target = Target(args.macs_reduction, args.params_reduction, args.max_accuracy_drop)
+    defaults = CompressOptions()
+    options = CompressOptions(
+        stages=tuple(stage.strip() for stage in args.stages.split(",")),
+        device=args.device,
+        seed=args.seed,
+        min_width_fraction=args.min_width_fraction,
+        round_to=args.round_to,
+        ignored_layers=tuple(args.ignore_layer),
+        recovery_epochs=defaults.recovery_epochs if args.recovery_epochs is None else args.recovery_epochs,
+        recovery_iterations=args.recovery_iterations,
+        final_recovery_epochs=args.final_recovery_epochs,
+        batch_size=args.batch_size,
+        time_budget_s=args.time_budget,
+    )
+    target.validate()
+    options.validate()
+    return target, options
+
+
+def _check_out_dir(out: Path, force: bool, inputs: list[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise OptionsError(f"--out {out} exists and is not a directory.", hint="Choose a directory path.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise OptionsError(f"--out {out} is not empty.",
+                           hint="Choose another directory, or pass --force to replace it.")
+    # --force deletes the old directory; never let that take the inputs or the shell's directory with it.
+    for path in (Path.cwd(), *inputs):
+        resolved = path.resolve()
+        if resolved == out or out in resolved.parents:
+            raise OptionsError(
+                f"--force would delete {path}, which is inside --out {out}.",
+                hint="Choose an --out that holds no inputs and is not the working directory.",
+            )
+
+
+def _load_model(spec: str, weights: str | None) -> nn.Module:
+    if is_factory_spec(spec):
+        # Like `python -m`, resolve the user's own packages from the working directory.
+        sys.path.insert(0, os.getcwd())
+    elif Path(spec).is_file():
+        print(f"warning: loading {spec} runs the pickled code inside it; use only files you trust.",
+              file=sys.stderr)
+    return load_model(spec, weights)
+
+
+@contextmanager
+def _staging_dir(out: Path) -> Iterator[Path]:
+    """A fresh directory beside `out` (same filesystem, so publishing is a rename); always removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished result into `out`; an existing `out` (checked by the caller) is replaced."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _ProgressBar:
+    """A tqdm bar over the whole run, fed by `ProgressEvent.fraction`; silent unless stderr is a terminal."""
+
+    _RESOLUTION = 1000
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self._RESOLUTION, file=sys.stderr, disable=None, dynamic_ncols=True,
+                         bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self._bar.set_description_str(f"{event.stage}: {event.message}", refresh=False)
+        self._bar.update(round(event.fraction * self._RESOLUTION) - self._bar.n)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The before/after table printed at the end of `idap prune`."""
+    rows = [
+        ("MACs", _mega(report["macs_before"]), _mega(report["macs_after"])),
+        ("Params", _mega(report["params_before"]), _mega(report["params_after"])),
+        ("Accuracy", _percent(report["accuracy_before"]), _percent(report["accuracy_after"])),
+    ]
+    for batch in report["latency_ms_before"]:
+        label = f"ORT latency, batch {batch.removeprefix('batch_')} (ms)"
+        rows.append((label, _number(report["latency_ms_before"][batch]),
+                     _number(report["latency_ms_after"].get(batch))))
+    width = max(len(label) for label, _, _ in rows)
+    lines = [f"{'':<{width}}  {'before':>10}  {'after':>10}"]
+    lines += [f"{label:<{width}}  {before:>10}  {after:>10}" for label, before, after in rows]
+    removed = report["removed_blocks"]
+    lines += [
+        f"ONNX max abs diff: {_number(report['onnx_max_abs_diff'], '.2e')}",
+        f"Removed blocks: {len(removed)}" + (f" ({', '.join(map(str, removed))})" if removed else ""),
+        f"Target met: {'yes' if report['target_met'] else 'no'} (stop reason: {report['stop_reason']})",
+    ]
+    if report.get("message"):  # the engine's one-sentence account of the run, when it gives one
+        lines.append(report["message"])
+    return "\n".join(lines)
+
+
+def _mega(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1e6:.3f} M"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def _number(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)

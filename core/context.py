@@ -1,0 +1,107 @@
+"""State shared by the stages of one compression run: data, baseline numbers, measurements."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.data import Dataset
+from core.metrics import count_macs_params, top1
+from core.options import CompressOptions, Target
+from core.progress import Reporter
+from core.recovery import iterations_for, recover
+
+# The result may miss the size target by this much and still count as met (issue #2).
+TARGET_TOLERANCE = 0.03
+
+
+@dataclass
+class RunContext:
+    options: CompressOptions
+    target: Target
+    device: torch.device
+    reporter: Reporter
+    example: torch.Tensor  # two samples on `device`, for tracing and MACs
+    recovery: Dataset
+    evaluation: Dataset
+    calib: torch.Tensor
+    reference: torch.Tensor | None  # original predictions on the evaluation split
+    feature_points: list[str]
+    ignored: list[str]
+    macs0: int = 0
+    params0: int = 0
+    acc0: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    original_widths: dict[str, int] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    filter_steps: int = 0
+    recoveries: int = 0
+
+    def measure(self, model: nn.Module) -> tuple[int, int]:
+        return count_macs_params(model, self.example)
+
+    def accuracy(self, model: nn.Module) -> float:
+        return top1(model, self.evaluation, self.device, self.reference)
+
+    def reductions(self, macs: int, params: int) -> dict[str, float]:
+        return {"macs": 1.0 - macs / self.macs0, "params": 1.0 - params / self.params0}
+
+    def _goals(self) -> dict[str, float]:
+        goals = {"macs": self.target.macs_reduction, "params": self.target.params_reduction}
+        return {key: value for key, value in goals.items() if value is not None}
+
+    def reached(self, macs: int, params: int, share: float = 1.0) -> bool:
+        got = self.reductions(macs, params)
+        return all(got[key] >= share * goal - 1e-9 for key, goal in self._goals().items())
+
+    def overshoots(self, macs: int, params: int) -> bool:
+        got = self.reductions(macs, params)
+        return any(got[key] > goal + TARGET_TOLERANCE for key, goal in self._goals().items())
+
+    def met(self, macs: int, params: int) -> bool:
+        got = self.reductions(macs, params)
+        return all(got[key] >= goal - TARGET_TOLERANCE for key, goal in self._goals().items())
+
+    def progress(self, macs: int, params: int) -> float:
+        got = self.reductions(macs, params)
+        goals = self._goals()
+        return min(min(got[key] / goal, 1.0) for key, goal in goals.items())
+
+    def within_budget(self, accuracy: float) -> bool:
+        return self.acc0 - accuracy <= self.target.max_accuracy_drop + 1e-9
+
+    def out_of_time(self) -> bool:
+        budget = self.options.time_budget_s
+        return budget is not None and time.monotonic() - self.started > budget
+
+    def recover(self, student: nn.Module, teacher: nn.Module, *, final: bool = False) -> None:
+        opts = self.options
+        epochs = opts.final_recovery_epochs if final else opts.recovery_epochs
+        iterations = opts.final_recovery_iterations if final else opts.recovery_iterations
+        self.recoveries += 1
+        recover(
+            student, teacher, self.recovery, self.feature_points,
+            iterations_for(len(self.recovery), opts.batch_size, epochs, iterations),
+            device=self.device, batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
+            temperature=opts.kd_temperature, feature_weight=opts.feature_weight,
+            seed=opts.seed + self.recoveries, reporter=self.reporter,
+        )
+
+    def record(self, stage: str, model_macs: int, model_params: int, accuracy: float, seconds: float,
+               accepted: bool, **extra: Any) -> None:
+        self.steps.append({
+            "stage": stage, "step": len(self.steps) + 1, "macs": model_macs, "params": model_params,
+            "accuracy": round(accuracy, 6), "seconds": round(seconds, 3), "accepted": accepted, **extra,
+        })
+        reduction = self.reductions(model_macs, model_params)
+        self.reporter.emit(
+            stage, len(self.steps), self.options.max_steps + self.options.max_removals,
+            0.05 + 0.8 * self.progress(model_macs, model_params) if accepted else None,
+            f"{stage} step {len(self.steps)}: MACs -{reduction['macs']:.1%}, params -{reduction['params']:.1%}, "
+            f"top-1 {accuracy:.4f}{'' if accepted else ' (rolled back)'}",
+            macs=model_macs, params=model_params, accuracy=accuracy, accepted=accepted,
+        )

@@ -1,0 +1,129 @@
+"""What the caller asks `compress` to do: the target and the knobs of the method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from core.errors import OptionsError
+
+Stage = Literal["filters", "layers"]
+STAGES: tuple[Stage, ...] = ("filters", "layers")
+# divergence is IDAP++; the others are torch-pruning's criteria, kept for benchmarks.
+CRITERIA = ("divergence", "l2", "taylor", "random")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Fractions to remove. At least one of the size targets must be set.
+
+    `max_accuracy_drop` is absolute top-1 (0.01 = one point) measured on the held-out
+    split; without labels it is top-1 agreement with the original model.
+    """
+
+    macs_reduction: float | None = None
+    params_reduction: float | None = None
+    max_accuracy_drop: float = 0.01
+
+    def validate(self) -> None:
+        if self.macs_reduction is None and self.params_reduction is None:
+            raise OptionsError(
+                "No size target given.",
+                hint="Set macs_reduction and/or params_reduction (fractions to remove, e.g. 0.5).",
+            )
+        for name in ("macs_reduction", "params_reduction"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise OptionsError(
+                    f"{name} must be a fraction between 0 and 1 (exclusive), got {value}.",
+                    hint="Use e.g. 0.5 to remove half.",
+                )
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise OptionsError(
+                f"max_accuracy_drop must be between 0 and 1, got {self.max_accuracy_drop}.",
+                hint="It is absolute top-1, e.g. 0.01 for one point.",
+            )
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Knobs of the IDAP++ pipeline; defaults follow ../shared/method/IDAP++.md."""
+
+    stages: tuple[Stage, ...] = STAGES
+    device: str = "auto"
+    seed: int = 0
+    criterion: str = "divergence"
+    # Share of the size target that Stage 1 takes before Stage 2 runs (when both run);
+    # Stage 1 closes whatever gap Stage 2 leaves. With 1.0, Stage 2 would only ever run
+    # after Stage 1 stopped early, and depth would never be traded against width.
+    filter_share: float = 0.7
+    # Stage 1 schedule: rho_t = p0 * (1 + t/T) ** alpha of the remaining units per step.
+    p0: float = 0.1
+    alpha: float = 1.5
+    max_steps: int = 20
+    # Never prune a layer below this fraction of its original width (and min_channels).
+    min_width_fraction: float = 0.125
+    min_channels: int = 1
+    round_to: int | None = None
+    ignored_layers: tuple[str, ...] = ()
+    # Stage 2
+    max_removals: int = 8
+    # Recovery budget per step: epochs over the recovery split, or a fixed iteration
+    # count when `recovery_iterations` is set (it wins over epochs).
+    recovery_epochs: float = 1.0
+    recovery_iterations: int | None = None
+    final_recovery_epochs: float = 2.0
+    final_recovery_iterations: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    kd_temperature: float = 3.0
+    feature_weight: float = 0.5
+    # Data use
+    eval_fraction: float = 0.2
+    calibration_samples: int = 512
+    # Metrics
+    latency_runs: int = 20
+    latency_batch: int = 32
+    # Wall-clock budget for the whole run in seconds (None = unlimited).
+    time_budget_s: float | None = None
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise OptionsError(
+                f"Unknown or empty stages {list(self.stages)}.",
+                hint="Use 'filters', 'layers' or 'filters,layers'.",
+            )
+        if len(set(self.stages)) != len(self.stages):
+            raise OptionsError(f"Stage listed twice in {list(self.stages)}.", hint="List each stage once.")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise OptionsError(f"Unknown device {self.device!r}.", hint="Use auto, cpu or cuda.")
+        if self.criterion not in CRITERIA:
+            raise OptionsError(f"Unknown criterion {self.criterion!r}.", hint=f"Use one of {', '.join(CRITERIA)}.")
+        checks = [
+            (0.0 < self.filter_share <= 1.0, "filter_share must be in (0, 1]"),
+            (0.0 < self.p0 < 1.0, "p0 must be in (0, 1)"),
+            (self.alpha >= 0.0, "alpha must be >= 0"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (0.0 < self.min_width_fraction <= 1.0, "min_width_fraction must be in (0, 1]"),
+            (self.min_channels >= 1, "min_channels must be >= 1"),
+            (self.round_to is None or self.round_to >= 1, "round_to must be >= 1"),
+            (self.max_removals >= 0, "max_removals must be >= 0"),
+            (self.recovery_epochs >= 0, "recovery_epochs must be >= 0"),
+            (self.recovery_iterations is None or self.recovery_iterations >= 0,
+             "recovery_iterations must be >= 0"),
+            (self.final_recovery_epochs >= 0, "final_recovery_epochs must be >= 0"),
+            (self.final_recovery_iterations is None or self.final_recovery_iterations >= 0,
+             "final_recovery_iterations must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (0.0 < self.eval_fraction < 1.0, "eval_fraction must be in (0, 1)"),
+            (self.calibration_samples >= 1, "calibration_samples must be >= 1"),
+            (self.latency_runs >= 1, "latency_runs must be >= 1"),
+            (self.latency_batch >= 1, "latency_batch must be >= 1"),
+            (self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OptionsError(message + ".", hint="Fix the option or leave it at its default.")

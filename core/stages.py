@@ -1,0 +1,168 @@
+"""Stage 1 (iterative divergence-aware filter pruning) and Stage 2 (block removal)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from core.blocks import BlockCandidate, find_blocks, remove_block
+from core.context import RunContext
+from core.divergence import (
+    DivergenceScorer,
+    baseline_scorer,
+    block_divergence,
+    filter_divergence,
+    taylor_gradients,
+)
+from core.surgery import (
+    GroupScorer,
+    PrunableGroup,
+    apply_plan,
+    build_graph,
+    make_plan,
+    planned_units,
+    prunable_groups,
+    score_groups,
+)
+
+
+def _groups(ctx: RunContext, model: nn.Module, graph) -> list[PrunableGroup]:
+    ignored = [model.get_submodule(name) for name in ctx.ignored]
+    opts = ctx.options
+    return prunable_groups(graph, model, ignored, ctx.original_widths, opts.min_width_fraction, opts.min_channels)
+
+
+def _scorer(ctx: RunContext, model: nn.Module, graph) -> GroupScorer:
+    criterion = ctx.options.criterion
+    batch = ctx.options.batch_size
+    if criterion == "divergence":
+        return DivergenceScorer(filter_divergence(model, graph, ctx.calib, ctx.device, batch))
+    if criterion == "taylor":
+        labels = ctx.recovery.y[: len(ctx.calib)] if ctx.recovery.y is not None else None
+        taylor_gradients(model, ctx.calib, labels, ctx.device, batch)
+    return baseline_scorer(criterion)
+
+
+def _pruned_copy(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
+                 scores: list[torch.Tensor], k: int) -> tuple[nn.Module, int]:
+    plan = make_plan(groups, scores, k, ctx.options.round_to)
+    candidate = copy.deepcopy(model)
+    apply_plan(candidate, ctx.example, plan)
+    return candidate, planned_units(plan)
+
+
+def _smallest_sufficient(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
+                         scores: list[torch.Tensor], k: int, share: float) -> tuple[nn.Module, int]:
+    """Bisect the number of removed units so a step meets the target without overshooting it."""
+    low, high = 0, k
+    best = _pruned_copy(ctx, model, groups, scores, k)
+    while high - low > 1:
+        mid = (low + high) // 2
+        trial = _pruned_copy(ctx, model, groups, scores, mid)
+        if ctx.reached(*ctx.measure(trial[0]), share=share):
+            high, best = mid, trial
+        else:
+            low = mid
+    return best
+
+
+def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tuple[nn.Module, str]:
+    """Stage 1 until `share` of the size target is reached, the accuracy budget or T steps.
+
+    The schedule step counter lives in `ctx`, so a later call continues the schedule.
+    """
+    opts = ctx.options
+    total = opts.max_steps
+    while ctx.filter_steps < total:
+        if ctx.reached(*ctx.measure(model), share=share):
+            return model, "target_reached"
+        if ctx.out_of_time():
+            return model, "time_budget"
+        ctx.reporter.check_cancel()
+        started = time.monotonic()
+        t = ctx.filter_steps
+        graph = build_graph(model, ctx.example)
+        groups = _groups(ctx, model, graph)
+        capacity = sum(g.capacity for g in groups)
+        if capacity == 0:
+            return model, "nothing_left_to_prune"
+        scores = score_groups(groups, _scorer(ctx, model, graph))
+        model.zero_grad(set_to_none=True)
+        rho = opts.p0 * (1 + t / total) ** opts.alpha
+        k = max(1, min(capacity, math.floor(rho * sum(g.width for g in groups))))
+        candidate, removed = _pruned_copy(ctx, model, groups, scores, k)
+        while removed == 0 and k < capacity:
+            # round_to can round a small step away entirely; grow it until something goes
+            k = min(2 * k, capacity)
+            candidate, removed = _pruned_copy(ctx, model, groups, scores, k)
+        if removed == 0:
+            return model, "nothing_left_to_prune"
+        if ctx.reached(*ctx.measure(candidate), share=share):
+            candidate, removed = _smallest_sufficient(ctx, model, groups, scores, k, share)
+            if share >= 1.0 and ctx.overshoots(*ctx.measure(candidate)) and ctx.met(*ctx.measure(model)):
+                # the smallest step that reaches the target overshoots it (round_to granularity)
+                # while the model is already within tolerance: stop closer to what was asked
+                return model, "target_reached"
+        ctx.filter_steps += 1
+        ctx.recover(candidate, model)
+        accuracy = ctx.accuracy(candidate)
+        accepted = ctx.within_budget(accuracy)
+        macs, params = ctx.measure(candidate)
+        ctx.record("filters", macs, params, accuracy, time.monotonic() - started, accepted,
+                   units_removed=removed)
+        if not accepted:
+            return model, "accuracy_budget"
+        model = candidate
+    return model, "target_reached" if ctx.reached(*ctx.measure(model), share=share) else "max_steps"
+
+
+def remove_layers(ctx: RunContext, model: nn.Module,
+                  on_removed: Callable[[BlockCandidate, float], None]) -> tuple[nn.Module, str]:
+    """Stage 2: remove the lowest-divergence blocks while the target is not reached."""
+    opts = ctx.options
+    candidates = find_blocks(model, ctx.example)
+    essential: set[str] = set()
+    removed = 0
+    while removed < opts.max_removals:
+        if ctx.reached(*ctx.measure(model)):
+            return model, "target_reached"
+        if ctx.out_of_time():
+            return model, "time_budget"
+        ctx.reporter.check_cancel()
+        live = [c for c in candidates if c.name not in essential]
+        if not live:
+            return model, "no_removable_blocks"
+        started = time.monotonic()
+        scores = block_divergence(model, {c.name: c.shortcut for c in live}, ctx.calib, ctx.device,
+                                  opts.batch_size)
+        choice = None
+        for block in sorted(live, key=lambda c: scores[c.name]):
+            trial = copy.deepcopy(model)
+            remove_block(trial, block)
+            if ctx.overshoots(*ctx.measure(trial)):
+                essential.add(block.name)  # too big to remove; it only gets bigger relative to the rest
+                continue
+            choice = block, trial
+            break
+        if choice is None:
+            return model, "no_removable_blocks"
+        block, trial = choice
+        ctx.recover(trial, model)
+        accuracy = ctx.accuracy(trial)
+        accepted = ctx.within_budget(accuracy)
+        macs, params = ctx.measure(trial)
+        ctx.record("layers", macs, params, accuracy, time.monotonic() - started, accepted,
+                   block=block.name, divergence=round(scores[block.name], 6))
+        if not accepted:
+            essential.add(block.name)
+            continue
+        model = trial
+        candidates.remove(block)
+        removed += 1
+        on_removed(block, scores[block.name])
+    return model, "max_removals"

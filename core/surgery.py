@@ -1,0 +1,171 @@
+"""Structured surgery through torch-pruning's dependency graph.
+
+Everything that touches torch-pruning lives here, so the rest of core/ deals only in
+"groups" (sets of coupled channels that must be removed together) and "plans"
+(which channels of which group to remove).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+# name of a group's root module -> channel indices to remove (already expanded over
+# channel groups of grouped convolutions)
+Plan = dict[str, list[int]]
+
+
+@dataclass
+class PrunableGroup:
+    """Coupled channels rooted at one Conv/Linear output; `width` counts one channel group."""
+
+    root_name: str
+    group: tp.dependency.Group
+    width: int
+    ch_groups: int
+    min_width: int
+
+    @property
+    def capacity(self) -> int:
+        return max(self.width - self.min_width, 0)
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+
+
+def _channel_groups(graph: tp.DependencyGraph, group: tp.dependency.Group) -> int:
+    """How many interleaved channel groups a grouped convolution imposes (1 if none).
+
+    Depthwise convolutions are excluded: the graph already couples their input and
+    output channels one to one.
+    """
+    counts = [1]
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None:
+            continue
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            counts.append(pruner.get_out_channel_groups(module))
+        else:
+            counts.append(pruner.get_in_channel_groups(module))
+    return max(counts)
+
+
+def prunable_groups(
+    graph: tp.DependencyGraph,
+    model: nn.Module,
+    ignored: Iterable[nn.Module],
+    original_widths: dict[str, int],
+    min_width_fraction: float,
+    min_channels: int,
+) -> list[PrunableGroup]:
+    """All groups the planner may shrink, with their minimum widths.
+
+    `original_widths` (root name -> width before any pruning) is filled on first sight,
+    so the minimum stays relative to the unpruned network across steps.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    ignored_modules = [m for layer in ignored for m in layer.modules()]
+    result = []
+    for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES):
+        root = group[0].dep.target.module
+        name = names.get(root)
+        if name is None:
+            continue
+        ch_groups = _channel_groups(graph, group)
+        total = graph.get_out_channels(root)
+        if total is None or total % ch_groups:
+            continue
+        width = total // ch_groups
+        original = original_widths.setdefault(name, width)
+        minimum = min(width, max(min_channels, math.ceil(original * min_width_fraction)))
+        result.append(PrunableGroup(name, group, width, ch_groups, minimum))
+    return result
+
+
+def _rounded_count(width: int, selected: int, minimum: int, round_to: int | None) -> int:
+    """Channels to remove so the remaining width is a multiple of `round_to` (nearest)."""
+    if not round_to or selected == 0:
+        return selected
+    floor_width = math.ceil(minimum / round_to) * round_to
+    keep = max(round_to * round((width - selected) / round_to), floor_width)
+    return max(width - keep, 0)
+
+
+def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, round_to: int | None) -> Plan:
+    """Remove the `k` lowest-scoring channels across all groups (global ranking).
+
+    Scores are already comparable across groups (normalised per group). No group goes
+    below its minimum width.
+    """
+    entries = [
+        (float(score), g, c)
+        for g, group_scores in enumerate(scores)
+        for c, score in enumerate(group_scores.tolist())
+    ]
+    entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    taken = [0] * len(groups)
+    chosen = 0
+    for _, g, _ in entries:
+        if chosen >= k:
+            break
+        if taken[g] < groups[g].capacity:
+            taken[g] += 1
+            chosen += 1
+    plan: Plan = {}
+    for g, group in enumerate(groups):
+        n = _rounded_count(group.width, taken[g], group.min_width, round_to)
+        if n == 0:
+            continue
+        lowest = torch.argsort(scores[g], stable=True)[:n].tolist()
+        plan[group.root_name] = sorted(
+            idx + offset * group.width for offset in range(group.ch_groups) for idx in lowest
+        )
+    return plan
+
+
+def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan) -> None:
+    """Remove the planned channels in place (BN, consumers and residual partners follow)."""
+    if not plan:
+        return
+    graph = build_graph(model, example)
+    for name, idxs in plan.items():
+        root = model.get_submodule(name)
+        pruner = graph.get_pruner_of_module(root)
+        group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
+        if graph.check_pruning_group(group):
+            group.prune()
+
+
+def planned_units(plan: Plan) -> int:
+    return sum(len(idxs) for idxs in plan.values())
+
+
+GroupScorer = Callable[[tp.dependency.Group], torch.Tensor | None]
+
+
+def score_groups(groups: list[PrunableGroup], scorer: GroupScorer) -> list[torch.Tensor]:
+    """Per-channel scores for each group, averaged over channel groups, normalised by the group mean.
+
+    Per-group mean normalisation is what makes scores of different layers comparable
+    for global ranking (method §2). A group the scorer cannot see gets uniform scores.
+    """
+    out = []
+    for group in groups:
+        raw = scorer(group.group)
+        if raw is None:
+            raw = torch.ones(group.width * group.ch_groups)
+        raw = raw.detach().float().cpu().view(group.ch_groups, -1).mean(0)
+        out.append(raw / (raw.mean() + 1e-12))
+    return out
