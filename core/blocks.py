@@ -70,9 +70,32 @@ def _shortcut_of(block: nn.Module) -> tuple[bool, str | None] | None:
     if x in operands:
         return True, None
     for node in operands:
-        if node.op == "call_module" and node.args and node.args[0] is x and len(node.args) == 1:
-            return True, str(node.target)
+        shortcut = _projection_of(node, x)
+        if shortcut is not None:
+            return True, shortcut
     return None
+
+
+def _projection_of(node: fx.Node, x: fx.Node) -> str | None:
+    """The submodule that computes `node` from `x` alone, if `node` is such a chain.
+
+    fx inlines nn.Sequential, so a `downsample = Sequential(conv, bn)` shows up as the
+    chain downsample.0 -> downsample.1; the projection is their common parent.
+    """
+    targets = []
+    while isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        targets.append(str(node.target))
+        node = node.args[0]
+        if node is x:
+            break
+    if node is not x or not targets:
+        return None
+    if len(targets) == 1:
+        return targets[0]
+    parents = [t.rsplit(".", 1)[0] if "." in t else "" for t in targets]
+    if len(set(parents)) != 1 or not parents[0]:
+        return None
+    return parents[0]
 
 
 def find_blocks(model: nn.Module, example: torch.Tensor) -> list[BlockCandidate]:

@@ -12,12 +12,13 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 from torch import nn
+from tqdm import tqdm
 
 from core import CompressOptions, ProgressEvent, Target, UserError, compress, load_npz
 from core.errors import ExportError, OptionsError
@@ -41,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(commands.add_parser("prune", help="compress a model to a MACs/params target"))
     example = commands.add_parser("example", help="write a small trained model and its data")
     example.add_argument("name", choices=["digits"], help="which example")
-    example.add_argument("--out", type=Path, required=True, help="directory for model.pt and data.npz")
-    example.add_argument("--seed", type=int, default=0)
+    example.add_argument("--out", type=Path, required=True, metavar="DIR",
+                         help="directory for model.pt and data.npz")
+    example.add_argument("--seed", type=int, default=0, metavar="N")
     return parser
 
 
@@ -50,30 +52,36 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
     defaults = CompressOptions()
     prune.add_argument("model", metavar="MODEL",
                        help="file saved with torch.save(model, path), or package.module:factory")
-    prune.add_argument("--weights", help=".safetensors weights for a package.module:factory MODEL")
-    prune.add_argument("--data", type=Path, required=True,
+    prune.add_argument("--weights", metavar="FILE",
+                       help=".safetensors weights for a package.module:factory MODEL")
+    prune.add_argument("--data", type=Path, required=True, metavar="FILE",
                        help=".npz with x (inputs) and optional y (labels)")
-    prune.add_argument("--out", type=Path, required=True,
+    prune.add_argument("--out", type=Path, required=True, metavar="DIR",
                        help="directory for model.onnx, model.pt2 and report.json")
     prune.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
-    target = prune.add_argument_group("target")
-    target.add_argument("--macs-reduction", type=float, help="fraction of MACs to remove, e.g. 0.5")
-    target.add_argument("--params-reduction", type=float, help="fraction of parameters to remove")
-    target.add_argument("--max-accuracy-drop", type=float, default=Target().max_accuracy_drop,
+
+    target = prune.add_argument_group("target (at least one size target)")
+    target.add_argument("--macs-reduction", type=float, metavar="F", help="MACs fraction to remove, e.g. 0.5")
+    target.add_argument("--params-reduction", type=float, metavar="F", help="params fraction to remove")
+    target.add_argument("--max-accuracy-drop", type=float, default=Target().max_accuracy_drop, metavar="F",
                         help="absolute top-1 budget on the held-out split (default: %(default)s)")
+
     method = prune.add_argument_group("method")
-    method.add_argument("--stages", default=",".join(defaults.stages),
+    method.add_argument("--stages", default=",".join(defaults.stages), metavar="LIST",
                         help="filters, layers or filters,layers (default: %(default)s)")
-    method.add_argument("--device", default=defaults.device, help="auto, cpu or cuda (default: %(default)s)")
-    method.add_argument("--seed", type=int, default=defaults.seed)
-    method.add_argument("--recovery-epochs", type=float,
+    method.add_argument("--device", default=defaults.device, metavar="NAME",
+                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    method.add_argument("--seed", type=int, default=defaults.seed, metavar="N")
+    method.add_argument("--recovery-epochs", type=float, metavar="F",
                         help=f"fine-tuning epochs after each step (default: {defaults.recovery_epochs})")
-    method.add_argument("--recovery-iterations", type=int, help="fine-tuning iterations after each step")
+    method.add_argument("--recovery-iterations", type=int, metavar="N",
+                        help="fine-tuning iterations after each step, instead of epochs")
     method.add_argument("--final-recovery-epochs", type=float, default=defaults.final_recovery_epochs,
-                        help="fine-tuning epochs at the end (default: %(default)s)")
-    method.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    method.add_argument("--round-to", type=int, help="keep channel counts multiples of N")
-    method.add_argument("--min-width-fraction", type=float, default=defaults.min_width_fraction,
+                        metavar="F", help="fine-tuning epochs at the end (default: %(default)s)")
+    method.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
+                        help="(default: %(default)s)")
+    method.add_argument("--round-to", type=int, metavar="N", help="keep channel counts multiples of N")
+    method.add_argument("--min-width-fraction", type=float, default=defaults.min_width_fraction, metavar="F",
                         help="never prune a layer below this fraction of its width (default: %(default)s)")
     method.add_argument("--ignore-layer", action="append", default=[], metavar="NAME",
                         help="module name never to prune (repeatable)")
@@ -185,9 +193,13 @@ def _load_model(spec: str, weights: str | None) -> nn.Module:
 @contextmanager
 def _staging_dir(out: Path) -> Iterator[Path]:
     """A fresh directory beside `out` (same filesystem, so publishing is a rename); always removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise OptionsError(f"Cannot write beside --out {out}: {exc.strerror or exc}.",
+                           hint="Choose a directory you can write to.") from exc
     try:
         yield staging
     finally:
@@ -211,8 +223,6 @@ class _ProgressBar:
     _RESOLUTION = 1000
 
     def __init__(self) -> None:
-        from tqdm import tqdm
-
         self._bar = tqdm(total=self._RESOLUTION, file=sys.stderr, disable=None, dynamic_ncols=True,
                          bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
 
@@ -229,36 +239,38 @@ class _ProgressBar:
 
 def format_summary(report: dict[str, Any]) -> str:
     """The before/after table printed at the end of `idap prune`."""
+    latency_before, latency_after = report["latency_ms_before"], report["latency_ms_after"]
+    accuracy_before, accuracy_after = report["accuracy_before"], report["accuracy_after"]
     rows = [
-        ("MACs", _mega(report["macs_before"]), _mega(report["macs_after"])),
-        ("Params", _mega(report["params_before"]), _mega(report["params_after"])),
-        ("Accuracy", _percent(report["accuracy_before"]), _percent(report["accuracy_after"])),
+        _relative_row("MACs", report["macs_before"], report["macs_after"], _mega),
+        _relative_row("Params", report["params_before"], report["params_after"], _mega),
+        ("Accuracy", f"{accuracy_before:.2%}", f"{accuracy_after:.2%}",
+         f"{100 * (accuracy_after - accuracy_before):+.2f} pt"),
     ]
-    for batch in report["latency_ms_before"]:
-        label = f"ORT latency, batch {batch.removeprefix('batch_')} (ms)"
-        rows.append((label, _number(report["latency_ms_before"][batch]),
-                     _number(report["latency_ms_after"].get(batch))))
-    width = max(len(label) for label, _, _ in rows)
-    lines = [f"{'':<{width}}  {'before':>10}  {'after':>10}"]
-    lines += [f"{label:<{width}}  {before:>10}  {after:>10}" for label, before, after in rows]
+    rows += [_relative_row(f"ORT latency, batch {key.removeprefix('batch_')}", latency_before[key],
+                           latency_after[key], lambda v: f"{v:.3f} ms")
+             for key in latency_before]
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'':<{width}}  {'before':>10}  {'after':>10}  {'change':>9}"]
+    lines += [f"{label:<{width}}  {before:>10}  {after:>10}  {change:>9}"
+              for label, before, after, change in rows]
     removed = report["removed_blocks"]
     lines += [
-        f"ONNX max abs diff: {_number(report['onnx_max_abs_diff'], '.2e')}",
-        f"Removed blocks: {len(removed)}" + (f" ({', '.join(map(str, removed))})" if removed else ""),
+        f"ONNX max abs diff: {report['onnx_max_abs_diff']:.2e}",
+        f"Removed blocks: {len(removed)}" + (f" ({', '.join(removed)})" if removed else ""),
         f"Target met: {'yes' if report['target_met'] else 'no'} (stop reason: {report['stop_reason']})",
     ]
-    if report.get("message"):  # the engine's one-sentence account of the run, when it gives one
+    # Keys beyond the documented ones: why the target was missed, and why model.pt2 is missing.
+    if not report["target_met"] and report.get("message"):
         lines.append(report["message"])
+    if report.get("pt2_error"):
+        lines.append(f"model.pt2 was not written: {report['pt2_error']}")
     return "\n".join(lines)
 
 
-def _mega(value: float | None) -> str:
-    return "n/a" if value is None else f"{value / 1e6:.3f} M"
+def _mega(value: float) -> str:
+    return f"{value / 1e6:.3f} M"
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f} %"
-
-
-def _number(value: float | None, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
+def _relative_row(label: str, before: float, after: float, show: Callable[[float], str]) -> tuple[str, ...]:
+    return label, show(before), show(after), f"{(after - before) / before:+.1%}"

@@ -40,9 +40,17 @@ class RunContext:
     steps: list[dict[str, Any]] = field(default_factory=list)
     filter_steps: int = 0
     recoveries: int = 0
+    _sizes: dict[tuple, tuple[int, int]] = field(default_factory=dict)
 
     def measure(self, model: nn.Module) -> tuple[int, int]:
-        return count_macs_params(model, self.example)
+        """MACs and params, memoised on the architecture: they do not depend on weight values,
+        and the stages ask about the same model many times."""
+        signature = tuple((name, tuple(p.shape)) for name, p in model.named_parameters()) + tuple(
+            (name, type(m).__name__) for name, m in model.named_modules()
+        )
+        if signature not in self._sizes:
+            self._sizes[signature] = count_macs_params(model, self.example)
+        return self._sizes[signature]
 
     def accuracy(self, model: nn.Module) -> float:
         return top1(model, self.evaluation, self.device, self.reference)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from core.errors import UserError
+
 DEFAULT_EPOCHS = 6
 
 
@@ -66,8 +68,11 @@ class DigitsNet(nn.Module):
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn digits as x: float32 N×1×8×8 in [0, 1], y: int64 N."""
-    from sklearn.datasets import load_digits  # a dev extra; only the example needs it
-
+    try:
+        from sklearn.datasets import load_digits  # only the example needs scikit-learn
+    except ImportError as exc:
+        raise UserError("The digits example needs scikit-learn.",
+                        hint="Install it: pip install scikit-learn.") from exc
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
     return x, digits.target.astype(np.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,7 +50,10 @@ def _load_pickled(path: Path) -> nn.Module:
     if not path.is_file():
         raise InputFileError(f"{path} is not a file.", hint=_SAVE_HINT)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            # A TorchScript archive is refused below with a clearer message than torch's notice.
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as exc:
         # Pickles store classes by reference; a class defined in a script's __main__ is not importable here.
         raise InputFileError(

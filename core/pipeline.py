@@ -80,7 +80,6 @@ def _check_reachable(ctx: RunContext, model: nn.Module) -> dict[str, float]:
         groups = _groups(ctx, floor, graph)
         scores = [torch.zeros(g.width) for g in groups]
         plan = make_plan(groups, scores, sum(g.capacity for g in groups), ctx.options.round_to)
-        ctx.original_widths.clear()
         apply_plan(floor, ctx.example, plan)
     if "layers" in ctx.options.stages:
         for block in find_blocks(floor, ctx.example):
@@ -168,11 +167,11 @@ def compress(
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
     reachable = _check_reachable(ctx, model)
     ctx.acc0 = ctx.accuracy(model)
+    module_names = {module: name for name, module in names.items()}
     layer_divergence = {
-        name: float(scores.mean())
+        module_names[module]: float(scores.mean())
         for module, scores in filter_divergence(model, build_graph(model, example), ctx.calib, device,
                                                 opts.batch_size).items()
-        for name in [next(n for n, m in names.items() if m is module)]
     }
     original = copy.deepcopy(model)
     verify_on = evaluation.x[:64]

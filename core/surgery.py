@@ -8,12 +8,13 @@ Everything that touches torch-pruning lives here, so the rest of core/ deals onl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -37,7 +38,29 @@ class PrunableGroup:
         return max(self.width - self.min_width, 0)
 
 
+def _tolerate_unsized_reshapes() -> None:
+    """torch-pruning 1.6.1 infers zero channels on one side of a channel shuffle (ShuffleNet's
+    view/transpose/view) and divides by it while building the graph. Such a reshape only
+    permutes channels, so it is left without an index mapping, as the library already does
+    when it cannot size a reshape at all."""
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "idap_guarded", False):
+        return
+
+    def guarded(graph: tp.DependencyGraph, node: object) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            unsized = getattr(graph, "idap_unsized_reshapes", set())
+            unsized.add(node)
+            graph.idap_unsized_reshapes = unsized
+
+    guarded.idap_guarded = True  # type: ignore[attr-defined]
+    index_mapping.update_reshape_index_mapping = guarded
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    _tolerate_unsized_reshapes()
     return tp.DependencyGraph().build_dependency(model, example_inputs=example)
 
 
@@ -62,6 +85,61 @@ def _channel_groups(graph: tp.DependencyGraph, group: tp.dependency.Group) -> in
     return max(counts)
 
 
+def _reaches_unsized_reshape(graph: tp.DependencyGraph, root: nn.Module) -> bool:
+    """Whether the channels `root` produces flow into a reshape the graph could not size.
+
+    Resolving such a group through torch-pruning never ends (the index mappings of a channel
+    shuffle multiply), so these roots are left alone. The walk follows channel-preserving
+    nodes both ways and stops at layers that mix channels.
+    """
+    unsized = getattr(graph, "idap_unsized_reshapes", None)
+    if not unsized:
+        return False
+    start = graph.module2node[root]
+    seen = {start}
+    frontier = list(start.outputs)
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in unsized:
+            return True
+        module = node.module
+        mixes = isinstance(module, ROOT_TYPES) and not (
+            isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels
+        )
+        if mixes:
+            continue
+        frontier.extend(node.outputs)
+        frontier.extend(node.inputs)
+    return False
+
+
+def _resolvable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tp.dependency.Group]:
+    """Like torch-pruning's get_all_groups, but a root whose coupling the graph cannot resolve
+    (index mappings through channel shuffles) is skipped instead of aborting the whole walk."""
+    visited: set[nn.Module] = set()
+    ignored_set = set(ignored) | set(graph.IGNORED_LAYERS_IN_TRACING)
+    for module in list(graph.module2node):
+        if module in ignored_set or module in visited or not isinstance(module, ROOT_TYPES):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        channels = None if pruner is None else pruner.get_out_channels(module)
+        if channels is None:
+            continue
+        if _reaches_unsized_reshape(graph, module):
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        except (IndexError, ValueError, ZeroDivisionError):
+            continue
+        outputs = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        visited.update(outputs)
+        if not any(m in ignored_set for m in outputs):
+            yield group
+
+
 def prunable_groups(
     graph: tp.DependencyGraph,
     model: nn.Module,
@@ -78,7 +156,7 @@ def prunable_groups(
     names = {module: name for name, module in model.named_modules()}
     ignored_modules = [m for layer in ignored for m in layer.modules()]
     result = []
-    for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES):
+    for group in _resolvable_groups(graph, ignored_modules):
         root = group[0].dep.target.module
         name = names.get(root)
         if name is None:

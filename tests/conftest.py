@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,11 @@ import pytest
 import torch
 
 from core.examples import make_digits_example
+
+# pytest-xdist already runs one worker per core; torch's own threads on top of that spin against
+# each other and made CPU training tens of times slower. Subprocesses inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # Enough to be far above chance (the tests never check the example's own accuracy bar here).
 FIXTURE_EPOCHS = 3

@@ -1,0 +1,1 @@
+"""Benchmarks of IDAP++ against torch-pruning criteria on public data sets."""

@@ -1,0 +1,58 @@
+"""The Fashion-MNIST benchmark end to end in --quick mode, and its missing-data error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.fashion_mnist import DATA_DIR, EXIT_MISSING_DATA, METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = (0.5, 0.7)
+
+
+def run_benchmark(*args: object, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    # A subprocess, because the benchmark sets torch's global thread count.
+    return subprocess.run([sys.executable, "-m", "benchmarks.fashion_mnist", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_missing_dataset_exits_2_with_install_hint(tmp_path: Path) -> None:
+    done = run_benchmark("--quick", "--data-dir", tmp_path / "nowhere", timeout=120)
+    assert done.returncode == EXIT_MISSING_DATA
+    assert "apt-get install dataset-fashion-mnist" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_quick_benchmark_writes_a_sane_row_per_method_and_level(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = run_benchmark("--quick", "--train-samples", 400, "--test-samples", 500,
+                         "--levels", ",".join(map(str, LEVELS)), "--cache-dir", tmp_path / "cache",
+                         "--out", out)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+
+    rows = {(row["method"], row["level"]): row for row in result["rows"]}
+    assert set(rows) == {(method, level) for method in METHODS for level in LEVELS}
+    for (method, level), row in rows.items():
+        assert row["error"] is None, row["error"]
+        assert 0.0 <= row["test_top1_after"] <= 1.0
+        assert row["test_top1_before"] == result["reference"]["test_top1"]
+        # the benchmark switches the accuracy budget off, so every run must reach its size target
+        assert row["target_met"], (method, level, row["stop_reason"])
+        assert row["macs_after"] < row["macs_before"] and row["params_after"] < row["params_before"]
+        assert row["macs_reduction"] >= level - 0.03
+        for latencies in (row["latency_ms_before"], row["latency_ms_after"]):
+            assert set(latencies) == {"batch_1", "batch_32"} and all(v > 0 for v in latencies.values())
+        assert row["wall_s"] > 0
+        if "layers" not in METHODS[method][1]:
+            assert row["removed_blocks"] == []
+    assert result["reference"]["test_samples"] == 500
+    assert {goal["holds"] for goal in result["goals"]} <= {True, False}
+    assert "| IDAP++ | 50% |" in done.stdout

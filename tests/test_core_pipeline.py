@@ -1,0 +1,163 @@
+"""Behaviour of `core.compress` on a residual CNN trained on scikit-learn digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from core import Cancelled, CompressOptions, Dataset, Target, compress
+from core.errors import TargetUnreachableError
+from core.metrics import count_macs_params
+
+REPORT_KEYS = {
+    "macs_before", "macs_after", "params_before", "params_after", "accuracy_before", "accuracy_after",
+    "latency_ms_before", "latency_ms_after", "onnx_max_abs_diff", "removed_blocks", "layers", "steps",
+    "target_met", "stop_reason",
+}
+FAST = dict(recovery_iterations=25, final_recovery_iterations=60, latency_runs=3)
+
+
+def _data(arrays: tuple[np.ndarray, np.ndarray], labeled: bool = True) -> Dataset:
+    x, y = arrays
+    return Dataset(torch.from_numpy(x), torch.from_numpy(y) if labeled else None)
+
+
+def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, tmp_path: Path) -> None:
+    events = []
+    result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.5, max_accuracy_drop=0.01),
+                      CompressOptions(**FAST), tmp_path, progress=events.append)
+    report = result.report
+    assert REPORT_KEYS <= set(report)
+    assert report["target_met"] and abs(report["macs_reduction"] - 0.5) <= 0.03
+    assert report["accuracy_before"] - report["accuracy_after"] <= 0.01
+    example = torch.from_numpy(digits_arrays[0][:2])
+    assert count_macs_params(result.model, example) == (report["macs_after"], report["params_after"])
+    assert json.loads((tmp_path / "report.json").read_text())["macs_after"] == report["macs_after"]
+    for step in report["steps"]:
+        assert {"stage", "macs", "params", "accuracy", "seconds"} <= set(step)
+    assert any(row["channels_after"] < row["channels_before"] for row in report["layers"])
+
+    x = digits_arrays[0][:200]
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        torch_logits = result.model(torch.from_numpy(x)).numpy()
+    assert np.abs(onnx_logits - torch_logits).max() <= report["onnx_max_abs_diff"] * 10 + 1e-4
+    reloaded = torch.export.load(str(tmp_path / "model.pt2")).module()
+    assert torch.allclose(reloaded(torch.from_numpy(x)), torch.from_numpy(torch_logits), atol=1e-4)
+
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {"baseline", "filters", "export", "done"} <= {e.stage for e in events}
+
+
+def test_stage_two_removes_a_residual_block(digits_model, digits_arrays, tmp_path: Path) -> None:
+    result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.2, max_accuracy_drop=0.03),
+                      CompressOptions(stages=("layers",), **FAST), tmp_path)
+    removed = result.report["removed_blocks"]
+    assert removed, result.report["steps"]
+    for name in removed:
+        assert not isinstance(result.model.get_submodule(name), type(digits_model.get_submodule(name)))
+    assert result.report["macs_after"] < result.report["macs_before"]
+    assert all(step["stage"] == "layers" for step in result.report["steps"])
+
+
+def test_accuracy_budget_rolls_back_the_failing_step(digits_model, digits_arrays, tmp_path: Path) -> None:
+    options = CompressOptions(stages=("filters",), recovery_iterations=0, final_recovery_iterations=0,
+                              latency_runs=1, p0=0.3)
+    result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.9, max_accuracy_drop=0.0),
+                      options, tmp_path)
+    report = result.report
+    assert report["stop_reason"] == "accuracy_budget"
+    assert not report["target_met"] and "rolled back" in report["message"]
+    assert report["accuracy_after"] >= report["accuracy_before"]
+    rolled_back = [s for s in report["steps"] if not s["accepted"]]
+    assert len(rolled_back) == 1 and report["steps"][-1] is not None
+    assert report["macs_after"] > rolled_back[0]["macs"]
+
+
+def test_unlabeled_data_is_distilled_against_the_original(digits_model, digits_arrays, tmp_path: Path) -> None:
+    result = compress(digits_model, _data(digits_arrays, labeled=False),
+                      Target(macs_reduction=0.4, max_accuracy_drop=0.03), CompressOptions(**FAST), tmp_path)
+    report = result.report
+    assert report["accuracy_metric"] == "top1_agreement_with_original"
+    assert report["accuracy_before"] == 1.0
+    assert report["accuracy_after"] >= 0.97
+    assert report["target_met"]
+
+
+def test_cancellation_stops_within_one_step(digits_model, digits_arrays, tmp_path: Path) -> None:
+    seen = []
+    cancel = {"now": False}
+
+    def on_progress(event) -> None:
+        seen.append(event.stage)
+        if event.stage == "filters":
+            cancel["now"] = True
+
+    with pytest.raises(Cancelled):
+        compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.6),
+                 CompressOptions(recovery_iterations=200, **{k: v for k, v in FAST.items()
+                                                             if k != "recovery_iterations"}),
+                 tmp_path / "out", progress=on_progress, should_cancel=lambda: cancel["now"])
+    assert seen.count("filters") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cancellation_inside_recovery(digits_model, digits_arrays, tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def should_cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 30  # well inside the first step's 1000 recovery iterations
+
+    with pytest.raises(Cancelled):
+        compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.5),
+                 CompressOptions(recovery_iterations=1000, latency_runs=1), tmp_path, should_cancel=should_cancel)
+    assert calls["n"] == 31
+
+
+def test_same_seed_same_result(digits_model, digits_arrays, tmp_path: Path) -> None:
+    options = CompressOptions(recovery_iterations=10, final_recovery_iterations=10, latency_runs=1, seed=3)
+    runs = [compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.5), options, tmp_path / str(i))
+            for i in range(2)]
+    strip = [[{k: v for k, v in s.items() if k != "seconds"} for s in r.report["steps"]] for r in runs]
+    assert strip[0] == strip[1]
+    first, second = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_unreachable_target_is_refused_before_any_work(digits_model, digits_arrays, tmp_path: Path) -> None:
+    with pytest.raises(TargetUnreachableError, match="out of reach"):
+        compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.99), CompressOptions(stages=("filters",)), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+class _DataDependent(nn.Module):
+    """Branches on a value torch.export cannot reason about."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if out.sum() > 1e9:
+            return out * 2
+        return out
+
+
+def test_pt2_failure_is_reported_and_other_artifacts_still_come(digits_model, digits_arrays,
+                                                                 tmp_path: Path) -> None:
+    result = compress(_DataDependent(digits_model), _data(digits_arrays), Target(macs_reduction=0.3),
+                      CompressOptions(**FAST), tmp_path)
+    assert result.report["pt2_error"]
+    assert not (tmp_path / "model.pt2").exists()
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "report.json").is_file()
+    assert set(result.artifacts) == {"model.onnx", "report.json"}

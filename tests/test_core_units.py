@@ -1,0 +1,121 @@
+"""The pieces of the method, each checked against a model where the answer is known."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import onnxruntime  # noqa: F401  (fail fast if the runtime is missing)
+import pytest
+import torch
+import torchvision
+
+from core.blocks import find_blocks, remove_block
+from core.data import Dataset
+from core.divergence import DivergenceScorer, block_divergence, filter_divergence
+from core.errors import ExportError
+from core.export import export_onnx, verify_onnx
+from core.progress import Reporter
+from core.recovery import pick_feature_points, recover
+from core.surgery import apply_plan, build_graph, make_plan, prunable_groups, score_groups
+
+
+def _x(digits_arrays) -> torch.Tensor:
+    return torch.from_numpy(digits_arrays[0][:256])
+
+
+def test_dead_filter_scores_lowest_and_goes_first(digits_model, digits_arrays) -> None:
+    conv = digits_model.blocks[0].conv1
+    with torch.no_grad():
+        conv.weight[5].zero_()
+    x = _x(digits_arrays)
+    graph = build_graph(digits_model, x[:2])
+    scores = filter_divergence(digits_model, graph, x, torch.device("cpu"), 64)
+    assert int(scores[conv].argmin()) == 5 and float(scores[conv][5]) == 0.0
+
+    groups = prunable_groups(graph, digits_model, [digits_model.fc], {}, 0.125, 1)
+    normalised = score_groups(groups, DivergenceScorer(scores))
+    plan = make_plan(groups, normalised, 1, None)
+    assert plan == {"blocks.0.conv1": [5]}
+    apply_plan(digits_model, x[:2], plan)
+    assert digits_model.blocks[0].conv1.out_channels == 31
+    assert digits_model.blocks[0].bn1.num_features == 31
+    assert digits_model.blocks[0].conv2.in_channels == 31
+    assert digits_model(x).shape == (256, 10)
+
+
+def test_plan_respects_minimum_width_and_round_to(digits_model, digits_arrays) -> None:
+    x = _x(digits_arrays)
+    graph = build_graph(digits_model, x[:2])
+    widths: dict[str, int] = {}
+    groups = prunable_groups(graph, digits_model, [digits_model.fc], widths, 0.25, 1)
+    scores = [torch.rand(g.width) for g in groups]
+    plan = make_plan(groups, scores, 10_000, round_to=8)
+    apply_plan(digits_model, x[:2], plan)
+    for group in prunable_groups(build_graph(digits_model, x[:2]), digits_model, [digits_model.fc], widths,
+                                 0.25, 1):
+        assert group.width >= widths[group.root_name] // 4
+        assert group.width % 8 == 0
+    assert digits_model.fc.out_features == 10
+
+
+def test_block_that_passes_its_input_through_has_zero_divergence(digits_model, digits_arrays) -> None:
+    bn = digits_model.blocks[1].bn2
+    with torch.no_grad():
+        bn.weight.zero_()
+        bn.bias.zero_()
+    candidates = find_blocks(digits_model, _x(digits_arrays)[:2])
+    scores = block_divergence(digits_model, {c.name: c.shortcut for c in candidates}, _x(digits_arrays),
+                              torch.device("cpu"), 64)
+    assert min(scores, key=scores.get) == "blocks.1"
+    assert scores["blocks.1"] < 1e-6 < min(v for k, v in scores.items() if k != "blocks.1")
+
+
+def test_blocks_found_with_identity_and_projection_shortcuts(digits_model, digits_arrays) -> None:
+    found = {c.name: c.shortcut for c in find_blocks(digits_model, _x(digits_arrays)[:2])}
+    assert found == {"blocks.0": None, "blocks.1": None, "blocks.2": "downsample", "blocks.3": None}
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    kinds = [c.kind for c in find_blocks(resnet, torch.randn(2, 3, 64, 64))]
+    assert kinds.count("identity") == 5 and kinds.count("projection") == 3
+
+
+def test_removing_blocks_keeps_the_model_running(digits_model, digits_arrays) -> None:
+    x = _x(digits_arrays)
+    for candidate in find_blocks(digits_model, x[:2]):
+        remove_block(digits_model, candidate)
+    assert digits_model(x).shape == (256, 10)
+    assert not find_blocks(digits_model, x[:2])
+
+
+def test_unlabeled_recovery_pulls_student_towards_teacher(digits_model, digits_arrays) -> None:
+    x = _x(digits_arrays)
+    student = copy.deepcopy(digits_model)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float((student(x).softmax(1) - digits_model(x).softmax(1)).abs().sum(1).mean())
+
+    before = gap()
+    recover(student, digits_model, Dataset(x, None), pick_feature_points(digits_model, x[:2]), 60,
+            device=torch.device("cpu"), batch_size=64, lr=1e-3, weight_decay=1e-4, temperature=3.0,
+            feature_weight=0.5, seed=0, reporter=Reporter(None, None))
+    assert gap() < before / 2
+
+
+def test_feature_points_span_the_depth(digits_model, digits_arrays) -> None:
+    assert pick_feature_points(digits_model, _x(digits_arrays)[:2]) == ["blocks.0", "blocks.2", "blocks.3"]
+
+
+def test_onnx_verification_catches_a_model_that_disagrees(digits_model, digits_arrays, tmp_path: Path) -> None:
+    x = _x(digits_arrays)
+    path = tmp_path / "m.onnx"
+    export_onnx(digits_model, x[:2], path)
+    assert verify_onnx(digits_model, path, x) < 1e-4
+    other = copy.deepcopy(digits_model)
+    with torch.no_grad():
+        other.fc.bias.add_(1.0)
+    with pytest.raises(ExportError, match="disagrees"):
+        verify_onnx(other, path, x)
