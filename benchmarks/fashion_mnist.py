@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -33,6 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from core import CompressOptions, Dataset, ProgressEvent, Target, compress
+from core.export import export_onnx
+from core.metrics import ort_latency_ms
 from core.progress import ProgressFn
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -244,6 +245,9 @@ class Settings:
     max_accuracy_drop: float = 1.0
     calibration_samples: int = 512
     latency_runs: int = 50
+    # the interleaved re-measurement (see interleaved_latency): rounds × runs per model and batch
+    latency_rounds: int = 7
+    latency_round_runs: int = 20
     p0: float = 0.1
     alpha: float = 1.5
     max_steps: int = 20
@@ -254,7 +258,7 @@ class Settings:
 
 QUICK: dict[str, Any] = {
     "train_samples": 600, "test_samples": 1000, "recovery_iterations": 2, "final_recovery_iterations": 4,
-    "calibration_samples": 128, "latency_runs": 5,
+    "calibration_samples": 128, "latency_runs": 5, "latency_rounds": 2, "latency_round_runs": 3,
     "train": TrainConfig(epochs=1, train_samples=6000),
 }
 
@@ -321,29 +325,65 @@ def run_one(model: nn.Module, method: str, level: float, settings: Settings, dat
     log(f"{name}: compressing")
     target = Target(macs_reduction=level, max_accuracy_drop=settings.max_accuracy_drop)
     try:
-        result = compress(model, data, target, options_for(method, settings),
-                          out_root / f"{method}_{level:g}", progress=_progress(name))
+        result = compress(model, data, target, options_for(method, settings), out_root / f"{method}_{level:g}",
+                          progress=_progress(name))
     except Exception:
         trace = traceback.format_exc()
         log(f"{name}: FAILED\n{trace}")
         return {"method": method, "label": METHODS[method][2], "level": level, "error": trace}
     row = row_from_report(method, level, result.report, settings, top1_before, top1(result.model, *test))
+    row["onnx"] = str(result.artifacts["model.onnx"])
     log(f"{name}: test top-1 {row['test_top1_after']:.4f} (drop {row['drop_points']:.2f} pts), "
         f"MACs -{row['macs_reduction']:.1%}, {row['wall_s']:.0f} s")
     return row
 
 
+def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, rounds: int,
+                        runs: int) -> dict[str, dict[str, float]]:
+    """ORT latency per ONNX file: the minimum over rounds of each round's median, models alternating.
+
+    The report times "before" and "after" minutes apart, and on a shared machine the CPU left to
+    us changes in between (the same original model measured 4.4-17.9 ms at batch 32 across runs).
+    Alternating the models within a round exposes them to the same load, and contention only
+    adds time, so the least disturbed round is the closest to each model's own cost.
+    """
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            timings = ort_latency_ms(path, sample, (1, 32), runs)
+            kept = best.setdefault(name, timings)
+            for batch, ms in timings.items():
+                kept[batch] = min(kept[batch], ms)
+    return best
+
+
+def add_interleaved_latency(rows: list[dict[str, Any]], model: nn.Module, sample: torch.Tensor,
+                            out_root: Path, settings: Settings) -> None:
+    out_root.mkdir(parents=True, exist_ok=True)
+    original = out_root / "original.onnx"
+    export_onnx(model, sample, original)
+    paths = {"original": original} | {f"{r['method']}@{r['level']:g}": Path(r["onnx"]) for r in _ok(rows)}
+    log(f"Re-measuring ORT latency of {len(paths)} models in {settings.latency_rounds} interleaved rounds")
+    latency = interleaved_latency(paths, sample.numpy(), settings.latency_rounds, settings.latency_round_runs)
+    before = latency["original"]
+    for row in _ok(rows):
+        after = latency[f"{row['method']}@{row['level']:g}"]
+        row["latency_ms_interleaved_before"], row["latency_ms_interleaved_after"] = before, after
+        row["latency_reduction_interleaved"] = {k: round(_reduction(before[k], after[k]), 4) for k in before}
+
+
 # --------------------------------------------------------------------------- output
 
-def _ms(row: dict[str, Any], batch: str) -> str:
+def _ms(row: dict[str, Any], batch: str, source: str = "") -> str:
     # shown as a signed change, so a slower pruned model reads +x% rather than a negative reduction
-    return (f"{row['latency_ms_before'][batch]:.2f} → {row['latency_ms_after'][batch]:.2f} "
-            f"({-row['latency_reduction'][batch]:+.0%})")
+    before, after = row[f"latency_ms{source}_before"][batch], row[f"latency_ms{source}_after"][batch]
+    return f"{before:.2f} → {after:.2f} ({-row[f'latency_reduction{source}'][batch]:+.0%})"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ["Method", "Level", "Top-1 before", "Top-1 after", "Drop (pts)", "Held-out drop", "MACs after",
-              "MACs red.", "Params after", "ORT b1 ms (change)", "ORT b32 ms (change)", "Removed blocks",
+              "MACs red.", "Params after", "ORT b1 ms (change)", "ORT b32 ms (change)",
+              "ORT b1 ms interleaved", "ORT b32 ms interleaved", "Removed blocks",
               "Steps", "Recovery its", "Stop", "Wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -357,6 +397,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                 f"{100 * (row['val_top1_before'] - row['val_top1_after']):.2f}",
                 f"{row['macs_after'] / 1e6:.2f} M", f"{row['macs_reduction']:.1%}",
                 f"{row['params_after'] / 1e3:.1f} k", _ms(row, "batch_1"), _ms(row, "batch_32"),
+                _ms(row, "batch_1", "_interleaved"), _ms(row, "batch_32", "_interleaved"),
                 ", ".join(row["removed_blocks"]) or "–", str(row["steps"]),
                 str(row["recovery_iterations_total"]),
                 row["stop_reason"] + ("" if row["target_met"] else " (target missed)"),
@@ -393,14 +434,15 @@ def goals(rows: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]
     add("(b) IDAP++ drop ≤ 1.0 pt at 50%", None if half is None else half["drop_points"] <= 1.0,
         "run missing" if half is None else f"{half['drop_points']:.2f} pts")
     for level in settings.levels:
-        idap = find.get(("idap", level))
-        if idap is None:
-            add(f"(c) ORT latency red. ≥ 0.7 × MACs red. at {level:.0%}", None, "run missing")
-            continue
-        need = 0.7 * idap["macs_reduction"]
-        got = idap["latency_reduction"]
-        add(f"(c) ORT latency red. ≥ 0.7 × MACs red. at {level:.0%}", all(v >= need for v in got.values()),
-            f"need ≥ {need:.1%}; " + ", ".join(f"{k} {v:.1%}" for k, v in got.items()))
+        for source, key in (("report", "latency_reduction"), ("interleaved", "latency_reduction_interleaved")):
+            goal = f"(c) ORT latency red. ≥ 0.7 × MACs red. at {level:.0%} [{source}]"
+            idap = find.get(("idap", level))
+            if idap is None or key not in idap:
+                add(goal, None, "run missing")
+                continue
+            need, got = 0.7 * idap["macs_reduction"], idap[key]
+            add(goal, all(v >= need for v in got.values()),
+                f"need ≥ {need:.1%}; " + ", ".join(f"{k} {v:.1%}" for k, v in got.items()))
     add("(d) IDAP++ 50% run < 600 s wall", None if half is None else half["wall_s"] < 600,
         "run missing" if half is None else f"{half['wall_s']:.0f} s")
     return verdicts
@@ -475,6 +517,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def run(settings: Settings, data_dir: Path, cache_dir: Path, out: Path) -> dict[str, Any]:
+    """All runs; each run's model.onnx / model.pt2 / report.json are kept next to `out`."""
     torch.set_num_threads(settings.threads)
     data = load_fashion_mnist(data_dir)
     if settings.test_samples is not None:
@@ -483,12 +526,10 @@ def run(settings: Settings, data_dir: Path, cache_dir: Path, out: Path) -> dict[
     before = top1(model, data.x_test, data.y_test)
     log(f"Reference test top-1 {before:.4f} on {len(data.x_test)} test samples")
     subset = compression_data(data, settings)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="idap-bench-") as scratch:
-        for level in settings.levels:
-            for method in settings.methods:
-                rows.append(run_one(model, method, level, settings, subset, (data.x_test, data.y_test),
-                                    before, Path(scratch)))
+    runs_dir = out.parent / f"{out.stem}_runs"
+    rows = [run_one(model, method, level, settings, subset, (data.x_test, data.y_test), before, runs_dir)
+            for level in settings.levels for method in settings.methods]
+    add_interleaved_latency(rows, model, data.x_test[:1], runs_dir, settings)
     result = {
         "settings": dataclasses.asdict(settings),
         "reference": {"test_top1": before, "test_samples": len(data.x_test), **trained},

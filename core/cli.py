@@ -80,7 +80,8 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
                         metavar="F", help="fine-tuning epochs at the end (default: %(default)s)")
     method.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
                         help="(default: %(default)s)")
-    method.add_argument("--round-to", type=int, metavar="N", help="keep channel counts multiples of N")
+    method.add_argument("--round-to", type=int, default=defaults.round_to, metavar="N",
+                        help="keep channel counts multiples of N; 1 turns it off (default: %(default)s)")
     method.add_argument("--min-width-fraction", type=float, default=defaults.min_width_fraction, metavar="F",
                         help="never prune a layer below this fraction of its width (default: %(default)s)")
     method.add_argument("--ignore-layer", action="append", default=[], metavar="NAME",

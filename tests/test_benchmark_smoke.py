@@ -48,9 +48,11 @@ def test_quick_benchmark_writes_a_sane_row_per_method_and_level(tmp_path: Path) 
         assert row["target_met"], (method, level, row["stop_reason"])
         assert row["macs_after"] < row["macs_before"] and row["params_after"] < row["params_before"]
         assert row["macs_reduction"] >= level - 0.03
-        for latencies in (row["latency_ms_before"], row["latency_ms_after"]):
+        for latencies in (row["latency_ms_before"], row["latency_ms_after"],
+                          row["latency_ms_interleaved_before"], row["latency_ms_interleaved_after"]):
             assert set(latencies) == {"batch_1", "batch_32"} and all(v > 0 for v in latencies.values())
         assert row["wall_s"] > 0
+        assert Path(row["onnx"]).is_file()
         if "layers" not in METHODS[method][1]:
             assert row["removed_blocks"] == []
     assert result["reference"]["test_samples"] == 500

@@ -21,6 +21,8 @@ REPORT_KEYS = {
     "target_met", "stop_reason",
 }
 FAST = dict(recovery_iterations=25, final_recovery_iterations=60, latency_runs=3)
+# Enough recovery per step for a 50 % cut of a 3-epoch model to stay within one point.
+RECOVERED = dict(recovery_iterations=80, final_recovery_iterations=120, latency_runs=3)
 
 
 def _data(arrays: tuple[np.ndarray, np.ndarray], labeled: bool = True) -> Dataset:
@@ -31,7 +33,7 @@ def _data(arrays: tuple[np.ndarray, np.ndarray], labeled: bool = True) -> Datase
 def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, tmp_path: Path) -> None:
     events = []
     result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.5, max_accuracy_drop=0.01),
-                      CompressOptions(**FAST), tmp_path, progress=events.append)
+                      CompressOptions(**RECOVERED), tmp_path, progress=events.append)
     report = result.report
     assert REPORT_KEYS <= set(report)
     assert report["target_met"] and abs(report["macs_reduction"] - 0.5) <= 0.03
@@ -135,7 +137,8 @@ def test_same_seed_same_result(digits_model, digits_arrays, tmp_path: Path) -> N
 
 def test_unreachable_target_is_refused_before_any_work(digits_model, digits_arrays, tmp_path: Path) -> None:
     with pytest.raises(TargetUnreachableError, match="out of reach"):
-        compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.99), CompressOptions(stages=("filters",)), tmp_path)
+        compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.9),
+                 CompressOptions(stages=("filters",), min_width_fraction=0.5), tmp_path)
     assert not list(tmp_path.iterdir())
 
 
