@@ -2,8 +2,9 @@
 
 Every method compresses the same trained ResNet-style model with the same options
 (schedule, per-step and final recovery iterations, seed, data); only the criterion and
-the stages differ. Accuracy is measured here on the full 10k test split, size and ONNX
-Runtime latency come from the `compress` report.
+the stages differ. Accuracy is measured here on the full 10k test split; size, wall time and
+ONNX Runtime latency come from the `compress` report, and latency is timed once more after
+all runs with the models interleaved (see `interleaved_latency`).
 
     .venv/bin/python -m benchmarks.fashion_mnist            # full run (tens of minutes on 2 cores)
     .venv/bin/python -m benchmarks.fashion_mnist --quick    # smoke test (~1-2 minutes)

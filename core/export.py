@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -27,13 +28,14 @@ class _LogitsOnly(nn.Module):
 
 
 def _exportable(model: nn.Module) -> nn.Module:
-    return _LogitsOnly(model).eval()
+    """A CPU copy: exporting must not move the caller's model off its device."""
+    return _LogitsOnly(copy.deepcopy(model).cpu()).eval()
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """ONNX with a dynamic batch axis. The TorchScript-based exporter is tried first (fast,
     robust with dynamic axes); the dynamo exporter is the fallback."""
-    wrapped = _exportable(model).cpu()
+    wrapped = _exportable(model)
     example = example.cpu()
     try:
         with warnings.catch_warnings():
@@ -66,7 +68,7 @@ def verify_onnx(model: nn.Module, path: Path, inputs: torch.Tensor) -> float:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    reference = _exportable(model).cpu()(inputs.cpu()).numpy()
+    reference = _exportable(model)(inputs.cpu()).numpy()
     got = session.run(None, {name: inputs.cpu().numpy()})[0]
     if got.shape != reference.shape:
         raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {reference.shape}.")
@@ -87,7 +89,7 @@ def export_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> str | Non
     Returns None on success, or the reason torch.export could not capture the model
     (the other artifacts are still produced).
     """
-    wrapped = _exportable(model).cpu()
+    wrapped = _exportable(model)
     example = example.cpu()
     try:
         with warnings.catch_warnings():

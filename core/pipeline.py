@@ -24,7 +24,7 @@ from core.metrics import ort_latency_ms, predict
 from core.options import CompressOptions, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery import pick_feature_points
-from core.stages import _groups, prune_filters, remove_layers
+from core.stages import group_candidates, prune_filters, remove_layers
 from core.surgery import apply_plan, build_graph, make_plan
 
 
@@ -77,7 +77,7 @@ def _check_reachable(ctx: RunContext, model: nn.Module) -> dict[str, float]:
     floor = copy.deepcopy(model)
     if "filters" in ctx.options.stages:
         graph = build_graph(floor, ctx.example)
-        groups = _groups(ctx, floor, graph)
+        groups = group_candidates(ctx, floor, graph)
         scores = [torch.zeros(g.width) for g in groups]
         plan = make_plan(groups, scores, sum(g.capacity for g in groups), ctx.options.round_to)
         apply_plan(floor, ctx.example, plan)
@@ -140,122 +140,135 @@ def compress(
     opts = options or CompressOptions()
     opts.validate()
     target.validate()
-    device = resolve_device(opts.device)
-    reporter = Reporter(progress, should_cancel)
     started = time.monotonic()
     torch.manual_seed(opts.seed)
-    out = Path(out_dir)
-
-    model = copy.deepcopy(model).to(device).eval()
-    notes = _drop_training_only_heads(model)
-    check_against_model(model, data, device)
-    recovery, evaluation = split(data, opts.eval_fraction, opts.seed)
-    example = data.x[:2].to(device)
-    names = dict(model.named_modules())
-    unknown = [name for name in opts.ignored_layers if name not in names]
-    if unknown:
-        raise OptionsError(f"Layers to leave alone not found in the model: {', '.join(unknown)}.",
-                           hint="Use module names as printed by model.named_modules().")
-    reference = None if evaluation.labeled else predict(model, evaluation.x, device)
-    ctx = RunContext(
-        options=opts, target=target, device=device, reporter=reporter, example=example,
-        recovery=recovery, evaluation=evaluation, calib=recovery.x[: opts.calibration_samples],
-        reference=reference, feature_points=pick_feature_points(model, example),
-        ignored=_output_layers(model, example) + list(opts.ignored_layers),
-    )
-    ctx.macs0, ctx.params0 = ctx.measure(model)
-    reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
+    model, ctx, notes = _prepare(model, data, target, opts, Reporter(progress, should_cancel))
     reachable = _check_reachable(ctx, model)
     ctx.acc0 = ctx.accuracy(model)
-    module_names = {module: name for name, module in names.items()}
-    layer_divergence = {
-        module_names[module]: float(scores.mean())
-        for module, scores in filter_divergence(model, build_graph(model, example), ctx.calib, device,
-                                                opts.batch_size).items()
-    }
     original = copy.deepcopy(model)
-    verify_on = evaluation.x[:64]
-    with tempfile.TemporaryDirectory() as scratch:
-        diff_before, latency_before = _onnx_metrics(original, example, Path(scratch) / "original.onnx",
-                                                    verify_on, opts)
-        onnx_bytes_before = (Path(scratch) / "original.onnx").stat().st_size
-    reporter.emit("baseline", 1, 1, 0.05, f"Original: {ctx.macs0 / 1e6:.2f} M MACs, {ctx.params0 / 1e6:.3f} M params, "
-                  f"top-1 {ctx.acc0:.4f}", macs=ctx.macs0, params=ctx.params0, accuracy=ctx.acc0)
+    baseline = _baseline(ctx, original)
 
-    removed_blocks: list[dict[str, Any]] = []
-
-    def on_removed(block: BlockCandidate, divergence: float) -> None:
-        removed_blocks.append({"name": block.name, "kind": block.kind, "divergence": round(divergence, 6)})
-
-    reasons = []
-    filters, layers = "filters" in opts.stages, "layers" in opts.stages
-    if filters:
-        model, reason = prune_filters(ctx, model, share=opts.filter_share if layers else 1.0)
-        reasons.append(reason)
-    if layers:
-        model, reason = remove_layers(ctx, model, on_removed)
-        reasons.append(reason)
-    stage1_can_continue = reasons[0] in ("target_reached", "max_steps") if filters else False
-    if filters and layers and stage1_can_continue and not ctx.reached(*ctx.measure(model)):
-        model, reason = prune_filters(ctx, model, share=1.0)
-        reasons.append(reason)
-
-    reporter.emit("recovery", 0, 1, 0.85, "Final recovery (distillation from the original model)")
-    before_final = copy.deepcopy(model.state_dict())
-    accuracy_pre_final = ctx.accuracy(model)
-    ctx.recover(model, original, final=True)
-    accuracy = ctx.accuracy(model)
-    if accuracy < accuracy_pre_final:
-        model.load_state_dict(before_final)
-        accuracy = accuracy_pre_final
-
+    model, reasons, removed_blocks = _run_stages(ctx, model)
+    accuracy = _final_recovery(ctx, model, original)
     macs, params = ctx.measure(model)
-    reached = ctx.reached(macs, params)
-    stop_reason = "target_reached" if reached else next(
+    stop_reason = "target_reached" if ctx.reached(macs, params) else next(
         (r for r in reversed(reasons) if r != "target_reached"), "max_steps")
 
-    reporter.emit("export", 0, 1, 0.93, "Exporting ONNX and .pt2")
+    ctx.reporter.emit("export", 0, 1, 0.93, "Exporting ONNX and .pt2")
     model = model.cpu().eval()
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    onnx_path = out / "model.onnx"
-    example_cpu = example.cpu()
-    diff_after, latency_after = _onnx_metrics(model, example_cpu, onnx_path, verify_on, opts)
-    artifacts = {"model.onnx": onnx_path}
-    pt2_path = out / "model.pt2"
-    pt2_error = export_pt2(model, example_cpu, pt2_path)
-    if pt2_error is None:
-        artifacts["model.pt2"] = pt2_path
+    onnx_path, pt2_path = out / "model.onnx", out / "model.pt2"
+    diff_after, latency_after = _onnx_metrics(model, ctx.example.cpu(), onnx_path, ctx.evaluation.x[:64], opts)
+    pt2_error = export_pt2(model, ctx.example.cpu(), pt2_path)
+    artifacts = {"model.onnx": onnx_path} | ({} if pt2_error else {"model.pt2": pt2_path})
 
     reductions = ctx.reductions(macs, params)
+    met = ctx.met(macs, params)
     report: dict[str, Any] = {
         "macs_before": ctx.macs0, "macs_after": macs,
         "params_before": ctx.params0, "params_after": params,
         "macs_reduction": round(reductions["macs"], 6), "params_reduction": round(reductions["params"], 6),
-        "accuracy_metric": "top1" if evaluation.labeled else "top1_agreement_with_original",
+        "accuracy_metric": "top1" if ctx.evaluation.labeled else "top1_agreement_with_original",
         "accuracy_before": round(ctx.acc0, 6), "accuracy_after": round(accuracy, 6),
-        "eval_samples": len(evaluation),
-        "latency_ms_before": latency_before, "latency_ms_after": latency_after,
-        "onnx_max_abs_diff": diff_after, "onnx_max_abs_diff_before": diff_before,
-        "onnx_bytes_before": onnx_bytes_before, "onnx_bytes_after": onnx_path.stat().st_size,
+        "eval_samples": len(ctx.evaluation),
+        "latency_ms_before": baseline["latency"], "latency_ms_after": latency_after,
+        "onnx_max_abs_diff": diff_after, "onnx_max_abs_diff_before": baseline["onnx_max_abs_diff"],
+        "onnx_bytes_before": baseline["onnx_bytes"], "onnx_bytes_after": onnx_path.stat().st_size,
         "pt2_error": pt2_error,
         "removed_blocks": [b["name"] for b in removed_blocks], "blocks": removed_blocks,
-        "layers": _layer_table(original, model, layer_divergence),
+        "layers": _layer_table(original, model, baseline["layer_divergence"]),
         "steps": ctx.steps,
         "target": dataclasses.asdict(target),
-        "target_met": ctx.met(macs, params),
+        "target_met": met,
         "reachable_reduction": {k: round(v, 4) for k, v in reachable.items()},
         "stop_reason": stop_reason,
-        "message": _explain(stop_reason, ctx.met(macs, params), reductions, target),
+        "message": _explain(stop_reason, met, reductions, target),
         "notes": notes,
-        "device": str(device),
+        "device": str(ctx.device),
         "options": dataclasses.asdict(opts),
         "seconds": round(time.monotonic() - started, 3),
     }
     report_path = out / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=str))
     artifacts["report.json"] = report_path
-    reporter.emit("done", 1, 1, 1.0, report["message"], macs=macs, params=params, accuracy=accuracy)
+    ctx.reporter.emit("done", 1, 1, 1.0, report["message"], macs=macs, params=params, accuracy=accuracy)
     return Result(model=model, report=report, artifacts=artifacts)
+
+
+def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOptions,
+             reporter: Reporter) -> tuple[nn.Module, RunContext, list[str]]:
+    """Copy the model to the device, check the data against it, split it, and set up the run."""
+    device = resolve_device(opts.device)
+    model = copy.deepcopy(model).to(device).eval()
+    notes = _drop_training_only_heads(model)
+    check_against_model(model, data, device)
+    unknown = [name for name in opts.ignored_layers if name not in dict(model.named_modules())]
+    if unknown:
+        raise OptionsError(f"Layers to leave alone not found in the model: {', '.join(unknown)}.",
+                           hint="Use module names as printed by model.named_modules().")
+    recovery, evaluation = split(data, opts.eval_fraction, opts.seed)
+    example = data.x[:2].to(device)
+    ctx = RunContext(
+        options=opts, target=target, device=device, reporter=reporter, example=example,
+        recovery=recovery, evaluation=evaluation, calib=recovery.x[: opts.calibration_samples],
+        reference=None if evaluation.labeled else predict(model, evaluation.x, device),
+        feature_points=pick_feature_points(model, example),
+        ignored=_output_layers(model, example) + list(opts.ignored_layers),
+    )
+    ctx.macs0, ctx.params0 = ctx.measure(model)
+    reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
+    return model, ctx, notes
+
+
+def _baseline(ctx: RunContext, original: nn.Module) -> dict[str, Any]:
+    """Per-layer divergence and ONNX numbers of the original model, for the report."""
+    names = {module: name for name, module in original.named_modules()}
+    scores = filter_divergence(original, build_graph(original, ctx.example), ctx.calib, ctx.device,
+                               ctx.options.batch_size)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "original.onnx"
+        diff, latency = _onnx_metrics(original, ctx.example, path, ctx.evaluation.x[:64], ctx.options)
+        size = path.stat().st_size
+    ctx.reporter.emit("baseline", 1, 1, 0.05,
+                      f"Original: {ctx.macs0 / 1e6:.2f} M MACs, {ctx.params0 / 1e6:.3f} M params, "
+                      f"top-1 {ctx.acc0:.4f}", macs=ctx.macs0, params=ctx.params0, accuracy=ctx.acc0)
+    return {"layer_divergence": {names[m]: float(s.mean()) for m, s in scores.items()},
+            "onnx_max_abs_diff": diff, "latency": latency, "onnx_bytes": size}
+
+
+def _run_stages(ctx: RunContext, model: nn.Module) -> tuple[nn.Module, list[str], list[dict[str, Any]]]:
+    """Stage 1 up to its share of the target, Stage 2, then Stage 1 again to close the gap."""
+    removed_blocks: list[dict[str, Any]] = []
+
+    def on_removed(block: BlockCandidate, divergence: float) -> None:
+        removed_blocks.append({"name": block.name, "kind": block.kind, "divergence": round(divergence, 6)})
+
+    reasons = []
+    filters, layers = "filters" in ctx.options.stages, "layers" in ctx.options.stages
+    if filters:
+        model, reason = prune_filters(ctx, model, share=ctx.options.filter_share if layers else 1.0)
+        reasons.append(reason)
+    if layers:
+        model, reason = remove_layers(ctx, model, on_removed)
+        reasons.append(reason)
+    if filters and layers and reasons[0] == "target_reached" and not ctx.reached(*ctx.measure(model)):
+        model, reason = prune_filters(ctx, model, share=1.0)
+        reasons.append(reason)
+    return model, reasons, removed_blocks
+
+
+def _final_recovery(ctx: RunContext, model: nn.Module, original: nn.Module) -> float:
+    """Distil from the original model; keep the weights from before if it did not help."""
+    ctx.reporter.emit("recovery", 0, 1, 0.85, "Final recovery (distillation from the original model)")
+    before = copy.deepcopy(model.state_dict())
+    accuracy_before = ctx.accuracy(model)
+    ctx.recover(model, original, final=True)
+    accuracy = ctx.accuracy(model)
+    if accuracy < accuracy_before:
+        model.load_state_dict(before)
+        return accuracy_before
+    return accuracy
 
 
 _REASONS = {

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from core.blocks import BlockCandidate, find_blocks, remove_block
@@ -31,13 +32,14 @@ from core.surgery import (
 )
 
 
-def _groups(ctx: RunContext, model: nn.Module, graph) -> list[PrunableGroup]:
+def group_candidates(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph) -> list[PrunableGroup]:
+    """The prunable groups of `model` under the run's ignore list and minimum widths."""
     ignored = [model.get_submodule(name) for name in ctx.ignored]
     opts = ctx.options
     return prunable_groups(graph, model, ignored, ctx.original_widths, opts.min_width_fraction, opts.min_channels)
 
 
-def _scorer(ctx: RunContext, model: nn.Module, graph) -> GroupScorer:
+def _scorer(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph) -> GroupScorer:
     criterion = ctx.options.criterion
     batch = ctx.options.batch_size
     if criterion == "divergence":
@@ -87,7 +89,7 @@ def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tupl
         started = time.monotonic()
         t = ctx.filter_steps
         graph = build_graph(model, ctx.example)
-        groups = _groups(ctx, model, graph)
+        groups = group_candidates(ctx, model, graph)
         capacity = sum(g.capacity for g in groups)
         if capacity == 0:
             return model, "nothing_left_to_prune"
