@@ -59,18 +59,25 @@ def _pruned_copy(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
 
 
 def _smallest_sufficient(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
-                         scores: list[torch.Tensor], k: int, share: float) -> tuple[nn.Module, int]:
-    """Bisect the number of removed units so a step meets the target without overshooting it."""
+                         scores: list[torch.Tensor], k: int, share: float
+                         ) -> tuple[tuple[nn.Module, int], tuple[nn.Module, int] | None]:
+    """Bisect the number of removed units so a step meets the target without overshooting it.
+
+    Returns the smallest step that reaches the target and the largest one that does not
+    (None if that is the empty step): with round_to, one more unit can remove a whole
+    block of channels, and the step just short of the target may be the closer one.
+    """
     low, high = 0, k
     best = _pruned_copy(ctx, model, groups, scores, k)
+    below = None
     while high - low > 1:
         mid = (low + high) // 2
         trial = _pruned_copy(ctx, model, groups, scores, mid)
         if ctx.reached(*ctx.measure(trial[0]), share=share):
             high, best = mid, trial
         else:
-            low = mid
-    return best
+            low, below = mid, trial
+    return best, below
 
 
 def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tuple[nn.Module, str]:
@@ -105,11 +112,14 @@ def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tupl
         if removed == 0:
             return model, "nothing_left_to_prune"
         if ctx.reached(*ctx.measure(candidate), share=share):
-            candidate, removed = _smallest_sufficient(ctx, model, groups, scores, k, share)
-            if share >= 1.0 and ctx.overshoots(*ctx.measure(candidate)) and ctx.met(*ctx.measure(model)):
-                # the smallest step that reaches the target overshoots it (round_to granularity)
-                # while the model is already within tolerance: stop closer to what was asked
-                return model, "target_reached"
+            (candidate, removed), below = _smallest_sufficient(ctx, model, groups, scores, k, share)
+            if share >= 1.0 and ctx.overshoots(*ctx.measure(candidate)):
+                # the smallest step that reaches the target overshoots it (round_to granularity):
+                # a step, or no step, that ends within tolerance below the target is closer
+                if below is not None and below[1] > 0 and ctx.met(*ctx.measure(below[0])):
+                    candidate, removed = below
+                elif ctx.met(*ctx.measure(model)):
+                    return model, "target_reached"
         ctx.filter_steps += 1
         ctx.recover(candidate, model)
         accuracy = ctx.accuracy(candidate)
