@@ -15,6 +15,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from core.tracing import containers_called_once
+
 _ADDS = {operator.add, operator.iadd, torch.add}
 _PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Identity, nn.Dropout)
 _PASS_THROUGH_FUNCTIONS = {torch.relu, nn.functional.relu, nn.functional.relu6, nn.functional.silu,
@@ -51,8 +53,8 @@ def _output_add(graph: fx.Graph, root: fx.GraphModule) -> fx.Node | None:
     return None
 
 
-def _shortcut_of(block: nn.Module) -> tuple[bool, str | None] | None:
-    """(True, None) for an identity shortcut, (True, name) for a projection, None otherwise."""
+def _candidate(name: str, block: nn.Module) -> BlockCandidate | None:
+    """A candidate if `block` adds its input, or a projection of it, into its output."""
     try:
         traced = fx.symbolic_trace(block)
     except Exception:  # untraceable blocks are simply not candidates
@@ -68,11 +70,11 @@ def _shortcut_of(block: nn.Module) -> tuple[bool, str | None] | None:
         return None
     (x,) = placeholders
     if x in operands:
-        return True, None
+        return BlockCandidate(name, None)
     for node in operands:
         shortcut = _projection_of(node, x)
         if shortcut is not None:
-            return True, shortcut
+            return BlockCandidate(name, shortcut)
     return None
 
 
@@ -100,42 +102,16 @@ def _projection_of(node: fx.Node, x: fx.Node) -> str | None:
 
 def find_blocks(model: nn.Module, example: torch.Tensor) -> list[BlockCandidate]:
     """Residual blocks, in execution order, that can be replaced without breaking shapes."""
-    calls: dict[str, int] = {}
-    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
-    order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        if not name or not any(True for _ in module.children()):
-            continue
-
-        def hook(_m, inputs, output, name=name):
-            calls[name] = calls.get(name, 0) + 1
-            if calls[name] == 1:
-                order.append(name)
-            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                shapes[name] = (inputs[0].shape, output.shape)
-
-        handles.append(module.register_forward_hook(hook))
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-
     candidates = []
-    for name in order:
-        if calls[name] != 1 or name not in shapes:
+    for call in containers_called_once(model, example):
+        if call.input_shape is None or call.output_shape is None:
             continue
-        found = _shortcut_of(model.get_submodule(name))
-        if found is None:
+        candidate = _candidate(call.name, model.get_submodule(call.name))
+        if candidate is None:
             continue
-        _, shortcut = found
-        in_shape, out_shape = shapes[name]
-        if shortcut is None and in_shape != out_shape:
+        if candidate.shortcut is None and call.input_shape != call.output_shape:
             continue
-        candidates.append(BlockCandidate(name, shortcut))
+        candidates.append(candidate)
     return candidates
 
 

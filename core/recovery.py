@@ -11,6 +11,7 @@ from torch import nn
 from core.data import Dataset
 from core.metrics import logits_of
 from core.progress import Reporter
+from core.tracing import containers_called_once
 
 
 def pick_feature_points(model: nn.Module, example: torch.Tensor, count: int = 3) -> list[str]:
@@ -20,27 +21,10 @@ def pick_feature_points(model: nn.Module, example: torch.Tensor, count: int = 3)
     batched ≥3-D output (e.g. ResNet's layer1..4, MobileNet's features.0..18), so the
     names survive both channel pruning and block removal inside them.
     """
-    seen: dict[str, int] = {}
-    order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        if not name or not any(True for _ in module.children()):
-            continue
-
-        def hook(_m, _inputs, output, name=name):
-            seen[name] = seen.get(name, 0) + 1
-            if isinstance(output, torch.Tensor) and output.ndim >= 3 and seen[name] == 1:
-                order.append(name)
-
-        handles.append(module.register_forward_hook(hook))
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    usable = [n for n in order if seen[n] == 1]
+    usable = [
+        call.name for call in containers_called_once(model, example)
+        if call.output_shape is not None and len(call.output_shape) >= 3
+    ]
     by_depth: dict[int, list[str]] = {}
     for name in usable:
         by_depth.setdefault(name.count("."), []).append(name)
