@@ -111,6 +111,10 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[BlockCandidate]
             continue
         if candidate.shortcut is None and call.input_shape != call.output_shape:
             continue
+        # fx inlines non-torch containers, so a stage holding a single residual block looks
+        # residual too; keep the innermost block (hooks fire inner-first) so each is listed once
+        if any(c.name.startswith(call.name + ".") for c in candidates):
+            continue
         candidates.append(candidate)
     return candidates
 

@@ -77,6 +77,11 @@ def test_blocks_found_with_identity_and_projection_shortcuts(digits_model, digit
     resnet = torchvision.models.resnet18(num_classes=10).eval()
     kinds = [c.kind for c in find_blocks(resnet, torch.randn(2, 3, 64, 64))]
     assert kinds.count("identity") == 5 and kinds.count("projection") == 3
+    # a RegNet stage with one block looks residual as a whole too; the block is listed once
+    regnet = torchvision.models.regnet_y_400mf(num_classes=10).eval()
+    names = [c.name for c in find_blocks(regnet, torch.randn(2, 3, 32, 32))]
+    assert "trunk_output.block1.block1-0" in names and "trunk_output.block1" not in names
+    assert len(names) == 16
 
 
 def test_removing_blocks_keeps_the_model_running(digits_model, digits_arrays) -> None:
