@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -33,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core import CompressOptions, Dataset, ProgressEvent, Target, compress
+from core.examples import BasicBlock
 from core.export import export_onnx
 from core.metrics import ort_latency_ms
 from core.progress import ProgressFn
@@ -101,29 +103,6 @@ def require_data(data_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- model
-
-class BasicBlock(nn.Module):
-    """conv-bn-relu-conv-bn plus a shortcut that projects (1×1 conv + BN) when the shape changes."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + shortcut)
-
 
 class FashionResNet(nn.Module):
     """Stem conv, three stages of two BasicBlocks (stages 2 and 3 start strided), pool, linear."""
@@ -454,13 +433,24 @@ def format_goals(verdicts: list[dict[str, Any]]) -> str:
     return "\n".join(f"- {mark[v['holds']]} {v['goal']}: {v['detail']}" for v in verdicts)
 
 
-def environment(threads: int) -> dict[str, Any]:
-    import onnxruntime
-    import torch_pruning
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
+
+def environment(threads: int) -> dict[str, Any]:
+    # distribution versions: torch_pruning 1.6.1 reports __version__ "1.6.0"
+    from importlib.metadata import version
+
+    # core/ changes under the benchmark's feet while others work on it; record what was measured
+    dirty = _git("status", "--porcelain", "--", "core")
     return {
+        "git_commit": _git("rev-parse", "HEAD"), "core_uncommitted_changes": None if dirty is None else bool(dirty),
         "python": platform.python_version(), "torch": torch.__version__,
-        "torch_pruning": torch_pruning.__version__, "onnxruntime": onnxruntime.__version__,
+        "torch_pruning": version("torch-pruning"), "onnxruntime": version("onnxruntime"),
         "cpu_count": os.cpu_count(), "torch_threads": threads, "load_average_at_start": os.getloadavg(),
     }
 
@@ -520,6 +510,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def run(settings: Settings, data_dir: Path, cache_dir: Path, out: Path) -> dict[str, Any]:
     """All runs; each run's model.onnx / model.pt2 / report.json are kept next to `out`."""
     torch.set_num_threads(settings.threads)
+    env = environment(settings.threads)  # at the start: the code that gets imported and the load now
     data = load_fashion_mnist(data_dir)
     if settings.test_samples is not None:
         data.x_test, data.y_test = data.x_test[: settings.test_samples], data.y_test[: settings.test_samples]
@@ -534,7 +525,7 @@ def run(settings: Settings, data_dir: Path, cache_dir: Path, out: Path) -> dict[
     result = {
         "settings": dataclasses.asdict(settings),
         "reference": {"test_top1": before, "test_samples": len(data.x_test), **trained},
-        "environment": environment(settings.threads),
+        "environment": env,
         "rows": rows,
         "goals": goals(rows, settings),
     }

@@ -151,7 +151,9 @@ def compress(
     model, reasons, removed_blocks = _run_stages(ctx, model)
     accuracy = _final_recovery(ctx, model, original)
     macs, params = ctx.measure(model)
-    stop_reason = "target_reached" if ctx.reached(macs, params) else next(
+    # a stage also reports target_reached when it stopped within tolerance just below the target
+    reached = ctx.reached(macs, params) or (reasons[-1] == "target_reached" and ctx.met(macs, params))
+    stop_reason = "target_reached" if reached else next(
         (r for r in reversed(reasons) if r != "target_reached"), "max_steps")
 
     ctx.reporter.emit("export", 0, 1, 0.93, "Exporting ONNX and .pt2")
