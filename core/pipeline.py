@@ -26,6 +26,7 @@ from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery import pick_feature_points
 from core.stages import group_candidates, prune_filters, remove_layers
 from core.surgery import apply_plan, build_graph, make_plan
+from core.tracing import forward_once
 
 
 @dataclass
@@ -63,12 +64,7 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
     ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_once(model, example, handles)
     return executed[-1:]
 
 

@@ -1,4 +1,4 @@
-"""One forward pass that records which container modules ran, in order, with their shapes."""
+"""Forward passes with hooks: which container modules ran, in order, with their shapes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ def containers_called_once(model: nn.Module, example: torch.Tensor) -> list[Cont
             ))
 
         handles.append(module.register_forward_hook(hook))
+    forward_once(model, example, handles)
+    return [records[0] for records in calls.values() if len(records) == 1]
+
+
+def forward_once(model: nn.Module, example: torch.Tensor, handles: list[RemovableHandle]) -> None:
+    """One eval-mode, no-grad forward pass for the hooks in `handles`, which are removed after."""
     model.eval()
     try:
         with torch.no_grad():
@@ -43,4 +50,3 @@ def containers_called_once(model: nn.Module, example: torch.Tensor) -> list[Cont
     finally:
         for handle in handles:
             handle.remove()
-    return [records[0] for records in calls.values() if len(records) == 1]
