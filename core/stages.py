@@ -59,7 +59,7 @@ def _pruned_copy(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
 
 
 def _smallest_sufficient(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
-                         scores: list[torch.Tensor], k: int, share: float
+                         scores: list[torch.Tensor], k: int, full: tuple[nn.Module, int], share: float
                          ) -> tuple[tuple[nn.Module, int], tuple[nn.Module, int] | None]:
     """Bisect the number of removed units so a step meets the target without overshooting it.
 
@@ -68,7 +68,7 @@ def _smallest_sufficient(ctx: RunContext, model: nn.Module, groups: list[Prunabl
     block of channels, and the step just short of the target may be the closer one.
     """
     low, high = 0, k
-    best = _pruned_copy(ctx, model, groups, scores, k)
+    best = full  # the caller's k-unit step, known to reach the target
     below = None
     while high - low > 1:
         mid = (low + high) // 2
@@ -112,7 +112,8 @@ def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tupl
         if removed == 0:
             return model, "nothing_left_to_prune"
         if ctx.reached(*ctx.measure(candidate), share=share):
-            (candidate, removed), below = _smallest_sufficient(ctx, model, groups, scores, k, share)
+            (candidate, removed), below = _smallest_sufficient(ctx, model, groups, scores, k,
+                                                             (candidate, removed), share)
             if share >= 1.0 and ctx.overshoots(*ctx.measure(candidate)):
                 # the smallest step that reaches the target overshoots it (round_to granularity):
                 # a step, or no step, that ends within tolerance below the target is closer
