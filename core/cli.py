@@ -14,6 +14,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--out", type=Path, required=True, metavar="DIR",
                          help="directory for model.pt and data.npz")
     example.add_argument("--seed", type=int, default=0, metavar="N")
+    for register in _plugin_commands():
+        register(commands)
     return parser
+
+
+def _plugin_commands() -> list[Callable[[Any], None]]:
+    """`register(subparsers)` callables of installed packages (the service adds serve, db, keys).
+    A registered subcommand sets `func` (args -> exit code) with `set_defaults`."""
+    return [entry.load() for entry in entry_points(group="idap.commands")]
 
 
 def _add_prune(prune: argparse.ArgumentParser) -> None:
@@ -92,6 +101,8 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "func", None) is not None:
+            return int(args.func(args))
         if args.command == "example":
             return _run_example(args)
         return _run_prune(args)

@@ -13,9 +13,12 @@ class UserError(Exception):
 
     code = "invalid_input"
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, code: str | None = None) -> None:
         self.message = message
         self.hint = hint
+        if code is not None:
+            # a specific reason (e.g. "zip_bomb") refines the class's general code
+            self.code = code
         super().__init__(f"{message} {hint}" if hint else message)
 
 
