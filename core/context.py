@@ -37,6 +37,8 @@ class RunContext:
     acc0: float = 0.0
     started: float = field(default_factory=time.monotonic)
     original_widths: dict[str, int] = field(default_factory=dict)
+    # root name -> whether its group survives a one-channel cut (see surgery.survives_channel_cut)
+    cuttable: dict[str, bool] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     filter_steps: int = 0
     recoveries: int = 0

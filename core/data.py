@@ -44,6 +44,9 @@ def load_npz(path: str | Path) -> Dataset:
             f"{path} is not a readable .npz file ({exc.__class__.__name__}).",
             hint="Save it with numpy.savez(path, x=inputs, y=labels).",
         ) from exc
+    if "x" not in arrays and "input_ids" in arrays:
+        # token data (see core.text_data): the attention mask is derived from padding by the model wrapper
+        return dataset_from_arrays(arrays["input_ids"], arrays.get("labels", arrays.get("y")))
     if "x" not in arrays:
         raise DataError(
             f"{path} has no array named 'x' (found: {', '.join(sorted(arrays)) or 'none'}).",
@@ -65,17 +68,21 @@ def dataset_from_arrays(x: np.ndarray, y: np.ndarray | None) -> Dataset:
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
         raise DataError(f"x contains {bad} NaN or Inf value(s).", hint="Clean or drop those samples.")
-    labels = None
-    if y is not None:
-        if y.dtype.kind not in "iu":
-            raise DataError(f"y must hold integer class ids, got dtype {y.dtype}.", hint="Store y as int64.")
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(f"y must have shape ({x.shape[0]},) to match x, got {y.shape}.",
-                            hint="Give one label per sample in x.")
-        if (y < 0).any():
-            raise DataError("y contains negative class ids.", hint="Use class ids 0..num_classes-1.")
-        labels = torch.from_numpy(y.astype(np.int64))
-    return Dataset(torch.from_numpy(np.ascontiguousarray(x)), labels)
+    return Dataset(torch.from_numpy(np.ascontiguousarray(x)), _labels(y, x.shape[0]))
+
+
+def _labels(y: np.ndarray | None, n: int) -> torch.Tensor | None:
+    if y is None:
+        return None
+    if y.dtype.kind not in "iu":
+        raise DataError(f"y must hold integer class ids, got dtype {y.dtype}.", hint="Store y as int64.")
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"y must have shape ({n},) to match x, got {y.shape}.",
+                        hint="Give one label per sample in x.")
+    if (y < 0).any():
+        raise DataError("y contains negative class ids.", hint="Use class ids 0..num_classes-1.",
+                        code="labels_out_of_range")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 def split(data: Dataset, eval_fraction: float, seed: int, min_eval: int = 1) -> tuple[Dataset, Dataset]:
@@ -99,6 +106,7 @@ def check_against_model(model: nn.Module, data: Dataset, device: torch.device) -
             f"The model rejects inputs of shape {tuple(data.x.shape[1:])} (per sample): "
             f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "),
             hint="Store x with the shape the model was trained on, samples on the first axis.",
+            code="data_shape_mismatch",
         ) from exc
     if out.ndim != 2:
         raise DataError(
@@ -110,5 +118,6 @@ def check_against_model(model: nn.Module, data: Dataset, device: torch.device) -
         raise DataError(
             f"Labels go up to {int(data.y.max())} but the model has {num_classes} classes.",
             hint=f"Use class ids 0..{num_classes - 1}, or drop y to compress without labels.",
+            code="labels_out_of_range",
         )
     return num_classes

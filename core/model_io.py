@@ -1,21 +1,58 @@
-"""Loading the model to compress from a pickled file or from `package.module:factory` + safetensors."""
+"""Every model format an upload or a local file can arrive in, detected by content, with
+one loader per format and one dispatch (`open_model`).
+
+Formats: ONNX (converted to PyTorch), safetensors weights + an allow-listed architecture,
+a zipped Hugging Face model directory, and pickled modules (only when the caller allows
+running the file's code). `package.module:factory` is the CLI's way to build the user's
+own local code.
+"""
 
 from __future__ import annotations
 
 import importlib
 import re
+import shutil
+import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from core import architectures
+from core.archives import ZipLimits, extract, is_zip, open_zip
 from core.errors import InputFileError, OptionsError
+from core.options import IntakeOptions
 
 FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _SAVE_HINT = (
     "Save the whole module with torch.save(model, path), or pass package.module:factory with --weights."
 )
+_FORMATS_HINT = (
+    "Upload an ONNX file, safetensors weights with an architecture (e.g. torchvision:resnet18), "
+    "or a zipped Hugging Face model directory."
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for `compress`, and what its format tells about its inputs."""
+
+    module: nn.Module
+    format: str  # onnx | safetensors | hf | pickle | factory
+    # One input batch the model accepts (two samples), when the format says what inputs look like.
+    example: torch.Tensor | None = None
+    tokenizer: Any = None
+    onnx_spec: Any = None  # core.export.OnnxSpec of an ONNX upload: the export keeps its names and axes
+    label_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_channels(self) -> int | None:
+        first = next((m for m in self.module.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        return None if first is None else first.in_channels
 
 
 def is_factory_spec(spec: str) -> bool:
@@ -24,31 +61,141 @@ def is_factory_spec(spec: str) -> bool:
 
 
 def load_model(spec: str, weights: str | None = None) -> nn.Module:
-    """The model named by `spec`, in eval mode on the CPU.
+    """The model named by `spec` for a local, trusted caller (pickles allowed), in eval mode on the CPU."""
+    return open_model(spec, IntakeOptions(allow_pickle=True), weights=weights).module
 
-    `spec` is a file written by `torch.save(model, path)` (unpickling runs code from the
-    file: only for local files the user trusts) or `package.module:factory`, whose
-    factory is called without arguments and then gets `weights` (a .safetensors file).
-    """
-    if is_factory_spec(spec):
-        model = _build_from_factory(spec)
+
+def open_model(spec: str | Path, intake: IntakeOptions, weights: str | Path | None = None) -> LoadedModel:
+    """Dispatch on what `spec` is: a factory reference, or a file whose format is read from its bytes."""
+    if isinstance(spec, str) and is_factory_spec(spec):
+        loaded = LoadedModel(_build_from_factory(spec), "factory")
         if weights is not None:
-            _load_safetensors(model, Path(weights))
+            _load_safetensors(loaded.module, Path(weights))
     else:
         if weights is not None:
             raise OptionsError(
                 "--weights is only used with a package.module:factory model.",
                 hint="Drop --weights: a model file saved with torch.save already holds its weights.",
             )
-        model = _load_pickled(Path(spec))
-    return model.cpu().eval()
+        path = Path(spec)
+        loader = _LOADERS[detect_format(path, intake)]
+        loaded = loader(path, intake)
+    loaded.module = loaded.module.cpu().eval()
+    return loaded
 
 
-def _load_pickled(path: Path) -> nn.Module:
+def detect_format(path: Path, intake: IntakeOptions) -> str:
+    """The model format of `path`, from its first bytes (and a zip's member names)."""
     if not path.exists():
         raise InputFileError(f"Model file not found: {path}.", hint=f"Pass an existing file. {_SAVE_HINT}")
     if not path.is_file():
-        raise InputFileError(f"{path} is not a file.", hint=_SAVE_HINT)
+        raise InputFileError(f"{path} is not a file.", hint=_FORMATS_HINT)
+    size = path.stat().st_size
+    if size == 0:
+        raise InputFileError(f"The model file {path.name} is empty.", hint=_FORMATS_HINT, code="empty_file")
+    if size > intake.max_file_bytes:
+        raise InputFileError(f"The model file is {size / 1e6:.0f} MB; at most {intake.max_file_bytes / 1e6:.0f} MB "
+                             "are accepted.", hint="Ask the operator to raise IDAP_MAX_FILE_BYTES.",
+                             code="file_too_large")
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if is_zip(path):
+        return _zip_format(path)
+    if head[:1] == b"\x80":
+        return "pickle"
+    if _looks_like_safetensors(head, size):
+        return "safetensors"
+    # An ONNX ModelProto starts with field 1 (ir_version, a varint); other formats are ruled out above.
+    if head[:1] == b"\x08":
+        return "onnx"
+    raise InputFileError(f"{path.name} is not a model file this service reads.", hint=_FORMATS_HINT,
+                         code="unknown_model_format")
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    header_len = int.from_bytes(head[:8], "little")
+    return len(head) > 8 and 0 < header_len <= size - 8 and head[8:9] == b"{"
+
+
+def _zip_format(path: Path) -> str:
+    with open_zip(path) as archive:
+        names = [name.replace("\\", "/") for name in archive.namelist()]
+    basenames = {name.rsplit("/", 1)[-1] for name in names}
+    if "config.json" in basenames:
+        return "hf"
+    if any(name.endswith("constants.pkl") for name in names):
+        return "torchscript"
+    if "data.pkl" in basenames:
+        return "pickle"
+    if names and all(name.endswith(".npy") for name in names):
+        raise InputFileError(f"{path.name} is an .npz data file, not a model.",
+                             hint="Pass it as the data file.", code="unknown_model_format")
+    raise InputFileError(f"{path.name} is a zip without config.json, so it is not a Hugging Face model directory.",
+                         hint="Zip the directory that save_pretrained wrote (config.json, model.safetensors, "
+                         "tokenizer files).", code="unknown_model_format")
+
+
+def _load_onnx(path: Path, intake: IntakeOptions) -> LoadedModel:
+    from core.onnx_io import load_onnx
+
+    converted = load_onnx(path)
+    return LoadedModel(converted.module, "onnx", example=converted.example, onnx_spec=converted.spec,
+                       notes=list(converted.notes))
+
+
+def _load_weights(path: Path, intake: IntakeOptions) -> LoadedModel:
+    if not intake.architecture:
+        raise InputFileError(
+            f"{path.name} holds weights only; the architecture they belong to is needed.",
+            hint="Name it, e.g. architecture torchvision:resnet18(num_classes=10) or idap:digits.",
+            code="architecture_required")
+    arch = architectures.parse(intake.architecture)
+    model = architectures.build(arch)
+    _load_safetensors(model, path, f"the architecture {arch}")
+    return LoadedModel(model, "safetensors", example=architectures.example_input(arch, model))
+
+
+def _load_hf_zip(path: Path, intake: IntakeOptions) -> LoadedModel:
+    from core.hf import load_hf_directory
+
+    scratch = Path(tempfile.mkdtemp(prefix="idap-hf-"))
+    try:
+        extract(path, scratch, ZipLimits(intake.max_zip_members, intake.max_unpacked_bytes))
+        configs = sorted(scratch.rglob("config.json"), key=lambda p: len(p.parts))
+        return load_hf_directory(configs[0].parent)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load_pickle(path: Path, intake: IntakeOptions) -> LoadedModel:
+    _refuse_code_unless_allowed(path, intake, "a pickled PyTorch file")
+    return LoadedModel(_load_pickled(path), "pickle")
+
+
+def _load_torchscript(path: Path, intake: IntakeOptions) -> LoadedModel:
+    _refuse_code_unless_allowed(path, intake, "a TorchScript archive")
+    raise InputFileError(f"{path} is a TorchScript archive; pruning needs the Python module.", hint=_SAVE_HINT,
+                         code="torchscript_not_supported")
+
+
+def _refuse_code_unless_allowed(path: Path, intake: IntakeOptions, what: str) -> None:
+    if not intake.allow_pickle:
+        raise InputFileError(
+            f"{path.name} is {what}; loading it would run code from the upload, which this service does not allow.",
+            hint="Export the model to ONNX, or upload safetensors weights with an architecture name "
+            "(the operator can allow pickles with IDAP_ALLOW_PICKLE=true).", code="pickle_not_allowed")
+
+
+_LOADERS = {
+    "onnx": _load_onnx,
+    "safetensors": _load_weights,
+    "hf": _load_hf_zip,
+    "pickle": _load_pickle,
+    "torchscript": _load_torchscript,
+}
+
+
+def _load_pickled(path: Path) -> nn.Module:
     try:
         with warnings.catch_warnings():
             # A TorchScript archive is refused below with a clearer message than torch's notice.
@@ -67,9 +214,8 @@ def _load_pickled(path: Path) -> nn.Module:
             hint=_SAVE_HINT,
         ) from exc
     if isinstance(obj, torch.jit.ScriptModule):
-        raise InputFileError(
-            f"{path} is a TorchScript archive; pruning needs the Python module.", hint=_SAVE_HINT
-        )
+        raise InputFileError(f"{path} is a TorchScript archive; pruning needs the Python module.", hint=_SAVE_HINT,
+                             code="torchscript_not_supported")
     if not isinstance(obj, nn.Module):
         raise InputFileError(f"{path} is not a PyTorch model (it holds {_describe(obj)}).", hint=_SAVE_HINT)
     return obj
@@ -112,7 +258,7 @@ def _build_from_factory(spec: str) -> nn.Module:
     return model
 
 
-def _load_safetensors(model: nn.Module, path: Path) -> None:
+def _load_safetensors(model: nn.Module, path: Path, source: str = "the model this factory builds") -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_safetensors_into
 
@@ -123,21 +269,22 @@ def _load_safetensors(model: nn.Module, path: Path) -> None:
         missing, unexpected = load_safetensors_into(model, path, strict=False)
     except SafetensorError as exc:
         raise InputFileError(
-            f"{path} is not a readable .safetensors file ({_first_line(exc)}).",
-            hint="Save it with safetensors.torch.save_model(model, path).",
+            f"{path.name} is not a readable .safetensors file ({_first_line(exc)}).",
+            hint="Save it with safetensors.torch.save_model(model, path).", code="invalid_safetensors",
         ) from exc
     except RuntimeError as exc:  # load_state_dict reports shape mismatches this way
         mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         raise InputFileError(
-            f"{path} does not fit the model: {'; '.join(mismatches[:3]) or _first_line(exc)}.",
-            hint="Use the weights saved from this architecture.",
+            f"{path.name} does not fit {source}: {'; '.join(mismatches[:3]) or _first_line(exc)}.",
+            hint="Use weights saved from that architecture, or name the architecture (and arguments such as "
+            "num_classes) the weights were trained with.", code="weights_mismatch",
         ) from exc
     if missing or unexpected:
         problems = [f"{label} keys {', '.join(sorted(keys)[:5])}{' …' if len(keys) > 5 else ''}"
                     for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise InputFileError(
-            f"{path} does not match the model: {'; '.join(problems)}.",
-            hint="Use the weights saved from the model this factory builds.",
+            f"{path.name} does not match {source}: {'; '.join(problems)}.",
+            hint="Use the weights saved from that architecture.", code="weights_mismatch",
         )
 
 

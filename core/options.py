@@ -129,3 +129,47 @@ class CompressOptions:
         for ok, message in checks:
             if not ok:
                 raise OptionsError(message + ".", hint="Fix the option or leave it at its default.")
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class IntakeOptions:
+    """How uploaded files become a model and a dataset, and the limits that keep that safe.
+
+    `allow_pickle` lets pickled modules in: unpickling runs code from the file, so a service
+    turns it on only for uploaders it trusts (IDAP_ALLOW_PICKLE); the CLI, loading the user's
+    own files, turns it on.
+    """
+
+    architecture: str | None = None
+    allow_pickle: bool = False
+    # Image-folder data: side length (None: the model's fixed input size if known, else 224)
+    # and per-channel normalisation.
+    image_size: int | None = None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    # Text data (.jsonl / .csv) for models that ship a tokenizer.
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = 128
+    # Limits on what an upload may make us read or unpack.
+    max_file_bytes: int = 2 << 30
+    max_zip_members: int = 20_000
+    max_unpacked_bytes: int = 4 << 30
+    max_samples: int = 50_000
+
+    def validate(self) -> None:
+        checks = [
+            (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
+            (len(self.mean) == len(self.std) and len(self.mean) in (1, 3), "mean and std need 1 or 3 values each"),
+            (all(s > 0 for s in self.std), "std values must be > 0"),
+            (self.max_length >= 2, "max_length must be >= 2"),
+            (min(self.max_file_bytes, self.max_zip_members, self.max_unpacked_bytes, self.max_samples) >= 1,
+             "limits must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OptionsError(message + ".", hint="Fix the option or leave it at its default.")

@@ -29,6 +29,7 @@ from core.surgery import (
     planned_units,
     prunable_groups,
     score_groups,
+    survives_channel_cut,
 )
 
 
@@ -36,7 +37,13 @@ def group_candidates(ctx: RunContext, model: nn.Module, graph: tp.DependencyGrap
     """The prunable groups of `model` under the run's ignore list and minimum widths."""
     ignored = [model.get_submodule(name) for name in ctx.ignored]
     opts = ctx.options
-    return prunable_groups(graph, model, ignored, ctx.original_widths, opts.min_width_fraction, opts.min_channels)
+    def survives(group: PrunableGroup) -> bool:
+        if group.root_name not in ctx.cuttable:
+            ctx.cuttable[group.root_name] = survives_channel_cut(model, ctx.example, group)
+        return ctx.cuttable[group.root_name]
+
+    return prunable_groups(graph, model, ignored, ctx.original_widths, opts.min_width_fraction, opts.min_channels,
+                           survives)
 
 
 def _scorer(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph) -> GroupScorer:

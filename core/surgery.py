@@ -7,6 +7,7 @@ Everything that touches torch-pruning lives here, so the rest of core/ deals onl
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -147,11 +148,14 @@ def prunable_groups(
     original_widths: dict[str, int],
     min_width_fraction: float,
     min_channels: int,
+    survives: Callable[[PrunableGroup], bool] | None = None,
 ) -> list[PrunableGroup]:
     """All groups the planner may shrink, with their minimum widths.
 
     `original_widths` (root name -> width before any pruning) is filled on first sight,
-    so the minimum stays relative to the unpruned network across steps.
+    so the minimum stays relative to the unpruned network across steps. Groups whose
+    channels pass through a reshape are kept only if `survives` says the model still runs
+    with one of their channels removed.
     """
     names = {module: name for name, module in model.named_modules()}
     ignored_modules = [m for layer in ignored for m in layer.modules()]
@@ -168,8 +172,31 @@ def prunable_groups(
         width = total // ch_groups
         original = original_widths.setdefault(name, width)
         minimum = min(width, max(min_channels, math.ceil(original * min_width_fraction)))
-        result.append(PrunableGroup(name, group, width, ch_groups, minimum))
+        candidate = PrunableGroup(name, group, width, ch_groups, minimum)
+        if survives is not None and _passes_reshape(group) and not survives(candidate):
+            continue
+        result.append(candidate)
     return result
+
+
+def _passes_reshape(group: tp.dependency.Group) -> bool:
+    return any(isinstance(dep.target.module, tp.ops._ReshapeOp) for dep, _ in group)
+
+
+def survives_channel_cut(model: nn.Module, example: torch.Tensor, group: PrunableGroup) -> bool:
+    """Whether `model` still runs with one channel of `group` removed (checked on a copy).
+
+    A reshape into fixed-size parts (attention heads: view(batch, seq, -1, head_dim)) accepts
+    only whole parts, which per-channel pruning cannot promise; such groups are left alone.
+    """
+    candidate = copy.deepcopy(model)
+    try:
+        apply_plan(candidate, example, {group.root_name: [g * group.width for g in range(group.ch_groups)]})
+        with torch.no_grad():
+            candidate(example)
+    except Exception:  # any failure means this group cannot be cut channel by channel
+        return False
+    return True
 
 
 def _rounded_count(width: int, selected: int, minimum: int, round_to: int | None) -> int:

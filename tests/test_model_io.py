@@ -32,7 +32,7 @@ def test_factory_with_weights_matches_the_trained_model(digits_model, tmp_path):
 def test_weights_of_another_shape(tmp_path):
     weights = tmp_path / "w.safetensors"
     save_file(DigitsNet(width=16).state_dict(), weights)
-    with pytest.raises(InputFileError, match="does not fit the model: size mismatch"):
+    with pytest.raises(InputFileError, match="does not fit the model this factory builds: size mismatch"):
         load_model("core.examples:DigitsNet", str(weights))
 
 

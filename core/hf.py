@@ -1,0 +1,108 @@
+"""Hugging Face classifiers from a model directory: built from the library's own classes
+(never `trust_remote_code`), weights from safetensors only (a .bin file is a pickle)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import InputFileError
+from core.export import OnnxSpec
+
+_TASKS = ("ForSequenceClassification", "ForImageClassification")
+_DIR_HINT = "Zip the directory written by model.save_pretrained(dir, safe_serialization=True) (and the tokenizer's)."
+
+
+class TextClassifier(nn.Module):
+    """Token ids in, logits out. The attention mask is derived from the padding token, so the
+    pruned model (and its ONNX export) takes one input, as the calibration data stores it."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.pad_token_id = pad_token_id
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = (input_ids != self.pad_token_id).long()
+        return self.model(input_ids=input_ids, attention_mask=mask).logits
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def load_hf_directory(root: Path) -> Any:
+    """A `LoadedModel` for the classifier saved in `root`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from core.model_io import LoadedModel
+
+    config = _config(root, transformers)
+    task_class = _task_class(config, transformers)
+    if not (root / "model.safetensors").is_file() and not (root / "model.safetensors.index.json").is_file():
+        raise InputFileError("The Hugging Face directory has no model.safetensors.",
+                             hint="Save with safe_serialization=True; pytorch_model.bin is a pickle and is not "
+                             "loaded.", code="hf_weights_missing")
+    try:
+        model = task_class.from_pretrained(root, local_files_only=True, trust_remote_code=False,
+                                           use_safetensors=True).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputFileError(f"The Hugging Face weights do not load into {task_class.__name__}: "
+                             f"{str(exc).strip().splitlines()[0]}", hint=_DIR_HINT, code="weights_mismatch") from exc
+    labels = [config.id2label[i] for i in range(config.num_labels)] if getattr(config, "id2label", None) else None
+    if task_class.__name__.endswith("ForSequenceClassification"):
+        tokenizer = _tokenizer(root, transformers)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        example = torch.tensor(tokenizer(["a short example", "another"], padding="max_length", max_length=16,
+                                         truncation=True)["input_ids"])
+        spec = OnnxSpec(input_names=["input_ids"], output_names=["logits"],
+                        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}},
+                        input_dtypes={"input_ids": "int64"})
+        return LoadedModel(TextClassifier(model, pad), "hf", example=example, tokenizer=tokenizer,
+                           onnx_spec=spec, label_names=labels)
+    side = int(getattr(config, "image_size", 224))
+    channels = int(getattr(config, "num_channels", 3))
+    spec = OnnxSpec(input_names=["pixel_values"], output_names=["logits"],
+                    dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+                    input_dtypes={"pixel_values": "float32"})
+    return LoadedModel(ImageClassifier(model), "hf", example=torch.rand(2, channels, side, side), onnx_spec=spec,
+                       label_names=labels)
+
+
+def _config(root: Path, transformers: Any) -> Any:
+    try:
+        return transformers.AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputFileError(f"config.json is not a usable Hugging Face config: {str(exc).strip().splitlines()[0]}",
+                             hint=_DIR_HINT, code="invalid_hf_model") from exc
+
+
+def _task_class(config: Any, transformers: Any) -> Any:
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if name.endswith(_TASKS) and isinstance(getattr(transformers, name, None), type):
+            return getattr(transformers, name)
+    raise InputFileError(
+        f"Unsupported Hugging Face architecture {', '.join(names) or '(none in config.json)'}: "
+        "a sequence or image classifier built into transformers is needed.",
+        hint="Save a *ForSequenceClassification or *ForImageClassification model; custom code is never run.",
+        code="unsupported_hf_architecture")
+
+
+def _tokenizer(root: Path, transformers: Any) -> Any:
+    try:
+        return transformers.AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputFileError("The text model's tokenizer files are missing or unreadable.",
+                             hint="Also save the tokenizer into the directory: tokenizer.save_pretrained(dir).",
+                             code="hf_tokenizer_missing") from exc

@@ -1,0 +1,106 @@
+"""From uploaded files to a compressed model: data formats, and the two calls the CLI and the
+service make (`compress_files`, `inspect_files`). Model formats live in core.model_io."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.archives import is_zip, open_zip
+from core.data import Dataset, load_npz
+from core.errors import DataError, InputFileError
+from core.image_data import load_image_folder_zip
+from core.model_io import LoadedModel, open_model
+from core.options import CompressOptions, IntakeOptions, Target
+from core.pipeline import Result, compress
+from core.progress import CancelFn, ProgressFn
+from core.text_data import read_records, tokenize
+
+_DATA_HINT = ("Upload an .npz (x, optional y), a zip of class folders of images, or for text models "
+              "a .jsonl/.csv with text and label columns.")
+
+
+def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
+    """The calibration data in `path`, read according to its content and the model's inputs."""
+    _check_data_file(path, intake)
+    if is_zip(path):
+        data = load_npz(path) if _is_npz(path) else _image_folder(path, model, intake)
+    elif model.tokenizer is not None:
+        records = read_records(path, intake.max_samples)
+        data = tokenize(records, model.tokenizer, intake.text_column, intake.label_column, intake.max_length,
+                        model.label_names)
+    else:
+        raise DataError(f"{path.name} is not an .npz or zip file, and text data needs a model that ships a "
+                        "tokenizer (a zipped Hugging Face directory).", hint=_DATA_HINT, code="unknown_data_format")
+    if len(data) > intake.max_samples:
+        raise DataError(f"The data holds {len(data)} samples; at most {intake.max_samples} are accepted.",
+                        hint="Upload a random subset.", code="too_many_samples")
+    if model.example is not None and not model.example.is_floating_point() and data.x.is_floating_point():
+        data = Dataset(data.x.long(), data.y)  # token ids saved as floats in an .npz
+    return data
+
+
+def _check_data_file(path: Path, intake: IntakeOptions) -> None:
+    if not path.is_file():
+        raise InputFileError(f"Data file not found: {path}.", hint=_DATA_HINT)
+    size = path.stat().st_size
+    if size == 0:
+        raise InputFileError(f"The data file {path.name} is empty.", hint=_DATA_HINT, code="empty_file")
+    if size > intake.max_file_bytes:
+        raise InputFileError(f"The data file is {size / 1e6:.0f} MB; at most {intake.max_file_bytes / 1e6:.0f} MB "
+                             "are accepted.", hint="Upload a random subset.", code="file_too_large")
+
+
+def _is_npz(path: Path) -> bool:
+    with open_zip(path) as archive:
+        names = archive.namelist()
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
+def _image_folder(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
+    example = model.example
+    image_like = example is not None and example.ndim == 4
+    channels = int(example.shape[1]) if image_like else (model.input_channels or 3)
+    side = intake.image_size or (int(example.shape[-1]) if image_like else 224)
+    return load_image_folder_zip(path, intake, channels, side)
+
+
+def compress_files(model_path: Path | str, data_path: Path, target: Target, options: CompressOptions,
+                   intake: IntakeOptions, out_dir: Path, progress: ProgressFn | None = None,
+                   should_cancel: CancelFn | None = None, weights: Path | None = None) -> Result:
+    """Load the model (a file, or for the CLI package.module:factory with `weights`) and the data,
+    and compress; an ONNX upload is exported with its own
+    input/output names, dtypes and dynamic axes."""
+    intake.validate()
+    model = open_model(model_path, intake, weights=weights)
+    data = open_data(Path(data_path), model, intake)
+    result = compress(model.module, data, target, options, out_dir, progress, should_cancel,
+                      onnx_spec=model.onnx_spec)
+    result.report["input_format"] = model.format
+    result.report["notes"] = model.notes + result.report["notes"]
+    return result
+
+
+def inspect_files(model_path: Path | str, data_path: Path | None, target: Target | None,
+                  options: CompressOptions, intake: IntakeOptions, weights: Path | None = None) -> dict[str, Any]:
+    """The preflight report (see core.preflight) for files, without pruning anything."""
+    from core.preflight import preflight
+
+    intake.validate()
+    model = open_model(model_path, intake, weights=weights)
+    data = None if data_path is None else open_data(Path(data_path), model, intake)
+    if data is None and model.example is None:
+        raise DataError("This model's input shape is unknown without data.",
+                        hint="Pass the calibration data too (--data).", code="data_required")
+    report = preflight(model.module, data if data is not None else _synthetic(model.example), target, options,
+                       has_data=data is not None)
+    report["input_format"] = model.format
+    report["notes"] = model.notes + report["notes"]
+    return report
+
+
+def _synthetic(example: torch.Tensor) -> Dataset:
+    """Unlabelled inputs shaped like the format's example, for sizing a model without data."""
+    return Dataset(example.repeat(4, *([1] * (example.ndim - 1))))

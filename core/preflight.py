@@ -1,0 +1,164 @@
+"""Preflight: what a compression job would face, in seconds and without pruning anything.
+
+It sizes the model, lists what the dependency graph can and cannot prune, finds the
+removable blocks, computes the largest reduction the width floors allow, says whether the
+target is feasible, and estimates the job's time from a measured training step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from core.blocks import find_blocks
+from core.context import TARGET_TOLERANCE, RunContext
+from core.data import Dataset
+from core.metrics import logits_of
+from core.options import CompressOptions, Target
+from core.pipeline import _prepare, reachable_reduction
+from core.progress import Reporter
+from core.recovery import iterations_for
+from core.stages import group_candidates
+from core.surgery import ROOT_TYPES, build_graph
+
+# Without a GPU to measure, GPU time is CPU time over this factor (a mid-size CNN on one
+# data-centre GPU against one CPU core, in our runs); the report says when it was assumed.
+ASSUMED_GPU_SPEEDUP = 20.0
+_LISTED = 50
+
+
+def preflight(model: nn.Module, data: Dataset, target: Target | None, options: CompressOptions,
+              has_data: bool = True) -> dict[str, Any]:
+    options.validate()
+    if target is not None:
+        target.validate()
+    started = time.monotonic()
+    # The run context wants a target; reachability and sizes do not depend on it.
+    model, ctx, notes = _prepare(model, data, target or Target(macs_reduction=0.5), options, Reporter(None, None))
+    graph = build_graph(model, ctx.example)
+    groups = group_candidates(ctx, model, graph)
+    blocks = find_blocks(model, ctx.example) if "layers" in options.stages else []
+    reachable = reachable_reduction(ctx, model)
+    problems = _problems(target, reachable, options, groups, blocks)
+    with torch.no_grad():
+        num_classes = int(logits_of(model(ctx.example)).shape[1])
+    return {
+        "macs": ctx.macs0,
+        "params": ctx.params0,
+        "num_classes": num_classes,
+        "input_shape": list(data.x.shape[1:]),
+        "input_dtype": str(data.x.dtype).removeprefix("torch."),
+        "samples": len(data) if has_data else 0,
+        "labeled": data.labeled if has_data else None,
+        "prunable_groups": [{"name": g.root_name, "width": g.width, "min_width": g.min_width} for g in groups],
+        "not_prunable": _not_prunable(model, graph, groups, ctx.ignored, options.ignored_layers),
+        "blocks": [{"name": b.name, "kind": b.kind} for b in blocks],
+        "reachable_reduction": {key: round(value, 4) for key, value in reachable.items()},
+        "target": None if target is None else dataclasses.asdict(target),
+        "feasible": None if target is None else not problems,
+        "problems": problems,
+        "estimate_seconds": _estimate(ctx, model, target, len(blocks)),
+        "notes": notes,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _problems(target: Target | None, reachable: dict[str, float], options: CompressOptions,
+              groups: list, blocks: list) -> list[str]:
+    problems = []
+    if not groups and not blocks:
+        problems.append("Nothing in this model can be pruned: no prunable channel group and no removable block.")
+    if target is None:
+        return problems
+    for key, goal in (("macs", target.macs_reduction), ("params", target.params_reduction)):
+        if goal is not None and goal > reachable[key] + TARGET_TOLERANCE:
+            problems.append(
+                f"A {goal:.0%} {'MACs' if key == 'macs' else 'params'} reduction is out of reach: at most "
+                f"{reachable[key]:.0%} with stages {','.join(options.stages)} and min_width_fraction "
+                f"{options.min_width_fraction}.")
+    return problems
+
+
+def _not_prunable(model: nn.Module, graph: tp.DependencyGraph, groups: list, ignored: list[str],
+                  by_option: tuple[str, ...]) -> list[dict[str, str]]:
+    """Layers with weights whose output width stays as it is, and why."""
+    in_groups = {dep.target.module for g in groups for dep, _ in g.group
+                 if graph.is_out_channel_pruning_fn(dep.handler)}
+    rows = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own or module in in_groups:
+            continue
+        if name in ignored:
+            reason = "left alone by ignored_layers" if name in by_option else "output layer (its outputs are classes)"
+        elif module not in graph.module2node:
+            reason = "not reached by the traced forward pass (unused, or hidden inside a custom operation)"
+        elif graph.get_pruner_of_module(module) is None:
+            reason = f"custom module {type(module).__name__}: its weights are kept as they are"
+        elif isinstance(module, ROOT_TYPES):
+            reason = "width coupled with a reshape, channel shuffle or attention heads that cannot be resized"
+        else:
+            continue  # norms and embeddings follow the groups they belong to
+        rows.append({"name": name, "type": type(module).__name__, "reason": reason})
+    return rows[:_LISTED]
+
+
+def _estimate(ctx: RunContext, model: nn.Module, target: Target | None, n_blocks: int) -> dict[str, Any]:
+    """Job time from one measured training and inference step on the run's device."""
+    opts = ctx.options
+    train_s, infer_s = _step_seconds(ctx, model)
+    per_recovery = iterations_for(len(ctx.recovery), opts.batch_size, opts.recovery_epochs,
+                                  opts.recovery_iterations) * (train_s + infer_s)
+    passes = -(-len(ctx.calib) // opts.batch_size) + -(-len(ctx.evaluation) // opts.batch_size)
+    per_step = passes * infer_s + per_recovery
+    goal = 0.5 if target is None else max(target.macs_reduction or 0.0, target.params_reduction or 0.0)
+    steps = (_filter_steps(opts, goal) if "filters" in opts.stages else 0) + (
+        min(n_blocks, opts.max_removals) if "layers" in opts.stages else 0)
+    final = iterations_for(len(ctx.recovery), opts.batch_size, opts.final_recovery_epochs,
+                           opts.final_recovery_iterations) * (train_s + infer_s)
+    total = steps * per_step + final
+    on_gpu = ctx.device.type == "cuda"
+    return {
+        "cpu": round(total * (ASSUMED_GPU_SPEEDUP if on_gpu else 1.0), 1),
+        "gpu": round(total if on_gpu else total / ASSUMED_GPU_SPEEDUP, 1),
+        "measured_on": ctx.device.type,
+        "steps": steps,
+        "train_step_s": round(train_s, 5),
+    }
+
+
+def _filter_steps(opts: CompressOptions, goal: float) -> int:
+    """Stage 1 steps the schedule needs to remove `goal` of the MACs, taking MACs to fall with the
+    square of the kept width (both sides of most layers shrink)."""
+    share = goal * (opts.filter_share if "layers" in opts.stages else 1.0)
+    kept = 1.0
+    for t in range(opts.max_steps):
+        kept *= 1.0 - opts.p0 * (1 + t / opts.max_steps) ** opts.alpha
+        if 1.0 - kept**2 >= share:
+            return t + 1
+    return opts.max_steps
+
+
+def _step_seconds(ctx: RunContext, model: nn.Module) -> tuple[float, float]:
+    student = copy.deepcopy(model).train()
+    batch = ctx.recovery.x[: ctx.options.batch_size].to(ctx.device)
+    parameters = [p for p in student.parameters() if p.is_floating_point()]
+    timings = []
+    for _ in range(2):  # the first step pays for allocation and kernel selection
+        begin = time.perf_counter()
+        logits_of(student(batch)).float().logsumexp(1).mean().backward()
+        for p in parameters:
+            p.grad = None
+        timings.append(time.perf_counter() - begin)
+    model.eval()
+    with torch.no_grad():
+        begin = time.perf_counter()
+        model(batch)
+        infer = time.perf_counter() - begin
+    return timings[-1], infer

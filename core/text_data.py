@@ -1,0 +1,84 @@
+"""Text data for models that ship a tokenizer: `.jsonl` (one object per line) or `.csv`,
+with a text column and an optional label column (class ids, or the model's label names)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.data import Dataset
+from core.errors import DataError
+
+_HINT = 'One record per sample: {"text": "...", "label": 1} per line (.jsonl) or a CSV with text,label columns.'
+
+
+def read_records(path: Path, max_samples: int) -> list[dict[str, Any]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name} is not UTF-8 text.", hint="Save the file as UTF-8.", code="invalid_text_data") \
+            from exc
+    records = _jsonl(text, path.name) if text.lstrip().startswith("{") else _csv(text)
+    if len(records) < 2:
+        raise DataError(f"{path.name} holds {len(records)} record(s); at least 2 are needed.", hint=_HINT,
+                        code="invalid_text_data")
+    if len(records) > max_samples:
+        raise DataError(f"{path.name} holds {len(records)} records; at most {max_samples} are accepted.",
+                        hint="Upload a random subset.", code="too_many_samples")
+    return records
+
+
+def _jsonl(text: str, name: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name} line {number} is not valid JSON ({exc.msg}).", hint=_HINT,
+                            code="invalid_text_data") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"{name} line {number} is not a JSON object.", hint=_HINT, code="invalid_text_data")
+        records.append(record)
+    return records
+
+
+def _csv(text: str) -> list[dict[str, Any]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def tokenize(records: list[dict[str, Any]], tokenizer: Any, text_column: str, label_column: str,
+             max_length: int, label_names: list[str] | None) -> Dataset:
+    columns = set().union(*(record.keys() for record in records))
+    if text_column not in columns:
+        raise DataError(f"The text data has no {text_column!r} column (found: {', '.join(sorted(columns))}).",
+                        hint=f"Name the column {text_column!r}, or set text_column in the job config.",
+                        code="missing_text_column")
+    texts = [str(record.get(text_column) or "") for record in records]
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length)
+    x = torch.tensor(encoded["input_ids"], dtype=torch.int64)
+    has_labels = label_column in columns
+    y = torch.tensor([_label(r.get(label_column), label_names, i) for i, r in enumerate(records)]) if has_labels \
+        else None
+    return Dataset(x, y)
+
+
+def _label(value: Any, names: list[str] | None, index: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip() if value is not None else ""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if names and text in names:
+        return names.index(text)
+    raise DataError(f"Record {index + 1} has label {value!r}, which is neither a class id nor one of the model's "
+                    f"labels ({', '.join(names or []) or 'the model names none'}).",
+                    hint="Use class ids 0..num_classes-1 or the label names in the model's config.",
+                    code="invalid_labels")
