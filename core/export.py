@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,29 @@ from core.errors import ExportError
 from core.metrics import logits_of
 
 ONNX_RELATIVE_TOLERANCE = 1e-3
+BATCH_AXIS_NAME = "batch"
+
+
+@dataclass
+class OnnxSpec:
+    """The interface of an ONNX model: what the pruned model is exported with.
+
+    `dynamic_axes` maps an input or output name to {axis index: symbolic name}; `input_dtypes`
+    maps input names to numpy dtype names. The default is the interface of our own exports.
+    """
+
+    input_names: list[str] = field(default_factory=lambda: ["input"])
+    output_names: list[str] = field(default_factory=lambda: ["logits"])
+    dynamic_axes: dict[str, dict[int, str]] = field(
+        default_factory=lambda: {"input": {0: BATCH_AXIS_NAME}, "logits": {0: BATCH_AXIS_NAME}})
+    input_dtypes: dict[str, str] = field(default_factory=lambda: {"input": "float32"})
+
+    def axes_of(self, name: str) -> dict[int, str]:
+        """Dynamic axes of `name`; the batch axis is always among them, since the pipeline
+        verifies and times the export at several batch sizes."""
+        axes = dict(self.dynamic_axes.get(name, {}))
+        axes.setdefault(0, BATCH_AXIS_NAME)
+        return axes
 
 
 class _LogitsOnly(nn.Module):
@@ -27,23 +52,51 @@ class _LogitsOnly(nn.Module):
         return logits_of(self.model(x))
 
 
+class _CastInput(nn.Module):
+    """Takes inputs in the dtype the original ONNX model declared and feeds the model its own dtype."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype))
+
+
 def _exportable(model: nn.Module) -> nn.Module:
     """A CPU copy: exporting must not move the caller's model off its device."""
     return _LogitsOnly(copy.deepcopy(model).cpu()).eval()
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """ONNX with a dynamic batch axis. The TorchScript-based exporter is tried first (fast,
+def _dims(axes: dict[int, str]) -> dict[int, torch.export.Dim]:
+    """torch.export dims for the dynamo exporter; one Dim per name, so equal names stay equal."""
+    by_name: dict[str, torch.export.Dim] = {}
+    for name in axes.values():
+        # Dim names must be Python identifiers; ONNX dim_params can be anything ("batch size", "N+1")
+        identifier = "d_" + re.sub(r"\W", "_", name)
+        by_name.setdefault(name, torch.export.Dim(identifier, min=1))
+    return {axis: by_name[name] for axis, name in axes.items()}
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSpec | None = None) -> None:
+    """ONNX with the names, input dtype and dynamic axes of `spec` (default: input "input",
+    output "logits", dynamic batch). The TorchScript-based exporter is tried first (fast,
     robust with dynamic axes); the dynamo exporter is the fallback."""
+    spec = spec or OnnxSpec()
+    input_name, output_name = spec.input_names[0], spec.output_names[0]
     wrapped = _exportable(model)
     example = example.cpu()
+    dtype = getattr(torch, spec.input_dtypes.get(input_name, "float32"))
+    if dtype != example.dtype:
+        wrapped, example = _CastInput(wrapped, example.dtype), example.to(dtype)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapped, (example,), str(path), dynamo=False, opset_version=17,
-                input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                input_names=[input_name], output_names=[output_name],
+                dynamic_axes={input_name: spec.axes_of(input_name), output_name: spec.axes_of(output_name)},
             )
     except Exception as legacy_error:
         try:
@@ -51,8 +104,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapped, (example,), str(path), dynamo=True, verbose=False,
-                    input_names=["input"], output_names=["logits"],
-                    dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+                    input_names=[input_name], output_names=[output_name],
+                    dynamic_shapes={"x": _dims(spec.axes_of(input_name))},
                 )
         except Exception as dynamo_error:
             raise ExportError(
@@ -67,9 +120,11 @@ def verify_onnx(model: nn.Module, path: Path, inputs: torch.Tensor) -> float:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    reference = _exportable(model)(inputs.cpu()).numpy()
-    got = session.run(None, {name: inputs.cpu().numpy()})[0]
+    declared = session.get_inputs()[0]
+    # the export may take another dtype than the data (the original ONNX model's); both sides see the same values
+    feed = inputs.cpu().numpy().astype(onnx_input_dtype(declared.type))
+    reference = _exportable(model)(torch.from_numpy(feed).to(inputs.dtype)).numpy()
+    got = session.run(None, {declared.name: feed})[0]
     if got.shape != reference.shape:
         raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {reference.shape}.")
     max_abs = float(np.abs(got - reference).max())
@@ -80,6 +135,14 @@ def verify_onnx(model: nn.Module, path: Path, inputs: torch.Tensor) -> float:
             f"({max_abs / scale:.3g} relative, limit {ONNX_RELATIVE_TOLERANCE})."
         )
     return max_abs
+
+
+def onnx_input_dtype(ort_type: str) -> np.dtype:
+    """The numpy dtype of an ONNX Runtime type string such as "tensor(float)"."""
+    import onnx
+
+    name = ort_type.removeprefix("tensor(").removesuffix(")").upper()
+    return onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, name))
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from core.context import TARGET_TOLERANCE, RunContext
 from core.data import Dataset, check_against_model, split
 from core.divergence import filter_divergence
 from core.errors import OptionsError, TargetUnreachableError
-from core.export import export_onnx, export_pt2, verify_onnx
+from core.export import OnnxSpec, export_onnx, export_pt2, verify_onnx
 from core.metrics import ort_latency_ms, predict
 from core.options import CompressOptions, Target
 from core.progress import CancelFn, ProgressFn, Reporter
@@ -112,8 +112,8 @@ def _layer_table(original: nn.Module, pruned: nn.Module, divergence: dict[str, f
 
 
 def _onnx_metrics(model: nn.Module, example: torch.Tensor, path: Path, verify_on: torch.Tensor,
-                  opts: CompressOptions) -> tuple[float, dict[str, float]]:
-    export_onnx(model, example, path)
+                  opts: CompressOptions, spec: OnnxSpec | None) -> tuple[float, dict[str, float]]:
+    export_onnx(model, example, path, spec)
     diff = verify_onnx(model, path, verify_on)
     latency = ort_latency_ms(path, example.cpu().numpy(), (1, opts.latency_batch), opts.latency_runs)
     return diff, latency
@@ -127,11 +127,14 @@ def compress(
     out_dir: Path | str = "idap-out",
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    *,
+    onnx_spec: OnnxSpec | None = None,
 ) -> Result:
     """Prune `model` towards `target` and write model.onnx, model.pt2 and report.json to `out_dir`.
 
     The caller's model is not modified. Raises UserError subclasses for problems the
-    caller can fix, and Cancelled when `should_cancel()` turns True.
+    caller can fix, and Cancelled when `should_cancel()` turns True. `onnx_spec` gives the
+    ONNX exports the names, dtype and dynamic axes of a model that came in as ONNX.
     """
     opts = options or CompressOptions()
     opts.validate()
@@ -142,7 +145,7 @@ def compress(
     reachable = _check_reachable(ctx, model)
     ctx.acc0 = ctx.accuracy(model)
     original = copy.deepcopy(model)
-    baseline = _baseline(ctx, original)
+    baseline = _baseline(ctx, original, onnx_spec)
 
     model, reasons, removed_blocks = _run_stages(ctx, model)
     accuracy = _final_recovery(ctx, model, original)
@@ -157,7 +160,8 @@ def compress(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path, pt2_path = out / "model.onnx", out / "model.pt2"
-    diff_after, latency_after = _onnx_metrics(model, ctx.example.cpu(), onnx_path, ctx.evaluation.x[:64], opts)
+    diff_after, latency_after = _onnx_metrics(model, ctx.example.cpu(), onnx_path, ctx.evaluation.x[:64], opts,
+                                              onnx_spec)
     pt2_error = export_pt2(model, ctx.example.cpu(), pt2_path)
     artifacts = {"model.onnx": onnx_path} | ({} if pt2_error else {"model.pt2": pt2_path})
 
@@ -219,14 +223,14 @@ def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOpti
     return model, ctx, notes
 
 
-def _baseline(ctx: RunContext, original: nn.Module) -> dict[str, Any]:
+def _baseline(ctx: RunContext, original: nn.Module, onnx_spec: OnnxSpec | None) -> dict[str, Any]:
     """Per-layer divergence and ONNX numbers of the original model, for the report."""
     names = {module: name for name, module in original.named_modules()}
     scores = filter_divergence(original, build_graph(original, ctx.example), ctx.calib, ctx.device,
                                ctx.options.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "original.onnx"
-        diff, latency = _onnx_metrics(original, ctx.example, path, ctx.evaluation.x[:64], ctx.options)
+        diff, latency = _onnx_metrics(original, ctx.example, path, ctx.evaluation.x[:64], ctx.options, onnx_spec)
         size = path.stat().st_size
     ctx.reporter.emit("baseline", 1, 1, 0.05,
                       f"Original: {ctx.macs0 / 1e6:.2f} M MACs, {ctx.params0 / 1e6:.3f} M params, "
