@@ -1,0 +1,377 @@
+"""ONNX in: reading an uploaded .onnx file safely and converting it to a prunable PyTorch module.
+
+The converted module is an onnx2torch fx.GraphModule; the pipeline prunes it like any other
+model, and `OnnxSpec` carries the original interface (names, dtype, dynamic axes) to the export.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+from onnx import external_data_helper
+from torch import nn
+
+from core.errors import DataError, InputFileError
+from core.export import BATCH_AXIS_NAME, ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
+from core.metrics import logits_of
+
+_REEXPORT_HINT = (
+    "Re-export the model with torch.onnx.export(model, example, 'model.onnx', input_names=['input'], "
+    "output_names=['logits'], dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}}) and upload that file."
+)
+# Protobuf cannot hold more than 2 GiB; bigger models need external data, which uploads cannot carry.
+_MAX_PROTO_BYTES = 2**31 - 1
+
+
+@dataclass
+class OnnxModel:
+    module: nn.Module  # eval mode, on the CPU
+    spec: OnnxSpec
+    notes: list[str]
+
+
+def load_onnx(path: Path) -> OnnxModel:
+    """Read, check, simplify and convert an ONNX classifier; every problem with the file is an InputFileError."""
+    path = Path(path)
+    proto = _read(path)
+    _load_external_data(proto, path)
+    _check(proto, path)
+    spec, notes = _spec_of(proto, path)
+    proto = _slim(proto, notes)
+    _require_converters(proto, path)
+    module = _convert(proto, path)
+    example = _example_input(proto, spec)
+    if example is None:
+        notes.append("Constant reshapes were left as they are: the input has dynamic axes besides the batch.")
+    else:
+        _generalise_constant_reshapes(module, example, path)
+    return OnnxModel(module=module.eval(), spec=spec, notes=notes)
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise InputFileError(f"ONNX file not found: {path}.", hint="Pass an existing .onnx file.",
+                             code="file_not_found")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputFileError(f"{path.name} is empty (0 bytes).", code="invalid_onnx",
+                             hint=f"The upload may have failed; send the file again. {_REEXPORT_HINT}")
+    if size > _MAX_PROTO_BYTES:
+        raise InputFileError(f"{path.name} is larger than 2 GiB, the most a single ONNX file can hold.",
+                             hint="Compress a smaller model.", code="invalid_onnx")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf reports corrupt bytes as DecodeError, RuntimeError or worse
+        raise InputFileError(
+            f"{path.name} is not a readable ONNX model (damaged or truncated file: {_first_line(exc)}).",
+            hint=f"Check that the whole file was uploaded. {_REEXPORT_HINT}", code="invalid_onnx",
+        ) from exc
+    if not proto.graph.node or not proto.graph.output:
+        # protobuf happily parses many byte strings into a message with no graph at all
+        raise InputFileError(f"{path.name} is not an ONNX model: it holds no graph.",
+                             hint=_REEXPORT_HINT, code="invalid_onnx")
+    return proto
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the graph, its node attributes and its subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Pull in tensors stored in files beside the model; refuse any reference that leaves its directory."""
+    external = [t for t in _all_tensors(proto.graph) if external_data_helper.uses_external_data(t)]
+    if not external:
+        return
+    base = path.parent.resolve()
+    for tensor in external:
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        target = _external_file(location, base)
+        if target is None:
+            raise InputFileError(
+                f"{path.name} stores tensor {tensor.name!r} in {location!r}, outside the model's directory.",
+                hint="Save the weights inside the model file: onnx.save(onnx.load(path), 'model.onnx', "
+                "save_as_external_data=False), or re-export with torch.onnx.export.",
+                code="onnx_external_data",
+            )
+        if not target.is_file():
+            raise InputFileError(
+                f"{path.name} stores tensor {tensor.name!r} in a separate file {location!r}, which is missing.",
+                hint="Uploads are a single file: save the weights inside the model with "
+                "onnx.save(onnx.load(path), 'model.onnx', save_as_external_data=False).",
+                code="onnx_external_data",
+            )
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(base))
+    except Exception as exc:  # offsets or lengths past the end of the data file, and the like
+        raise InputFileError(f"The external data of {path.name} cannot be read ({_first_line(exc)}).",
+                             hint="Save the weights inside the model file.", code="onnx_external_data") from exc
+
+
+def _external_file(location: str, base: Path) -> Path | None:
+    """The data file `location` names, or None when it is absolute or points out of `base`."""
+    if not location:
+        return None
+    for flavour in (PurePosixPath, PureWindowsPath):
+        pure = flavour(location)
+        if pure.is_absolute() or pure.anchor or ".." in pure.parts:
+            return None
+    target = (base / location).resolve()
+    # a symlink beside the model may still lead elsewhere
+    return target if target.is_relative_to(base) else None
+
+
+def _check(proto: onnx.ModelProto, path: Path) -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # ValidationError, and C++ errors surfacing as other types
+        raise InputFileError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}.",
+                             hint=_REEXPORT_HINT, code="invalid_onnx") from exc
+
+
+def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    # before IR version 4, initializers were listed among the inputs too
+    initializers = {t.name for t in proto.graph.initializer}
+    return [value for value in proto.graph.input if value.name not in initializers]
+
+
+def _spec_of(proto: onnx.ModelProto, path: Path) -> tuple[OnnxSpec, list[str]]:
+    """The interface to export the pruned model with, and notes on what cannot be kept."""
+    inputs, outputs = _graph_inputs(proto), list(proto.graph.output)
+    if len(inputs) != 1 or not inputs[0].type.HasField("tensor_type"):
+        names = ", ".join(value.name for value in inputs) or "none"
+        raise InputFileError(
+            f"{path.name} takes {len(inputs)} inputs ({names}); a classifier with a single input tensor is needed.",
+            hint="Export the model with one image/feature tensor as its only input.", code="unsupported_onnx_inputs",
+        )
+    notes = []
+    if len(outputs) > 1:
+        notes.append(f"The model has {len(outputs)} outputs; only the first, {outputs[0].name!r}, is pruned for "
+                     "and exported.")
+    (tensor_input,) = inputs
+    if 0 not in _dynamic_axes(tensor_input):
+        notes.append(f"Input {tensor_input.name!r} has a fixed batch size; the pruned model takes any batch size.")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_input.type.tensor_type.elem_type)
+    spec = OnnxSpec(
+        input_names=[tensor_input.name],
+        output_names=[value.name for value in outputs],
+        dynamic_axes={value.name: _dynamic_axes(value) for value in [tensor_input, *outputs]},
+        input_dtypes={tensor_input.name: np.dtype(dtype).name},
+    )
+    return spec, notes
+
+
+def _dynamic_axes(value: onnx.ValueInfoProto) -> dict[int, str]:
+    """Axes without a fixed size, named by their dim_param (the batch axis, unnamed, is "batch")."""
+    axes = {}
+    for index, dim in enumerate(value.type.tensor_type.shape.dim):
+        if dim.HasField("dim_value"):
+            continue
+        axes[index] = dim.dim_param or (BATCH_AXIS_NAME if index == 0 else f"{value.name}_dim{index}")
+    return axes
+
+
+def _slim(proto: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """onnxslim folds constants and fuses ops, leaving fewer, plainer ops to convert and prune."""
+    import onnxslim
+
+    try:
+        slimmed = onnxslim.slim(proto)
+    except Exception as exc:  # slimming is an optimisation; the original graph is still usable
+        notes.append(f"onnxslim could not simplify the graph ({exc.__class__.__name__}); converted it as is.")
+        return proto
+    if not isinstance(slimmed, onnx.ModelProto):
+        notes.append("onnxslim could not simplify the graph; converted it as is.")
+        return proto
+    return slimmed
+
+
+def _require_converters(proto: onnx.ModelProto, path: Path) -> None:
+    """Name every op onnx2torch has no converter for, instead of failing on the first one."""
+    from onnx2torch.node_converters.registry import get_converter
+
+    opsets = {_domain(opset.domain): opset.version for opset in proto.opset_import}
+    missing: dict[str, None] = {}
+    for node in proto.graph.node:
+        domain = _domain(node.domain)
+        version = opsets.get(domain, 0)
+        try:
+            get_converter(operation_type=node.op_type, version=version, domain=domain)
+        except NotImplementedError:
+            missing[f"{node.op_type} ({domain or 'ai.onnx'} opset {version})"] = None
+    if missing:
+        raise InputFileError(
+            f"{path.name} uses ops that cannot be converted to PyTorch for pruning: {', '.join(missing)}.",
+            hint="Export the model with standard ONNX ops (torch.onnx.export, opset 13-17), replacing custom "
+            "layers by plain PyTorch ones.", code="unsupported_onnx_ops",
+        )
+
+
+def _domain(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain
+
+
+def _convert(proto: onnx.ModelProto, path: Path) -> fx.GraphModule:
+    from onnx2torch import convert
+
+    try:
+        return convert(proto)
+    except NotImplementedError as exc:  # ops onnx2torch knows, but not with these attributes
+        raise InputFileError(f"{path.name} uses an op setting that cannot be converted to PyTorch: "
+                             f"{_first_line(exc)}.", hint=_REEXPORT_HINT, code="unsupported_onnx_ops") from exc
+    except Exception as exc:  # the converter's other failures all come from the graph it was given
+        raise InputFileError(f"{path.name} could not be converted to PyTorch ({exc.__class__.__name__}: "
+                             f"{_first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed") from exc
+
+
+def _example_input(proto: onnx.ModelProto, spec: OnnxSpec) -> torch.Tensor | None:
+    """A zero input of the declared shape (batch 2 when dynamic), or None when other axes are dynamic."""
+    (value,) = _graph_inputs(proto)
+    dims = value.type.tensor_type.shape.dim
+    shape = [dim.dim_value if dim.HasField("dim_value") else None for dim in dims]
+    if not shape or None in shape[1:]:
+        return None
+    shape[0] = shape[0] or 2
+    dtype = getattr(torch, spec.input_dtypes[value.name])
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _generalise_constant_reshapes(module: fx.GraphModule, example: torch.Tensor, path: Path) -> None:
+    """Turn reshapes to constant shapes that flatten trailing axes into torch.flatten.
+
+    A constant target such as [1, 512] hard-codes the batch and the channel count: it breaks
+    at other batch sizes and as soon as pruning removes channels. When the output keeps the
+    leading axes of the input and folds the rest into one, it is flatten(start_dim=k), which
+    holds for any batch and width. Other constant reshapes are left alone.
+    """
+    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    shapes = _reshape_shapes(module, example, OnnxReshape, path)
+    for node in list(module.graph.nodes):
+        seen = shapes.get(node.name)
+        constant = node.op == "call_module" and len(node.args) == 2 and getattr(node.args[1], "op", None) == "get_attr"
+        if seen is None or not constant:
+            continue
+        start = _flatten_start(*seen)
+        if start is None:
+            continue
+        with module.graph.inserting_before(node):
+            flat = module.graph.call_function(torch.flatten, (node.args[0], start))
+        node.replace_all_uses_with(flat)
+        module.graph.erase_node(node)
+    module.graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+
+
+def _reshape_shapes(module: fx.GraphModule, example: torch.Tensor, kind: type,
+                    path: Path) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """Input and output shapes of each reshape node, from one forward pass."""
+    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+    nodes = {str(node.target): node.name for node in module.graph.nodes if node.op == "call_module"}
+
+    def record(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            shapes.setdefault(name, (inputs[0].shape, output.shape))
+        return hook
+
+    handles = [sub.register_forward_hook(record(nodes[target]))
+               for target, sub in module.named_children() if isinstance(sub, kind) and target in nodes]
+    try:
+        with torch.no_grad():
+            module.eval()(example)
+    except Exception as exc:  # the converted graph fails on an input of its own declared shape
+        raise InputFileError(
+            f"{path.name} converts to PyTorch but fails on an input of shape {tuple(example.shape)} "
+            f"({exc.__class__.__name__}: {_first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed",
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _flatten_start(before: torch.Size, after: torch.Size) -> int | None:
+    """k such that `after` is `before` with the axes from k on folded into one, or None."""
+    if len(after) > len(before):
+        return None
+    start = len(after) - 1
+    # the longest common prefix keeps channels apart when the trailing axes are 1 ([N, C, 1, 1] -> [N, C, 1])
+    if list(before[:start]) != list(after[:start]) or after[start] != math.prod(before[start:]):
+        return None
+    return start
+
+
+@torch.no_grad()
+def check_conversion(model: OnnxModel, onnx_path: Path, sample: torch.Tensor) -> float:
+    """Max abs difference between ONNX Runtime on the original file and the converted module on `sample`.
+
+    Raises InputFileError (code onnx_conversion_mismatch) past ONNX_RELATIVE_TOLERANCE relative.
+    """
+    expected = _run_original(model.spec, Path(onnx_path), sample)
+    got = logits_of(model.module.eval()(sample.cpu())).numpy()
+    name = model.spec.output_names[0]
+    if got.shape != expected.shape:
+        raise InputFileError(
+            f"The converted model outputs shape {got.shape} where ONNX Runtime gives {expected.shape} for {name!r}.",
+            hint=_REEXPORT_HINT, code="onnx_conversion_mismatch",
+        )
+    max_abs = float(np.abs(got - expected).max())
+    scale = float(np.abs(expected).max()) or 1.0
+    if max_abs / scale > ONNX_RELATIVE_TOLERANCE:
+        raise InputFileError(
+            f"The PyTorch conversion of the ONNX model disagrees with ONNX Runtime on {name!r}: max abs diff "
+            f"{max_abs:.3g} ({max_abs / scale:.3g} relative, limit {ONNX_RELATIVE_TOLERANCE}).",
+            hint=f"The model uses an op whose conversion is not exact. {_REEXPORT_HINT}",
+            code="onnx_conversion_mismatch",
+        )
+    return max_abs
+
+
+def _run_original(spec: OnnxSpec, onnx_path: Path, sample: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # the file passed onnx.checker, but ORT can still refuse it
+        raise InputFileError(f"ONNX Runtime cannot load {onnx_path.name}: {_first_line(exc)}.",
+                             hint=_REEXPORT_HINT, code="invalid_onnx") from exc
+    declared = session.get_inputs()[0]
+    feed = sample.cpu().numpy().astype(onnx_input_dtype(declared.type))
+    # a model exported at a fixed batch size runs on the sample in slices of that size
+    step = declared.shape[0] if declared.shape and isinstance(declared.shape[0], int) else len(feed)
+    try:
+        return np.concatenate([session.run([spec.output_names[0]], {declared.name: feed[i : i + step]})[0]
+                               for i in range(0, len(feed), step)])
+    except Exception as exc:  # wrong rank, shape or size for this model
+        raise DataError(
+            f"The ONNX model rejects inputs of shape {tuple(sample.shape[1:])} (per sample); it declares "
+            f"{declared.shape}: {_first_line(exc)}.",
+            hint="Store x with the shape the model takes, samples on the first axis.", code="onnx_input_mismatch",
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
