@@ -1,0 +1,27 @@
+"""`create_app(settings)`: the FastAPI application (OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from api import errors
+from api.routes import health, inspect, jobs
+from api.services.metrics import DatabaseCollector
+from api.settings import Settings, get_settings
+from api.storage import open_storage
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="IDAP++ Compress", version="1", description="Structured pruning of neural networks as a "
+                  "service: submit a model and calibration data, get a smaller ONNX / .pt2 model and a report.")
+    app.state.settings = settings
+    app.state.storage = open_storage(settings.storage, settings.s3_endpoint_url)
+    app.state.registry = CollectorRegistry()
+    app.state.registry.register(DatabaseCollector(settings.database))
+    errors.install(app)
+    app.include_router(jobs.router)
+    app.include_router(inspect.router)
+    app.include_router(health.router)
+    return app

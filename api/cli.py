@@ -1,0 +1,130 @@
+"""`idap serve | db upgrade | keys create | worker`, added to core's CLI through the
+"idap.commands" entry point (core never imports the service)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from api.settings import Settings, get_settings
+
+
+def register(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="run the whole service on this machine (API + worker)")
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1; anything else requires API keys)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--data-dir", type=Path, metavar="DIR",
+                       help="database, queue and artifacts (default ~/.local/share/idap)")
+    serve.add_argument("--no-worker", action="store_true", help="run only the API (workers run elsewhere)")
+    serve.set_defaults(func=_serve)
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    db_commands.add_parser("upgrade", help="apply the migrations").set_defaults(func=_db_upgrade)
+
+    keys = commands.add_parser("keys", help="API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    create = keys_commands.add_parser("create", help="create an API key (printed once) for a tenant")
+    create.add_argument("--tenant", required=True, metavar="NAME", help="created when it does not exist yet")
+    create.set_defaults(func=_keys_create)
+
+    worker = commands.add_parser("worker", help="run a Celery worker for jobs and webhooks")
+    worker.add_argument("--queues", metavar="LIST", help="comma-separated (default: the cpu and webhook queues)")
+    worker.add_argument("--concurrency", type=int, default=1, help="jobs at a time (default: %(default)s)")
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                        help="(default: %(default)s; time limits need prefork)")
+    worker.set_defaults(func=_worker)
+
+
+def _db_upgrade(_args: argparse.Namespace) -> int:
+    from api.db import upgrade
+
+    upgrade(get_settings().database)
+    print("database is up to date")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from api.db import session_scope
+    from api.services.tenants import create_key, get_or_create_tenant
+
+    with session_scope(get_settings().database) as session:
+        tenant, created = get_or_create_tenant(session, args.tenant)
+        key = create_key(session, tenant)
+    print(f"API key for tenant {args.tenant} (shown only now): {key}")
+    if created:
+        print(f"Webhook signing secret of tenant {args.tenant} (shown only now): {tenant.webhook_secret}")
+    return 0
+
+
+def worker_argv(settings: Settings, queues: str | None, concurrency: int, pool: str) -> list[str]:
+    queues = queues or f"{settings.cpu_queue},{settings.webhook_queue}"
+    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, f"--concurrency={concurrency}",
+            f"--pool={pool}", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    os.execv(sys.executable, worker_argv(get_settings(), args.queues, args.concurrency, args.pool))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # The worker subprocess reads the same settings from the environment.
+    for name, value in (("IDAP_HOST", args.host), ("IDAP_PORT", args.port), ("IDAP_DATA_DIR", args.data_dir)):
+        if value is not None:
+            os.environ[name] = str(Path(value).resolve()) if name == "IDAP_DATA_DIR" else str(value)
+    get_settings.cache_clear()
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    import uvicorn
+
+    from api.app import create_app
+    from api.db import upgrade
+
+    upgrade(settings.database)
+    _first_start(settings)
+    worker = None
+    if not args.no_worker:
+        # One worker takes every queue: on a single machine, the CPU/GPU split has nowhere to route to.
+        queues = f"{settings.cpu_queue},{settings.gpu_queue},{settings.webhook_queue}"
+        worker = subprocess.Popen(worker_argv(settings, queues, 1, "prefork"))
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        if worker is not None:
+            _stop(worker)
+    return 0
+
+
+def _first_start(settings: Settings) -> None:
+    """On a fresh data directory, create the local tenant with a key and show both secrets once."""
+    from sqlalchemy import select
+
+    from api.db import session_scope
+    from api.models import Tenant
+    from api.services.tenants import LOCAL_TENANT, create_key, get_or_create_tenant
+
+    with session_scope(settings.database) as session:
+        if session.scalar(select(Tenant.id).limit(1)) is not None:
+            return
+        tenant, _ = get_or_create_tenant(session, LOCAL_TENANT)
+        key = create_key(session, tenant)
+    where = "required" if settings.auth_required else "optional on loopback"
+    print(f"First start: created tenant {LOCAL_TENANT!r}. Shown only now:\n"
+          f"  API key ({where}): {key}\n  webhook signing secret: {tenant.webhook_secret}", flush=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

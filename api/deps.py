@@ -1,0 +1,31 @@
+"""FastAPI dependencies, as `Annotated` aliases the routes declare."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.db import get_sessionmaker
+from api.settings import Settings
+from api.storage import Storage
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _session(request: Request) -> Iterator[Session]:
+    with get_sessionmaker(request.app.state.settings.database)() as session:
+        yield session
+
+
+def _storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+SessionDep = Annotated[Session, Depends(_session)]
+StorageDep = Annotated[Storage, Depends(_storage)]

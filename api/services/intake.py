@@ -1,0 +1,42 @@
+"""The bridge to core's file intake: the limits come from the settings, the hints from the job config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from api.errors import ApiError
+from api.schemas import InspectConfig, JobConfig
+from api.settings import Settings
+from core import UserError
+from core.intake import IntakeOptions, inspect_files
+
+
+def intake_options(settings: Settings, config: JobConfig | InspectConfig) -> IntakeOptions:
+    return IntakeOptions(
+        architecture=config.architecture,
+        allow_pickle=settings.allow_pickle,
+        image_size=config.image_size,
+        max_file_bytes=settings.max_upload_bytes,
+        max_zip_members=settings.max_zip_members,
+        max_unpacked_bytes=settings.max_unpacked_bytes,
+        max_samples=settings.max_samples,
+    )
+
+
+def preflight(settings: Settings, config: JobConfig | InspectConfig, model: Path, data: Path | None) -> dict[str, Any]:
+    """core's preflight; a UserError becomes a 422 that says what to fix."""
+    try:
+        return inspect_files(model, data, config.target_core(), config.options_core(),
+                             intake_options(settings, config))
+    except UserError as err:
+        raise ApiError.from_user_error(err) from err
+
+
+def require_feasible(report: dict[str, Any]) -> None:
+    if report.get("feasible", True):
+        return
+    problems = [str(problem.get("message", problem)) if isinstance(problem, dict) else str(problem)
+                for problem in report.get("problems", [])]
+    raise ApiError(422, "preflight_failed", "The preflight check failed: " + " ".join(problems or ["no details"]),
+                   "POST the same files to /v1/inspect for the full preflight report.")

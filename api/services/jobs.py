@@ -1,0 +1,205 @@
+"""Jobs: creation from an upload, reads, cancel, delete. Every query goes through `tenant_jobs`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import ApiError, describe_validation, not_found
+from api.models import Job, Tenant, WebhookDelivery, new_id
+from api.schemas import ArtifactOut, JobConfig, JobList, JobOut, ProgressOut
+from api.services import states
+from api.services.intake import preflight, require_feasible
+from api.services.uploads import receive_form
+from api.settings import Settings
+from api.storage import Storage
+from api.webhooks import WebhookUrlError, check_url
+from core import UserError
+from worker.app import enqueue_job
+
+
+def tenant_jobs(tenant: Tenant) -> Select[tuple[Job]]:
+    """The one place that scopes job queries to the caller: a job of another tenant does not exist."""
+    return select(Job).where(Job.tenant_id == tenant.id)
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = session.scalar(tenant_jobs(tenant).where(Job.id == job_id))
+    if job is None:
+        raise not_found()
+    return job
+
+
+def job_out(job: Job, base_url: str) -> JobOut:
+    base = base_url.rstrip("/")
+    progress = job.progress or {}
+    return JobOut(
+        id=job.id, status=job.status, queue=job.queue, created_at=job.created_at, updated_at=job.updated_at,
+        started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
+        max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
+        progress=ProgressOut(**progress), error=job.error, metrics=job.metrics, config=job.config,
+        artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
+                               url=f"{base}/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts],
+    )
+
+
+def parse_config(raw: str | None, model: type[JobConfig] = JobConfig) -> Any:
+    if raw is None:
+        raise ApiError(422, "invalid_config", "The config form field is missing.",
+                       'Send config as JSON, e.g. {"target": {"macs_reduction": 0.5}}.')
+    try:
+        config = model.model_validate_json(raw)
+        target = config.target_core()
+        if target is not None:
+            target.validate()
+        config.options_core().validate()
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_config", f"Invalid config: {describe_validation(exc.errors())}.",
+                       "See the JobConfig schema at /docs.") from exc
+    except UserError as err:
+        raise ApiError.from_user_error(err) from err
+    return config
+
+
+def _existing(session: Session, tenant: Tenant, key: str | None) -> Job | None:
+    if key is None:
+        return None
+    return session.scalar(tenant_jobs(tenant).where(Job.idempotency_key == key))
+
+
+async def create_job(request: Request, session: Session, settings: Settings, storage: Storage,
+                     tenant: Tenant) -> tuple[Job, bool]:
+    """Receive, check and store the upload, then commit the job and only then enqueue it.
+
+    Returns (job, created); an idempotency key seen before returns the earlier job.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=scratch_root(settings)))
+    try:
+        form = await receive_form(request, scratch, {"model", "data"}, settings.max_upload_bytes)
+        config: JobConfig = parse_config(form.fields.get("config"))
+        for name in ("model", "data"):
+            if name not in form.files:
+                raise ApiError(422, "missing_file", f"The {name} file is missing.",
+                               "Send the model and the data as multipart file fields named model and data.")
+        earlier = _existing(session, tenant, config.idempotency_key)
+        if earlier is not None:
+            return earlier, False
+        if config.webhook_url is not None:
+            try:
+                await run_in_threadpool(check_url, config.webhook_url, settings.webhook_allow_private)
+            except WebhookUrlError as exc:
+                raise ApiError(422, "webhook_url_refused", str(exc),
+                               "Use a publicly reachable http(s) URL for webhook_url.") from exc
+        report = await run_in_threadpool(preflight, settings, config, form.files["model"], form.files["data"])
+        require_feasible(report)
+        job_id = new_id()
+        keys = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in form.files.items()}
+        for name, path in form.files.items():
+            await run_in_threadpool(storage.put_file, keys[name], path)
+        job = Job(id=job_id, tenant_id=tenant.id, queue=settings.queue_for(config.device),
+                  config=config.model_dump(mode="json"), idempotency_key=config.idempotency_key,
+                  webhook_url=config.webhook_url, model_key=keys["model"], data_key=keys["data"],
+                  model_filename=form.filenames.get("model"), data_filename=form.filenames.get("data"),
+                  max_attempts=settings.max_attempts, progress={"stage": "queued", "message": "Waiting for a worker"})
+        session.add(job)
+        try:
+            session.commit()
+        except IntegrityError:
+            # the same idempotency key raced in from another request; that one won
+            session.rollback()
+            await run_in_threadpool(storage.delete_prefix, f"jobs/{job_id}")
+            winner = _existing(session, tenant, config.idempotency_key)
+            if winner is None:
+                raise
+            return winner, False
+        _enqueue(session, settings, job)
+        return job, True
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def scratch_root(settings: Settings) -> Path:
+    root = settings.data_dir / "uploads"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _enqueue(session: Session, settings: Settings, job: Job) -> None:
+    try:
+        enqueue_job(job.id, job.queue)
+    except Exception as exc:  # kombu raises many connection error types; all mean the broker is unreachable
+        states.transition(session, job.id, states.FAILED,
+                          error={"code": "broker_unavailable", "message": f"Could not queue the job: {exc}"})
+        raise ApiError(503, "broker_unavailable", "The job queue is unreachable; the job was not started.",
+                       "Try again later.") from exc
+    session.refresh(job)
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(json.dumps([job.created_at.isoformat(), job.id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "invalid_cursor", "The cursor is not valid.",
+                       "Pass next_cursor from a previous page unchanged.") from exc
+
+
+def list_jobs(session: Session, tenant: Tenant, status: str | None, cursor: str | None, limit: int,
+              base_url: str) -> JobList:
+    query = tenant_jobs(tenant)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor is not None:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return JobList(jobs=[job_out(job, base_url) for job in jobs],
+                   next_cursor=_encode_cursor(jobs[-1]) if more else None)
+
+
+def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one when its worker next checks (within seconds)."""
+    job = get_job(session, tenant, job_id)
+    if job.status == states.QUEUED and states.transition(session, job.id, states.CANCELLED, only_from={states.QUEUED}):
+        session.refresh(job)
+        return job
+    if job.status in states.TERMINAL:
+        raise ApiError(409, "job_finished", f"The job is already {job.status}.", "Only queued or running jobs "
+                       "can be cancelled.")
+    job.cancel_requested = True
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def delete_job(session: Session, storage: Storage, tenant: Tenant, job_id: str) -> None:
+    job = get_job(session, tenant, job_id)
+    if job.status not in states.TERMINAL:
+        raise ApiError(409, "job_active", f"The job is {job.status}.", "Cancel it first, then delete it.")
+    storage.delete_prefix(f"jobs/{job.id}")
+    session.delete(job)
+    session.commit()
+
+
+def webhook_deliveries(session: Session, tenant: Tenant, job_id: str) -> list[WebhookDelivery]:
+    job = get_job(session, tenant, job_id)
+    return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)
+                                .order_by(WebhookDelivery.id)))

@@ -1,0 +1,41 @@
+"""Prometheus metrics, computed from the database at scrape time: the API and the workers are
+separate processes, and the job table is what they share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from api.db import get_sessionmaker
+from api.models import Job, WebhookDelivery
+from api.services import states
+from worker.lease import aware
+
+DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
+
+
+class DatabaseCollector(Collector):
+    def __init__(self, database: str) -> None:
+        self.database = database
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        with get_sessionmaker(self.database)() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            finished = session.execute(select(Job.started_at, Job.finished_at).where(
+                Job.status == states.SUCCEEDED, Job.started_at.is_not(None))).all()
+            webhook_failures = session.scalar(select(func.count()).select_from(WebhookDelivery)
+                                              .where(WebhookDelivery.succeeded.is_(False))) or 0
+        jobs = GaugeMetricFamily("idap_jobs", "Jobs by status", labels=["status"])
+        for status in states.STATUSES:
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+        yield GaugeMetricFamily("idap_queue_depth", "Jobs waiting for a worker", value=counts.get(states.QUEUED, 0))
+        durations = [(aware(end) - aware(start)).total_seconds() for start, end in finished]  # type: ignore[operator]
+        buckets = [(str(bound), sum(d <= bound for d in durations)) for bound in DURATION_BUCKETS]
+        buckets.append(("+Inf", len(durations)))
+        yield HistogramMetricFamily("idap_job_duration_seconds", "Run time of succeeded jobs",
+                                    buckets=buckets, sum_value=sum(durations))
+        yield CounterMetricFamily("idap_webhook_failures", "Failed webhook delivery attempts", value=webhook_failures)

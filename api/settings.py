@@ -1,0 +1,102 @@
+"""The service's configuration: one object, read from `IDAP_*` environment variables.
+
+Every default runs the embedded mode: SQLite, a SQLAlchemy-backed Celery broker and local
+artifact storage, all under `data_dir`, so `idap serve` needs no external server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "idap"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IDAP_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    # Unset URLs fall back to files under data_dir (see the properties below).
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # None: keys are required exactly when the server listens beyond loopback.
+    require_auth: bool | None = None
+    public_url: str | None = None
+
+    max_upload_bytes: int = 4 * 1024**3
+    max_zip_members: int = 100_000
+    max_unpacked_bytes: int = 16 * 1024**3
+    max_samples: int = 1_000_000
+    allow_pickle: bool = False
+
+    cpu_queue: str = "cpu"
+    gpu_queue: str = "gpu"
+    webhook_queue: str = "webhooks"
+    # "cpu" or "gpu": where jobs with device "auto" go.
+    default_queue: str = "cpu"
+    max_attempts: int = 3
+    retry_backoff_s: float = 10.0
+    soft_time_limit_s: int = 6 * 3600
+    hard_time_limit_s: int = 6 * 3600 + 300
+    # A running job whose worker stopped heartbeating for stale_after_s is taken over by another worker.
+    heartbeat_interval_s: float = 5.0
+    stale_after_s: float = 60.0
+    reaper_interval_s: float = 30.0
+    progress_interval_s: float = 0.5
+    broker_visibility_timeout_s: int = 12 * 3600
+
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = 10.0
+    webhook_retry_schedule_s: list[float] = [10, 60, 300, 1800, 7200]
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'idap.db'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or str(self.data_dir / "artifacts")
+
+    @property
+    def auth_required(self) -> bool:
+        if self.require_auth is not None:
+            return self.require_auth
+        return not _is_loopback(self.host)
+
+    def queue_for(self, device: str) -> str:
+        if device == "cpu":
+            return self.cpu_queue
+        if device.startswith("cuda"):
+            return self.gpu_queue
+        return self.gpu_queue if self.default_queue == "gpu" else self.cpu_queue
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,159 @@
+"""One attempt at a job: claim it, run core on its stored inputs, store the artifacts, finish it.
+
+Errors are sorted by who can fix them: a core UserError (or a cancel) ends the job at once with
+its message; anything else is treated as infrastructure and retried until the attempts run out.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select
+
+from api.db import session_scope
+from api.models import Artifact, Job, utcnow
+from api.schemas import JobConfig
+from api.services import states
+from api.services.intake import intake_options
+from api.settings import Settings
+from api.storage import Storage, file_digest
+from core import Cancelled, Result, UserError
+from core.errors import ExportError
+from core.intake import compress_files
+from worker.app import enqueue_job
+from worker.lease import Lease
+from worker.notify import fire
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("macs_before", "macs_after", "params_before", "params_after", "macs_reduction", "params_reduction",
+            "accuracy_metric", "accuracy_before", "accuracy_after", "latency_ms_before", "latency_ms_after",
+            "onnx_max_abs_diff", "target_met", "stop_reason", "message", "removed_blocks", "device", "seconds",
+            "pt2_error")
+
+
+def claim(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """Move a queued job to running and count the attempt; None when there is nothing to run
+    (another delivery of the same message got it, it was cancelled, or it is out of attempts)."""
+    with session_scope(settings.database) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != states.QUEUED:
+            return None
+        if job.cancel_requested:
+            states.transition(session, job_id, states.CANCELLED, only_from={states.QUEUED})
+            return None
+        now = utcnow()
+        # the attempt count in the WHERE makes this a compare-and-swap against a concurrent claim
+        claimed = states.transition(
+            session, job_id, states.RUNNING, where=Job.attempts == job.attempts, attempts=job.attempts + 1,
+            started_at=job.started_at or now, heartbeat_at=now,
+            progress={"stage": "starting", "message": f"Attempt {job.attempts + 1} of {job.max_attempts}"})
+        if not claimed:
+            return None
+        return {"attempt": job.attempts + 1, "max_attempts": job.max_attempts, "config": job.config,
+                "model_key": job.model_key, "data_key": job.data_key, "queue": job.queue}
+
+
+def run(settings: Settings, storage: Storage, job_id: str) -> None:
+    claimed = claim(settings, job_id)
+    if claimed is None:
+        return
+    if claimed["attempt"] == 1:
+        fire(settings, job_id, "job.started")
+    try:
+        with Lease(settings, job_id) as lease, tempfile.TemporaryDirectory(prefix=f"job-{job_id}-") as scratch:
+            result = _compress(settings, storage, claimed, Path(scratch), lease)
+            _store_artifacts(settings, storage, job_id, claimed["config"], result)
+    except Cancelled:
+        _finish(settings, storage, job_id, states.CANCELLED, "job.cancelled")
+    except UserError as err:
+        _fail(settings, storage, job_id, {"code": err.code, "message": err.message, "hint": err.hint})
+    except SoftTimeLimitExceeded:
+        _fail(settings, storage, job_id, {
+            "code": "time_limit", "message": f"The job ran past the {settings.soft_time_limit_s} s limit.",
+            "hint": "Set method.time_budget_s below the limit, or lower the recovery budget."})
+    except ExportError as exc:
+        # deterministic for a given model: another attempt would fail the same way
+        _fail(settings, storage, job_id, {"code": "export_failed", "message": f"Export failed: {exc}",
+                                          "hint": "The pruned model uses an operator the exporter cannot handle."})
+    except Exception as exc:  # infrastructure (storage, database, ...) or a bug: worth another attempt
+        log.exception("job %s attempt %s failed", job_id, claimed["attempt"])
+        _retry_or_fail(settings, storage, job_id, claimed, exc)
+    else:
+        metrics = {key: result.report.get(key) for key in HEADLINE}
+        metrics["removed_blocks"] = len(metrics["removed_blocks"] or [])
+        _finish(settings, storage, job_id, states.SUCCEEDED, "job.succeeded", metrics=metrics,
+                progress={"stage": "done", "step": 1, "total_steps": 1, "fraction": 1.0,
+                          "message": result.report.get("message")})
+
+
+def _compress(settings: Settings, storage: Storage, claimed: dict[str, Any], scratch: Path, lease: Lease) -> Result:
+    config = JobConfig.model_validate(claimed["config"])
+    inputs = {}
+    for name in ("model_key", "data_key"):
+        key = claimed[name]
+        inputs[name] = scratch / key.rsplit("/", 1)[-1]
+        storage.get_file(key, inputs[name])
+    return compress_files(inputs["model_key"], inputs["data_key"], config.target_core(), config.options_core(),
+                          intake_options(settings, config), scratch / "out", progress=lease.progress,
+                          should_cancel=lease.should_cancel)
+
+
+def _store_artifacts(settings: Settings, storage: Storage, job_id: str, config: dict[str, Any],
+                     result: Result) -> None:
+    wanted = {f"model.{fmt}" for fmt in config.get("export", ["onnx", "pt2"])} | {"report.json"}
+    rows = []
+    for name, path in sorted(result.artifacts.items()):
+        if name not in wanted:
+            continue
+        key = f"jobs/{job_id}/artifacts/{name}"
+        storage.put_file(key, Path(path))
+        size, sha256 = file_digest(Path(path))
+        rows.append(Artifact(job_id=job_id, name=name, storage_key=key, size=size, sha256=sha256))
+    with session_scope(settings.database) as session:
+        # a retried attempt replaces what an earlier one may have stored before dying
+        for old in session.scalars(select(Artifact).where(Artifact.job_id == job_id)):
+            session.delete(old)
+        session.flush()
+        session.add_all(rows)
+
+
+def _finish(settings: Settings, storage: Storage, job_id: str, status: str, event: str, **fields: Any) -> None:
+    with session_scope(settings.database) as session:
+        done = states.transition(session, job_id, status, only_from={states.RUNNING}, **fields)
+    if not done:
+        return
+    if status != states.SUCCEEDED:
+        _drop_artifacts(settings, storage, job_id)
+    fire(settings, job_id, event)
+
+
+def _fail(settings: Settings, storage: Storage, job_id: str, error: dict[str, Any]) -> None:
+    _finish(settings, storage, job_id, states.FAILED, "job.failed", error=error)
+
+
+def _drop_artifacts(settings: Settings, storage: Storage, job_id: str) -> None:
+    with session_scope(settings.database) as session:
+        for old in session.scalars(select(Artifact).where(Artifact.job_id == job_id)):
+            session.delete(old)
+    storage.delete_prefix(f"jobs/{job_id}/artifacts")
+
+
+def _retry_or_fail(settings: Settings, storage: Storage, job_id: str, claimed: dict[str, Any],
+                   exc: Exception) -> None:
+    detail = "".join(traceback.format_exception_only(exc)).strip()
+    if claimed["attempt"] >= claimed["max_attempts"]:
+        _fail(settings, storage, job_id, {
+            "code": "internal_error", "message": f"The job failed {claimed['attempt']} times; last error: {detail}",
+            "hint": "Ask the operator to check the worker logs."})
+        return
+    with session_scope(settings.database) as session:
+        requeued = states.transition(session, job_id, states.QUEUED, only_from={states.RUNNING},
+                                     progress={"stage": "queued", "message": f"Retrying after: {detail}"})
+    if requeued:
+        enqueue_job(job_id, claimed["queue"], countdown=settings.retry_backoff_s * 2 ** (claimed["attempt"] - 1))
