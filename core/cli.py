@@ -8,6 +8,7 @@ whole run succeeded, so --out never holds a half-written result.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -18,12 +19,13 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
-from torch import nn
 from tqdm import tqdm
 
-from core import CompressOptions, ProgressEvent, Target, UserError, compress, load_npz
+from core import CompressOptions, ProgressEvent, Target, UserError
 from core.errors import ExportError, OptionsError
-from core.model_io import is_factory_spec, load_model
+from core.intake import compress_files, inspect_files
+from core.model_io import detect_format, is_factory_spec
+from core.options import IntakeOptions
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="idap", description="IDAP++ structured pruning of PyTorch models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prune(commands.add_parser("prune", help="compress a model to a MACs/params target"))
+    _add_inspect(commands.add_parser("inspect", help="preflight: what pruning this model can reach, without pruning"))
     example = commands.add_parser("example", help="write a small trained model and its data")
     example.add_argument("name", choices=["digits"], help="which example")
     example.add_argument("--out", type=Path, required=True, metavar="DIR",
@@ -57,29 +60,56 @@ def _plugin_commands() -> list[Callable[[Any], None]]:
     return [entry.load() for entry in entry_points(group="idap.commands")]
 
 
-def _add_prune(prune: argparse.ArgumentParser) -> None:
-    defaults = CompressOptions()
-    prune.add_argument("model", metavar="MODEL",
-                       help="file saved with torch.save(model, path), or package.module:factory")
-    prune.add_argument("--weights", metavar="FILE",
-                       help=".safetensors weights for a package.module:factory MODEL")
-    prune.add_argument("--data", type=Path, required=True, metavar="FILE",
-                       help=".npz with x (inputs) and optional y (labels)")
-    prune.add_argument("--out", type=Path, required=True, metavar="DIR",
-                       help="directory for model.onnx, model.pt2 and report.json")
-    prune.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+def _add_inputs(parser: argparse.ArgumentParser, data_required: bool) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="ONNX file, .safetensors (with --architecture), zipped Hugging Face directory, "
+                        "file saved with torch.save(model, path), or package.module:factory")
+    parser.add_argument("--architecture", metavar="SPEC",
+                        help="architecture of .safetensors weights: torchvision:NAME(num_classes=N) or idap:digits")
+    parser.add_argument("--weights", metavar="FILE",
+                        help=".safetensors weights for a package.module:factory MODEL")
+    parser.add_argument("--data", type=Path, required=data_required, metavar="FILE",
+                        help=".npz (x, optional y), zip of class folders of images, or .jsonl/.csv text "
+                        "(text, label) for models with a tokenizer")
+    intake = IntakeOptions()
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="side of image-folder images after resizing (default: the model's, else 224)")
+    parser.add_argument("--text-column", default=intake.text_column, metavar="NAME", help="(default: %(default)s)")
+    parser.add_argument("--label-column", default=intake.label_column, metavar="NAME", help="(default: %(default)s)")
 
-    target = prune.add_argument_group("target (at least one size target)")
+
+def _add_inspect(inspect: argparse.ArgumentParser) -> None:
+    _add_inputs(inspect, data_required=False)
+    _add_target(inspect, required=False)
+    _add_stages_and_device(inspect.add_argument_group("method"))
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_stages_and_device(group: argparse._ArgumentGroup) -> None:
+    defaults = CompressOptions()
+    group.add_argument("--stages", default=",".join(defaults.stages), metavar="LIST",
+                       help="filters, layers or filters,layers (default: %(default)s)")
+    group.add_argument("--device", default=defaults.device, metavar="NAME",
+                       help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _add_target(parser: argparse.ArgumentParser, required: bool) -> None:
+    target = parser.add_argument_group("target" + (" (at least one size target)" if required else ""))
     target.add_argument("--macs-reduction", type=float, metavar="F", help="MACs fraction to remove, e.g. 0.5")
     target.add_argument("--params-reduction", type=float, metavar="F", help="params fraction to remove")
     target.add_argument("--max-accuracy-drop", type=float, default=Target().max_accuracy_drop, metavar="F",
                         help="absolute top-1 budget on the held-out split (default: %(default)s)")
 
+
+def _add_prune(prune: argparse.ArgumentParser) -> None:
+    defaults = CompressOptions()
+    _add_inputs(prune, data_required=True)
+    prune.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="directory for model.onnx, model.pt2 and report.json")
+    prune.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    _add_target(prune, required=True)
     method = prune.add_argument_group("method")
-    method.add_argument("--stages", default=",".join(defaults.stages), metavar="LIST",
-                        help="filters, layers or filters,layers (default: %(default)s)")
-    method.add_argument("--device", default=defaults.device, metavar="NAME",
-                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    _add_stages_and_device(method)
     method.add_argument("--seed", type=int, default=defaults.seed, metavar="N")
     method.add_argument("--recovery-epochs", type=float, metavar="F",
                         help=f"fine-tuning epochs after each step (default: {defaults.recovery_epochs})")
@@ -105,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
         if args.command == "example":
             return _run_example(args)
+        if args.command == "inspect":
+            return _run_inspect(args)
         return _run_prune(args)
     except UserError as err:
         _print_error(str(err))
@@ -126,20 +158,56 @@ def _run_example(args: argparse.Namespace) -> int:
     from core.examples import make_digits_example  # pulls in scikit-learn, needed only here
 
     model_path, data_path = make_digits_example(args.out, seed=args.seed)
-    print(f"model: {model_path}\ndata:  {data_path}")
+    print(f"model: {model_path}\nweights: {model_path.with_suffix('.safetensors')} (architecture idap:digits)\n"
+          f"data:  {data_path}")
     return 0
+
+
+def _intake(args: argparse.Namespace) -> IntakeOptions:
+    # Local files are the user's own: pickles are loaded (with a warning), unlike uploads to the service.
+    return IntakeOptions(architecture=args.architecture, allow_pickle=True, image_size=args.image_size,
+                         text_column=args.text_column, label_column=args.label_column)
+
+
+def _model_spec(args: argparse.Namespace, intake: IntakeOptions) -> str:
+    spec = args.model
+    if is_factory_spec(spec):
+        # Like `python -m`, resolve the user's own packages from the working directory.
+        sys.path.insert(0, os.getcwd())
+    elif Path(spec).is_file() and Path(spec).stat().st_size and detect_format(Path(spec), intake) == "pickle":
+        print(f"warning: loading {spec} runs the pickled code inside it; use only files you trust.",
+              file=sys.stderr)
+    return spec
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    target = None
+    if args.macs_reduction is not None or args.params_reduction is not None:
+        target = Target(args.macs_reduction, args.params_reduction, args.max_accuracy_drop)
+    options = CompressOptions(stages=_stages(args.stages), device=args.device)
+    intake = _intake(args)
+    weights = None if args.weights is None else Path(args.weights)
+    report = inspect_files(_model_spec(args, intake), args.data, target, options, intake, weights=weights)
+    print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+    return 0
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    return tuple(stage.strip() for stage in text.split(","))
 
 
 def _run_prune(args: argparse.Namespace) -> int:
     target, options = _target_and_options(args)
+    intake = _intake(args)
     out = args.out.resolve()
     inputs = [args.data, *(Path(p) for p in (args.model, args.weights) if p and Path(p).exists())]
     _check_out_dir(out, args.force, inputs)
-    data = load_npz(args.data)
-    model = _load_model(args.model, args.weights)
+    spec = _model_spec(args, intake)
+    weights = None if args.weights is None else Path(args.weights)
     with _staging_dir(out) as staging:
         with _ProgressBar() as bar:
-            result = compress(model, data, target, options, staging, progress=bar)
+            result = compress_files(spec, args.data, target, options, intake, staging, progress=bar,
+                                    weights=weights)
         _publish(staging, out)
     print(format_summary(result.report))
     print("Artifacts:")
@@ -157,7 +225,7 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
     target = Target(args.macs_reduction, args.params_reduction, args.max_accuracy_drop)
     defaults = CompressOptions()
     options = CompressOptions(
-        stages=tuple(stage.strip() for stage in args.stages.split(",")),
+        stages=_stages(args.stages),
         device=args.device,
         seed=args.seed,
         min_width_fraction=args.min_width_fraction,
@@ -190,16 +258,6 @@ def _check_out_dir(out: Path, force: bool, inputs: list[Path]) -> None:
                 f"--force would delete {path}, which is inside --out {out}.",
                 hint="Choose an --out that holds no inputs and is not the working directory.",
             )
-
-
-def _load_model(spec: str, weights: str | None) -> nn.Module:
-    if is_factory_spec(spec):
-        # Like `python -m`, resolve the user's own packages from the working directory.
-        sys.path.insert(0, os.getcwd())
-    elif Path(spec).is_file():
-        print(f"warning: loading {spec} runs the pickled code inside it; use only files you trust.",
-              file=sys.stderr)
-    return load_model(spec, weights)
 
 
 @contextmanager
@@ -286,3 +344,29 @@ def _mega(value: float) -> str:
 
 def _relative_row(label: str, before: float, after: float, show: Callable[[float], str]) -> tuple[str, ...]:
     return label, show(before), show(after), f"{(after - before) / before:+.1%}"
+
+
+def format_inspection(report: dict[str, Any]) -> str:
+    """The preflight as a short table: sizes, what can be pruned, what can be reached."""
+    reach = report["reachable_reduction"]
+    estimate = report["estimate_seconds"]
+    groups = report["prunable_groups"]
+    lines = [
+        f"Format: {report['input_format']}; input {report['input_dtype']} {report['input_shape']}; "
+        f"{report['num_classes']} classes",
+        f"MACs: {_mega(report['macs'])}   Params: {_mega(report['params'])}",
+        f"Prunable groups: {len(groups)} ({sum(g['width'] for g in groups)} channels)",
+    ]
+    width = max((len(g["name"]) for g in groups), default=0)
+    lines += [f"  {g['name']:<{width}}  width {g['width']:>5}  min {g['min_width']:>4}" for g in groups]
+    lines.append(f"Not prunable: {len(report['not_prunable'])}")
+    lines += [f"  {row['name']} ({row['type']}): {row['reason']}" for row in report["not_prunable"]]
+    lines.append(f"Removable blocks: {', '.join(b['name'] for b in report['blocks']) or 'none'}")
+    lines.append(f"Largest reachable reduction: MACs -{reach['macs']:.1%}, params -{reach['params']:.1%}")
+    if report["feasible"] is not None:
+        lines.append("Target: feasible" if report["feasible"] else "Target: NOT feasible")
+    lines += [f"  {problem}" for problem in report["problems"]]
+    lines.append(f"Estimated job time: ~{estimate['cpu']:.0f} s on CPU, ~{estimate['gpu']:.0f} s on GPU "
+                 f"(measured on {estimate['measured_on']}, {estimate['steps']} steps)")
+    lines += [f"Note: {note}" for note in report["notes"]]
+    return "\n".join(lines)

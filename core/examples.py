@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_model
 from torch import nn
 from torch.nn import functional as F
 
@@ -110,11 +111,13 @@ def train_digits_model(
 
 
 def make_digits_example(out_dir: Path, seed: int = 0, epochs: int = DEFAULT_EPOCHS) -> tuple[Path, Path]:
-    """Write `model.pt` (the whole module) and `data.npz` (x, y) into `out_dir`."""
+    """Write `model.pt` (the whole module), `model.safetensors` (its weights, architecture
+    `idap:digits`, the form a service upload takes) and `data.npz` (x, y) into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, x, y = train_digits_model(seed, epochs)
     model_path, data_path = out_dir / "model.pt", out_dir / "data.npz"
     torch.save(model, model_path)
+    save_model(model, model_path.with_suffix(".safetensors"))
     np.savez(data_path, x=x, y=y)
     return model_path, data_path

@@ -68,8 +68,8 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     return executed[-1:]
 
 
-def _check_reachable(ctx: RunContext, model: nn.Module) -> dict[str, float]:
-    """Largest reduction the minimum-width rules (and block removal) allow; refuse targets beyond it."""
+def reachable_reduction(ctx: RunContext, model: nn.Module) -> dict[str, float]:
+    """Largest reduction the minimum-width rules (and block removal) allow."""
     floor = copy.deepcopy(model)
     if "filters" in ctx.options.stages:
         graph = build_graph(floor, ctx.example)
@@ -80,7 +80,12 @@ def _check_reachable(ctx: RunContext, model: nn.Module) -> dict[str, float]:
     if "layers" in ctx.options.stages:
         for block in find_blocks(floor, ctx.example):
             remove_block(floor, block)
-    reachable = ctx.reductions(*ctx.measure(floor))
+    return ctx.reductions(*ctx.measure(floor))
+
+
+def _check_reachable(ctx: RunContext, model: nn.Module) -> dict[str, float]:
+    """Refuse targets beyond the reachable reduction before any work."""
+    reachable = reachable_reduction(ctx, model)
     asked = {"macs": ctx.target.macs_reduction, "params": ctx.target.params_reduction}
     for key, goal in asked.items():
         if goal is not None and goal > reachable[key] + TARGET_TOLERANCE:
@@ -209,7 +214,8 @@ def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOpti
     if unknown:
         raise OptionsError(f"Layers to leave alone not found in the model: {', '.join(unknown)}.",
                            hint="Use module names as printed by model.named_modules().")
-    recovery, evaluation = split(data, opts.eval_fraction, opts.seed)
+    # the held-out split is at least one batch where the data allows, so accuracy is not a coin flip
+    recovery, evaluation = split(data, opts.eval_fraction, opts.seed, min_eval=min(opts.batch_size, len(data) // 2))
     example = data.x[:2].to(device)
     ctx = RunContext(
         options=opts, target=target, device=device, reporter=reporter, example=example,
