@@ -47,11 +47,15 @@ def load_onnx(path: Path) -> OnnxModel:
     proto = _slim(proto, notes)
     _require_converters(proto, path)
     module = _convert(proto, path)
+    reshapes = _constant_reshapes(module)
     example = _example_input(proto, spec)
-    if example is None:
-        notes.append("Constant reshapes were left as they are: the input has dynamic axes besides the batch.")
-    else:
-        _generalise_constant_reshapes(module, example, path)
+    if reshapes and example is not None:
+        _generalise_constant_reshapes(module, reshapes, example, path)
+    elif reshapes:
+        notes.append(f"{len(reshapes)} reshape(s) to a constant shape were left as they are (the input has dynamic "
+                     "axes besides the batch); pruning the channels that reach them would break the model.")
+    # block removal looks for residual submodules; a converted graph is one flat module
+    notes.append("Stage 2 (block removal) does not apply to models converted from ONNX; filters are pruned.")
     return OnnxModel(module=module.eval(), spec=spec, notes=notes)
 
 
@@ -255,7 +259,17 @@ def _example_input(proto: onnx.ModelProto, spec: OnnxSpec) -> torch.Tensor | Non
     return torch.zeros(shape, dtype=dtype)
 
 
-def _generalise_constant_reshapes(module: fx.GraphModule, example: torch.Tensor, path: Path) -> None:
+def _constant_reshapes(module: fx.GraphModule) -> list[fx.Node]:
+    """Reshape nodes whose target shape is a stored constant rather than computed from the input."""
+    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    return [node for node in module.graph.nodes
+            if node.op == "call_module" and isinstance(module.get_submodule(str(node.target)), OnnxReshape)
+            and len(node.args) == 2 and getattr(node.args[1], "op", None) == "get_attr"]
+
+
+def _generalise_constant_reshapes(module: fx.GraphModule, reshapes: list[fx.Node], example: torch.Tensor,
+                                  path: Path) -> None:
     """Turn reshapes to constant shapes that flatten trailing axes into torch.flatten.
 
     A constant target such as [1, 512] hard-codes the batch and the channel count: it breaks
@@ -263,15 +277,9 @@ def _generalise_constant_reshapes(module: fx.GraphModule, example: torch.Tensor,
     leading axes of the input and folds the rest into one, it is flatten(start_dim=k), which
     holds for any batch and width. Other constant reshapes are left alone.
     """
-    from onnx2torch.node_converters.reshape import OnnxReshape
-
-    shapes = _reshape_shapes(module, example, OnnxReshape, path)
-    for node in list(module.graph.nodes):
-        seen = shapes.get(node.name)
-        constant = node.op == "call_module" and len(node.args) == 2 and getattr(node.args[1], "op", None) == "get_attr"
-        if seen is None or not constant:
-            continue
-        start = _flatten_start(*seen)
+    shapes = _shapes_at(module, reshapes, example, path)
+    for node in reshapes:
+        start = _flatten_start(*shapes[node.name]) if node.name in shapes else None
         if start is None:
             continue
         with module.graph.inserting_before(node):
@@ -283,19 +291,17 @@ def _generalise_constant_reshapes(module: fx.GraphModule, example: torch.Tensor,
     module.recompile()
 
 
-def _reshape_shapes(module: fx.GraphModule, example: torch.Tensor, kind: type,
-                    path: Path) -> dict[str, tuple[torch.Size, torch.Size]]:
-    """Input and output shapes of each reshape node, from one forward pass."""
+def _shapes_at(module: fx.GraphModule, nodes: list[fx.Node], example: torch.Tensor,
+               path: Path) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """Input and output shapes of each of the `nodes` (call_module), from one forward pass."""
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
-    nodes = {str(node.target): node.name for node in module.graph.nodes if node.op == "call_module"}
 
     def record(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             shapes.setdefault(name, (inputs[0].shape, output.shape))
         return hook
 
-    handles = [sub.register_forward_hook(record(nodes[target]))
-               for target, sub in module.named_children() if isinstance(sub, kind) and target in nodes]
+    handles = [module.get_submodule(str(node.target)).register_forward_hook(record(node.name)) for node in nodes]
     try:
         with torch.no_grad():
             module.eval()(example)
