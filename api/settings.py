@@ -14,6 +14,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.options import IntakeOptions
+
+_INTAKE = IntakeOptions()
+
 
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
@@ -36,10 +40,10 @@ class Settings(BaseSettings):
     require_auth: bool | None = None
     public_url: str | None = None
 
-    max_upload_bytes: int = 4 * 1024**3
-    max_zip_members: int = 100_000
-    max_unpacked_bytes: int = 16 * 1024**3
-    max_samples: int = 1_000_000
+    max_upload_bytes: int = _INTAKE.max_file_bytes
+    max_zip_members: int = _INTAKE.max_zip_members
+    max_unpacked_bytes: int = _INTAKE.max_unpacked_bytes
+    max_samples: int = _INTAKE.max_samples
     allow_pickle: bool = False
 
     cpu_queue: str = "cpu"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,18 @@ def intake_options(settings: Settings, config: JobConfig | InspectConfig) -> Int
 
 
 def preflight(settings: Settings, config: JobConfig | InspectConfig, model: Path, data: Path | None) -> dict[str, Any]:
-    """core's preflight; a UserError becomes a 422 that says what to fix."""
+    """core's preflight; a UserError becomes a 422 that says what to fix.
+
+    It runs on the API's CPU: a job asking for CUDA is checked here and run on a GPU worker."""
+    options = dataclasses.replace(config.options_core(), device="cpu")
     try:
-        return inspect_files(model, data, config.target_core(), config.options_core(),
-                             intake_options(settings, config))
+        return inspect_files(model, data, config.target_core(), options, intake_options(settings, config))
     except UserError as err:
         raise ApiError.from_user_error(err) from err
 
 
 def require_feasible(report: dict[str, Any]) -> None:
-    if report.get("feasible", True):
+    if report.get("feasible") is not False:  # None: no target given, nothing to be feasible for
         return
     problems = [str(problem.get("message", problem)) if isinstance(problem, dict) else str(problem)
                 for problem in report.get("problems", [])]

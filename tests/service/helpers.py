@@ -1,0 +1,106 @@
+"""Helpers for the service tests (kept out of conftest.py, which pytest imports under its own name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from api.settings import Settings
+
+# Tiny budgets: the tests check the service, not the quality of the pruning.
+FAST = {"target": {"macs_reduction": 0.3}, "device": "cpu",
+        "recovery": {"recovery_iterations": 1, "final_recovery_iterations": 1}}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_worker(settings: Settings, log: Path, queues: str | None = None) -> subprocess.Popen[bytes]:
+    queues = queues or f"{settings.cpu_queue},{settings.webhook_queue}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1", "-Q", queues,
+         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while b"ready." not in log.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("celery worker did not start:\n" + log.read_text()[-3000:])
+        time.sleep(0.2)
+    return process
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def submit(client: Any, key: str, digits: tuple[Path, Path], config: dict[str, Any] | None = None,
+           **extra: Any) -> Any:
+    model, data = digits
+    config = {"architecture": "idap:digits", **FAST, **(config or {})}
+    return client.post("/v1/jobs", headers=auth(key), data={"config": json.dumps(config)},
+                       files={"model": (model.name, model.read_bytes()), "data": (data.name, data.read_bytes())},
+                       **extra)
+
+
+def wait_for(client: Any, key: str, job_id: str, done: Callable[[dict[str, Any]], bool],
+             timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
+        if done(job):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job did not get there in {timeout} s: {job}")
+        time.sleep(0.2)
+
+
+def finished(job: dict[str, Any]) -> bool:
+    return job["status"] in ("succeeded", "failed", "cancelled")
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers 500 to the first `fail_first` requests."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.requests.append((dict(self.headers), body))
+                self.send_response(500 if len(receiver.requests) <= receiver.fail_first else 204)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

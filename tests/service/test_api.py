@@ -1,0 +1,139 @@
+"""The HTTP API without a worker: validation, errors, auth, tenancy, listing, cancel and delete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.webhooks import WebhookUrlError, check_url
+from tests.service.helpers import auth, submit
+
+# Jobs on the GPU queue, which no test worker consumes, stay queued for as long as a test needs.
+PARKED = {"device": "cuda"}
+
+
+def error_of(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] and error["message"]
+    return error
+
+
+def test_health_and_docs(client: Any) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/inspect"} <= set(paths)
+
+
+def test_keys_are_required_and_checked(client: Any) -> None:
+    error = error_of(client.get("/v1/jobs"), 401)
+    assert "idap keys create" in error["hint"]
+    error_of(client.get("/v1/jobs", headers=auth("idap_not-a-key")), 401)
+
+
+def test_bad_config_is_a_422_that_says_why(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:
+    error = error_of(submit(client, keys["a"], digits, {"target": {"macs_reduction": 1.5}}), 422)
+    assert error["code"] == "invalid_config" and "macs_reduction" in error["message"]
+    error = error_of(submit(client, keys["a"], digits, {"stages": ["filters", "nope"]}), 422)
+    assert "stages" in error["message"]
+    error = error_of(submit(client, keys["a"], digits, {"recovery": {"recovery_iterationz": 1}}), 422)
+    assert "recovery_iterationz" in error["message"]
+    error = error_of(client.post("/v1/jobs", headers=auth(keys["a"]), data={"config": "{not json"},
+                                 files={"model": ("m.safetensors", b"x")}), 422)
+    assert error["code"] == "invalid_config"
+
+
+def test_preflight_failures_are_422(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:
+    unreachable = {"target": {"macs_reduction": 0.99}, "stages": ["filters"]}
+    error = error_of(submit(client, keys["a"], digits, unreachable), 422)
+    assert "out of reach" in error["message"]
+    error = error_of(submit(client, keys["a"], digits, {"architecture": "idap:no-such-net"}), 422)
+    assert error["hint"]
+    model, _ = digits
+    error = error_of(client.post("/v1/jobs", headers=auth(keys["a"]), data={"config": json.dumps(
+        {"target": {"macs_reduction": 0.3}, "architecture": "idap:digits"})},
+        files={"model": ("model.safetensors", model.read_bytes())}), 422)
+    assert error["code"] == "missing_file" and "data" in error["message"]
+
+
+def test_uploads_are_limited_while_streaming(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:
+    big = b"\0" * (3 * 1024 * 1024)
+    response = client.post("/v1/jobs", headers=auth(keys["a"]), data={"config": json.dumps({"target": {}})},
+                           files={"model": ("model.onnx", big), "data": ("data.npz", b"x")})
+    assert error_of(response, 413)["code"] == "file_too_large"
+    assert error_of(client.post("/v1/jobs", headers=auth(keys["a"]), json={}), 415)["code"]
+
+
+def test_inspect(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:
+    model, data = digits
+    response = client.post("/v1/inspect", headers=auth(keys["a"]),
+                           data={"config": json.dumps({"architecture": "idap:digits",
+                                                       "target": {"macs_reduction": 0.5}})},
+                           files={"model": (model.name, model.read_bytes()), "data": (data.name, data.read_bytes())})
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["macs"] > 0 and report["feasible"] is True and report["prunable_groups"]
+
+
+def test_webhook_urls_to_private_networks_are_refused() -> None:
+    for url in ("http://127.0.0.1:9/x", "http://10.1.2.3/x", "http://169.254.169.254/latest", "http://[::1]/x",
+                "ftp://example.com/x"):
+        with pytest.raises(WebhookUrlError):
+            check_url(url, allow_private=False)
+    check_url("http://127.0.0.1:9/x", allow_private=True)
+
+
+def test_submit_get_list_cancel_delete_and_tenancy(client: Any, keys: dict[str, str],
+                                                   digits: tuple[Path, Path]) -> None:
+    ids = []
+    for _ in range(3):
+        response = submit(client, keys["a"], digits, PARKED)
+        assert response.status_code == 202, response.text
+        assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
+        ids.append(response.json()["id"])
+    job = client.get(f"/v1/jobs/{ids[0]}", headers=auth(keys["a"])).json()
+    assert job["status"] == "queued" and job["attempts"] == 0 and job["artifacts"] == []
+    assert job["progress"]["stage"] == "queued"
+
+    # tenant b sees none of it
+    assert error_of(client.get(f"/v1/jobs/{ids[0]}", headers=auth(keys["b"])), 404)["code"] == "not_found"
+    error_of(client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(keys["b"])), 404)
+    error_of(client.delete(f"/v1/jobs/{ids[0]}", headers=auth(keys["b"])), 404)
+    assert client.get("/v1/jobs", headers=auth(keys["b"])).json()["jobs"] == []
+
+    page = client.get("/v1/jobs", params={"limit": 2, "status": "queued"}, headers=auth(keys["a"])).json()
+    rest = client.get("/v1/jobs", params={"limit": 2, "status": "queued", "cursor": page["next_cursor"]},
+                      headers=auth(keys["a"])).json()
+    listed = [job["id"] for job in page["jobs"] + rest["jobs"]]
+    assert listed[:3] == ids[::-1], "newest first"
+    assert error_of(client.get("/v1/jobs", params={"cursor": "garbage"}, headers=auth(keys["a"])), 400)
+
+    error_of(client.delete(f"/v1/jobs/{ids[0]}", headers=auth(keys["a"])), 409)
+    cancelled = client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(keys["a"]))
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    error_of(client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(keys["a"])), 409)
+    assert client.get("/v1/jobs", params={"status": "cancelled"}, headers=auth(keys["a"])).json()["jobs"][0]["id"] \
+        == ids[0]
+    assert client.delete(f"/v1/jobs/{ids[0]}", headers=auth(keys["a"])).status_code == 204
+    error_of(client.get(f"/v1/jobs/{ids[0]}", headers=auth(keys["a"])), 404)
+    for job_id in ids[1:]:
+        client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(keys["a"]))
+
+
+def test_idempotency_key_returns_the_same_job(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:
+    config = PARKED | {"idempotency_key": "same-upload"}
+    first = submit(client, keys["a"], digits, config)
+    again = submit(client, keys["a"], digits, config)
+    assert first.status_code == 202 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    other_tenant = submit(client, keys["b"], digits, config)
+    assert other_tenant.status_code == 202 and other_tenant.json()["id"] != first.json()["id"]
+    for key, response in (("a", first), ("b", other_tenant)):
+        client.post(f"/v1/jobs/{response.json()['id']}/cancel", headers=auth(keys[key]))
