@@ -1,0 +1,137 @@
+"""Jobs run by a real Celery worker: events, artifacts checked with ONNX Runtime, signed webhooks
+with a retry, cancel, and a worker killed mid-job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from fastapi.testclient import TestClient
+from standardwebhooks import Webhook
+
+from api.app import create_app
+from api.settings import Settings
+from tests.service.helpers import Receiver, auth, finished, start_worker, stop_worker, submit, wait_for
+
+# Long enough to be caught running (a few seconds), short enough for the suite.
+SLOW_RECOVERY = {"recovery": {"recovery_iterations": 150, "final_recovery_iterations": 150}}
+
+
+def read_events(client: TestClient, key: str, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth(key)) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_job_runs_end_to_end(client: TestClient, keys: dict[str, str], digits: tuple[Path, Path], worker: Path,
+                             settings: Settings) -> None:
+    with Receiver(fail_first=1) as receiver:
+        response = submit(client, keys["a"], digits, {"webhook_url": receiver.url})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+
+        events = read_events(client, keys["a"], job_id)  # returns once the job has finished
+        statuses = [data["status"] for kind, data in events if kind == "status"]
+        assert statuses == ["running", "succeeded"], events
+        stages = {data["stage"] for kind, data in events if kind == "progress"}
+        assert {"baseline", "export", "done"} <= stages
+
+        job = client.get(f"/v1/jobs/{job_id}", headers=auth(keys["a"])).json()
+        assert job["status"] == "succeeded" and job["attempts"] == 1 and job["error"] is None
+        assert job["progress"]["fraction"] == 1.0
+        assert job["metrics"]["macs_after"] < job["metrics"]["macs_before"]
+        assert job["started_at"] and job["finished_at"]
+        artifacts = {artifact["name"]: artifact for artifact in job["artifacts"]}
+        assert {"model.onnx", "report.json"} <= set(artifacts)
+
+        onnx = client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx", headers=auth(keys["a"]))
+        assert onnx.status_code == 200
+        assert int(onnx.headers["content-length"]) == artifacts["model.onnx"]["size"] == len(onnx.content)
+        assert hashlib.sha256(onnx.content).hexdigest() == artifacts["model.onnx"]["sha256"]
+        assert onnx.headers["x-checksum-sha256"] == artifacts["model.onnx"]["sha256"]
+        session = ort.InferenceSession(onnx.content, providers=["CPUExecutionProvider"])
+        with np.load(digits[1]) as data:
+            x = data["x"][:8].astype(np.float32)
+        logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+        assert logits.shape == (8, 10)
+        report = client.get(f"/v1/jobs/{job_id}/artifacts/report.json", headers=auth(keys["a"])).json()
+        assert report["macs_after"] == job["metrics"]["macs_after"]
+        assert client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx", headers=auth(keys["b"])).status_code == 404
+        assert client.get(f"/v1/jobs/{job_id}/artifacts/../x", headers=auth(keys["a"])).status_code == 404
+
+        # job.started failed once (500) and was retried (after the job: the one worker slot was busy);
+        # every request carries a valid signature
+        deadline = time.monotonic() + 30
+        while len(receiver.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        verifier = Webhook(keys["a_secret"])
+        received = [verifier.verify(body, headers) for headers, body in receiver.requests]
+        assert sorted(event["type"] for event in received) == ["job.started", "job.started", "job.succeeded"]
+        succeeded = next(event for event in received if event["type"] == "job.succeeded")
+        assert succeeded["data"]["id"] == job_id and succeeded["data"]["status"] == "succeeded"
+        started_ids = {h["webhook-id"] for (h, _), event in zip(receiver.requests, received)
+                       if event["type"] == "job.started"}
+        assert len(started_ids) == 1, "a retry keeps the webhook-id, so receivers can deduplicate"
+        deliveries = client.get(f"/v1/jobs/{job_id}/webhooks", headers=auth(keys["a"])).json()["deliveries"]
+        assert sorted((d["event_type"], d["attempt"], d["status_code"], d["will_retry"]) for d in deliveries) == [
+            ("job.started", 1, 500, True), ("job.started", 2, 204, False), ("job.succeeded", 1, 204, False)]
+
+    metrics = client.get("/metrics").text
+    assert 'idap_jobs{status="succeeded"}' in metrics and "idap_webhook_failures_total 1.0" in metrics
+    assert "idap_job_duration_seconds_count" in metrics
+
+    stored = settings.data_dir / "artifacts" / "jobs" / job_id
+    assert (stored / "artifacts" / "model.onnx").is_file()
+    assert client.delete(f"/v1/jobs/{job_id}", headers=auth(keys["a"])).status_code == 204
+    assert not stored.exists()
+
+
+def test_cancel_a_running_job(client: TestClient, keys: dict[str, str], digits: tuple[Path, Path],
+                              worker: Path) -> None:
+    job_id = submit(client, keys["a"], digits, SLOW_RECOVERY).json()["id"]
+    wait_for(client, keys["a"], job_id, lambda job: job["status"] == "running" or finished(job))
+    response = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(keys["a"]))
+    assert response.status_code == 202 and response.json()["cancel_requested"]
+    job = wait_for(client, keys["a"], job_id, finished)
+    assert job["status"] == "cancelled" and job["artifacts"] == []
+
+
+def test_a_job_whose_worker_dies_is_retried(keys: dict[str, str], digits: tuple[Path, Path], settings: Settings,
+                                            tmp_path: Path) -> None:
+    """kill -9 the worker mid-job: another worker takes the job over as attempt 2 and finishes it."""
+    own = settings.model_copy(update={"cpu_queue": settings.cpu_queue + "-kill"})
+    env = os.environ.copy()
+    os.environ["IDAP_CPU_QUEUE"] = own.cpu_queue
+    try:
+        first = start_worker(own, tmp_path / "first.log")
+        second = None
+        with TestClient(create_app(own)) as client:
+            job_id = submit(client, keys["a"], digits, SLOW_RECOVERY).json()["id"]
+            wait_for(client, keys["a"], job_id, lambda job: job["progress"]["stage"] not in ("queued", "starting")
+                     or finished(job))
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait()
+            second = start_worker(own, tmp_path / "second.log")
+            job = wait_for(client, keys["a"], job_id, finished, timeout=120)
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        for process in (first, second):
+            if process is not None:
+                stop_worker(process)
