@@ -3,6 +3,7 @@ service make (`compress_files`, `inspect_files`). Model formats live in core.mod
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
         data = tokenize(records, model.tokenizer, intake.text_column, intake.label_column, intake.max_length,
                         model.label_names)
     else:
-        raise DataError(f"{path.name} is not an .npz or zip file, and text data needs a model that ships a "
-                        "tokenizer (a zipped Hugging Face directory).", hint=_DATA_HINT, code="unknown_data_format")
+        raise DataError(f"{path.name} is not a readable .npz or zip archive; text data (.jsonl/.csv) needs a model "
+                        "that ships a tokenizer (a zipped Hugging Face directory).", hint=_DATA_HINT,
+                        code="unknown_data_format")
     if len(data) > intake.max_samples:
         raise DataError(f"The data holds {len(data)} samples; at most {intake.max_samples} are accepted.",
                         hint="Upload a random subset.", code="too_many_samples")
@@ -76,11 +78,21 @@ def compress_files(model_path: Path | str, data_path: Path, target: Target, opti
     intake.validate()
     model = open_model(model_path, intake, weights=weights)
     data = open_data(Path(data_path), model, intake)
+    _check_onnx_conversion(model, model_path, data)
     result = compress(model.module, data, target, options, out_dir, progress, should_cancel,
                       onnx_spec=model.onnx_spec)
     result.report["input_format"] = model.format
     result.report["notes"] = model.notes + result.report["notes"]
+    result.artifacts["report.json"].write_text(json.dumps(result.report, indent=2, default=str))
     return result
+
+
+def _check_onnx_conversion(model: LoadedModel, model_path: Path | str, data: Dataset) -> None:
+    """The converted module must compute what ONNX Runtime computes, on the user's own inputs."""
+    if model.format == "onnx":
+        from core.onnx_io import OnnxModel, check_conversion
+
+        check_conversion(OnnxModel(model.module, model.onnx_spec, model.notes), Path(model_path), data.x[:32])
 
 
 def inspect_files(model_path: Path | str, data_path: Path | None, target: Target | None,
@@ -91,6 +103,8 @@ def inspect_files(model_path: Path | str, data_path: Path | None, target: Target
     intake.validate()
     model = open_model(model_path, intake, weights=weights)
     data = None if data_path is None else open_data(Path(data_path), model, intake)
+    if data is not None:
+        _check_onnx_conversion(model, model_path, data)
     if data is None and model.example is None:
         raise DataError("This model's input shape is unknown without data.",
                         hint="Pass the calibration data too (--data).", code="data_required")

@@ -67,7 +67,11 @@ def ort_latency_ms(
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    from core.export import onnx_input_dtype
+
+    declared = session.get_inputs()[0]
+    name = declared.name
+    sample = sample.astype(onnx_input_dtype(declared.type))
     result: dict[str, float] = {}
     for batch in batches:
         feed = {name: np.repeat(sample[:1], batch, axis=0)}

@@ -35,6 +35,7 @@ class OnnxModel:
     module: nn.Module  # eval mode, on the CPU
     spec: OnnxSpec
     notes: list[str]
+    example: torch.Tensor | None = None  # an input of the declared shape, when every axis is known
 
 
 def load_onnx(path: Path) -> OnnxModel:
@@ -56,7 +57,7 @@ def load_onnx(path: Path) -> OnnxModel:
                      "axes besides the batch); pruning the channels that reach them would break the model.")
     # block removal looks for residual submodules; a converted graph is one flat module
     notes.append("Stage 2 (block removal) does not apply to models converted from ONNX; filters are pruned.")
-    return OnnxModel(module=module.eval(), spec=spec, notes=notes)
+    return OnnxModel(module=module.eval(), spec=spec, notes=notes, example=example)
 
 
 def _read(path: Path) -> onnx.ModelProto:

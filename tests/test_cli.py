@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core import ProgressEvent, Result, cli
+from core import ProgressEvent, Result, cli, intake
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
@@ -79,8 +79,14 @@ def test_garbage_model_file(capsys, digits_files, out, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     code, _, err = run_main(capsys, *prune_args(garbage, digits_files[1], out, "--macs-reduction", 0.5))
-    assert_user_error(code, err, out, "garbage.pt", "not a readable PyTorch file")
-    assert "trust" in err  # a model file is unpickled, so the CLI warns before loading it
+    assert_user_error(code, err, out, "garbage.pt", "not a model file")
+    assert "trust" not in err  # the warning is for pickles only, and this file is not one
+
+
+def test_pickled_model_gets_a_trust_warning(capsys, digits_files, out):
+    # an unknown layer name stops the run right after loading, which is where the warning comes
+    code, _, err = run_main(capsys, *prune_args(*digits_files, out, "--macs-reduction", 0.5, "--ignore-layer", "x"))
+    assert code == 2 and "runs the pickled code inside it; use only files you trust" in err
 
 
 def test_state_dict_instead_of_model(capsys, digits_files, digits_model, out, tmp_path):
@@ -169,7 +175,7 @@ def test_non_empty_out_needs_force(capsys, digits_files, out):
 
 
 def test_force_never_deletes_the_inputs(capsys, monkeypatch, digits_files, tmp_path):
-    monkeypatch.setattr(cli, "compress", _writing_compress)
+    monkeypatch.setattr(intake, "compress", _writing_compress)
     # --out is the directory that holds model.pt and data.npz: replacing it would delete them.
     inputs = [tmp_path / path.name for path in digits_files]
     for source, copy in zip(digits_files, inputs):
@@ -203,7 +209,7 @@ def test_garbage_model_in_a_real_process(digits_files, tmp_path):
     garbage.write_bytes(np.random.default_rng(2).bytes(1024))
     out = tmp_path / "result"
     proc = run_process(*prune_args(garbage, digits_files[1], out, "--macs-reduction", 0.5))
-    assert_user_error(proc.returncode, proc.stderr, out, "not a readable PyTorch file")
+    assert_user_error(proc.returncode, proc.stderr, out, "not a model file")
     assert proc.stdout == ""
 
 
@@ -215,10 +221,10 @@ def _fake_report() -> dict[str, object]:
     return {"macs_before": 4e6, "macs_after": 2e6, "params_before": 1e5, "params_after": 5e4,
             "accuracy_before": 0.99, "accuracy_after": 0.98, "latency_ms_before": latency,
             "latency_ms_after": latency, "onnx_max_abs_diff": 1e-6, "removed_blocks": ["blocks.1"],
-            "layers": [], "steps": [], "target_met": True, "stop_reason": "target_reached"}
+            "layers": [], "steps": [], "target_met": True, "stop_reason": "target_reached", "notes": []}
 
 
-def _writing_compress(model, data, target, options, out_dir, progress=None, should_cancel=None):
+def _writing_compress(model, data, target, options, out_dir, progress=None, should_cancel=None, onnx_spec=None):
     (out_dir / "model.onnx").write_bytes(b"onnx")
     (out_dir / "report.json").write_text(json.dumps(_fake_report()))
     return Result(model=model, report=_fake_report(),
@@ -226,7 +232,7 @@ def _writing_compress(model, data, target, options, out_dir, progress=None, shou
 
 
 def test_force_replaces_previous_output(capsys, monkeypatch, digits_files, out):
-    monkeypatch.setattr(cli, "compress", _writing_compress)
+    monkeypatch.setattr(intake, "compress", _writing_compress)
     out.mkdir()
     (out / "stale.txt").write_text("old run")
     code, stdout, err = run_main(capsys, *prune_args(*digits_files, out, "--macs-reduction", 0.5, "--force"))
@@ -237,11 +243,11 @@ def test_force_replaces_previous_output(capsys, monkeypatch, digits_files, out):
 
 
 def test_interrupt_leaves_nothing(capsys, monkeypatch, digits_files, out):
-    def interrupted(model, data, target, options, out_dir, progress=None, should_cancel=None):
+    def interrupted(model, data, target, options, out_dir, progress=None, should_cancel=None, onnx_spec=None):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "compress", interrupted)
+    monkeypatch.setattr(intake, "compress", interrupted)
     code, _, err = run_main(capsys, *prune_args(*digits_files, out, "--macs-reduction", 0.5))
     assert code == 130
     assert err.strip().splitlines()[-1].startswith("error: Interrupted")

@@ -276,3 +276,33 @@ def test_too_many_samples(tmp_path, digits_files, digits_loaded):
 def test_file_over_the_size_limit(digits_files):
     _raises("file_too_large", "at most", open_model, digits_files[0].with_suffix(".safetensors"),
             IntakeOptions(architecture="idap:digits", max_file_bytes=1000))
+
+
+def test_onnx_upload_through_the_cli_keeps_its_interface(tmp_path, capsys):
+    from core.cli import main
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+    onnx_path = tmp_path / "mobilenet.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 32, 32),), str(onnx_path), dynamo=False, opset_version=17,
+                      input_names=["pixel_values"], output_names=["scores"],
+                      dynamic_axes={"pixel_values": {0: "n"}, "scores": {0: "n"}})
+    images = write_image_zip(tmp_path / "pets.zip", side=48)
+
+    assert main(["inspect", str(onnx_path), "--data", str(images), "--macs-reduction", "0.5", "--json"]) == 0
+    preflight = json.loads(capsys.readouterr().out)
+    assert preflight["input_format"] == "onnx" and preflight["input_shape"] == [3, 32, 32]
+    assert preflight["feasible"] is True and preflight["prunable_groups"]
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(onnx_path), "--data", str(images), "--macs-reduction", "0.5", "--max-accuracy-drop",
+                 "1", "--recovery-iterations", "1", "--final-recovery-epochs", "0", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert any("Stage 2" in note for note in report["notes"])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    assert [o.name for o in session.get_outputs()] == ["scores"]
+    (scores,) = session.run(None, {"pixel_values": np.random.rand(5, 3, 32, 32).astype("f4")})
+    assert scores.shape == (5, 3)
