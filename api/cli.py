@@ -93,6 +93,9 @@ def _serve(args: argparse.Namespace) -> int:
         # One worker takes every queue: on a single machine, the CPU/GPU split has nowhere to route to.
         queues = f"{settings.cpu_queue},{settings.gpu_queue},{settings.webhook_queue}"
         worker = subprocess.Popen(worker_argv(settings, queues, 1, "prefork"))
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting through SystemExit
+    # (not the default handler's instant death) runs the finally below that stops the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     finally:

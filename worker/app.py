@@ -35,7 +35,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Fail fast at submission when the broker is down instead of hanging the request.
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                                       "interval_max": 1},
-        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
+        # Redis redelivers unacknowledged jobs after this; the SQLAlchemy transport would pass it to create_engine.
+        "broker_transport_options": ({"visibility_timeout": settings.broker_visibility_timeout_s}
+                                     if broker.startswith(("redis", "rediss")) else {}),
         "worker_hijack_root_logger": False,
         "imports": ["worker.tasks"],
     }
