@@ -87,9 +87,9 @@ def _serve(args: argparse.Namespace) -> int:
     from api.db import upgrade
 
     upgrade(settings.database)
-    _first_start(settings)
     worker = None
     if not args.no_worker:
+        _first_start(settings)
         # One worker takes every queue: on a single machine, the CPU/GPU split has nowhere to route to.
         queues = f"{settings.cpu_queue},{settings.gpu_queue},{settings.webhook_queue}"
         worker = subprocess.Popen(worker_argv(settings, queues, 1, "prefork"))
@@ -105,7 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _first_start(settings: Settings) -> None:
-    """On a fresh data directory, create the local tenant with a key and show both secrets once."""
+    """Embedded mode, fresh data directory: create the local tenant with a key and show both secrets once
+    (a deployment with separate workers creates its keys with `idap keys create` instead)."""
     from sqlalchemy import select
 
     from api.db import session_scope

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -160,7 +159,3 @@ class WebhookDeliveryOut(BaseModel):
 
 class WebhookDeliveryList(BaseModel):
     deliveries: list[WebhookDeliveryOut]
-
-
-def options_dict(options: CompressOptions) -> dict[str, Any]:
-    return dataclasses.asdict(options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery.signals import worker_ready
@@ -31,8 +32,8 @@ def deliver_webhook(**payload: Any) -> None:
 
 def _reaper() -> None:
     settings = get_settings()
-    stop = threading.Event()
-    while not stop.wait(settings.reaper_interval_s):
+    while True:
+        time.sleep(settings.reaper_interval_s)
         try:
             for job_id in reap_stale_jobs(settings):
                 fire(settings, job_id, "job.failed")

@@ -7,12 +7,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from api.auth import CallerDep
 from api.deps import SessionDep, SettingsDep, StorageDep
-from api.errors import not_found
-from api.models import Artifact
 from api.schemas import ErrorOut, JobConfig, JobList, JobOut, WebhookDeliveryList, WebhookDeliveryOut
 from api.services import events, jobs
 
@@ -85,10 +82,7 @@ def job_events(job_id: str, session: SessionDep, settings: SettingsDep, tenant: 
 @router.get("/{job_id}/artifacts/{name}", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}}})
 def artifact(job_id: str, name: str, session: SessionDep, storage: StorageDep, tenant: CallerDep) -> Response:
-    job = jobs.get_job(session, tenant, job_id)
-    found = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
-    if found is None:
-        raise not_found("Artifact")
+    found = jobs.get_artifact(session, tenant, job_id, name)
     digest = base64.b64encode(bytes.fromhex(found.sha256)).decode()
     media = "application/json" if name.endswith(".json") else "application/octet-stream"
     return StreamingResponse(storage.iter_bytes(found.storage_key), media_type=media, headers={

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError, describe_validation, not_found
-from api.models import Job, Tenant, WebhookDelivery, new_id
+from api.models import Artifact, Job, Tenant, WebhookDelivery, new_id
 from api.schemas import ArtifactOut, JobConfig, JobList, JobOut, ProgressOut
 from api.services import states
 from api.services.intake import preflight, require_feasible
@@ -197,6 +197,14 @@ def delete_job(session: Session, storage: Storage, tenant: Tenant, job_id: str) 
     storage.delete_prefix(f"jobs/{job.id}")
     session.delete(job)
     session.commit()
+
+
+def get_artifact(session: Session, tenant: Tenant, job_id: str, name: str) -> Artifact:
+    job = get_job(session, tenant, job_id)
+    found = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if found is None:
+        raise not_found("Artifact")
+    return found
 
 
 def webhook_deliveries(session: Session, tenant: Tenant, job_id: str) -> list[WebhookDelivery]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 
 RUN = secrets.token_hex(4)
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -52,6 +53,9 @@ def database() -> Iterator[str]:
     get_engine(url).dispose()
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+    broker = redis.Redis.from_url(os.environ["IDAP_BROKER_URL"])
+    for key in broker.scan_iter(f"*test-{RUN}-*"):
+        broker.delete(key)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from api.db import get_engine, session_scope, upgrade
 from api.models import Base, Job, utcnow
 from api.services import states
 from api.services.tenants import get_or_create_tenant
-from api.settings import Settings
+from api.settings import Settings, get_settings
 from api.storage import S3Storage, file_digest, open_storage
 from worker.lease import reap_stale_jobs
 
@@ -41,8 +41,9 @@ def test_migrations_match_the_models_on_sqlite(tmp_path: Path) -> None:
 def _job(database: str, **fields: object) -> str:
     with session_scope(database) as session:
         tenant, _ = get_or_create_tenant(session, "state-tests")
-        job = Job(tenant_id=tenant.id, queue="nowhere", config={}, model_key="k", data_key="k", max_attempts=2,
-                  **fields)
+        # the GPU queue: no test worker consumes it, so a requeued job stays put
+        job = Job(tenant_id=tenant.id, queue=get_settings().gpu_queue, config={}, model_key="k", data_key="k",
+                  max_attempts=2, **fields)
         session.add(job)
     return job.id
 
