@@ -126,6 +126,9 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
     method.add_argument("--ignore-layer", action="append", default=[], metavar="NAME",
                         help="module name never to prune (repeatable)")
     method.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop pruning after this long")
+    method.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction, metavar="F",
+                        help="share of the data held out to measure accuracy, at least one batch "
+                        "(default: %(default)s)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,6 +239,7 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
         final_recovery_epochs=args.final_recovery_epochs,
         batch_size=args.batch_size,
         time_budget_s=args.time_budget,
+        eval_fraction=args.eval_fraction,
     )
     target.validate()
     options.validate()

@@ -61,6 +61,11 @@ def _ort_outputs(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
 def test_safetensors_with_torchvision_architecture_and_image_folder(resnet_weights, tmp_path):
     images = write_image_zip(tmp_path / "pets.zip", side=40)
     intake = IntakeOptions(architecture="torchvision:resnet18(num_classes=3)", image_size=32)
+    preflight = inspect_files(resnet_weights, images, Target(macs_reduction=0.5), FAST, intake)
+    assert preflight["input_shape"] == [3, 32, 32] and preflight["samples"] == 24 and preflight["feasible"]
+    assert {"name": "fc", "type": "Linear", "reason": "output layer (its outputs are classes)"} in \
+        preflight["not_prunable"]
+    assert [b["name"] for b in preflight["blocks"]][:2] == ["layer1.0", "layer1.1"]
     result = compress_files(resnet_weights, images, Target(macs_reduction=0.5, max_accuracy_drop=1.0),
                             FAST, intake, tmp_path / "out")
     report = result.report
