@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,8 +18,11 @@ from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
 from api.app import create_app
+from api.db import session_scope
+from api.models import Job
 from api.settings import Settings
 from tests.service.helpers import Receiver, auth, finished, start_worker, stop_worker, submit, wait_for
+from worker.app import enqueue_job
 
 # Long enough to be caught running (a few seconds), short enough for the suite.
 SLOW_RECOVERY = {"recovery": {"recovery_iterations": 150, "final_recovery_iterations": 150}}
@@ -135,3 +139,18 @@ def test_a_job_whose_worker_dies_is_retried(keys: dict[str, str], digits: tuple[
         for process in (first, second):
             if process is not None:
                 stop_worker(process)
+
+
+def test_infrastructure_errors_are_retried_then_fail(keys: dict[str, str], digits: tuple[Path, Path],
+                                                     settings: Settings, worker: Path) -> None:
+    """Inputs gone from storage (an infrastructure fault): each attempt fails, the job ends failed."""
+    parked = settings.model_copy(update={"cpu_queue": settings.cpu_queue + "-parked"})
+    with TestClient(create_app(parked)) as client:
+        job_id = submit(client, keys["a"], digits).json()["id"]
+        shutil.rmtree(settings.data_dir / "artifacts" / "jobs" / job_id / "inputs")
+        with session_scope(settings.database) as session:
+            session.get(Job, job_id).queue = settings.cpu_queue
+        enqueue_job(job_id, settings.cpu_queue)
+        job = wait_for(client, keys["a"], job_id, finished)
+    assert job["status"] == "failed" and job["attempts"] == settings.max_attempts
+    assert job["error"]["code"] == "internal_error" and "FileNotFoundError" in job["error"]["message"]
