@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 
 from api import errors
-from api.routes import health, inspect, jobs
+from api.routes import health, inspect, jobs, ui
 from api.services.metrics import DatabaseCollector
 from api.settings import Settings, get_settings
 from api.storage import open_storage
+from api.ui.render import STATIC
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,4 +26,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(inspect.router)
     app.include_router(health.router)
+    app.include_router(ui.router)
+    app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
     return app

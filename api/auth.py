@@ -1,12 +1,18 @@
-"""Who is calling: `Authorization: Bearer <key>` names the tenant.
+"""Who is calling: `Authorization: Bearer <key>` names the tenant, or, for the browser UI, the same
+key kept in the `idap_key` cookie (HttpOnly, SameSite=Strict) that the sign-in page sets.
 
 Without a key, a server listening only on loopback treats the caller as the local tenant
 (one user, one machine); any other server answers 401.
+
+A browser sends the cookie by itself, and a loopback server needs no key at all, so a
+state-changing request authenticated either way must come from this site's own pages: its
+Origin (or Referer) has to name this server. A Bearer header cannot be forged cross-site.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 
@@ -14,27 +20,68 @@ from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from api.models import Tenant
 from api.services.tenants import LOCAL_TENANT, get_or_create_tenant, tenant_for_key
+from api.settings import Settings
 
+COOKIE = "idap_key"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def same_origin(request: Request, settings: Settings) -> bool | None:
+    """Whether the Origin (else Referer) header names this server; None when the browser sent neither."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if not source:
+        return None
+    # Host only: behind a TLS-terminating proxy the scheme the app sees differs from the browser's.
+    allowed = {request.url.netloc} | ({urlsplit(settings.public_url).netloc} if settings.public_url else set())
+    return urlsplit(source).netloc in allowed
+
+
+def check_csrf(request: Request, settings: Settings, *, cookie: bool) -> None:
+    """Refuse a cross-site state-changing request; with the cookie, an unnamed origin is refused too
+    (browsers always send Origin on POST; the loopback mode also serves curl, which sends none)."""
+    if request.method in _SAFE_METHODS:
+        return
+    verdict = same_origin(request, settings)
+    if verdict is False or (verdict is None and cookie):
+        raise ApiError(403, "cross_site_request", "The request did not come from this server's own pages.",
+                       "Reload the page and try again; API clients send `Authorization: Bearer <key>` instead.")
 
 
 def _caller(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
     header = request.headers.get("authorization")
-    if header is None:
+    cookie = request.cookies.get(COOKIE)
+    if header is None and not cookie:
         if settings.auth_required:
             raise ApiError(401, "unauthorized", "An API key is required.",
                            "Send `Authorization: Bearer <key>`; create a key with `idap keys create --tenant NAME`.",
                            _CHALLENGE)
+        check_csrf(request, settings, cookie=False)
         tenant, created = get_or_create_tenant(session, LOCAL_TENANT)
         if created:
             session.commit()
         return tenant
-    scheme, _, key = header.partition(" ")
-    tenant = tenant_for_key(session, key.strip()) if scheme.lower() == "bearer" else None
+    if header is not None:
+        scheme, _, key = header.partition(" ")
+        tenant = tenant_for_key(session, key.strip()) if scheme.lower() == "bearer" else None
+    else:
+        check_csrf(request, settings, cookie=True)
+        tenant = tenant_for_key(session, cookie or "")
     if tenant is None:
         raise ApiError(401, "unauthorized", "The API key is not valid.",
                        "Send `Authorization: Bearer <key>` with a key from `idap keys create`.", _CHALLENGE)
     return tenant
 
 
+def _caller_or_none(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant | None:
+    """For pages: None where the API would answer 401, so the page can send the browser to sign in."""
+    try:
+        return _caller(request, session, settings)
+    except ApiError as err:
+        if err.status == 401:
+            return None
+        raise
+
+
 CallerDep = Annotated[Tenant, Depends(_caller)]
+OptionalCallerDep = Annotated[Tenant | None, Depends(_caller_or_none)]

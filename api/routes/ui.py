@@ -1,0 +1,127 @@
+"""The browser UI: server-rendered pages over the same services as /v1 (api.services.jobs).
+
+Pages that change nothing are rendered here; jobs are created, previewed and cancelled by ui.js
+through the REST endpoints, with the sign-in cookie as the credential.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
+
+from api.auth import COOKIE, OptionalCallerDep, same_origin
+from api.deps import SessionDep, SettingsDep, StorageDep
+from api.errors import ApiError
+from api.models import Tenant
+from api.services import jobs, states
+from api.services.tenants import tenant_for_key
+from api.settings import Settings
+from api.storage import Storage
+from api.ui.charts import charts
+from api.ui.render import error_page, page
+
+router = APIRouter(include_in_schema=False)
+COOKIE_MAX_AGE_S = 7 * 24 * 3600
+PAGE_SIZE = 20
+
+
+def _to_signin(request: Request) -> RedirectResponse:
+    response = RedirectResponse(f"/ui/signin?next={quote(request.url.path)}", status_code=303)
+    # a cookie that no longer authenticates (key revoked) would only keep failing
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a page of this UI, never another site (an open redirect)."""
+    return target if target and target.startswith("/ui/") and not target.startswith("//") else "/ui/jobs"
+
+
+def _refuse_cross_site(request: Request, settings: Settings) -> ApiError | None:
+    if same_origin(request, settings):
+        return None
+    return ApiError(403, "cross_site_request", "The form was not sent from this server's own pages.",
+                    "Open the sign-in page of this server and send the form from there.")
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/ui/jobs", status_code=303)
+
+
+@router.get("/ui/signin", response_class=HTMLResponse)
+def signin_form(request: Request, settings: SettingsDep, next: str | None = None) -> Response:
+    return page(request, "signin.html", settings, None, page_name="signin", next=_safe_next(next))
+
+
+@router.post("/ui/signin", response_class=HTMLResponse)
+def signin(request: Request, session: SessionDep, settings: SettingsDep, key: Annotated[str, Form()] = "",
+           next: Annotated[str, Form()] = "") -> Response:
+    refused = _refuse_cross_site(request, settings)
+    if refused is not None:
+        return error_page(request, settings, None, refused)
+    tenant = tenant_for_key(session, key.strip()) if key.strip() else None
+    if tenant is None:
+        return page(request, "signin.html", settings, None, status_code=401, page_name="signin",
+                    next=_safe_next(next), error="That API key is not valid. Copy it again from "
+                    "`idap keys create --tenant NAME` (or the first start of `idap serve`).")
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    secure = request.url.scheme == "https" or (settings.public_url or "").startswith("https://")
+    response.set_cookie(COOKIE, key.strip(), max_age=COOKIE_MAX_AGE_S, path="/", httponly=True, samesite="strict",
+                        secure=secure)
+    return response
+
+
+@router.post("/ui/signout")
+def signout(request: Request, settings: SettingsDep) -> Response:
+    refused = _refuse_cross_site(request, settings)
+    if refused is not None:
+        return error_page(request, settings, None, refused)
+    response = RedirectResponse("/ui/signin", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.get("/ui/jobs", response_class=HTMLResponse)
+def jobs_page(request: Request, session: SessionDep, settings: SettingsDep, tenant: OptionalCallerDep,
+              status: str | None = None, cursor: str | None = None) -> Response:
+    if tenant is None:
+        return _to_signin(request)
+    status = status if status in states.STATUSES else None
+    try:
+        listing = jobs.list_jobs(session, tenant, status, cursor or None, PAGE_SIZE, "")
+    except ApiError as err:
+        return error_page(request, settings, tenant, err)
+    return page(request, "jobs.html", settings, tenant, page_name="jobs", listing=listing, status=status,
+                statuses=states.STATUSES, first_page=cursor is not None)
+
+
+@router.get("/ui/jobs/new", response_class=HTMLResponse)
+def new_job_page(request: Request, settings: SettingsDep, tenant: OptionalCallerDep) -> Response:
+    if tenant is None:
+        return _to_signin(request)
+    return page(request, "new.html", settings, tenant, page_name="new-job")
+
+
+@router.get("/ui/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+             tenant: OptionalCallerDep) -> Response:
+    if tenant is None:
+        return _to_signin(request)
+    try:
+        job = jobs.get_job(session, tenant, job_id)
+        report = _report(session, storage, tenant, job_id) if job.status == states.SUCCEEDED else None
+    except ApiError as err:
+        return error_page(request, settings, tenant, err)
+    return page(request, "job.html", settings, tenant, page_name="job", job=jobs.job_out(job, ""), report=report,
+                charts=charts(report) if report else [], terminal=job.status in states.TERMINAL)
+
+
+def _report(session: Session, storage: Storage, tenant: Tenant, job_id: str) -> dict[str, Any]:
+    artifact = jobs.get_artifact(session, tenant, job_id, "report.json")
+    return json.loads(b"".join(storage.iter_bytes(artifact.storage_key)))

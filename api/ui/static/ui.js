@@ -1,0 +1,341 @@
+// The UI's only script: live job updates, the new-job form with its preflight, and cancel.
+// It talks to the /v1 REST endpoints; the sign-in cookie authenticates it (same origin only).
+"use strict";
+
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+
+function $(id) { return document.getElementById(id); }
+
+// An API error body is {"error": {"code", "message", "hint"}}; anything else (a proxy's HTML page) says its status.
+function apiError(xhrOrStatus, text) {
+  let body = null;
+  try { body = JSON.parse(text); } catch (_) { /* not JSON */ }
+  if (body && body.error) return body.error;
+  return { code: "http_" + xhrOrStatus, message: "The server answered " + xhrOrStatus + ".", hint: "Try again." };
+}
+
+function showError(box, error) {
+  box.replaceChildren();
+  const message = document.createElement("p");
+  message.textContent = error.message;
+  box.append(message);
+  if (error.hint) {
+    const hint = document.createElement("p");
+    hint.className = "hint";
+    hint.textContent = error.hint;
+    box.append(hint);
+  }
+  box.hidden = false;
+}
+
+function badge(status) {
+  const span = document.createElement("span");
+  span.className = "badge badge-" + status;
+  span.textContent = status;
+  return span;
+}
+
+// POST a FormData with upload progress (fetch cannot report it); resolves to {status, text}.
+function upload(url, form, progress, onUploaded) {
+  const xhr = new XMLHttpRequest();
+  const done = new Promise((resolve, reject) => {
+    xhr.open("POST", url);
+    xhr.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable) progress.value = event.loaded / event.total;
+    });
+    xhr.upload.addEventListener("load", () => { progress.value = 1; onUploaded(); });
+    xhr.addEventListener("load", () => resolve({ status: xhr.status, text: xhr.responseText }));
+    xhr.addEventListener("error", () => reject(new Error("The connection to the server failed.")));
+    xhr.addEventListener("abort", () => reject(new DOMException("aborted", "AbortError")));
+    progress.value = 0;
+    progress.hidden = false;
+    xhr.send(form);
+  });
+  return { xhr, done };
+}
+
+// ---- jobs list: poll the active rows; a finished row is swapped for the server's rendering of it.
+function initJobs() {
+  const filter = document.querySelector("form.filter");
+  filter.querySelector("select").addEventListener("change", () => filter.requestSubmit());
+  const poll = async () => {
+    const rows = [...document.querySelectorAll("tr[data-job-id]")]
+      .filter((row) => !TERMINAL.includes(row.dataset.status));
+    if (!rows.length) return;
+    const finished = [];
+    for (const row of rows) {
+      const response = await fetch("/v1/jobs/" + row.dataset.jobId, { credentials: "same-origin" });
+      if (!response.ok) continue;
+      const job = await response.json();
+      row.querySelector("progress").value = job.progress.fraction;
+      row.querySelector(".stage").textContent = job.progress.stage || "";
+      if (job.status !== row.dataset.status) {
+        row.dataset.status = job.status;
+        row.querySelector(".status-cell").replaceChildren(badge(job.status));
+      }
+      if (TERMINAL.includes(job.status)) finished.push(row.id);
+    }
+    if (finished.length) await refreshRows(finished);
+    setTimeout(poll, 1500);
+  };
+  setTimeout(poll, 1500);
+}
+
+// The server renders a finished job's reductions; take its row rather than formatting them twice.
+async function refreshRows(ids) {
+  const response = await fetch(location.href, { credentials: "same-origin" });
+  if (!response.ok) return;
+  const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+  for (const id of ids) {
+    const replacement = fresh.getElementById(id);
+    if (replacement) $(id).replaceWith(document.importNode(replacement, true));
+  }
+}
+
+// ---- new job: drag and drop, preflight on every change, submit with upload progress.
+function initNewJob() {
+  const form = $("job-form");
+  const maxBytes = Number(form.dataset.maxBytes);
+  let preflight = null;
+  let timer = null;
+
+  for (const zone of document.querySelectorAll(".drop")) {
+    const input = $(zone.dataset.for);
+    zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      zone.classList.remove("over");
+      if (!event.dataTransfer.files.length) return;
+      input.files = event.dataTransfer.files;
+      input.dispatchEvent(new Event("change", { bubbles: true }));
+    });
+  }
+
+  const macs = $("macs");
+  const showMacs = () => { $("macs-out").textContent = macs.value + " %"; };
+  macs.addEventListener("input", showMacs);
+  showMacs();
+
+  const fileOk = (name) => {
+    const input = $(name);
+    const box = $(name + "-error");
+    const file = input.files[0];
+    const tooBig = file && file.size > maxBytes;
+    box.textContent = tooBig ? `${file.name} is ${file.size} bytes; this server takes at most ${maxBytes}.` : "";
+    box.hidden = !tooBig;
+    input.setAttribute("aria-invalid", tooBig ? "true" : "false");
+    return !tooBig;
+  };
+
+  const schedule = () => {
+    clearTimeout(timer);
+    timer = setTimeout(runPreflight, 400);
+  };
+  form.addEventListener("change", (event) => {
+    if (["webhook", "device", "recovery-unit", "recovery", "final-recovery"].includes(event.target.id)) return;
+    schedule();
+  });
+
+  function runPreflight() {
+    const model = $("model").files[0];
+    if (!model || !fileOk("model") || !fileOk("data")) return;
+    if (preflight) preflight.xhr.abort();
+    const body = new FormData();
+    body.append("model", model);
+    if ($("data").files[0]) body.append("data", $("data").files[0]);
+    const config = buildConfig();
+    body.append("config", JSON.stringify({ target: config.target, stages: config.stages, architecture: config.architecture }));
+    const status = $("preflight-status");
+    const section = $("preflight");
+    status.textContent = "Uploading…";
+    section.setAttribute("aria-busy", "true");
+    $("preflight-error").hidden = true;
+    preflight = upload("/v1/inspect", body, $("preflight-upload"), () => { status.textContent = "Checking the model…"; });
+    const mine = preflight;
+    mine.done.then(({ status: code, text }) => {
+      if (preflight !== mine) return;
+      $("preflight-upload").hidden = true;
+      section.setAttribute("aria-busy", "false");
+      if (code === 200) {
+        status.textContent = "Checked " + model.name + ($("data").files[0] ? " with " + $("data").files[0].name : "") + ".";
+        showPreflight(JSON.parse(text));
+      } else {
+        status.textContent = "The preflight found a problem.";
+        $("preflight-result").hidden = true;
+        showError($("preflight-error"), apiError(code, text));
+      }
+    }).catch((error) => {
+      if (error.name === "AbortError" || preflight !== mine) return;
+      section.setAttribute("aria-busy", "false");
+      showError($("preflight-error"), { message: error.message, hint: "Check that the server is running." });
+    });
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const box = $("submit-error");
+    box.hidden = true;
+    const config = buildConfig();
+    const missing = [["model", "a model file"], ["data", "a calibration data file"]]
+      .filter(([name]) => !$(name).files[0]).map(([, what]) => what);
+    let problem = null;
+    if (missing.length) problem = { message: "Choose " + missing.join(" and ") + ".", hint: "Drop the files on the boxes above." };
+    else if (!config.target.macs_reduction && !config.target.params_reduction) {
+      problem = { message: "Set a MACs or a params reduction.", hint: "Move the MACs slider above 0 % or enter a params reduction." };
+    } else if (!config.stages.length) problem = { message: "Pick at least one stage.", hint: "Tick filters, residual blocks or both." };
+    else if (!fileOk("model") || !fileOk("data")) problem = { message: "A file is too large.", hint: "See the message at the file." };
+    if (problem) { showError(box, problem); return; }
+    const body = new FormData();
+    body.append("model", $("model").files[0]);
+    body.append("data", $("data").files[0]);
+    body.append("config", JSON.stringify(config));
+    const button = $("submit");
+    const status = $("submit-status");
+    button.disabled = true;
+    status.textContent = "Uploading…";
+    upload("/v1/jobs", body, $("submit-upload"), () => { status.textContent = "Checking and queueing…"; }).done
+      .then(({ status: code, text }) => {
+        if (code === 200 || code === 202) {
+          location.assign("/ui/jobs/" + JSON.parse(text).id);
+          return;
+        }
+        button.disabled = false;
+        status.textContent = "";
+        $("submit-upload").hidden = true;
+        showError(box, apiError(code, text));
+      })
+      .catch((error) => {
+        button.disabled = false;
+        status.textContent = "";
+        showError(box, { message: error.message, hint: "Check that the server is running and try again." });
+      });
+  });
+}
+
+function numberOrNull(id, scale = 1) {
+  const value = $(id).value.trim();
+  return value === "" ? null : Number(value) * scale;
+}
+
+function buildConfig() {
+  const macs = Number($("macs").value) / 100;
+  const perStep = numberOrNull("recovery");
+  const atEnd = numberOrNull("final-recovery");
+  const recovery = $("recovery-unit").value === "epochs"
+    ? { recovery_epochs: perStep, final_recovery_epochs: atEnd ?? 0 }
+    : { recovery_iterations: perStep === null ? null : Math.round(perStep),
+        final_recovery_iterations: atEnd === null ? null : Math.round(atEnd) };
+  return {
+    target: { macs_reduction: macs > 0 ? macs : null, params_reduction: numberOrNull("params", 0.01),
+              max_accuracy_drop: numberOrNull("drop", 0.01) ?? 0.01 },
+    stages: [...document.querySelectorAll("input[name=stages]:checked")].map((box) => box.value),
+    architecture: $("architecture").value.trim() || null,
+    device: $("device").value,
+    recovery,
+    webhook_url: $("webhook").value.trim() || null,
+  };
+}
+
+const count = new Intl.NumberFormat("en", { notation: "compact", maximumSignificantDigits: 3 });
+const pct = (value) => (value * 100).toFixed(1) + " %";
+
+function cell(row, text) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  row.append(td);
+}
+
+function showPreflight(report) {
+  $("pf-macs").textContent = count.format(report.macs);
+  $("pf-params").textContent = count.format(report.params);
+  $("pf-input").textContent = report.input_shape.join("×") + " " + report.input_dtype + ", " + report.num_classes + " classes"
+    + (report.samples ? ", " + report.samples + " samples" : "");
+  $("pf-groups").textContent = String(report.prunable_groups.length);
+  $("pf-blocks").textContent = String(report.blocks.length);
+  $("pf-reachable").textContent = "MACs −" + pct(report.reachable_reduction.macs) + ", params −" + pct(report.reachable_reduction.params);
+  const feasible = $("pf-feasible");
+  feasible.textContent = report.feasible === null ? "no target set" : report.feasible ? "feasible" : "not feasible";
+  feasible.className = report.feasible === false ? "error" : report.feasible ? "ok" : "";
+  const estimate = report.estimate_seconds;
+  $("pf-estimate").textContent = "about " + duration(estimate.gpu) + " on a GPU, " + duration(estimate.cpu) + " on a CPU"
+    + (estimate.measured_on === "cpu" ? " (measured on the server's CPU)" : "");
+  $("pf-problems").replaceChildren(...report.problems.map((problem) => {
+    const li = document.createElement("li");
+    li.textContent = problem;
+    return li;
+  }));
+  $("pf-not-count").textContent = String(report.not_prunable.length);
+  $("pf-not").replaceChildren(...report.not_prunable.map((layer) => {
+    const row = document.createElement("tr");
+    [layer.name, layer.type, layer.reason].forEach((text) => cell(row, text));
+    return row;
+  }));
+  $("pf-group-rows").replaceChildren(...report.prunable_groups.map((group) => {
+    const row = document.createElement("tr");
+    [group.name, String(group.width), String(group.min_width)].forEach((text) => cell(row, text));
+    row.children[1].className = row.children[2].className = "num";
+    return row;
+  }));
+  $("preflight-result").hidden = false;
+}
+
+function duration(seconds) {
+  if (seconds < 90) return Math.max(1, Math.round(seconds)) + " s";
+  if (seconds < 5400) return Math.round(seconds / 60) + " min";
+  return (seconds / 3600).toFixed(1) + " h";
+}
+
+// ---- job page: Server-Sent Events while it runs; once it has finished, the server renders the results.
+function initJob() {
+  const live = $("live");
+  const jobId = live.dataset.jobId;
+  const cancel = $("cancel");
+  if (cancel) {
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      const response = await fetch("/v1/jobs/" + jobId + "/cancel", { method: "POST", credentials: "same-origin" });
+      if (response.ok) {
+        cancel.textContent = "Cancelling…";
+      } else {
+        cancel.disabled = false;
+        showError($("cancel-error"), apiError(response.status, await response.text()));
+      }
+    });
+  }
+  if (live.dataset.terminal === "true") return;
+  const log = $("log");
+  let lastMessage = null;
+  const source = new EventSource("/v1/jobs/" + jobId + "/events");
+  source.addEventListener("progress", (event) => {
+    const data = JSON.parse(event.data);
+    $("stage").textContent = data.stage || "";
+    $("step").textContent = data.total_steps ? "step " + data.step + " of up to " + data.total_steps : "";
+    if (typeof data.fraction === "number") $("progress").value = data.fraction;
+    if (data.message && data.message !== lastMessage) {
+      lastMessage = data.message;
+      $("message").textContent = data.message;
+      const item = document.createElement("li");
+      item.textContent = "[" + data.stage + "] " + data.message;
+      log.append(item);
+      log.scrollTop = log.scrollHeight;
+    }
+  });
+  source.addEventListener("status", (event) => {
+    const data = JSON.parse(event.data);
+    $("job-status").replaceChildren(badge(data.status));
+    if (TERMINAL.includes(data.status)) {
+      source.close();  // else EventSource reconnects to a stream that has nothing more to say
+      location.reload();
+    }
+  });
+  source.addEventListener("error", () => {
+    if (source.readyState === EventSource.CLOSED) $("message").textContent = "Lost the connection; reload the page.";
+  });
+}
+
+const PAGES = { jobs: initJobs, "new-job": initNewJob, job: initJob };
+document.addEventListener("DOMContentLoaded", () => {
+  const init = PAGES[document.body.dataset.page];
+  if (init) init();
+});
