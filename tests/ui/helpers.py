@@ -1,0 +1,39 @@
+"""Helpers for the UI tests: tenants with keys and jobs written straight to the database (states the
+UI must show, such as a failure, without waiting for a worker to produce them)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from api.db import session_scope
+from api.models import Job, new_id
+from api.services import states
+from api.services.tenants import create_key, get_or_create_tenant
+
+FAILURE = {"code": "target_unreachable", "message": "A 95% MACs reduction is out of reach: at most 60%.",
+           "hint": "Lower macs_reduction to 0.6 or less, or allow the layers stage."}
+
+
+def tenant_with_key(database: str, name: str) -> tuple[str, str]:
+    """(tenant id, API key)."""
+    with session_scope(database) as session:
+        tenant, _ = get_or_create_tenant(session, name)
+        return tenant.id, create_key(session, tenant)
+
+
+def add_job(database: str, tenant_id: str, status: str = states.QUEUED, age_s: float = 0.0,
+            error: dict[str, Any] | None = None) -> str:
+    """A job that no worker will run, in `status` (reached through the state machine)."""
+    job_id = new_id()
+    with session_scope(database) as session:
+        session.add(Job(id=job_id, tenant_id=tenant_id, queue="ui-test", config={"architecture": "idap:digits"},
+                        model_key="none", data_key="none", max_attempts=1,
+                        created_at=datetime.now(UTC) - timedelta(seconds=age_s),
+                        progress={"stage": "queued", "message": "Waiting for a worker"}))
+    if status != states.QUEUED:
+        with session_scope(database) as session:
+            if status != states.RUNNING and status != states.CANCELLED:
+                states.transition(session, job_id, states.RUNNING)
+            assert states.transition(session, job_id, status, error=error)
+    return job_id

@@ -1,0 +1,116 @@
+"""charts.py on a real report.json from a small digits run: well-formed SVG with one mark per
+layer, step and block, names escaped, and a message where there is nothing to draw."""
+
+from __future__ import annotations
+
+import copy
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.ui.charts import _ticks, blocks_chart, channels_chart, charts, divergence_chart, trajectory_chart
+from core import CompressOptions, Target, compress, load_npz
+from core.model_io import load_model
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.fixture(scope="module")
+def report(digits_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    model, data = digits_files
+    out = tmp_path_factory.mktemp("report")
+    # a target the tiny budget cannot reach keeps it pruning: several steps, some rolled back
+    compress(load_model(model), load_npz(data), Target(macs_reduction=0.6, max_accuracy_drop=0.01),
+             CompressOptions(recovery_iterations=1, final_recovery_iterations=1), out)
+    return json.loads((out / "report.json").read_text())
+
+
+def parse(svg: str) -> ET.Element:
+    root = ET.fromstring(svg)
+    assert root.tag == f"{SVG}svg" and root.get("role") == "img" and root.find(f"{SVG}desc") is not None
+    return root
+
+
+def texts(root: ET.Element) -> list[str]:
+    """The visible text of each <text>, without its <title> tooltip."""
+    return [(node.text or "") + "".join(child.tail or "" for child in node) for node in root.iter(f"{SVG}text")]
+
+
+def test_every_chart_of_a_real_report_is_well_formed_svg(report: dict[str, Any]) -> None:
+    rendered = charts(report)
+    assert [chart.key for chart in rendered] == ["channels", "divergence", "trajectory", "blocks"]
+    for chart in rendered:
+        parse(chart.svg)
+
+
+def test_channels_chart_has_two_bars_and_the_widths_per_layer(report: dict[str, Any]) -> None:
+    root = parse(channels_chart(report["layers"]))
+    legend = 2
+    assert len(root.findall(f"{SVG}rect")) == legend + 2 * len(report["layers"])
+    labels = texts(root)
+    for layer in report["layers"]:
+        assert layer["name"] in labels
+        after = "removed" if layer["channels_after"] == 0 else str(layer["channels_after"])
+        assert f"{layer['channels_before']} → {after}" in labels
+
+
+def test_divergence_chart_has_a_bar_per_layer_with_a_divergence(report: dict[str, Any]) -> None:
+    scored = [layer for layer in report["layers"] if layer["divergence"] is not None]
+    assert scored
+    root = parse(divergence_chart(report["layers"]))
+    assert len(root.findall(f"{SVG}rect")) == 2 + len(scored)
+    assert f"{scored[0]['divergence']:.3g}" in texts(root)
+
+
+def test_trajectory_marks_every_step_and_the_final_model(report: dict[str, Any]) -> None:
+    steps = report["steps"]
+    assert steps, "the run should have taken steps"
+    root = parse(trajectory_chart(report))
+    circles = root.findall(f"{SVG}circle")
+    legend = 2
+    # the original model, one mark per step, and the legend's circle and ring
+    assert len(circles) == legend + 1 + len(steps)
+    rolled_back = [c for c in circles[legend:] if c.get("fill") == "white"]
+    assert len(rolled_back) == sum(not step["accepted"] for step in steps)
+    titles = ["".join(node.itertext()) for node in root.iter(f"{SVG}title")]
+    assert any(title.startswith("final model") for title in titles)
+    assert root.find(f"{SVG}polyline") is not None
+    # the budget line: accuracy_before minus max_accuracy_drop
+    assert any(line.get("stroke-dasharray") for line in root.iter(f"{SVG}line"))
+
+
+def test_blocks_chart_names_each_removed_block(report: dict[str, Any]) -> None:
+    synthetic = [{"name": "layer2.0", "kind": "projection", "divergence": 0.5},
+                 {"name": "layer1.1", "kind": "identity", "divergence": None}]
+    for blocks in (report["blocks"], synthetic):
+        root = parse(blocks_chart(blocks))
+        assert [f"{block['name']} ({block['kind']})" for block in blocks] == texts(root)[1::2]
+    assert "No residual blocks were removed." in texts(parse(blocks_chart([])))
+
+
+def test_names_from_the_model_are_escaped(report: dict[str, Any]) -> None:
+    hostile = copy.deepcopy(report)
+    hostile["layers"][0]["name"] = '<script>alert("x")</script>&'
+    svg = channels_chart(hostile["layers"])
+    assert "<script>" not in svg
+    root = parse(svg)
+    assert any(title.text and title.text.startswith("<script>") for title in root.iter(f"{SVG}title"))
+
+
+def test_empty_reports_draw_a_message() -> None:
+    assert "no layers" in channels_chart([])
+    assert "no per-layer divergence" in divergence_chart([{"name": "fc", "channels_before": 10, "channels_after": 10,
+                                                           "divergence": None}])
+    one_point = {"macs_before": 100, "macs_after": 100, "accuracy_before": 0.5, "accuracy_after": 0.5, "steps": []}
+    parse(trajectory_chart(one_point))
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0, 4_509_322), (0.81, 1.0), (0.5, 0.5), (0, 7)])
+def test_ticks_cover_the_range_with_round_steps(lo: float, hi: float) -> None:
+    ticks = _ticks(lo, hi)
+    assert ticks[0] <= lo and ticks[-1] >= hi and 2 <= len(ticks) <= 8
+    steps = {round(b - a, 12) for a, b in zip(ticks, ticks[1:])}
+    assert len(steps) == 1

@@ -1,0 +1,149 @@
+"""Pages and their credentials in-process (SQLite, no worker): the sign-in cookie, the cross-site
+checks on state changes, loopback mode without a key, the jobs list's pages and filter, another
+tenant's job, and a failed job's message and hint."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.db import upgrade
+from api.settings import Settings
+from tests.ui.helpers import FAILURE, add_job, tenant_with_key
+
+SAME = {"Origin": "http://testserver"}
+EVIL = {"Origin": "https://evil.example"}
+
+
+def make_settings(data_dir: Path, require_auth: bool) -> Settings:
+    # Every location given explicitly: the service tests' IDAP_* variables may be set in this process.
+    settings = Settings(data_dir=data_dir, database_url=f"sqlite:///{data_dir / 'idap.db'}",
+                        storage_url=str(data_dir / "artifacts"), broker_url="memory://", s3_endpoint_url=None,
+                        public_url=None, host="127.0.0.1", require_auth=require_auth)
+    upgrade(settings.database)
+    return settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path, require_auth=True)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), follow_redirects=False) as test_client:
+        yield test_client
+
+
+def rows(html: str) -> list[str]:
+    return re.findall(r'<tr id="job-([0-9a-f]+)"', html)
+
+
+def test_sign_in_sets_a_strict_http_only_cookie_that_pages_and_the_api_accept(client: TestClient,
+                                                                              settings: Settings) -> None:
+    _, key = tenant_with_key(settings.database, "ui-alice")
+    assert client.get("/").headers["location"] == "/ui/jobs"
+    response = client.get("/ui/jobs")
+    assert response.status_code == 303 and response.headers["location"] == "/ui/signin?next=/ui/jobs"
+    assert client.get("/v1/jobs").status_code == 401
+
+    page = client.get("/ui/signin")
+    assert page.status_code == 200 and 'type="password"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    wrong = client.post("/ui/signin", data={"key": "idap_wrong"}, headers=SAME)
+    assert wrong.status_code == 401 and "not valid" in wrong.text and "set-cookie" not in wrong.headers
+    # a sign-in form posted from elsewhere (login CSRF), or with no origin at all, is refused
+    assert client.post("/ui/signin", data={"key": key}, headers=EVIL).status_code == 403
+    assert client.post("/ui/signin", data={"key": key}).status_code == 403
+
+    signed_in = client.post("/ui/signin", data={"key": key, "next": "https://evil.example/"}, headers=SAME)
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/ui/jobs"
+    cookie = signed_in.headers["set-cookie"]
+    assert cookie.startswith(f"idap_key={key};") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert "Secure" not in cookie  # plain http here; see the https test
+    assert "ui-alice" in client.get("/ui/jobs").text
+    assert client.get("/v1/jobs").status_code == 200
+
+    # state changes with the cookie must come from this origin; a Bearer key needs no origin
+    missing = "/v1/jobs/" + "0" * 32 + "/cancel"
+    refused = client.post(missing)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "cross_site_request"
+    assert client.post(missing, headers=EVIL).status_code == 403
+    assert client.post(missing, headers=SAME).status_code == 404
+    assert client.post(missing, headers={"Referer": "http://testserver/ui/jobs/x"}).status_code == 404
+    client.cookies.clear()
+    assert client.post(missing, headers={"Authorization": f"Bearer {key}"}).status_code == 404
+
+    assert client.post("/ui/signin", data={"key": key}, headers=SAME).status_code == 303
+    assert client.post("/ui/signout", headers=EVIL).status_code == 403
+    signed_out = client.post("/ui/signout", headers=SAME)
+    assert signed_out.status_code == 303 and 'idap_key=""' in signed_out.headers["set-cookie"]
+    assert client.get("/ui/jobs").status_code == 303
+
+
+def test_a_revoked_key_in_the_cookie_sends_the_browser_to_sign_in(client: TestClient) -> None:
+    client.cookies.set("idap_key", "idap_revoked")
+    response = client.get("/ui/jobs/new")
+    assert response.status_code == 303 and response.headers["location"] == "/ui/signin?next=/ui/jobs/new"
+    assert 'idap_key=""' in response.headers["set-cookie"]
+    assert client.get("/v1/jobs").status_code == 401
+
+
+def test_the_cookie_is_secure_over_https(settings: Settings) -> None:
+    _, key = tenant_with_key(settings.database, "ui-https")
+    with TestClient(create_app(settings), base_url="https://testserver", follow_redirects=False) as client:
+        response = client.post("/ui/signin", data={"key": key}, headers={"Origin": "https://testserver"})
+    assert response.status_code == 303 and "Secure" in response.headers["set-cookie"]
+
+
+def test_loopback_mode_needs_no_sign_in_but_still_refuses_cross_site_posts(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, require_auth=False)), follow_redirects=False) as client:
+        page = client.get("/ui/jobs")
+        assert page.status_code == 200 and "Local mode" in page.text and "Sign in with a key" in page.text
+        assert client.get("/ui/jobs/new").status_code == 200
+        assert "no key is needed" in client.get("/ui/signin").text
+        missing = "/v1/jobs/" + "0" * 32 + "/cancel"
+        assert client.post(missing, headers=EVIL).status_code == 403
+        assert client.post(missing).status_code == 404  # curl sends no Origin
+
+
+def test_jobs_list_pages_filters_and_keeps_tenants_apart(client: TestClient, settings: Settings) -> None:
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    bob, _ = tenant_with_key(settings.database, "ui-bob")
+    ids = [add_job(settings.database, alice, "failed" if i % 5 == 0 else "queued", age_s=100 - i, error=FAILURE)
+           for i in range(23)]
+    other = add_job(settings.database, bob, "failed", error=FAILURE)
+    client.cookies.set("idap_key", key)
+
+    first = client.get("/ui/jobs").text
+    assert rows(first) == ids[::-1][:20]
+    older = re.search(r'href="(/ui/jobs\?cursor=[^"]+)" rel="next"', first)
+    assert older and "Newest" not in first
+    second = client.get(older.group(1).replace("&amp;", "&")).text
+    assert rows(second) == ids[::-1][20:] and 'rel="next"' not in second and "Newest" in second
+
+    failed = client.get("/ui/jobs", params={"status": "failed"}).text
+    assert rows(failed) == [job for job in ids[::-1] if ids.index(job) % 5 == 0]
+    assert 'value="failed" selected' in failed
+    assert rows(client.get("/ui/jobs", params={"status": "bogus"}).text) == ids[::-1][:20]
+    assert client.get("/ui/jobs", params={"cursor": "not-a-cursor"}).status_code == 400
+
+    assert other not in first
+    hidden = client.get(f"/ui/jobs/{other}")
+    assert hidden.status_code == 404 and "Not found" in hidden.text and "other tenants" in hidden.text
+
+
+def test_a_failed_job_shows_its_message_and_what_to_change(client: TestClient, settings: Settings) -> None:
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    job_id = add_job(settings.database, alice, "failed", error=FAILURE)
+    client.cookies.set("idap_key", key)
+    page = client.get(f"/ui/jobs/{job_id}")
+    assert page.status_code == 200
+    assert "The job failed" in page.text and "out of reach" in page.text
+    assert "What to change:" in page.text and "Lower macs_reduction" in page.text
+    assert 'id="cancel"' not in page.text and 'data-terminal="true"' in page.text
