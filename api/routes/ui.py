@@ -68,8 +68,8 @@ def signin(request: Request, session: SessionDep, settings: SettingsDep, key: An
     tenant = tenant_for_key(session, key.strip()) if key.strip() else None
     if tenant is None:
         return page(request, "signin.html", settings, None, status_code=401, page_name="signin",
-                    next=_safe_next(next), error="That API key is not valid. Copy it again from "
-                    "`idap keys create --tenant NAME` (or the first start of `idap serve`).")
+                    next=_safe_next(next), error="That API key is not valid. Copy it again from the output of "
+                    "idap keys create --tenant NAME (or of the first start of idap serve).")
     response = RedirectResponse(_safe_next(next), status_code=303)
     secure = request.url.scheme == "https" or (settings.public_url or "").startswith("https://")
     response.set_cookie(COOKIE, key.strip(), max_age=COOKIE_MAX_AGE_S, path="/", httponly=True, samesite="strict",

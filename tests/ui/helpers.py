@@ -11,8 +11,9 @@ from api.models import Job, new_id
 from api.services import states
 from api.services.tenants import create_key, get_or_create_tenant
 
-FAILURE = {"code": "target_unreachable", "message": "A 95% MACs reduction is out of reach: at most 60%.",
-           "hint": "Lower macs_reduction to 0.6 or less, or allow the layers stage."}
+# what the worker writes when a job outlives its time limit
+FAILURE = {"code": "time_limit", "message": "The job ran past the 21600 s limit.",
+           "hint": "Set method.time_budget_s below the limit, or lower the recovery budget."}
 
 
 def tenant_with_key(database: str, name: str) -> tuple[str, str]:
@@ -31,9 +32,9 @@ def add_job(database: str, tenant_id: str, status: str = states.QUEUED, age_s: f
                         model_key="none", data_key="none", max_attempts=1,
                         created_at=datetime.now(UTC) - timedelta(seconds=age_s),
                         progress={"stage": "queued", "message": "Waiting for a worker"}))
-    if status != states.QUEUED:
-        with session_scope(database) as session:
-            if status != states.RUNNING and status != states.CANCELLED:
-                states.transition(session, job_id, states.RUNNING)
-            assert states.transition(session, job_id, status, error=error)
+    with session_scope(database) as session:
+        if status in (states.SUCCEEDED, states.FAILED):
+            assert states.transition(session, job_id, states.RUNNING, attempts=1)
+        if status != states.QUEUED:
+            assert states.transition(session, job_id, status, **({"error": error} if status == states.FAILED else {}))
     return job_id

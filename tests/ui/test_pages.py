@@ -144,6 +144,6 @@ def test_a_failed_job_shows_its_message_and_what_to_change(client: TestClient, s
     client.cookies.set("idap_key", key)
     page = client.get(f"/ui/jobs/{job_id}")
     assert page.status_code == 200
-    assert "The job failed" in page.text and "out of reach" in page.text
-    assert "What to change:" in page.text and "Lower macs_reduction" in page.text
+    assert "The job failed" in page.text and FAILURE["message"] in page.text
+    assert "What to change:" in page.text and FAILURE["hint"] in page.text
     assert 'id="cancel"' not in page.text and 'data-terminal="true"' in page.text
