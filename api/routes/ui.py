@@ -115,13 +115,17 @@ def job_page(request: Request, job_id: str, session: SessionDep, settings: Setti
         return _to_signin(request)
     try:
         job = jobs.get_job(session, tenant, job_id)
-        report = _report(session, storage, tenant, job_id) if job.status == states.SUCCEEDED else None
     except ApiError as err:
         return error_page(request, settings, tenant, err)
+    report = _report(session, storage, tenant, job_id) if job.status == states.SUCCEEDED else None
     return page(request, "job.html", settings, tenant, page_name="job", job=jobs.job_out(job, ""), report=report,
                 charts=charts(report) if report else [], terminal=job.status in states.TERMINAL)
 
 
-def _report(session: Session, storage: Storage, tenant: Tenant, job_id: str) -> dict[str, Any]:
-    artifact = jobs.get_artifact(session, tenant, job_id, "report.json")
+def _report(session: Session, storage: Storage, tenant: Tenant, job_id: str) -> dict[str, Any] | None:
+    """None when the job has no report.json: the page still shows the job and whatever artifacts it has."""
+    try:
+        artifact = jobs.get_artifact(session, tenant, job_id, "report.json")
+    except ApiError:
+        return None
     return json.loads(b"".join(storage.iter_bytes(artifact.storage_key)))

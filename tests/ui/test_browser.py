@@ -174,6 +174,10 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     expect(page.locator("#pf-not")).to_contain_text("output layer")
     expect(page.locator("#preflight-status")).to_contain_text("Checked model.safetensors")
     shot(page, "new-job-preflight")
+    page.set_viewport_size(PHONE)
+    assert fits_the_width(page)
+    shot(page, "new-job-phone")
+    page.set_viewport_size(LAPTOP)
     page.click("#submit")
     page.wait_for_url(lambda url: "/ui/jobs/" in url and not url.endswith("/new"))
     return page.url
@@ -213,8 +217,14 @@ def check_results(page: Page, data: Path) -> None:
 def bad_upload_shows_its_error(page: Page, data: Path) -> None:
     page.click("nav >> text=New job")
     page.fill("#architecture", "idap:digits")
-    page.set_input_files("#model", files=[{"name": "model.safetensors", "mimeType": "application/octet-stream",
-                                           "buffer": os.urandom(4096)}])
+    # dropped on the box, as a user drags a file from the desktop
+    dropped = page.evaluate_handle("""() => {
+      const transfer = new DataTransfer();
+      transfer.items.add(new File([crypto.getRandomValues(new Uint8Array(4096))], "model.safetensors"));
+      return transfer;
+    }""")
+    page.dispatch_event(".drop[data-for=model]", "drop", {"dataTransfer": dropped})
+    assert page.evaluate("document.getElementById('model').files[0].name") == "model.safetensors"
     error = page.locator("#preflight-error")
     expect(error).to_contain_text("is not a model file this service reads")
     expect(error.locator(".hint")).to_contain_text("Upload an ONNX file")

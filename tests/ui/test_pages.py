@@ -147,3 +147,11 @@ def test_a_failed_job_shows_its_message_and_what_to_change(client: TestClient, s
     assert "The job failed" in page.text and FAILURE["message"] in page.text
     assert "What to change:" in page.text and FAILURE["hint"] in page.text
     assert 'id="cancel"' not in page.text and 'data-terminal="true"' in page.text
+
+
+def test_a_succeeded_job_without_a_report_still_has_its_page(client: TestClient, settings: Settings) -> None:
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    job_id = add_job(settings.database, alice, "succeeded")
+    client.cookies.set("idap_key", key)
+    page = client.get(f"/ui/jobs/{job_id}")
+    assert page.status_code == 200 and "no report.json" in page.text and "<svg" not in page.text

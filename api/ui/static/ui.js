@@ -62,20 +62,24 @@ function initJobs() {
     const rows = [...document.querySelectorAll("tr[data-job-id]")]
       .filter((row) => !TERMINAL.includes(row.dataset.status));
     if (!rows.length) return;
-    const finished = [];
-    for (const row of rows) {
-      const response = await fetch("/v1/jobs/" + row.dataset.jobId, { credentials: "same-origin" });
-      if (!response.ok) continue;
-      const job = await response.json();
-      row.querySelector("progress").value = job.progress.fraction;
-      row.querySelector(".stage").textContent = job.progress.stage || "";
-      if (job.status !== row.dataset.status) {
-        row.dataset.status = job.status;
-        row.querySelector(".status-cell").replaceChildren(badge(job.status));
+    try {
+      const finished = [];
+      for (const row of rows) {
+        const response = await fetch("/v1/jobs/" + row.dataset.jobId, { credentials: "same-origin" });
+        if (!response.ok) continue;
+        const job = await response.json();
+        row.querySelector("progress").value = job.progress.fraction;
+        row.querySelector(".stage").textContent = job.progress.stage || "";
+        if (job.status !== row.dataset.status) {
+          row.dataset.status = job.status;
+          row.querySelector(".status-cell").replaceChildren(badge(job.status));
+        }
+        if (TERMINAL.includes(job.status)) finished.push(row.id);
       }
-      if (TERMINAL.includes(job.status)) finished.push(row.id);
+      if (finished.length) await refreshRows(finished);
+    } catch (_) {
+      // the server restarting or the network dropping for a moment: the next round tries again
     }
-    if (finished.length) await refreshRows(finished);
     setTimeout(poll, 1500);
   };
   setTimeout(poll, 1500);
@@ -145,7 +149,9 @@ function initNewJob() {
     body.append("model", model);
     if ($("data").files[0]) body.append("data", $("data").files[0]);
     const config = buildConfig();
-    body.append("config", JSON.stringify({ target: config.target, stages: config.stages, architecture: config.architecture }));
+    // without a size target the preflight still describes the model
+    const target = config.target.macs_reduction || config.target.params_reduction ? config.target : null;
+    body.append("config", JSON.stringify({ target, stages: config.stages, architecture: config.architecture }));
     const status = $("preflight-status");
     const section = $("preflight");
     status.textContent = "Uploading…";
@@ -218,14 +224,15 @@ function numberOrNull(id, scale = 1) {
   return value === "" ? null : Number(value) * scale;
 }
 
+// The JobConfig the API takes; a blank recovery field is left out so the server's default applies.
 function buildConfig() {
   const macs = Number($("macs").value) / 100;
-  const perStep = numberOrNull("recovery");
-  const atEnd = numberOrNull("final-recovery");
-  const recovery = $("recovery-unit").value === "epochs"
-    ? { recovery_epochs: perStep, final_recovery_epochs: atEnd ?? 0 }
-    : { recovery_iterations: perStep === null ? null : Math.round(perStep),
-        final_recovery_iterations: atEnd === null ? null : Math.round(atEnd) };
+  const epochs = $("recovery-unit").value === "epochs";
+  const recovery = {};
+  for (const [id, name] of [["recovery", "recovery"], ["final-recovery", "final_recovery"]]) {
+    const value = numberOrNull(id);
+    if (value !== null) recovery[name + (epochs ? "_epochs" : "_iterations")] = epochs ? value : Math.round(value);
+  }
   return {
     target: { macs_reduction: macs > 0 ? macs : null, params_reduction: numberOrNull("params", 0.01),
               max_accuracy_drop: numberOrNull("drop", 0.01) ?? 0.01 },
@@ -294,13 +301,18 @@ function initJob() {
   if (cancel) {
     cancel.addEventListener("click", async () => {
       cancel.disabled = true;
-      const response = await fetch("/v1/jobs/" + jobId + "/cancel", { method: "POST", credentials: "same-origin" });
-      if (response.ok) {
-        cancel.textContent = "Cancelling…";
-      } else {
-        cancel.disabled = false;
+      $("cancel-error").hidden = true;
+      try {
+        const response = await fetch("/v1/jobs/" + jobId + "/cancel", { method: "POST", credentials: "same-origin" });
+        if (response.ok) {
+          cancel.textContent = "Cancelling…";
+          return;
+        }
         showError($("cancel-error"), apiError(response.status, await response.text()));
+      } catch (error) {
+        showError($("cancel-error"), { message: error.message, hint: "Check that the server is running and try again." });
       }
+      cancel.disabled = false;
     });
   }
   if (live.dataset.terminal === "true") return;
