@@ -192,6 +192,15 @@ function initNewJob() {
     } else if (!config.stages.length) problem = { message: "Pick at least one stage.", hint: "Tick filters, residual blocks or both." };
     else if (!fileOk("model") || !fileOk("data")) problem = { message: "A file is too large.", hint: "See the message at the file." };
     if (problem) { showError(box, problem); return; }
+    // the server checks the files again on submit; a preflight still running would only compete with it
+    clearTimeout(timer);
+    if (preflight) {
+      preflight.xhr.abort();
+      preflight = null;
+      $("preflight-upload").hidden = true;
+      $("preflight").setAttribute("aria-busy", "false");
+      $("preflight-status").textContent = "Submitted: the server checks the files again.";
+    }
     const body = new FormData();
     body.append("model", $("model").files[0]);
     body.append("data", $("data").files[0]);
