@@ -68,8 +68,9 @@ def _caller(request: Request, session: SessionDep, settings: SettingsDep) -> Ten
         check_csrf(request, settings, cookie=True)
         tenant = tenant_for_key(session, cookie or "")
     if tenant is None:
-        raise ApiError(401, "unauthorized", "The API key is not valid.",
-                       "Send `Authorization: Bearer <key>` with a key from `idap keys create`.", _CHALLENGE)
+        hint = ("Send `Authorization: Bearer <key>` with a key from `idap keys create`." if header is not None
+                else "Sign in again at /ui/signin with a key from `idap keys create`.")
+        raise ApiError(401, "unauthorized", "The API key is not valid.", hint, _CHALLENGE)
     return tenant
 
 

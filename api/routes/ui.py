@@ -14,7 +14,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from api.auth import COOKIE, OptionalCallerDep, same_origin
+from api.auth import COOKIE, OptionalCallerDep, check_csrf
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.models import Tenant
@@ -43,10 +43,13 @@ def _safe_next(target: str | None) -> str:
 
 
 def _refuse_cross_site(request: Request, settings: Settings) -> ApiError | None:
-    if same_origin(request, settings):
-        return None
-    return ApiError(403, "cross_site_request", "The form was not sent from this server's own pages.",
-                    "Open the sign-in page of this server and send the form from there.")
+    """Sign-in and sign-out forms too must come from this server's pages (a forged sign-in would
+    put the victim's browser in the attacker's tenant)."""
+    try:
+        check_csrf(request, settings, cookie=True)
+    except ApiError as err:
+        return err
+    return None
 
 
 @router.get("/")

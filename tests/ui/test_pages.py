@@ -91,7 +91,8 @@ def test_a_revoked_key_in_the_cookie_sends_the_browser_to_sign_in(client: TestCl
     response = client.get("/ui/jobs/new")
     assert response.status_code == 303 and response.headers["location"] == "/ui/signin?next=/ui/jobs/new"
     assert 'idap_key=""' in response.headers["set-cookie"]
-    assert client.get("/v1/jobs").status_code == 401
+    api = client.get("/v1/jobs")
+    assert api.status_code == 401 and "Sign in again" in api.json()["error"]["hint"]
 
 
 def test_the_cookie_is_secure_over_https(settings: Settings) -> None:

@@ -7,11 +7,11 @@ const TERMINAL = ["succeeded", "failed", "cancelled"];
 function $(id) { return document.getElementById(id); }
 
 // An API error body is {"error": {"code", "message", "hint"}}; anything else (a proxy's HTML page) says its status.
-function apiError(xhrOrStatus, text) {
+function apiError(status, text) {
   let body = null;
   try { body = JSON.parse(text); } catch (_) { /* not JSON */ }
   if (body && body.error) return body.error;
-  return { code: "http_" + xhrOrStatus, message: "The server answered " + xhrOrStatus + ".", hint: "Try again." };
+  return { code: "http_" + status, message: "The server answered " + status + ".", hint: "Try again." };
 }
 
 function showError(box, error) {
@@ -55,9 +55,9 @@ function upload(url, form, progress, onUploaded) {
 }
 
 // ---- jobs list: poll the active rows; a finished row is swapped for the server's rendering of it.
+// (The status filter is a plain form with its own button: submitting on change would navigate
+// away while a keyboard user is still arrowing through the options.)
 function initJobs() {
-  const filter = document.querySelector("form.filter");
-  filter.querySelector("select").addEventListener("change", () => filter.requestSubmit());
   const poll = async () => {
     const rows = [...document.querySelectorAll("tr[data-job-id]")]
       .filter((row) => !TERMINAL.includes(row.dataset.status));
