@@ -8,8 +8,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core import CompressOptions, Target
+from core.options import IntakeOptions
 
 _DEFAULTS = CompressOptions()
+_INTAKE = IntakeOptions()
 
 
 class _Strict(BaseModel):
@@ -39,18 +41,29 @@ class MethodIn(_Strict):
     max_steps: int = Field(_DEFAULTS.max_steps, ge=1)
     max_removals: int = Field(_DEFAULTS.max_removals, ge=0)
     ignored_layers: list[str] = []
+    eval_fraction: float = Field(_DEFAULTS.eval_fraction, gt=0, lt=1, description="share of the data held out")
     time_budget_s: float | None = Field(None, gt=0)
 
 
-class JobConfig(_Strict):
-    """The `config` part of POST /v1/jobs (and of POST /v1/inspect)."""
+class InputHints(_Strict):
+    """How the uploaded files are read (core.options.IntakeOptions); shared by jobs and inspect."""
 
-    target: TargetIn
-    stages: list[Literal["filters", "layers"]] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1)
     architecture: str | None = Field(
         None, max_length=300, description='for safetensors weights, e.g. "idap:digits" or '
         '"torchvision:resnet18(num_classes=10)"')
-    image_size: int | None = Field(None, ge=1, le=8192)
+    image_size: int | None = Field(None, ge=8, le=8192, description="side of image-folder images after resizing")
+    mean: list[float] = Field(default_factory=lambda: list(_INTAKE.mean), min_length=1, max_length=3)
+    std: list[float] = Field(default_factory=lambda: list(_INTAKE.std), min_length=1, max_length=3)
+    text_column: str = Field(_INTAKE.text_column, min_length=1, max_length=200)
+    label_column: str = Field(_INTAKE.label_column, min_length=1, max_length=200)
+    max_length: int = Field(_INTAKE.max_length, ge=2, le=4096, description="tokens per text sample")
+
+
+class JobConfig(InputHints):
+    """The `config` part of POST /v1/jobs."""
+
+    target: TargetIn
+    stages: list[Literal["filters", "layers"]] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     recovery: RecoveryIn = RecoveryIn()
     method: MethodIn = MethodIn()
@@ -77,13 +90,11 @@ class JobConfig(_Strict):
         return CompressOptions(stages=tuple(self.stages), device=self.device, **recovery, **method)
 
 
-class InspectConfig(_Strict):
+class InspectConfig(InputHints):
     """The `config` part of POST /v1/inspect: what the preflight needs, target optional."""
 
     target: TargetIn | None = None
     stages: list[Literal["filters", "layers"]] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1)
-    architecture: str | None = Field(None, max_length=300)
-    image_size: int | None = Field(None, ge=1, le=8192)
     method: MethodIn = MethodIn()
 
     def target_core(self) -> Target | None:

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from core.tracing import containers_called_once
+from core.tracing import ContainerCall, containers_called_once
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Identity, nn.Dropout)
@@ -27,10 +27,21 @@ _PASS_THROUGH_FUNCTIONS = {torch.relu, nn.functional.relu, nn.functional.relu6, 
 class BlockCandidate:
     name: str
     shortcut: str | None  # submodule of the block to keep in its place; None = identity
+    layer: bool = False  # a transformer layer: skipped as a whole, its residual stream passed through
 
     @property
     def kind(self) -> str:
+        if self.layer:
+            return "layer"
         return "identity" if self.shortcut is None else "projection"
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a removed transformer layer: returns the hidden states it is given, whatever
+    else the caller passes (masks, caches)."""
+
+    def forward(self, hidden_states: torch.Tensor, *_args: object, **_kwargs: object) -> torch.Tensor:
+        return hidden_states
 
 
 def _output_add(graph: fx.Graph, root: fx.GraphModule) -> fx.Node | None:
@@ -101,9 +112,19 @@ def _projection_of(node: fx.Node, x: fx.Node) -> str | None:
 
 
 def find_blocks(model: nn.Module, example: torch.Tensor) -> list[BlockCandidate]:
-    """Residual blocks, in execution order, that can be replaced without breaking shapes."""
+    """Residual blocks and transformer layers, in execution order, that can be replaced without
+    breaking shapes."""
+    calls = containers_called_once(model, example)
+    layers = _transformer_layers(model, calls)
+    inside_layer = tuple(name + "." for name in layers)
     candidates = []
-    for call in containers_called_once(model, example):
+    for call in calls:
+        if call.name in layers:
+            candidates.append(BlockCandidate(call.name, None, layer=True))
+            continue
+        if call.name.startswith(inside_layer):
+            continue  # a layer is removed as a whole, not piecewise
+
         if call.input_shape is None or call.output_shape is None:
             continue
         candidate = _candidate(call.name, model.get_submodule(call.name))
@@ -119,10 +140,38 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[BlockCandidate]
     return candidates
 
 
+def _transformer_layers(model: nn.Module, calls: list[ContainerCall]) -> set[str]:
+    """Shape-preserving layers that hold attention and repeat in a stack (encoder layers, ViT and
+    Swin blocks): removing one leaves the residual stream as it was, so each is a Stage 2 candidate."""
+    shapes = {call.name: call for call in calls}
+    layers = set()
+    for stack_name, stack in model.named_modules():
+        if not isinstance(stack, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(stack.named_children())
+        for child_name, child in children:
+            name = f"{stack_name}.{child_name}" if stack_name else child_name
+            call = shapes.get(name)
+            if call is None or call.input_shape is None or call.input_shape != call.output_shape:
+                continue
+            siblings = sum(type(other) is type(child) for _, other in children)
+            if siblings >= 2 and _holds_attention(child):
+                layers.add(name)
+    return layers
+
+
+def _holds_attention(module: nn.Module) -> bool:
+    return any("attention" in type(m).__name__.lower() or isinstance(m, nn.MultiheadAttention)
+               for m in module.modules())
+
+
 def remove_block(model: nn.Module, candidate: BlockCandidate) -> None:
-    """Replace the block by Identity or by its shortcut projection, in place."""
+    """Replace the block by Identity, by its shortcut projection, or (a layer) by SkippedLayer, in place."""
     parent_name, _, child = candidate.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     block = parent.get_submodule(child)
+    if candidate.layer:
+        setattr(parent, child, SkippedLayer())
+        return
     replacement = nn.Identity() if candidate.shortcut is None else block.get_submodule(candidate.shortcut)
     setattr(parent, child, replacement)

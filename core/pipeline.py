@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.attention import convert_multihead_attention, find_sites
 from core.blocks import BlockCandidate, find_blocks, remove_block
 from core.context import TARGET_TOLERANCE, RunContext
 from core.data import Dataset, check_against_model, split
@@ -54,6 +55,15 @@ def _drop_training_only_heads(model: nn.Module) -> list[str]:
     for name in dropped:
         setattr(model, name, None)
     return [f"Removed training-only auxiliary head {name}." for name in dropped]
+
+
+def _attention_notes(model: nn.Module) -> list[str]:
+    _, unrecognised = find_sites(model)
+    if not unrecognised:
+        return []
+    shown = "; ".join(unrecognised[:3]) + (f"; and {len(unrecognised) - 3} more" if len(unrecognised) > 3 else "")
+    return [f"Attention heads are not pruned in {len(unrecognised)} module(s) this version does not recognise "
+            f"({shown}); the widths around them (MLP, hidden size) are pruned."]
 
 
 def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -210,6 +220,7 @@ def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOpti
     model = copy.deepcopy(model).to(device).eval()
     notes = _drop_training_only_heads(model)
     check_against_model(model, data, device)
+    notes += convert_multihead_attention(model, data.x[:2].to(device)) + _attention_notes(model)
     unknown = [name for name in opts.ignored_layers if name not in dict(model.named_modules())]
     if unknown:
         raise OptionsError(f"Layers to leave alone not found in the model: {', '.join(unknown)}.",

@@ -16,6 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from core.attention import AttentionSite
 from core.blocks import find_blocks
 from core.context import TARGET_TOLERANCE, RunContext
 from core.data import Dataset
@@ -88,12 +89,14 @@ def _problems(target: Target | None, reachable: dict[str, float], options: Compr
 def _not_prunable(model: nn.Module, graph: tp.DependencyGraph, groups: list, ignored: list[str],
                   by_option: tuple[str, ...]) -> list[dict[str, str]]:
     """Layers with weights whose output width stays as it is, and why."""
-    in_groups = {dep.target.module for g in groups for dep, _ in g.group
+    in_groups = {dep.target.module for g in groups if not isinstance(g.group, AttentionSite) for dep, _ in g.group
                  if graph.is_out_channel_pruning_fn(dep.handler)}
+    # q/k/v projections lose whole heads (the "heads:" groups), not single channels
+    by_heads = {f"{g.group.name}.{attr}" for g in groups if isinstance(g.group, AttentionSite) for attr in g.group.qkv}
     rows = []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
-        if not own or module in in_groups:
+        if not own or module in in_groups or name in by_heads:
             continue
         if name in ignored:
             reason = "left alone by ignored_layers" if name in by_option else "output layer (its outputs are classes)"

@@ -11,6 +11,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from core.attention import (
+    HEADS,
+    AttentionSite,
+    find_sites,
+    head_divergence,
+    head_taylor,
+    head_weight_norms,
+    removable,
+)
 from core.blocks import BlockCandidate, find_blocks, remove_block
 from core.context import RunContext
 from core.divergence import (
@@ -34,27 +43,65 @@ from core.surgery import (
 
 
 def group_candidates(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph) -> list[PrunableGroup]:
-    """The prunable groups of `model` under the run's ignore list and minimum widths."""
+    """The prunable channel groups and attention-head groups of `model` under the run's ignore
+    list and minimum widths."""
     ignored = [model.get_submodule(name) for name in ctx.ignored]
     opts = ctx.options
+
     def survives(group: PrunableGroup) -> bool:
         if group.root_name not in ctx.cuttable:
             ctx.cuttable[group.root_name] = survives_channel_cut(model, ctx.example, group)
         return ctx.cuttable[group.root_name]
 
-    return prunable_groups(graph, model, ignored, ctx.original_widths, opts.min_width_fraction, opts.min_channels,
-                           survives)
+    groups = prunable_groups(graph, model, ignored, ctx.original_widths, opts.min_width_fraction,
+                             opts.min_channels, survives)
+    return groups + _head_groups(ctx, model)
 
 
-def _scorer(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph) -> GroupScorer:
+def _head_groups(ctx: RunContext, model: nn.Module) -> list[PrunableGroup]:
+    groups = []
+    for site in find_sites(model)[0]:
+        key = HEADS + site.name
+        if any(name in ctx.ignored for name in (site.name, site.out)):
+            continue
+        if key not in ctx.cuttable:
+            ctx.cuttable[key] = removable(model, site, ctx.example)
+        if not ctx.cuttable[key]:
+            continue
+        width = site.num_heads(model)
+        original = ctx.original_widths.setdefault(key, width)
+        minimum = min(width, max(1, math.ceil(original * ctx.options.min_width_fraction)))
+        groups.append(PrunableGroup(key, site, width, 1, minimum, rounds=False))
+    return groups
+
+
+def _scorer(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
+            groups: list[PrunableGroup]) -> GroupScorer:
     criterion = ctx.options.criterion
     batch = ctx.options.batch_size
+    sites = [g.group for g in groups if isinstance(g.group, AttentionSite)]
     if criterion == "divergence":
-        return DivergenceScorer(filter_divergence(model, graph, ctx.calib, ctx.device, batch))
+        channels: GroupScorer = DivergenceScorer(filter_divergence(model, graph, ctx.calib, ctx.device, batch))
+        heads = head_divergence(model, sites, ctx.calib, ctx.device, batch) if sites else {}
+    else:
+        if criterion == "taylor":
+            labels = ctx.recovery.y[: len(ctx.calib)] if ctx.recovery.y is not None else None
+            taylor_gradients(model, ctx.calib, labels, ctx.device, batch)
+        channels = baseline_scorer(criterion)
+        heads = {site.name: _baseline_head_scores(criterion, model, site) for site in sites}
+
+    def score(group: object) -> torch.Tensor | None:
+        return heads.get(group.name) if isinstance(group, AttentionSite) else channels(group)
+
+    return score
+
+
+def _baseline_head_scores(criterion: str, model: nn.Module, site: AttentionSite) -> torch.Tensor:
+    if criterion == "l2":
+        return head_weight_norms(model, site)
     if criterion == "taylor":
-        labels = ctx.recovery.y[: len(ctx.calib)] if ctx.recovery.y is not None else None
-        taylor_gradients(model, ctx.calib, labels, ctx.device, batch)
-    return baseline_scorer(criterion)
+        return head_taylor(model, site)
+    return torch.rand(site.num_heads(model))
 
 
 def _pruned_copy(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
@@ -107,7 +154,7 @@ def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tupl
         capacity = sum(g.capacity for g in groups)
         if capacity == 0:
             return model, "nothing_left_to_prune"
-        scores = score_groups(groups, _scorer(ctx, model, graph))
+        scores = score_groups(groups, _scorer(ctx, model, graph, groups))
         model.zero_grad(set_to_none=True)
         rho = opts.p0 * (1 + t / total) ** opts.alpha
         k = max(1, min(capacity, math.floor(rho * sum(g.width for g in groups))))

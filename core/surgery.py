@@ -17,6 +17,8 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping
 
+from core.attention import HEADS, find_sites, remove_heads
+
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 # name of a group's root module -> channel indices to remove (already expanded over
@@ -33,6 +35,8 @@ class PrunableGroup:
     width: int
     ch_groups: int
     min_width: int
+    # channel counts follow round_to; attention heads are whole units and do not
+    rounds: bool = True
 
     @property
     def capacity(self) -> int:
@@ -230,7 +234,7 @@ def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, r
             chosen += 1
     plan: Plan = {}
     for g, group in enumerate(groups):
-        n = _rounded_count(group.width, taken[g], group.min_width, round_to)
+        n = _rounded_count(group.width, taken[g], group.min_width, round_to if group.rounds else None)
         if n == 0:
             continue
         lowest = torch.argsort(scores[g], stable=True)[:n].tolist()
@@ -241,11 +245,18 @@ def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, r
 
 
 def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan) -> None:
-    """Remove the planned channels in place (BN, consumers and residual partners follow)."""
-    if not plan:
+    """Remove the planned heads, then the planned channels, in place (BN, consumers and residual
+    partners follow). Heads go first: removing them leaves every channel index of the plan valid."""
+    heads = {name.removeprefix(HEADS): idxs for name, idxs in plan.items() if name.startswith(HEADS)}
+    if heads:
+        sites = {site.name: site for site in find_sites(model)[0]}
+        for name, idxs in heads.items():
+            remove_heads(model, sites[name], idxs)
+    channels = {name: idxs for name, idxs in plan.items() if not name.startswith(HEADS)}
+    if not channels:
         return
     graph = build_graph(model, example)
-    for name, idxs in plan.items():
+    for name, idxs in channels.items():
         root = model.get_submodule(name)
         pruner = graph.get_pruner_of_module(root)
         group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)

@@ -93,8 +93,9 @@ def test_hf_bert_zip_with_jsonl_text_through_the_cli(bert_zip, tmp_path, capsys)
     preflight = json.loads(capsys.readouterr().out)
     assert preflight["input_format"] == "hf" and preflight["feasible"] is True
     assert preflight["input_dtype"] == "int64" and preflight["num_classes"] == 2
-    attention = [row["name"] for row in preflight["not_prunable"] if "attention.self" in row["name"]]
-    assert attention, "attention projections are listed as not prunable (head pruning is not per channel)"
+    heads = {g["name"]: g["width"] for g in preflight["prunable_groups"] if g["name"].startswith("heads:")}
+    assert heads == {f"heads:model.bert.encoder.layer.{i}.attention.self": 4 for i in range(2)}
+    assert not [row for row in preflight["not_prunable"] if "attention.self" in row["name"]]
 
     out = tmp_path / "pruned"
     code = main(["prune", str(bert_zip), "--data", str(text), "--params-reduction", "0.3",

@@ -137,3 +137,23 @@ def test_idempotency_key_returns_the_same_job(client: Any, keys: dict[str, str],
     assert other_tenant.status_code == 202 and other_tenant.json()["id"] != first.json()["id"]
     for key, response in (("a", first), ("b", other_tenant)):
         client.post(f"/v1/jobs/{response.json()['id']}/cancel", headers=auth(keys[key]))
+
+
+def test_inspect_reads_text_data_with_the_config_s_column_names(client: Any, keys: dict[str, str],
+                                                                 tmp_path: Path) -> None:
+    from tests.intake_fixtures import write_bert_zip
+
+    model = write_bert_zip(tmp_path)
+    reviews = b"review,label\ngood film,1\nbad plot,0\ngreat acting,1\ndull story,0\n"
+
+    def inspect(config: dict[str, Any]) -> Any:
+        return client.post("/v1/inspect", headers=auth(keys["a"]), data={"config": json.dumps(config)},
+                           files={"model": ("bert.zip", model.read_bytes()), "data": ("reviews.csv", reviews)})
+
+    error = error_of(inspect({}), 422)
+    assert error["code"] == "missing_text_column" and "found: label, review" in error["message"]
+    response = inspect({"text_column": "review", "max_length": 8, "target": {"params_reduction": 0.3}})
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["input_format"] == "hf" and report["input_dtype"] == "int64" and report["samples"] == 4
+    assert report["feasible"] is True

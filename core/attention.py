@@ -1,0 +1,272 @@
+"""Attention heads as prunable units (method §2): finding attention modules, scoring their
+heads by flow divergence, and removing heads.
+
+A recognised attention module has separate query/key/value projections, an explicit head
+count and head size, and one output projection that consumes the concatenated heads.
+Hugging Face's BERT/ViT/RoBERTa-style self-attention is recognised as it is;
+`nn.MultiheadAttention` used as self-attention is first swapped for `SelfAttention`, which
+computes the same thing with an explicit head size (MultiheadAttention derives the head size
+from the embedding size, so it cannot lose heads). Anything else named like attention is
+reported as not recognised, and only the widths around it are pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+HEADS = "heads:"  # prefix of plan keys that name an attention module's heads
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
+_HEAD_COUNT = ("num_attention_heads", "num_heads", "n_heads")
+_HEAD_SIZE = ("attention_head_size", "head_dim")
+_OUT_NAMES = ("out_proj", "o_proj", "out_lin")
+
+
+class SelfAttention(nn.Module):
+    """Batch-first self-attention with separate projections and an explicit head size.
+
+    Called like nn.MultiheadAttention (query, key, value, ...) and returning (output, None);
+    key and value are the query, as in the self-attention it replaces.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool, dropout: float,
+                 batch_first: bool) -> None:
+        super().__init__()
+        inner = num_heads * head_dim
+        self.q = nn.Linear(embed_dim, inner, bias=bias)
+        self.k = nn.Linear(embed_dim, inner, bias=bias)
+        self.v = nn.Linear(embed_dim, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.batch_first = batch_first
+
+    @classmethod
+    def from_multihead(cls, mha: nn.MultiheadAttention) -> SelfAttention:
+        bias = mha.in_proj_bias is not None
+        new = cls(mha.embed_dim, mha.num_heads, mha.head_dim, bias, mha.dropout, mha.batch_first)
+        with torch.no_grad():
+            for i, proj in enumerate((new.q, new.k, new.v)):
+                rows = slice(i * mha.embed_dim, (i + 1) * mha.embed_dim)
+                proj.weight.copy_(mha.in_proj_weight[rows])
+                if bias:
+                    proj.bias.copy_(mha.in_proj_bias[rows])
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if bias:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        return new.to(mha.out_proj.weight.device)
+
+    def forward(self, query: torch.Tensor, *_args: object, **_kwargs: object) -> tuple[torch.Tensor, None]:
+        x = query if self.batch_first else query.transpose(0, 1)
+        batch, length = x.shape[0], x.shape[1]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    name: str  # module holding the q/k/v projections
+    qkv: tuple[str, str, str]  # their attribute names
+    out: str  # full name of the output projection
+    count_attr: str
+    head_dim: int
+    size_attr: str | None  # e.g. all_head_size, kept equal to heads × head size
+
+    def num_heads(self, model: nn.Module) -> int:
+        return int(getattr(model.get_submodule(self.name), self.count_attr))
+
+    def projections(self, model: nn.Module) -> list[nn.Linear]:
+        module = model.get_submodule(self.name)
+        return [getattr(module, attr) for attr in self.qkv]
+
+
+def convert_multihead_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Swap each nn.MultiheadAttention for SelfAttention where the model's outputs stay the same
+    (self-attention without masks); the others stay, their heads unpruned."""
+    from core.metrics import logits_of
+
+    mhas = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not mhas:
+        return []
+    with torch.no_grad():
+        reference = logits_of(model.eval()(example))
+    kept = []
+    for name in mhas:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = getattr(parent, child)
+        if not original._qkv_same_embed_dim:
+            kept.append(name)
+            continue
+        setattr(parent, child, SelfAttention.from_multihead(original))
+        with torch.no_grad():
+            same = torch.allclose(logits_of(model(example)), reference, rtol=1e-4, atol=1e-5)
+        if not same:  # cross-attention or masks: the swap would change the model
+            setattr(parent, child, original)
+            kept.append(name)
+    if kept:
+        return [f"nn.MultiheadAttention used other than as plain self-attention ({', '.join(kept[:3])}"
+                f"{' …' if len(kept) > 3 else ''}): its heads are not pruned."]
+    return []
+
+
+def find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[str]]:
+    """Recognised attention modules, and descriptions of attention modules that are not."""
+    sites, unrecognised = [], []
+    for name, module in model.named_modules():
+        site, reason = _site(model, name, module)
+        if site is not None:
+            sites.append(site)
+        elif reason is not None:
+            unrecognised.append(f"{name} ({type(module).__name__}): {reason}")
+    inside = [s.name for s in sites]
+    # containers of a recognised module (BertAttention around BertSelfAttention) are not separate sites
+    unrecognised = [u for u in unrecognised if not any(s.startswith(u.split(" ")[0] + ".") for s in inside)]
+    return sites, unrecognised
+
+
+def _site(model: nn.Module, name: str, module: nn.Module) -> tuple[AttentionSite | None, str | None]:
+    looks_like_attention = "attention" in type(module).__name__.lower() or isinstance(module, nn.MultiheadAttention)
+    qkv = next((names for names in _QKV_NAMES if all(isinstance(getattr(module, n, None), nn.Linear)
+                                                      for n in names)), None)
+    count_attr = next((a for a in _HEAD_COUNT if isinstance(getattr(module, a, None), int)), None)
+    size = next((getattr(module, a) for a in _HEAD_SIZE if isinstance(getattr(module, a, None), int)), None)
+    if qkv is None or count_attr is None or size is None:
+        return None, "no separate query/key/value projections with a head count and size" if \
+            looks_like_attention and name and not isinstance(module, nn.MultiheadAttention) else None
+    q, k, v = (getattr(module, n) for n in qkv)
+    heads = getattr(module, count_attr)
+    if q.out_features != heads * size:
+        return None, None
+    if k.out_features != q.out_features or v.out_features != q.out_features:
+        return None, ("grouped-query attention (key/value heads are shared between query heads); "
+                      "its heads are left alone to keep the head ratio valid")
+    out = _output_projection(model, name, module, q.out_features)
+    if out is None:
+        return None, "no output projection consuming the heads was found"
+    size_attr = "all_head_size" if getattr(module, "all_head_size", None) == q.out_features else None
+    return AttentionSite(name, qkv, out, count_attr, size, size_attr), None
+
+
+def _output_projection(model: nn.Module, name: str, module: nn.Module, width: int) -> str | None:
+    for attr in _OUT_NAMES:
+        out = getattr(module, attr, None)
+        if isinstance(out, nn.Linear) and out.in_features == width:
+            return f"{name}.{attr}"
+    parent_name = name.rpartition(".")[0]
+    # Hugging Face splits self-attention (q, k, v) and its output (`output.dense`) into siblings
+    candidate = f"{parent_name}.output.dense" if parent_name else "output.dense"
+    try:
+        out = model.get_submodule(candidate)
+    except AttributeError:
+        return None
+    return candidate if isinstance(out, nn.Linear) and out.in_features == width else None
+
+
+@torch.no_grad()
+def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.Tensor, device: torch.device,
+                    batch_size: int) -> dict[str, torch.Tensor]:
+    """s_h = (1/n)‖O_h‖_F · (‖W_Q^h‖_F + ‖W_K^h‖_F + ‖W_V^h‖_F), averaged over the calibration samples;
+    O_h is head h's output before the output projection (its input, split by head)."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+    for site in sites:
+        heads = site.num_heads(model)
+
+        def pre(_m: nn.Module, inputs: tuple, site: AttentionSite = site, heads: int = heads) -> None:
+            x = inputs[0].detach().float()
+            x = x.reshape(x.shape[0], -1, heads, site.head_dim)  # batch, tokens, heads, head size
+            per_sample = x.pow(2).sum(dim=(1, 3)).sqrt() / x.shape[1]
+            sums[site.name] = sums.get(site.name, 0) + per_sample.sum(0).cpu()
+
+        handles.append(model.get_submodule(site.out).register_forward_pre_hook(pre))
+    model.eval()
+    try:
+        for i in range(0, len(calib), batch_size):
+            model(calib[i : i + batch_size].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {site.name: (sums[site.name] / len(calib)) * head_weight_norms(model, site)
+            for site in sites if site.name in sums}
+
+
+def head_weight_norms(model: nn.Module, site: AttentionSite) -> torch.Tensor:
+    """‖W_Q^h‖_F + ‖W_K^h‖_F + ‖W_V^h‖_F per head (also the magnitude baseline's score)."""
+    heads = site.num_heads(model)
+    total = torch.zeros(heads)
+    for proj in site.projections(model):
+        total += proj.weight.detach().float().cpu().reshape(heads, site.head_dim, -1).pow(2).sum(dim=(1, 2)).sqrt()
+    return total
+
+
+def head_taylor(model: nn.Module, site: AttentionSite) -> torch.Tensor:
+    """|Σ w·∂L/∂w| per head over q/k/v, from gradients already accumulated on the model."""
+    heads = site.num_heads(model)
+    total = torch.zeros(heads)
+    for proj in site.projections(model):
+        if proj.weight.grad is None:
+            continue
+        product = (proj.weight.detach() * proj.weight.grad).float().cpu().reshape(heads, -1)
+        total += product.sum(1).abs()
+    return total
+
+
+def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int]) -> None:
+    """Remove `heads` in place: q/k/v output rows, the output projection's input columns, and the
+    module's head count (and all-heads size)."""
+    module = model.get_submodule(site.name)
+    count = site.num_heads(model)
+    keep_heads = [h for h in range(count) if h not in set(heads)]
+    keep = torch.tensor([h * site.head_dim + i for h in keep_heads for i in range(site.head_dim)],
+                        device=module.get_submodule(site.qkv[0]).weight.device)
+    for attr in site.qkv:
+        _keep_rows(getattr(module, attr), keep)
+    _keep_columns(model.get_submodule(site.out), keep)
+    setattr(module, site.count_attr, len(keep_heads))
+    if site.size_attr is not None:
+        setattr(module, site.size_attr, len(keep_heads) * site.head_dim)
+
+
+def _keep_rows(linear: nn.Linear, keep: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, keep).clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, keep).clone())
+    linear.out_features = len(keep)
+
+
+def _keep_columns(linear: nn.Linear, keep: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, keep).clone())
+    linear.in_features = len(keep)
+
+
+def removable(model: nn.Module, site: AttentionSite, example: torch.Tensor) -> bool:
+    """Whether the model still runs with one head of `site` removed (checked on a copy): the
+    module's forward may use attributes this code does not know about."""
+    if site.num_heads(model) < 2:
+        return False
+    trial = copy.deepcopy(model)
+    try:
+        remove_heads(trial, site, [0])
+        with torch.no_grad():
+            trial.eval()(example)
+    except Exception:  # any failure means the module cannot lose heads this way
+        return False
+    return True
+
+
+def sites_in(model: nn.Module, names: Iterator[str]) -> list[AttentionSite]:
+    wanted = set(names)
+    return [site for site in find_sites(model)[0] if site.name in wanted]
