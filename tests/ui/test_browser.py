@@ -205,6 +205,8 @@ def check_results(page: Page, data: Path) -> None:
         assert svg.locator("rect, circle, text").count() > 3, key
         assert svg.bounding_box()["height"] > 30, key
     assert page.locator("#chart-trajectory circle").count() >= 3
+    page.click("#chart-trajectory summary")
+    expect(page.locator("#chart-trajectory table")).to_contain_text("filters")
     shot(page, "job-done")
     page.set_viewport_size(PHONE)
     assert fits_the_width(page)
