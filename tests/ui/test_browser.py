@@ -172,6 +172,7 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     page.select_option("#device", "cpu")
     page.locator("details").first.evaluate("el => el.open = true")
     expect(page.locator("#pf-not")).to_contain_text("output layer")
+    expect(page.locator("#preflight")).to_have_attribute("aria-busy", "false")  # the re-check for 30 % is done
     expect(page.locator("#preflight-status")).to_contain_text("Checked model.safetensors")
     shot(page, "new-job-preflight")
     page.set_viewport_size(PHONE)

@@ -141,10 +141,16 @@ function initNewJob() {
     schedule();
   });
 
+  // One preflight at a time: a request the page gave up on keeps the server busy all the same,
+  // so a change made while one runs is checked when it returns.
+  let again = false;
   function runPreflight() {
     const model = $("model").files[0];
     if (!model || !fileOk("model") || !fileOk("data")) return;
-    if (preflight) preflight.xhr.abort();
+    if (preflight) {
+      again = true;
+      return;
+    }
     const body = new FormData();
     body.append("model", model);
     if ($("data").files[0]) body.append("data", $("data").files[0]);
@@ -158,11 +164,7 @@ function initNewJob() {
     section.setAttribute("aria-busy", "true");
     $("preflight-error").hidden = true;
     preflight = upload("/v1/inspect", body, $("preflight-upload"), () => { status.textContent = "Checking the model…"; });
-    const mine = preflight;
-    mine.done.then(({ status: code, text }) => {
-      if (preflight !== mine) return;
-      $("preflight-upload").hidden = true;
-      section.setAttribute("aria-busy", "false");
+    preflight.done.then(({ status: code, text }) => {
       if (code === 200) {
         status.textContent = "Checked " + model.name + ($("data").files[0] ? " with " + $("data").files[0].name : "") + ".";
         showPreflight(JSON.parse(text));
@@ -172,13 +174,20 @@ function initNewJob() {
         showError($("preflight-error"), apiError(code, text));
       }
     }).catch((error) => {
-      if (error.name === "AbortError" || preflight !== mine) return;
-      section.setAttribute("aria-busy", "false");
+      status.textContent = "";
       showError($("preflight-error"), { message: error.message, hint: "Check that the server is running." });
+    }).finally(() => {
+      $("preflight-upload").hidden = true;
+      section.setAttribute("aria-busy", "false");
+      preflight = null;
+      if (again) {
+        again = false;
+        runPreflight();
+      }
     });
   }
 
-  form.addEventListener("submit", (event) => {
+  form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const box = $("submit-error");
     box.hidden = true;
@@ -192,22 +201,20 @@ function initNewJob() {
     } else if (!config.stages.length) problem = { message: "Pick at least one stage.", hint: "Tick filters, residual blocks or both." };
     else if (!fileOk("model") || !fileOk("data")) problem = { message: "A file is too large.", hint: "See the message at the file." };
     if (problem) { showError(box, problem); return; }
-    // the server checks the files again on submit; a preflight still running would only compete with it
+    // the server checks the files again on submit, after any preflight still running (never beside it)
     clearTimeout(timer);
+    again = false;
+    const button = $("submit");
+    const status = $("submit-status");
+    button.disabled = true;
     if (preflight) {
-      preflight.xhr.abort();
-      preflight = null;
-      $("preflight-upload").hidden = true;
-      $("preflight").setAttribute("aria-busy", "false");
-      $("preflight-status").textContent = "Submitted: the server checks the files again.";
+      status.textContent = "Waiting for the preflight to finish…";
+      await preflight.done.catch(() => null);
     }
     const body = new FormData();
     body.append("model", $("model").files[0]);
     body.append("data", $("data").files[0]);
     body.append("config", JSON.stringify(config));
-    const button = $("submit");
-    const status = $("submit-status");
-    button.disabled = true;
     status.textContent = "Uploading…";
     upload("/v1/jobs", body, $("submit-upload"), () => { status.textContent = "Checking and queueing…"; }).done
       .then(({ status: code, text }) => {
