@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from api import errors
 from api.routes import health, inspect, jobs, ui
@@ -22,6 +23,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = open_storage(settings.storage, settings.s3_endpoint_url)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(DatabaseCollector(settings.database))
+    if not settings.auth_required:
+        # Without keys, a web page could reach this server through a DNS name rebound to 127.0.0.1;
+        # answering only to loopback host names closes that door.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]"])
     errors.install(app)
     app.include_router(jobs.router)
     app.include_router(inspect.router)

@@ -6,7 +6,7 @@ per filter. Block scores: one pass for all candidate blocks together.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch_pruning as tp
@@ -35,6 +35,33 @@ def _follower_norms(graph: tp.DependencyGraph, layer: nn.Module) -> nn.Module:
     return layer
 
 
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu6": lambda t: torch.clamp(t, 0, 6), "relu": torch.relu, "gelu": nn.functional.gelu,
+    "silu": nn.functional.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "hardswish": nn.functional.hardswish, "hardsigmoid": nn.functional.hardsigmoid,
+}
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh",
+                       nn.Sigmoid: "sigmoid", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
+
+
+def _consumer_activation(graph: tp.DependencyGraph, source: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The nonlinearity applied right after `source`, as a module or a functional op, if any."""
+    node = graph.module2node.get(source)
+    if node is None or len(node.outputs) != 1:
+        return None
+    consumer = node.outputs[0].module
+    for kind, name in _ACTIVATION_MODULES.items():
+        if isinstance(consumer, kind):
+            return _ACTIVATIONS[name]
+    if isinstance(consumer, tp.ops._ElementWiseOp):
+        op = str(consumer._grad_fn).lower()
+        # longest name first: "relu6" before "relu", "hardsigmoid" before "sigmoid"
+        for name in sorted(_ACTIVATIONS, key=len, reverse=True):
+            if op.startswith(name):
+                return _ACTIVATIONS[name]
+    return None
+
+
 @torch.no_grad()
 def filter_divergence(
     model: nn.Module,
@@ -43,17 +70,22 @@ def filter_divergence(
     device: torch.device,
     batch_size: int,
 ) -> dict[nn.Module, torch.Tensor]:
-    """s_i = mean_b ‖relu(A[b,i])‖₂ · ‖W[i]‖₂ / (C·H·W) for every Conv/Linear output unit."""
+    """s_i = mean_b ‖φ(A[b,i])‖₂ · ‖W[i]‖₂ / (C·H·W) for every Conv/Linear output unit.
+
+    φ is the nonlinearity that follows the unit (method §2: the actual post-activation value);
+    with none, ReLU for convolutions (post-BN, pre-activation) and the raw output for linear
+    layers, whose outputs often feed a residual sum or a normalisation directly.
+    """
     layers = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     sums: dict[nn.Module, torch.Tensor] = {}
     sizes: dict[nn.Module, int] = {}
     handles = []
 
-    def hook_for(layer: nn.Module, channel_dim: int):
+    def hook_for(layer: nn.Module, channel_dim: int, activation: Callable[[torch.Tensor], torch.Tensor]):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             if not isinstance(output, torch.Tensor):
                 return
-            act = torch.relu(output.detach().float())
+            act = activation(output.detach().float())
             act = act.movedim(channel_dim, -1).reshape(act.shape[0], -1, act.shape[channel_dim])
             per_sample = act.norm(dim=1).sum(0)  # Σ_b ‖relu(A[b,i])‖₂
             sums[layer] = sums.get(layer, 0) + per_sample.cpu()
@@ -63,8 +95,9 @@ def filter_divergence(
 
     for layer in layers:
         source = _follower_norms(graph, layer)
-        channel_dim = 1 if isinstance(layer, nn.modules.conv._ConvNd) else -1
-        handles.append(source.register_forward_hook(hook_for(layer, channel_dim)))
+        is_conv = isinstance(layer, nn.modules.conv._ConvNd)
+        activation = _consumer_activation(graph, source) or (torch.relu if is_conv else torch.abs)
+        handles.append(source.register_forward_hook(hook_for(layer, 1 if is_conv else -1, activation)))
     model.eval()
     try:
         for batch in _batches(calib, batch_size):

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,72 @@ def _tokenizer(root: Path, transformers: Any) -> Any:
         raise InputFileError("The text model's tokenizer files are missing or unreadable.",
                              hint="Also save the tokenizer into the directory: tokenizer.save_pretrained(dir).",
                              code="hf_tokenizer_missing") from exc
+
+
+def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example: torch.Tensor) -> str | None:
+    """Write the pruned model as a zipped save_pretrained directory (the upload format) when its
+    config can describe it, after checking that from_pretrained rebuilds the same outputs.
+    Returns None on success, or why the config cannot describe the pruned model."""
+    model = copy.deepcopy(wrapper.model).cpu().eval()
+    reason = _describe_in_config(model)
+    if reason is not None:
+        return reason
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "model"
+        model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        try:
+            reloaded = type(model).from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+        except (OSError, ValueError, RuntimeError) as exc:
+            return f"from_pretrained cannot rebuild the pruned model from its config: {_first_line(exc)}"
+        rebuilt = copy.deepcopy(wrapper).cpu().eval()
+        rebuilt.model = reloaded
+        with torch.no_grad():
+            expected, got = wrapper.cpu().eval()(example), rebuilt(example)
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
+            return "the model rebuilt from the config computes different outputs (a pruned width the config " \
+                   "does not describe)"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(folder.iterdir()):
+                archive.write(file, f"model/{file.name}")
+    return None
+
+
+def _describe_in_config(model: nn.Module) -> str | None:
+    """Update `model.config` to the pruned shape, or say which pruned shape it cannot hold."""
+    from core.attention import find_sites
+    from core.blocks import SkippedLayer
+
+    config = model.config
+    for stack in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+        skipped = [i for i, layer in enumerate(stack) if isinstance(layer, SkippedLayer)]
+        for index in reversed(skipped):
+            del stack[index]  # ModuleList renumbers the rest, as a config with fewer layers builds them
+        if skipped:
+            config.num_hidden_layers = len(stack)
+    sites = find_sites(model)[0]
+    heads = sorted({site.num_heads(model) for site in sites})
+    if len(heads) > 1:
+        return (f"layers kept different numbers of attention heads ({', '.join(map(str, heads))}); "
+                "transformers configs hold one head count for all layers")
+    widths = sorted({m.out_features for name, m in model.named_modules()
+                     if name.endswith("intermediate.dense") and isinstance(m, nn.Linear)})
+    if len(widths) > 1:
+        return (f"layers kept different feed-forward widths ({', '.join(map(str, widths))}); "
+                "transformers configs hold one intermediate_size for all layers")
+    hidden = {model.get_submodule(site.out).out_features for site in sites}
+    if sites:
+        (hidden_size,) = hidden
+        if heads[0] * sites[0].head_dim != hidden_size:
+            return (f"{heads[0]} heads of size {sites[0].head_dim} with a hidden size of {hidden_size}: the config "
+                    "derives the head size as hidden_size / num_attention_heads")
+        config.hidden_size, config.num_attention_heads = hidden_size, heads[0]
+    if widths:
+        config.intermediate_size = widths[0]
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -83,8 +83,22 @@ def compress_files(model_path: Path | str, data_path: Path, target: Target, opti
                       onnx_spec=model.onnx_spec)
     result.report["input_format"] = model.format
     result.report["notes"] = model.notes + result.report["notes"]
+    if model.format == "hf":
+        _save_pretrained(result, model, data, Path(out_dir))
     result.artifacts["report.json"].write_text(json.dumps(result.report, indent=2, default=str))
     return result
+
+
+def _save_pretrained(result: Result, model: LoadedModel, data: Dataset, out_dir: Path) -> None:
+    """A Hugging Face upload also comes back in its own format, when the config can describe it."""
+    from core.hf import save_pretrained_zip
+
+    path = out_dir / "model_hf.zip"
+    reason = save_pretrained_zip(result.model, model.tokenizer, path, data.x[:4])
+    result.report["hf_pretrained"] = None if reason else path.name
+    result.report["hf_pretrained_error"] = reason
+    if reason is None:
+        result.artifacts[path.name] = path
 
 
 def _check_onnx_conversion(model: LoadedModel, model_path: Path | str, data: Dataset) -> None:

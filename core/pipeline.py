@@ -126,6 +126,13 @@ def _layer_table(original: nn.Module, pruned: nn.Module, divergence: dict[str, f
     return rows
 
 
+def _head_table(original: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
+    """Heads per recognised attention module before and after (0 when its layer was removed)."""
+    after = {site.name: site.num_heads(pruned) for site in find_sites(pruned)[0]}
+    return [{"name": site.name, "heads_before": site.num_heads(original), "heads_after": after.get(site.name, 0)}
+            for site in find_sites(original)[0]]
+
+
 def _onnx_metrics(model: nn.Module, example: torch.Tensor, path: Path, verify_on: torch.Tensor,
                   opts: CompressOptions, spec: OnnxSpec | None) -> tuple[float, dict[str, float]]:
     export_onnx(model, example, path, spec)
@@ -195,6 +202,7 @@ def compress(
         "pt2_error": pt2_error,
         "removed_blocks": [b["name"] for b in removed_blocks], "blocks": removed_blocks,
         "layers": _layer_table(original, model, baseline["layer_divergence"]),
+        "attention_heads": _head_table(original, model),
         "steps": ctx.steps,
         "target": dataclasses.asdict(target),
         "target_met": met,

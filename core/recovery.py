@@ -43,11 +43,14 @@ class _FeatureTap:
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         self.values: dict[str, torch.Tensor] = {}
         self._handles = []
+        modules = dict(model.named_modules())
         for name in names:
             def hook(_m, _inputs, output, name=name):
                 if isinstance(output, torch.Tensor):
                     self.values[name] = output
-            self._handles.append(model.get_submodule(name).register_forward_hook(hook))
+            # a point inside a removed block or layer is gone from the student; the others still count
+            if name in modules:
+                self._handles.append(modules[name].register_forward_hook(hook))
 
     def close(self) -> None:
         for handle in self._handles:
@@ -55,9 +58,12 @@ class _FeatureTap:
 
 
 def _adapter(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module | None:
-    """Maps student features to the teacher's width (1×1 conv or linear) when they differ."""
+    """Maps student features to the teacher's width (1×1 conv, or linear over the last axis for
+    token features batch×tokens×width) when they differ."""
     if student.shape == teacher.shape:
         return None
+    if student.ndim == teacher.ndim == 3 and student.shape[:2] == teacher.shape[:2]:
+        return nn.Linear(student.shape[2], teacher.shape[2], bias=False)
     if student.ndim != teacher.ndim or student.shape[2:] != teacher.shape[2:]:
         raise ValueError("incomparable")
     if student.ndim == 4:

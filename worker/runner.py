@@ -106,7 +106,8 @@ def _compress(settings: Settings, storage: Storage, claimed: dict[str, Any], scr
 
 def _store_artifacts(settings: Settings, storage: Storage, job_id: str, config: dict[str, Any],
                      result: Result) -> None:
-    wanted = {f"model.{fmt}" for fmt in config.get("export", ["onnx", "pt2"])} | {"report.json"}
+    # model_hf.zip: a Hugging Face upload back in its own format, when its config can describe it
+    wanted = {f"model.{fmt}" for fmt in config.get("export", ["onnx", "pt2"])} | {"report.json", "model_hf.zip"}
     rows = []
     for name, path in sorted(result.artifacts.items()):
         if name not in wanted:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,20 @@ def intake_options(settings: Settings, config: JobConfig | InspectConfig) -> Int
     )
 
 
+# torch.fx's symbolic tracing (block discovery, ONNX conversion) patches nn.Module.__call__ for the
+# whole process while it runs, so a second preflight in another thread would trace through the
+# first one's forward passes. Preflights in one API process therefore run one at a time.
+_TRACING = threading.Lock()
+
+
 def preflight(settings: Settings, config: JobConfig | InspectConfig, model: Path, data: Path | None) -> dict[str, Any]:
     """core's preflight; a UserError becomes a 422 that says what to fix.
 
     It runs on the API's CPU: a job asking for CUDA is checked here and run on a GPU worker."""
     options = dataclasses.replace(config.options_core(), device="cpu")
     try:
-        return inspect_files(model, data, config.target_core(), options, intake_options(settings, config))
+        with _TRACING:
+            return inspect_files(model, data, config.target_core(), options, intake_options(settings, config))
     except UserError as err:
         raise ApiError.from_user_error(err) from err
 

@@ -157,3 +157,17 @@ def test_inspect_reads_text_data_with_the_config_s_column_names(client: Any, key
     report = response.json()
     assert report["input_format"] == "hf" and report["input_dtype"] == "int64" and report["samples"] == 4
     assert report["feasible"] is True
+
+
+def test_concurrent_preflights_in_one_process_do_not_interfere(settings: Any, digits: tuple[Path, Path]) -> None:
+    """torch.fx tracing patches nn.Module.__call__ process-wide; overlapping preflights used to fail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from api.schemas import InspectConfig
+    from api.services.intake import preflight
+
+    model, data = digits
+    config = InspectConfig(architecture="idap:digits", target={"macs_reduction": 0.5})
+    with ThreadPoolExecutor(3) as pool:
+        reports = list(pool.map(lambda _: preflight(settings, config, model, data), range(6)))
+    assert [report["feasible"] for report in reports] == [True] * 6

@@ -103,7 +103,11 @@ def test_the_cookie_is_secure_over_https(settings: Settings) -> None:
 
 
 def test_loopback_mode_needs_no_sign_in_but_still_refuses_cross_site_posts(tmp_path: Path) -> None:
-    with TestClient(create_app(make_settings(tmp_path, require_auth=False)), follow_redirects=False) as client:
+    app = create_app(make_settings(tmp_path, require_auth=False))
+    with TestClient(app, base_url="http://127.0.0.1:8000", follow_redirects=False) as client:
+        # a DNS name rebound to 127.0.0.1 reaches the server, but not a keyless one
+        assert client.get("/ui/jobs", headers={"host": "attacker.example"}).status_code == 400
+        assert client.get("/v1/jobs", headers={"host": "attacker.example:8000"}).status_code == 400
         page = client.get("/ui/jobs")
         assert page.status_code == 200 and "Local mode" in page.text and "Sign in with a key" in page.text
         assert client.get("/ui/jobs/new").status_code == 200

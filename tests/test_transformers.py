@@ -1,0 +1,289 @@
+"""Transformers: attention heads scored and removed whole, encoder layers removed by Stage 2,
+MultiheadAttention swapped for an equivalent module, unrecognised attention reported, and the
+Hugging Face round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zipfile
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from core import CompressOptions, Dataset, Target, compress
+from core.attention import SelfAttention, convert_multihead_attention, find_sites, head_divergence, remove_heads
+from core.intake import compress_files
+from core.model_io import open_model
+from core.options import IntakeOptions
+from tests.intake_fixtures import write_review_jsonl
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+FAST = CompressOptions(recovery_iterations=1, final_recovery_iterations=1, latency_runs=1, batch_size=8,
+                       max_steps=8, seed=0)
+DEAD = {0: [2, 5]}  # layer -> heads whose value projection is zeroed
+
+
+def small_bert(heads: int = 8, layers: int = 2, seed: int = 0) -> nn.Module:
+    import transformers
+
+    from core.hf import TextClassifier
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=128, max_position_embeddings=32,
+                                     num_labels=3)
+    return TextClassifier(transformers.BertForSequenceClassification(config).eval(), pad_token_id=0).eval()
+
+
+def plant_dead_heads(model: nn.Module) -> None:
+    """Heads whose value rows are zero output nothing: their divergence is 0 and removing them
+    changes nothing."""
+    for layer, heads in DEAD.items():
+        value = model.model.bert.encoder.layer[layer].attention.self.value
+        with torch.no_grad():
+            for h in heads:
+                value.weight[h * 8 : (h + 1) * 8] = 0
+                value.bias[h * 8 : (h + 1) * 8] = 0
+
+
+def tokens(n: int = 48, length: int = 10, seed: int = 0) -> torch.Tensor:
+    x = torch.randint(5, 40, (n, length), generator=torch.Generator().manual_seed(seed))
+    x[:, 0] = 2
+    x[: n // 2, -3:] = 0  # padding
+    return x
+
+
+def kept_heads(original: nn.Module, pruned: nn.Module, layer: int) -> list[int]:
+    """Which original heads a pruned layer still has, matched by their query rows (valid while the
+    hidden size is not pruned and nothing was fine-tuned)."""
+    before = original.model.bert.encoder.layer[layer].attention.self.query.weight.detach()
+    after = pruned.model.bert.encoder.layer[layer].attention.self.query.weight.detach()
+    return [h for h in range(before.shape[0] // 8)
+            if any(torch.equal(before[h * 8 : (h + 1) * 8], after[k * 8 : (k + 1) * 8])
+                   for k in range(after.shape[0] // 8))]
+
+
+def test_bert_attention_is_recognised_with_its_output_projection():
+    sites, unrecognised = find_sites(small_bert())
+    assert [s.name for s in sites] == [f"model.bert.encoder.layer.{i}.attention.self" for i in range(2)]
+    assert sites[0].out == "model.bert.encoder.layer.0.attention.output.dense" and sites[0].head_dim == 8
+    assert unrecognised == []
+
+
+def test_dead_heads_score_lowest_and_removing_them_changes_nothing():
+    model = small_bert()
+    plant_dead_heads(model)
+    sites, _ = find_sites(model)
+    x = tokens()
+    scores = head_divergence(model, sites, x, torch.device("cpu"), 16)
+    assert sorted(scores[sites[0].name].argsort()[:2].tolist()) == DEAD[0]
+    assert float(scores[sites[0].name][DEAD[0]].max()) == 0.0 and float(scores[sites[1].name].min()) > 0
+    with torch.no_grad():
+        before = model(x)
+    remove_heads(model, sites[0], DEAD[0])
+    layer = model.model.bert.encoder.layer[0].attention.self
+    assert layer.num_attention_heads == 6 and layer.all_head_size == 48 and layer.query.out_features == 48
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def test_compress_removes_the_planted_dead_heads_first():
+    model = small_bert()
+    plant_dead_heads(model)
+    data = Dataset(tokens(64), torch.arange(64) % 3)
+    # no fine-tuning, so the surviving heads keep their exact weights and can be told apart
+    options = CompressOptions(stages=("filters",), recovery_iterations=0, final_recovery_iterations=0,
+                              latency_runs=1, batch_size=16, p0=0.02, round_to=None, seed=0)
+    result = compress(model, data, Target(params_reduction=0.02, max_accuracy_drop=1.0), options, "unused-out")
+    assert result.report["steps"][0]["accepted"] and result.report["steps"][0]["units_removed"] <= 2
+    removed = set(range(8)) - set(kept_heads(model, result.model, 0))
+    assert removed and removed <= set(DEAD[0]), "the dead heads are the first to go"
+    assert len(kept_heads(model, result.model, 1)) == 8, "no live head is removed while dead ones remain"
+
+
+def test_bert_zip_layers_removed_and_save_pretrained_round_trip(tmp_path):
+    from tests.intake_fixtures import write_bert_zip
+
+    bert = write_bert_zip(tmp_path, layers=4)
+    text = write_review_jsonl(tmp_path / "reviews.jsonl", n=64)
+    result = compress_files(bert, text, Target(params_reduction=0.2, max_accuracy_drop=1.0),
+                            CompressOptions(stages=("layers",), recovery_iterations=1, final_recovery_iterations=1,
+                                            latency_runs=1, batch_size=16), IntakeOptions(), tmp_path / "out")
+    report = result.report
+    assert report["blocks"] and all(b["kind"] == "layer" for b in report["blocks"])
+    assert report["hf_pretrained"] == "model_hf.zip" and report["hf_pretrained_error"] is None
+    # the saved directory is an upload again: it loads through intake and computes what the pruned model does
+    reloaded = open_model(tmp_path / "out" / "model_hf.zip", IntakeOptions())
+    assert reloaded.module.model.config.num_hidden_layers == 4 - len(report["blocks"])
+    ids = torch.tensor(open_model(bert, IntakeOptions()).tokenizer(["good film", "the plot was dull"],
+                                                                    padding=True)["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(reloaded.module(ids), result.model(ids), atol=1e-4)
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {"input_ids": ids.numpy()})
+    assert np.allclose(onnx_logits, result.model(ids).detach().numpy(), atol=1e-4)
+
+
+def test_save_pretrained_says_why_when_the_config_cannot_describe_the_result(tmp_path):
+    from core.hf import save_pretrained_zip
+
+    model = small_bert()
+    sites, _ = find_sites(model)
+    remove_heads(model, sites[0], [0])  # layer 0 keeps 7 heads, layer 1 keeps 8
+    reason = save_pretrained_zip(model, None, tmp_path / "m.zip", tokens(4))
+    assert "different numbers of attention heads (7, 8)" in reason
+    assert not (tmp_path / "m.zip").exists()
+
+
+def test_multihead_attention_is_swapped_for_an_equivalent_module():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=5).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    assert convert_multihead_attention(model, x) == []
+    assert all(isinstance(layer.self_attention, SelfAttention) for layer in model.encoder.layers)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)
+    assert len(find_sites(model)[0]) == 2
+
+
+class PackedAttention(nn.Module):
+    """Attention with one packed qkv projection: not a layout this version prunes by heads."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class PackedBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = PackedAttention(dim, 4)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PackedNet(nn.Module):
+    def __init__(self, dim: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.blocks = nn.Sequential(*[PackedBlock(dim) for _ in range(depth)])
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+def test_unrecognised_attention_is_reported_and_the_rest_is_pruned(tmp_path):
+    torch.manual_seed(0)
+    model = PackedNet().eval()
+    x = torch.rand(48, 5, 6)
+    result = compress(model, Dataset(x, torch.arange(48) % 4), Target(macs_reduction=0.4, max_accuracy_drop=1.0),
+                      FAST, tmp_path)
+    note = next(n for n in result.report["notes"] if "not recognise" in n)
+    assert "blocks.0.attn (PackedAttention)" in note
+    assert result.report["macs_reduction"] >= 0.37
+    widths = {row["name"]: row["channels_after"] for row in result.report["layers"]}
+    assert widths["blocks.0.attn.qkv"] == 96, "the packed projection keeps its width"
+    assert min(widths[f"blocks.{i}.mlp.0"] for i in range(3) if f"blocks.{i}.mlp.0" in widths) < 128
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_key_value_heads = 4, 8, 2
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16)
+        self.o_proj = nn.Linear(32, 32)
+
+
+def test_grouped_query_attention_is_left_alone_with_a_reason():
+    holder = nn.Module()
+    holder.attn = GroupedQueryAttention()
+    sites, unrecognised = find_sites(holder)
+    assert sites == []
+    assert unrecognised == ["attn (GroupedQueryAttention): grouped-query attention (key/value heads are shared "
+                            "between query heads); its heads are left alone to keep the head ratio valid"]
+
+
+def _hf_vit() -> nn.Module:
+    import transformers
+
+    from core.hf import ImageClassifier
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=3,
+                                    num_attention_heads=8, intermediate_size=128, num_labels=4)
+    return ImageClassifier(transformers.ViTForImageClassification(config).eval())
+
+
+def _vision_model(name: str) -> tuple[nn.Module, int]:
+    torch.manual_seed(0)
+    if name == "hf_vit":
+        return _hf_vit(), 32
+    if name == "torchvision_vit":  # vit_b_16's code path at a size a quick test affords
+        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=4,
+                                                    hidden_dim=64, mlp_dim=128, num_classes=4).eval(), 32
+    if name == "vit_b_16":
+        return torchvision.models.vit_b_16(image_size=32, num_classes=4).eval(), 32
+    if name == "swin_t":
+        return torchvision.models.swin_t(num_classes=4).eval(), 64
+    return torchvision.models.maxvit_t(num_classes=4).eval(), 224
+
+
+@pytest.mark.parametrize("name", [
+    "hf_vit", "torchvision_vit",
+    pytest.param("vit_b_16", marks=pytest.mark.slow),
+    pytest.param("swin_t", marks=pytest.mark.slow),
+    pytest.param("maxvit_t", marks=pytest.mark.slow),
+])
+def test_vision_transformers_compress_to_half_the_macs(name, tmp_path):
+    model, side = _vision_model(name)
+    x = torch.rand(16 if side < 224 else 6, 3, side, side)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    # channel counts in steps of 8 are too coarse to land within 3 points on 64-wide test models
+    options = dataclasses.replace(FAST, round_to=None if side < 224 else 8)
+    result = compress(model, Dataset(x, y), Target(macs_reduction=0.5, max_accuracy_drop=1.0), options, tmp_path)
+    report = result.report
+    assert report["macs_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert report["pt2_error"] is None and report["onnx_max_abs_diff"] < 1e-3
+    if name in ("swin_t", "maxvit_t"):  # their attention layouts are not recognised: said, and the rest pruned
+        assert any("not recognise" in note for note in report["notes"])
+    else:
+        assert report["attention_heads"], "the attention modules are recognised"
+    exported = torch.export.load(str(tmp_path / "model.pt2")).module()
+    with torch.no_grad():
+        assert torch.allclose(exported(x[:2]), result.model(x[:2]), atol=1e-4)
+
+
+def test_model_hf_zip_is_a_valid_upload(tmp_path):
+    """The artifact has the layout intake expects: one folder with config, weights and tokenizer."""
+    from tests.intake_fixtures import write_bert_zip
+
+    bert = write_bert_zip(tmp_path, layers=3)
+    text = write_review_jsonl(tmp_path / "reviews.jsonl", n=48)
+    compress_files(bert, text, Target(params_reduction=0.15, max_accuracy_drop=1.0),
+                   CompressOptions(stages=("layers",), recovery_iterations=1, final_recovery_iterations=0,
+                                   latency_runs=1, batch_size=16), IntakeOptions(), tmp_path / "out")
+    with zipfile.ZipFile(tmp_path / "out" / "model_hf.zip") as archive:
+        names = set(archive.namelist())
+    assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= names
