@@ -21,6 +21,12 @@ from core.attention import HEADS, find_sites, remove_heads
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
+# A channel that a flatten spreads over more positions than this (a CNN's last feature map before
+# its classifier spreads over 7×7 at most) is part of a window/patch layout (Swin, MaxViT)
+# that the dependency graph resolves only at a cost quadratic in the spread, and that reshapes
+# into heads would reject anyway: such groups are left alone.
+MAX_CHANNEL_SPREAD = 256
+
 # name of a group's root module -> channel indices to remove (already expanded over
 # channel groups of grouped convolutions)
 Plan = dict[str, list[int]]
@@ -136,6 +142,11 @@ def _resolvable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> I
         if _reaches_unsized_reshape(graph, module):
             continue
         try:
+            # one channel first: cheap, and it shows how far a channel spreads through flattens
+            probe = graph.get_pruning_group(module, pruner.prune_out_channels, [0])
+            if max(len(idxs) for _, idxs in probe) > MAX_CHANNEL_SPREAD:
+                visited.update(dep.target.module for dep, _ in probe if graph.is_out_channel_pruning_fn(dep.handler))
+                continue
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
         except (IndexError, ValueError, ZeroDivisionError):
             continue
