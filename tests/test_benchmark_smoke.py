@@ -1,4 +1,4 @@
-"""The Fashion-MNIST benchmark end to end in --quick mode, and its missing-data error."""
+"""The Fashion-MNIST and MiniLM benchmarks end to end in --quick mode, and Fashion-MNIST's missing-data error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import minilm
 from benchmarks.fashion_mnist import DATA_DIR, EXIT_MISSING_DATA, METHODS
+from benchmarks.minilm_rotten_tomatoes import DEFAULT_METHODS as MINILM_DEFAULT_METHODS
+from benchmarks.minilm_rotten_tomatoes import METHODS as MINILM_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0.5, 0.7)
@@ -57,4 +60,32 @@ def test_quick_benchmark_writes_a_sane_row_per_method_and_level(tmp_path: Path) 
             assert row["removed_blocks"] == []
     assert result["reference"]["test_samples"] == 500
     assert {goal["holds"] for goal in result["goals"]} <= {True, False}
+    assert "| IDAP++ | 50% |" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(minilm.missing_packages() is not None, reason=str(minilm.missing_packages()))
+def test_quick_minilm_benchmark_reaches_every_size_target_and_times_both_lengths(tmp_path: Path) -> None:
+    out = tmp_path / "minilm.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.minilm_rotten_tomatoes", "--quick", "--cache-dir",
+                           str(tmp_path / "cache"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+
+    rows = {(row["method"], row["level"]): row for row in result["rows"]}
+    assert set(rows) == {(method, level) for method in MINILM_DEFAULT_METHODS for level in (0.3, 0.5)}
+    reference = result["reference"]
+    assert reference["encoder_params"] < reference["params"]
+    for (method, level), row in rows.items():
+        assert row["error"] is None, row["error"]
+        # the benchmark switches the accuracy budget off, so every run must reach its size target
+        assert row["target_met"] and row["params_reduction"] >= level - 0.03, (method, level, row["stop_reason"])
+        assert 0.0 <= row["accuracy_after"] <= 1.0 and row["accuracy_before"] == reference["accuracy"]
+        assert 0.0 < row["encoder_params_reduction"] < 1.0 and row["macs_after"] < row["macs_before"]
+        assert set(row["latency_ms_after"]) == {f"seq_{n}_batch_{b}" for n in (64, 128) for b in (1, 8)}
+        assert all(ms > 0 for ms in row["latency_ms_after"].values())
+        assert Path(row["onnx"]).is_file()
+        if "layers" not in MINILM_METHODS[method][1]:
+            assert None not in row["architecture_after"]["layers"]
     assert "| IDAP++ | 50% |" in done.stdout
