@@ -31,7 +31,7 @@ class RecoveryIn(_Strict):
     final_recovery_epochs: float = Field(_DEFAULTS.final_recovery_epochs, ge=0)
     final_recovery_iterations: int | None = Field(None, ge=0)
     batch_size: int = Field(_DEFAULTS.batch_size, ge=1)
-    lr: float = Field(_DEFAULTS.lr, gt=0)
+    lr: float | None = Field(None, gt=0, description="None: 1e-3, or 1e-4 for models with attention")
 
 
 class MethodIn(_Strict):

@@ -57,6 +57,14 @@ def _drop_training_only_heads(model: nn.Module) -> list[str]:
     return [f"Removed training-only auxiliary head {name}." for name in dropped]
 
 
+DEFAULT_LR = 1e-3
+TRANSFORMER_LR = 1e-4
+
+
+def _has_attention(model: nn.Module) -> bool:
+    return any("attention" in type(module).__name__.lower() for module in model.modules())
+
+
 def _attention_notes(model: nn.Module) -> list[str]:
     _, unrecognised = find_sites(model)
     if not unrecognised:
@@ -211,7 +219,7 @@ def compress(
         "message": _explain(stop_reason, met, reductions, target),
         "notes": notes,
         "device": str(ctx.device),
-        "options": dataclasses.asdict(opts),
+        "options": dataclasses.asdict(ctx.options),
         "seconds": round(time.monotonic() - started, 3),
     }
     report_path = out / "report.json"
@@ -229,6 +237,8 @@ def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOpti
     notes = _drop_training_only_heads(model)
     check_against_model(model, data, device)
     notes += convert_multihead_attention(model, data.x[:2].to(device)) + _attention_notes(model)
+    if opts.lr is None:
+        opts = dataclasses.replace(opts, lr=TRANSFORMER_LR if _has_attention(model) else DEFAULT_LR)
     unknown = [name for name in opts.ignored_layers if name not in dict(model.named_modules())]
     if unknown:
         raise OptionsError(f"Layers to leave alone not found in the model: {', '.join(unknown)}.",

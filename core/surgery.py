@@ -16,6 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from core.attention import HEADS, find_sites, remove_heads
 
@@ -127,6 +128,31 @@ def _reaches_unsized_reshape(graph: tp.DependencyGraph, root: nn.Module) -> bool
     return False
 
 
+def _spreads_too_far(graph: tp.DependencyGraph, root: nn.Module, fn: Callable) -> bool:
+    """Whether pruning `root`'s outputs reaches flattens that together spread one channel over
+    more than MAX_CHANNEL_SPREAD positions. Walks the dependencies torch-pruning would follow,
+    tracking the spread instead of index lists, so it costs a few passes over the graph."""
+    start = graph.module2node[root]
+    stack = [(start, fn, 1)]
+    widest = {(start, fn): 1}
+    while stack:
+        node, trigger, spread = stack.pop()
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(trigger):
+                continue
+            reached = spread
+            for mapping in dep.index_mapping:
+                if isinstance(mapping, _FlattenIndexMapping):
+                    reached = max(reached // mapping._stride, 1) if mapping.reverse else reached * mapping._stride
+            if reached > MAX_CHANNEL_SPREAD:
+                return True
+            key = (dep.target, dep.handler)
+            if widest.get(key, 0) < reached:
+                widest[key] = reached
+                stack.append((dep.target, dep.handler, reached))
+    return False
+
+
 def _resolvable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tp.dependency.Group]:
     """Like torch-pruning's get_all_groups, but a root whose coupling the graph cannot resolve
     (index mappings through channel shuffles) is skipped instead of aborting the whole walk."""
@@ -141,12 +167,9 @@ def _resolvable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> I
             continue
         if _reaches_unsized_reshape(graph, module):
             continue
+        if _spreads_too_far(graph, module, pruner.prune_out_channels):
+            continue
         try:
-            # one channel first: cheap, and it shows how far a channel spreads through flattens
-            probe = graph.get_pruning_group(module, pruner.prune_out_channels, [0])
-            if max(len(idxs) for _, idxs in probe) > MAX_CHANNEL_SPREAD:
-                visited.update(dep.target.module for dep, _ in probe if graph.is_out_channel_pruning_fn(dep.handler))
-                continue
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
         except (IndexError, ValueError, ZeroDivisionError):
             continue

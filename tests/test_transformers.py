@@ -266,6 +266,7 @@ def test_vision_transformers_compress_to_half_the_macs(name, tmp_path):
     report = result.report
     assert report["macs_reduction"] == pytest.approx(0.5, abs=0.03)
     assert report["pt2_error"] is None and report["onnx_max_abs_diff"] < 1e-3
+    assert report["options"]["lr"] == 1e-4
     if name in ("swin_t", "maxvit_t"):  # their attention layouts are not recognised: said, and the rest pruned
         assert any("not recognise" in note for note in report["notes"])
     else:
