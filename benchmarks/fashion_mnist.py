@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from benchmarks.cli_types import floats, method_list
 from core import CompressOptions, Dataset, ProgressEvent, Target, compress
 from core.examples import BasicBlock
 from core.export import export_onnx
@@ -462,22 +463,10 @@ def log(message: str) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def _methods(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(METHODS)}")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fashion_mnist", description=__doc__.split("\n")[0])
-    p.add_argument("--levels", type=_floats, help="MACs reductions, comma-separated (default: 0.5,0.7)")
-    p.add_argument("--methods", type=_methods, help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--levels", type=floats, help="MACs reductions, comma-separated (default: 0.5,0.7)")
+    p.add_argument("--methods", type=method_list(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--train-samples", type=int,
                    help="train-split samples passed to compress (default: 24000)")
     p.add_argument("--test-samples", type=int, help="test-split samples to evaluate on (default: all 10000)")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from benchmarks import minilm
+from benchmarks.cli_types import floats, method_list
 from benchmarks.fashion_mnist import environment, log
 from core import CompressOptions, ProgressEvent, Target
 from core.data import Dataset
@@ -344,23 +345,11 @@ def markdown_table(rows: list[dict[str, Any]], settings: Settings) -> str:
 
 # --------------------------------------------------------------------------- CLI
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def _methods(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(METHODS)}")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.minilm_rotten_tomatoes",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--levels", type=_floats, help="parameter reductions, comma-separated (default: 0.3,0.5)")
-    p.add_argument("--methods", type=_methods,
+    p.add_argument("--levels", type=floats, help="parameter reductions, comma-separated (default: 0.3,0.5)")
+    p.add_argument("--methods", type=method_list(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--n-train", type=int, help="fine-tuning snippets (default: 2000)")
     p.add_argument("--n-eval", type=int, help="held-out snippets for accuracy (default: 800)")

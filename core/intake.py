@@ -11,9 +11,9 @@ import torch
 
 from core.archives import is_zip, open_zip
 from core.data import Dataset, load_npz
-from core.errors import DataError, InputFileError
+from core.errors import DataError
 from core.image_data import load_image_folder_zip
-from core.model_io import LoadedModel, open_model
+from core.model_io import LoadedModel, check_input_file, open_model
 from core.options import CompressOptions, IntakeOptions, Target
 from core.pipeline import Result, compress
 from core.progress import CancelFn, ProgressFn
@@ -25,7 +25,7 @@ _DATA_HINT = ("Upload an .npz (x, optional y), a zip of class folders of images,
 
 def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
     """The calibration data in `path`, read according to its content and the model's inputs."""
-    _check_data_file(path, intake)
+    check_input_file(path, "data", intake.max_file_bytes, _DATA_HINT)
     if is_zip(path):
         data = load_npz(path) if _is_npz(path) else _image_folder(path, model, intake)
     elif model.tokenizer is not None:
@@ -42,17 +42,6 @@ def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
     if model.example is not None and not model.example.is_floating_point() and data.x.is_floating_point():
         data = Dataset(data.x.long(), data.y)  # token ids saved as floats in an .npz
     return data
-
-
-def _check_data_file(path: Path, intake: IntakeOptions) -> None:
-    if not path.is_file():
-        raise InputFileError(f"Data file not found: {path}.", hint=_DATA_HINT)
-    size = path.stat().st_size
-    if size == 0:
-        raise InputFileError(f"The data file {path.name} is empty.", hint=_DATA_HINT, code="empty_file")
-    if size > intake.max_file_bytes:
-        raise InputFileError(f"The data file is {size / 1e6:.0f} MB; at most {intake.max_file_bytes / 1e6:.0f} MB "
-                             "are accepted.", hint="Upload a random subset.", code="file_too_large")
 
 
 def _is_npz(path: Path) -> bool:

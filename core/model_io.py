@@ -86,17 +86,7 @@ def open_model(spec: str | Path, intake: IntakeOptions, weights: str | Path | No
 
 def detect_format(path: Path, intake: IntakeOptions) -> str:
     """The model format of `path`, from its first bytes (and a zip's member names)."""
-    if not path.exists():
-        raise InputFileError(f"Model file not found: {path}.", hint=f"Pass an existing file. {_SAVE_HINT}")
-    if not path.is_file():
-        raise InputFileError(f"{path} is not a file.", hint=_FORMATS_HINT)
-    size = path.stat().st_size
-    if size == 0:
-        raise InputFileError(f"The model file {path.name} is empty.", hint=_FORMATS_HINT, code="empty_file")
-    if size > intake.max_file_bytes:
-        raise InputFileError(f"The model file is {size / 1e6:.0f} MB; at most {intake.max_file_bytes / 1e6:.0f} MB "
-                             "are accepted.", hint="Ask the operator to raise IDAP_MAX_FILE_BYTES.",
-                             code="file_too_large")
+    size = check_input_file(path, "model", intake.max_file_bytes, _FORMATS_HINT)
     with path.open("rb") as handle:
         head = handle.read(16)
     if is_zip(path):
@@ -110,6 +100,20 @@ def detect_format(path: Path, intake: IntakeOptions) -> str:
         return "onnx"
     raise InputFileError(f"{path.name} is not a model file this service reads.", hint=_FORMATS_HINT,
                          code="unknown_model_format")
+
+
+def check_input_file(path: Path, what: str, max_bytes: int, hint: str) -> int:
+    """The size of `path`, after refusing a missing, empty or oversized file."""
+    if not path.is_file():
+        raise InputFileError(f"The {what} file {path} was not found (or is not a file).", hint=hint)
+    size = path.stat().st_size
+    if size == 0:
+        raise InputFileError(f"The {what} file {path.name} is empty.", hint=hint, code="empty_file")
+    if size > max_bytes:
+        raise InputFileError(f"The {what} file is {size / 1e6:.0f} MB; at most {max_bytes / 1e6:.0f} MB are "
+                             "accepted.", hint="Upload a smaller file, or ask the operator to raise "
+                             "IDAP_MAX_UPLOAD_BYTES.", code="file_too_large")
+    return size
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

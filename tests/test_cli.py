@@ -99,7 +99,7 @@ def test_state_dict_instead_of_model(capsys, digits_files, digits_model, out, tm
 def test_missing_data_file(capsys, digits_files, out, tmp_path):
     code, _, err = run_main(capsys, *prune_args(digits_files[0], tmp_path / "nope.npz", out,
                                                 "--macs-reduction", 0.5))
-    assert_user_error(code, err, out, "data file not found", "nope.npz")
+    assert_user_error(code, err, out, "data file", "nope.npz", "not found")
 
 
 def test_data_file_not_npz(capsys, digits_files, out, tmp_path):

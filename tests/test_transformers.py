@@ -92,14 +92,14 @@ def test_dead_heads_score_lowest_and_removing_them_changes_nothing():
         assert torch.allclose(model(x), before, atol=1e-5)
 
 
-def test_compress_removes_the_planted_dead_heads_first():
+def test_compress_removes_the_planted_dead_heads_first(tmp_path):
     model = small_bert()
     plant_dead_heads(model)
     data = Dataset(tokens(64), torch.arange(64) % 3)
     # no fine-tuning, so the surviving heads keep their exact weights and can be told apart
     options = CompressOptions(stages=("filters",), recovery_iterations=0, final_recovery_iterations=0,
                               latency_runs=1, batch_size=16, p0=0.02, round_to=None, seed=0)
-    result = compress(model, data, Target(params_reduction=0.02, max_accuracy_drop=1.0), options, "unused-out")
+    result = compress(model, data, Target(params_reduction=0.02, max_accuracy_drop=1.0), options, tmp_path)
     assert result.report["steps"][0]["accepted"] and result.report["steps"][0]["units_removed"] <= 2
     removed = set(range(8)) - set(kept_heads(model, result.model, 0))
     assert removed and removed <= set(DEAD[0]), "the dead heads are the first to go"

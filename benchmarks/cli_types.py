@@ -1,0 +1,24 @@
+"""argparse types shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+
+
+def floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def method_list(known: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
+    """A type for `--methods a,b` that refuses names outside `known`."""
+    names_known = tuple(known)
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(v.strip() for v in text.split(",") if v.strip())
+        unknown = [n for n in names if n not in names_known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(names_known)}")
+        return names
+
+    return parse
