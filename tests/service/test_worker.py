@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pytest
+import torch
 from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
@@ -154,3 +156,19 @@ def test_infrastructure_errors_are_retried_then_fail(keys: dict[str, str], digit
         job = wait_for(client, keys["a"], job_id, finished)
     assert job["status"] == "failed" and job["attempts"] == settings.max_attempts
     assert job["error"]["code"] == "internal_error" and "FileNotFoundError" in job["error"]["message"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a worker without CUDA")
+def test_a_user_error_in_the_worker_fails_at_once(keys: dict[str, str], digits: tuple[Path, Path],
+                                                  settings: Settings, worker: Path) -> None:
+    """The preflight runs on the API's CPU, so a job asking for CUDA passes it; a CPU-only worker then
+    raises the user's error, which no retry would fix."""
+    with TestClient(create_app(settings)) as client:
+        job_id = submit(client, keys["a"], digits, {"device": "cuda"}).json()["id"]  # parked on the GPU queue
+        with session_scope(settings.database) as session:
+            session.get(Job, job_id).queue = settings.cpu_queue
+        enqueue_job(job_id, settings.cpu_queue)
+        job = wait_for(client, keys["a"], job_id, finished)
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert job["error"]["code"] == "invalid_options" and "CUDA" in job["error"]["message"]
+    assert job["error"]["hint"]
