@@ -157,7 +157,9 @@ def _transformer_layers(model: nn.Module, calls: list[ContainerCall]) -> set[str
             siblings = sum(type(other) is type(child) for _, other in children)
             if siblings >= 2 and _holds_attention(child):
                 layers.add(name)
-    return layers
+    # a layer goes as a whole: stacks nested inside another layer (MaxViT's window and grid
+    # attention inside a MaxViT layer) are not candidates of their own
+    return {name for name in layers if not any(name.startswith(outer + ".") for outer in layers)}
 
 
 def _holds_attention(module: nn.Module) -> bool:

@@ -288,3 +288,22 @@ def test_model_hf_zip_is_a_valid_upload(tmp_path):
     with zipfile.ZipFile(tmp_path / "out" / "model_hf.zip") as archive:
         names = set(archive.namelist())
     assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= names
+
+
+class StageOfBlocks(nn.Module):
+    """A layer that is itself a stack of attention blocks (as MaxViT nests window and grid attention)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(PackedBlock(dim), PackedBlock(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_transformer_layers_are_candidates_as_a_whole():
+    from core.blocks import find_blocks
+
+    model = nn.Sequential(nn.Linear(6, 32), nn.Sequential(StageOfBlocks(32), StageOfBlocks(32)))
+    blocks = find_blocks(model.eval(), torch.rand(2, 5, 6))
+    assert [(b.name, b.kind) for b in blocks] == [("1.0", "layer"), ("1.1", "layer")]
