@@ -146,20 +146,24 @@ def onnx_input_dtype(ort_type: str) -> np.dtype:
 
 
 @torch.no_grad()
-def export_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> str | None:
-    """Write a torch.export archive and check it reloads to the same outputs.
+def export_pt2(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSpec | None = None) -> str | None:
+    """Write a torch.export archive, dynamic along the axes `spec` declares for the input (the
+    batch; a text model's sequence) where the model allows, and check it reloads to the same outputs.
 
     Returns None on success, or the reason torch.export could not capture the model
     (the other artifacts are still produced).
     """
+    spec = spec or OnnxSpec()
     wrapped = _exportable(model)
     example = example.cpu()
+    axes = spec.axes_of(spec.input_names[0])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(
-                wrapped, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}
-            )
+            # AUTO lets torch.export find each axis's range (a text model's sequence is bounded by its
+            # position table) and keep an axis static where the model fixes it
+            dynamic = {axis: torch.export.Dim.AUTO for axis in axes}
+            program = torch.export.export(wrapped, (example,), dynamic_shapes={"x": dynamic})
             torch.export.save(program, str(path))
             reloaded = torch.export.load(str(path)).module()
         diff = float((reloaded(example) - wrapped(example)).abs().max())

@@ -192,7 +192,7 @@ def compress(
     onnx_path, pt2_path = out / "model.onnx", out / "model.pt2"
     diff_after, latency_after = _onnx_metrics(model, ctx.example.cpu(), onnx_path, ctx.evaluation.x[:64], opts,
                                               onnx_spec)
-    pt2_error = export_pt2(model, ctx.example.cpu(), pt2_path)
+    pt2_error = export_pt2(model, ctx.example.cpu(), pt2_path, onnx_spec)
     artifacts = {"model.onnx": onnx_path} | ({} if pt2_error else {"model.pt2": pt2_path})
 
     reductions = ctx.reductions(macs, params)

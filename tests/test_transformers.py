@@ -17,7 +17,7 @@ from torch import nn
 
 from core import CompressOptions, Dataset, Target, compress
 from core.attention import SelfAttention, convert_multihead_attention, find_sites, head_divergence, remove_heads
-from core.intake import compress_files
+from core.intake import compress_files, open_data
 from core.model_io import open_model
 from core.options import IntakeOptions
 from tests.intake_fixtures import write_review_jsonl
@@ -127,6 +127,11 @@ def test_bert_zip_layers_removed_and_save_pretrained_round_trip(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run(None, {"input_ids": ids.numpy()})
     assert np.allclose(onnx_logits, result.model(ids).detach().numpy(), atol=1e-4)
+    # the .pt2 too takes any sequence length, not only the calibration data's
+    assert ids.shape[1] != open_data(text, reloaded, IntakeOptions()).x.shape[1]
+    exported = torch.export.load(str(tmp_path / "out" / "model.pt2")).module()
+    with torch.no_grad():
+        assert torch.allclose(exported(ids), result.model(ids), atol=1e-4)
 
 
 def test_save_pretrained_says_why_when_the_config_cannot_describe_the_result(tmp_path):
