@@ -13,7 +13,6 @@ reported as not recognised, and only the widths around it are pruned.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -266,7 +265,3 @@ def removable(model: nn.Module, site: AttentionSite, example: torch.Tensor) -> b
         return False
     return True
 
-
-def sites_in(model: nn.Module, names: Iterator[str]) -> list[AttentionSite]:
-    wanted = set(names)
-    return [site for site in find_sites(model)[0] if site.name in wanted]

@@ -8,6 +8,12 @@ will turn it into a 4xx or a failed job without retries.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type), for one-line error messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """A problem with the caller's input. `str(err)` says what is wrong and how to fix it."""
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import InputFileError
+from core.errors import InputFileError, first_line
 from core.export import OnnxSpec
 
 _TASKS = ("ForSequenceClassification", "ForImageClassification")
@@ -61,7 +61,7 @@ def load_hf_directory(root: Path) -> Any:
                                            use_safetensors=True).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputFileError(f"The Hugging Face weights do not load into {task_class.__name__}: "
-                             f"{str(exc).strip().splitlines()[0]}", hint=_DIR_HINT, code="weights_mismatch") from exc
+                             f"{first_line(exc)}", hint=_DIR_HINT, code="weights_mismatch") from exc
     labels = [config.id2label[i] for i in range(config.num_labels)] if getattr(config, "id2label", None) else None
     if task_class.__name__.endswith("ForSequenceClassification"):
         tokenizer = _tokenizer(root, transformers)
@@ -86,7 +86,7 @@ def _config(root: Path, transformers: Any) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        raise InputFileError(f"config.json is not a usable Hugging Face config: {str(exc).strip().splitlines()[0]}",
+        raise InputFileError(f"config.json is not a usable Hugging Face config: {first_line(exc)}",
                              hint=_DIR_HINT, code="invalid_hf_model") from exc
 
 
@@ -127,7 +127,7 @@ def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example:
         try:
             reloaded = type(model).from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
         except (OSError, ValueError, RuntimeError) as exc:
-            return f"from_pretrained cannot rebuild the pruned model from its config: {_first_line(exc)}"
+            return f"from_pretrained cannot rebuild the pruned model from its config: {first_line(exc)}"
         rebuilt = copy.deepcopy(wrapper).cpu().eval()
         rebuilt.model = reloaded
         with torch.no_grad():
@@ -174,7 +174,3 @@ def _describe_in_config(model: nn.Module) -> str | None:
         config.intermediate_size = widths[0]
     return None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from torch import nn
 
 from core import architectures
 from core.archives import ZipLimits, extract, is_zip, open_zip
-from core.errors import InputFileError, OptionsError
+from core.errors import InputFileError, OptionsError, first_line
 from core.options import IntakeOptions
 
 FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -214,7 +214,7 @@ def _load_pickled(path: Path) -> nn.Module:
         ) from exc
     except Exception as exc:  # unpickling surfaces corrupt input as many unrelated exception types
         raise InputFileError(
-            f"{path} is not a readable PyTorch file ({exc.__class__.__name__}: {_first_line(exc)}).",
+            f"{path} is not a readable PyTorch file ({exc.__class__.__name__}: {first_line(exc)}).",
             hint=_SAVE_HINT,
         ) from exc
     if isinstance(obj, torch.jit.ScriptModule):
@@ -240,7 +240,7 @@ def _build_from_factory(spec: str) -> nn.Module:
         module = importlib.import_module(module_name)
     except Exception as exc:  # importing user code can fail in any way; all of it is the user's to fix
         raise InputFileError(
-            f"Cannot import {module_name} ({exc.__class__.__name__}: {_first_line(exc)}).",
+            f"Cannot import {module_name} ({exc.__class__.__name__}: {first_line(exc)}).",
             hint="Install the package or run from the directory that contains it.",
         ) from exc
     factory = getattr(module, factory_name, None)
@@ -251,7 +251,7 @@ def _build_from_factory(spec: str) -> nn.Module:
         model = factory()
     except Exception as exc:  # the factory is user code
         raise InputFileError(
-            f"{spec}() failed ({exc.__class__.__name__}: {_first_line(exc)}).",
+            f"{spec}() failed ({exc.__class__.__name__}: {first_line(exc)}).",
             hint="The factory must build the model without arguments.",
         ) from exc
     if not isinstance(model, nn.Module):
@@ -273,13 +273,13 @@ def _load_safetensors(model: nn.Module, path: Path, source: str = "the model thi
         missing, unexpected = load_safetensors_into(model, path, strict=False)
     except SafetensorError as exc:
         raise InputFileError(
-            f"{path.name} is not a readable .safetensors file ({_first_line(exc)}).",
+            f"{path.name} is not a readable .safetensors file ({first_line(exc)}).",
             hint="Save it with safetensors.torch.save_model(model, path).", code="invalid_safetensors",
         ) from exc
     except RuntimeError as exc:  # load_state_dict reports shape mismatches this way
         mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         raise InputFileError(
-            f"{path.name} does not fit {source}: {'; '.join(mismatches[:3]) or _first_line(exc)}.",
+            f"{path.name} does not fit {source}: {'; '.join(mismatches[:3]) or first_line(exc)}.",
             hint="Use weights saved from that architecture, or name the architecture (and arguments such as "
             "num_classes) the weights were trained with.", code="weights_mismatch",
         ) from exc
@@ -291,7 +291,3 @@ def _load_safetensors(model: nn.Module, path: Path, source: str = "the model thi
             hint="Use the weights saved from that architecture.", code="weights_mismatch",
         )
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"

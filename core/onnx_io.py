@@ -18,7 +18,7 @@ import torch.fx as fx
 from onnx import external_data_helper
 from torch import nn
 
-from core.errors import DataError, InputFileError
+from core.errors import DataError, InputFileError, first_line
 from core.export import BATCH_AXIS_NAME, ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
 from core.metrics import logits_of
 
@@ -75,7 +75,7 @@ def _read(path: Path) -> onnx.ModelProto:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf reports corrupt bytes as DecodeError, RuntimeError or worse
         raise InputFileError(
-            f"{path.name} is not a readable ONNX model (damaged or truncated file: {_first_line(exc)}).",
+            f"{path.name} is not a readable ONNX model (damaged or truncated file: {first_line(exc)}).",
             hint=f"Check that the whole file was uploaded. {_REEXPORT_HINT}", code="invalid_onnx",
         ) from exc
     if not proto.graph.node or not proto.graph.output:
@@ -128,7 +128,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     try:
         external_data_helper.load_external_data_for_model(proto, str(base))
     except Exception as exc:  # offsets or lengths past the end of the data file, and the like
-        raise InputFileError(f"The external data of {path.name} cannot be read ({_first_line(exc)}).",
+        raise InputFileError(f"The external data of {path.name} cannot be read ({first_line(exc)}).",
                              hint="Save the weights inside the model file.", code="onnx_external_data") from exc
 
 
@@ -149,7 +149,7 @@ def _check(proto: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:  # ValidationError, and C++ errors surfacing as other types
-        raise InputFileError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}.",
+        raise InputFileError(f"{path.name} is not a valid ONNX model: {first_line(exc)}.",
                              hint=_REEXPORT_HINT, code="invalid_onnx") from exc
 
 
@@ -242,10 +242,10 @@ def _convert(proto: onnx.ModelProto, path: Path) -> fx.GraphModule:
         return convert(proto)
     except NotImplementedError as exc:  # ops onnx2torch knows, but not with these attributes
         raise InputFileError(f"{path.name} uses an op setting that cannot be converted to PyTorch: "
-                             f"{_first_line(exc)}.", hint=_REEXPORT_HINT, code="unsupported_onnx_ops") from exc
+                             f"{first_line(exc)}.", hint=_REEXPORT_HINT, code="unsupported_onnx_ops") from exc
     except Exception as exc:  # the converter's other failures all come from the graph it was given
         raise InputFileError(f"{path.name} could not be converted to PyTorch ({exc.__class__.__name__}: "
-                             f"{_first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed") from exc
+                             f"{first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed") from exc
 
 
 def _example_input(proto: onnx.ModelProto, spec: OnnxSpec) -> torch.Tensor | None:
@@ -309,7 +309,7 @@ def _shapes_at(module: fx.GraphModule, nodes: list[fx.Node], example: torch.Tens
     except Exception as exc:  # the converted graph fails on an input of its own declared shape
         raise InputFileError(
             f"{path.name} converts to PyTorch but fails on an input of shape {tuple(example.shape)} "
-            f"({exc.__class__.__name__}: {_first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed",
+            f"({exc.__class__.__name__}: {first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed",
         ) from exc
     finally:
         for handle in handles:
@@ -362,7 +362,7 @@ def _run_original(spec: OnnxSpec, onnx_path: Path, sample: torch.Tensor) -> np.n
     try:
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # the file passed onnx.checker, but ORT can still refuse it
-        raise InputFileError(f"ONNX Runtime cannot load {onnx_path.name}: {_first_line(exc)}.",
+        raise InputFileError(f"ONNX Runtime cannot load {onnx_path.name}: {first_line(exc)}.",
                              hint=_REEXPORT_HINT, code="invalid_onnx") from exc
     declared = session.get_inputs()[0]
     feed = sample.cpu().numpy().astype(onnx_input_dtype(declared.type))
@@ -374,11 +374,7 @@ def _run_original(spec: OnnxSpec, onnx_path: Path, sample: torch.Tensor) -> np.n
     except Exception as exc:  # wrong rank, shape or size for this model
         raise DataError(
             f"The ONNX model rejects inputs of shape {tuple(sample.shape[1:])} (per sample); it declares "
-            f"{declared.shape}: {_first_line(exc)}.",
+            f"{declared.shape}: {first_line(exc)}.",
             hint="Store x with the shape the model takes, samples on the first axis.", code="onnx_input_mismatch",
         ) from exc
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
