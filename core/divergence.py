@@ -72,9 +72,8 @@ def filter_divergence(
 ) -> dict[nn.Module, torch.Tensor]:
     """s_i = mean_b ‖φ(A[b,i])‖₂ · ‖W[i]‖₂ / (C·H·W) for every Conv/Linear output unit.
 
-    φ is the nonlinearity that follows the unit (method §2: the actual post-activation value);
-    with none, ReLU for convolutions (post-BN, pre-activation) and the raw output for linear
-    layers, whose outputs often feed a residual sum or a normalisation directly.
+    φ is the nonlinearity that follows the unit (method §2: the actual post-activation value of
+    the consumer), ReLU when none does (the method's formula).
     """
     layers = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     sums: dict[nn.Module, torch.Tensor] = {}
@@ -96,7 +95,7 @@ def filter_divergence(
     for layer in layers:
         source = _follower_norms(graph, layer)
         is_conv = isinstance(layer, nn.modules.conv._ConvNd)
-        activation = _consumer_activation(graph, source) or (torch.relu if is_conv else torch.abs)
+        activation = _consumer_activation(graph, source) or torch.relu
         handles.append(source.register_forward_hook(hook_for(layer, 1 if is_conv else -1, activation)))
     model.eval()
     try:
