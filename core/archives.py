@@ -25,6 +25,11 @@ def is_zip(path: Path) -> bool:
         return handle.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
 
 
+def holds_only_arrays(names: list[str]) -> bool:
+    """Whether zip member `names` are those of an .npz (numpy arrays only)."""
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
 def open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)

@@ -91,6 +91,12 @@ class AttentionSite:
         return [getattr(module, attr) for attr in self.qkv]
 
 
+def holds_attention(module: nn.Module) -> bool:
+    """Whether `module` contains attention of any layout (recognised or not)."""
+    return any("attention" in type(m).__name__.lower() or isinstance(m, nn.MultiheadAttention)
+               for m in module.modules())
+
+
 def convert_multihead_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Swap each nn.MultiheadAttention for SelfAttention where the model's outputs stay the same
     (self-attention without masks); the others stay, their heads unpruned."""

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from core.attention import holds_attention
 from core.tracing import ContainerCall, containers_called_once
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -155,16 +156,11 @@ def _transformer_layers(model: nn.Module, calls: list[ContainerCall]) -> set[str
             if call is None or call.input_shape is None or call.input_shape != call.output_shape:
                 continue
             siblings = sum(type(other) is type(child) for _, other in children)
-            if siblings >= 2 and _holds_attention(child):
+            if siblings >= 2 and holds_attention(child):
                 layers.add(name)
     # a layer goes as a whole: stacks nested inside another layer (MaxViT's window and grid
     # attention inside a MaxViT layer) are not candidates of their own
     return {name for name in layers if not any(name.startswith(outer + ".") for outer in layers)}
-
-
-def _holds_attention(module: nn.Module) -> bool:
-    return any("attention" in type(m).__name__.lower() or isinstance(m, nn.MultiheadAttention)
-               for m in module.modules())
 
 
 def remove_block(model: nn.Module, candidate: BlockCandidate) -> None:

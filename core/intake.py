@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from core.archives import is_zip, open_zip
+from core.archives import holds_only_arrays, is_zip, open_zip
 from core.data import Dataset, load_npz
 from core.errors import DataError
 from core.image_data import load_image_folder_zip
@@ -47,7 +47,7 @@ def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
 def _is_npz(path: Path) -> bool:
     with open_zip(path) as archive:
         names = archive.namelist()
-    return bool(names) and all(name.endswith(".npy") for name in names)
+    return holds_only_arrays(names)
 
 
 def _image_folder(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:

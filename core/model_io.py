@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from core import architectures
-from core.archives import ZipLimits, extract, is_zip, open_zip
+from core.archives import ZipLimits, extract, holds_only_arrays, is_zip, open_zip
 from core.errors import InputFileError, OptionsError, first_line
 from core.options import IntakeOptions
 
@@ -131,7 +131,7 @@ def _zip_format(path: Path) -> str:
         return "torchscript"
     if "data.pkl" in basenames:
         return "pickle"
-    if names and all(name.endswith(".npy") for name in names):
+    if holds_only_arrays(names):
         raise InputFileError(f"{path.name} is an .npz data file, not a model.",
                              hint="Pass it as the data file.", code="unknown_model_format")
     raise InputFileError(f"{path.name} is a zip without config.json, so it is not a Hugging Face model directory.",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.attention import convert_multihead_attention, find_sites
+from core.attention import convert_multihead_attention, find_sites, holds_attention
 from core.blocks import BlockCandidate, find_blocks, remove_block
 from core.context import TARGET_TOLERANCE, RunContext
 from core.data import Dataset, check_against_model, split
@@ -59,10 +59,6 @@ def _drop_training_only_heads(model: nn.Module) -> list[str]:
 
 DEFAULT_LR = 1e-3
 TRANSFORMER_LR = 1e-4
-
-
-def _has_attention(model: nn.Module) -> bool:
-    return any("attention" in type(module).__name__.lower() for module in model.modules())
 
 
 def _attention_notes(model: nn.Module) -> list[str]:
@@ -238,7 +234,7 @@ def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOpti
     check_against_model(model, data, device)
     notes += convert_multihead_attention(model, data.x[:2].to(device)) + _attention_notes(model)
     if opts.lr is None:
-        opts = dataclasses.replace(opts, lr=TRANSFORMER_LR if _has_attention(model) else DEFAULT_LR)
+        opts = dataclasses.replace(opts, lr=TRANSFORMER_LR if holds_attention(model) else DEFAULT_LR)
     unknown = [name for name in opts.ignored_layers if name not in dict(model.named_modules())]
     if unknown:
         raise OptionsError(f"Layers to leave alone not found in the model: {', '.join(unknown)}.",
