@@ -97,18 +97,26 @@ def reachable_reduction(ctx: RunContext, model: nn.Module) -> dict[str, float]:
     return ctx.reductions(*ctx.measure(floor))
 
 
+def out_of_reach(target: Target, reachable: dict[str, float], options: CompressOptions) -> list[TargetUnreachableError]:
+    """One error per size goal beyond the reachable reduction (within the target tolerance)."""
+    errors = []
+    for key, goal in (("macs", target.macs_reduction), ("params", target.params_reduction)):
+        if goal is not None and goal > reachable[key] + TARGET_TOLERANCE:
+            errors.append(TargetUnreachableError(
+                f"A {goal:.0%} {'MACs' if key == 'macs' else 'params'} reduction is out of reach: at most "
+                f"{reachable[key]:.0%} can be removed with stages {','.join(options.stages)} and "
+                f"min_width_fraction {options.min_width_fraction}.",
+                hint=f"Ask for at most {reachable[key]:.2f}, or lower the minimum width.",
+            ))
+    return errors
+
+
 def _check_reachable(ctx: RunContext, model: nn.Module) -> dict[str, float]:
     """Refuse targets beyond the reachable reduction before any work."""
     reachable = reachable_reduction(ctx, model)
-    asked = {"macs": ctx.target.macs_reduction, "params": ctx.target.params_reduction}
-    for key, goal in asked.items():
-        if goal is not None and goal > reachable[key] + TARGET_TOLERANCE:
-            raise TargetUnreachableError(
-                f"A {goal:.0%} {key.upper() if key == 'macs' else key} reduction is out of reach: at most "
-                f"{reachable[key]:.0%} can be removed with stages {','.join(ctx.options.stages)} and "
-                f"min_width_fraction {ctx.options.min_width_fraction}.",
-                hint=f"Ask for at most {reachable[key]:.2f}, or lower the minimum width.",
-            )
+    errors = out_of_reach(ctx.target, reachable, ctx.options)
+    if errors:
+        raise errors[0]
     return reachable
 
 

@@ -18,11 +18,11 @@ from torch import nn
 
 from core.attention import AttentionSite
 from core.blocks import find_blocks
-from core.context import TARGET_TOLERANCE, RunContext
+from core.context import RunContext
 from core.data import Dataset
 from core.metrics import logits_of
 from core.options import CompressOptions, Target
-from core.pipeline import _prepare, reachable_reduction
+from core.pipeline import _prepare, out_of_reach, reachable_reduction
 from core.progress import Reporter
 from core.recovery import iterations_for
 from core.stages import group_candidates
@@ -75,14 +75,8 @@ def _problems(target: Target | None, reachable: dict[str, float], options: Compr
     problems = []
     if not groups and not blocks:
         problems.append("Nothing in this model can be pruned: no prunable channel group and no removable block.")
-    if target is None:
-        return problems
-    for key, goal in (("macs", target.macs_reduction), ("params", target.params_reduction)):
-        if goal is not None and goal > reachable[key] + TARGET_TOLERANCE:
-            problems.append(
-                f"A {goal:.0%} {'MACs' if key == 'macs' else 'params'} reduction is out of reach: at most "
-                f"{reachable[key]:.0%} with stages {','.join(options.stages)} and min_width_fraction "
-                f"{options.min_width_fraction}.")
+    if target is not None:
+        problems += [error.message for error in out_of_reach(target, reachable, options)]
     return problems
 
 
