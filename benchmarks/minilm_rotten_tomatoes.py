@@ -65,7 +65,7 @@ class Settings:
     # Data: eval snippets first, then the fine-tuning ones (see minilm.split); compress gets the
     # first `compress_samples` of the fine-tuning snippets and holds out 20 % of them itself.
     n_train: int = 2000
-    n_eval: int = 800
+    n_eval: int = 2000
     compress_samples: int = 1000
     max_length: int = 64
     finetune_epochs: int = 2
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=method_list(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--n-train", type=int, help="fine-tuning snippets (default: 2000)")
-    p.add_argument("--n-eval", type=int, help="held-out snippets for accuracy (default: 800)")
+    p.add_argument("--n-eval", type=int, help="held-out snippets for accuracy (default: 2000)")
     p.add_argument("--compress-samples", type=int, help="fine-tuning snippets passed to compress (default: 1000)")
     p.add_argument("--recovery-iterations", type=int, help="recovery iterations per step (default: 10)")
     p.add_argument("--final-recovery-iterations", type=int, help="final recovery iterations (default: 80)")

@@ -97,7 +97,7 @@ class RunContext:
             student, teacher, self.recovery, self.feature_points,
             iterations_for(len(self.recovery), opts.batch_size, epochs, iterations),
             device=self.device, batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
-            temperature=opts.kd_temperature, feature_weight=opts.feature_weight,
+            temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
             seed=opts.seed + self.recoveries, reporter=self.reporter,
         )
 

@@ -98,14 +98,15 @@ def recover(
     lr: float,
     weight_decay: float,
     temperature: float,
+    kd_weight: float,
     feature_weight: float,
     seed: int,
     reporter: Reporter,
 ) -> None:
     """Fine-tune `student` in place for `iterations` steps.
 
-    loss = CE(student, labels) + w·Σ L1(adapter(f_s), f_t) with labels; without labels
-    the CE term becomes KL(student ‖ teacher) at temperature T (scaled by T²).
+    loss = CE(student, labels) + kd_weight·KL + w·Σ L1(adapter(f_s), f_t) with labels, KL being
+    KL(student ‖ teacher) at temperature T scaled by T²; without labels the task term is KL alone.
     Cancellation is checked every iteration.
     """
     if iterations <= 0:
@@ -128,15 +129,16 @@ def recover(
             with torch.no_grad():
                 t_logits = logits_of(teacher(x))
             s_logits = logits_of(student(x))
+            soft = nn.functional.kl_div(
+                nn.functional.log_softmax(s_logits / temperature, dim=1),
+                nn.functional.log_softmax(t_logits / temperature, dim=1),
+                log_target=True,
+                reduction="batchmean",
+            ) * temperature**2
             if data.y is not None:
-                loss = nn.functional.cross_entropy(s_logits, data.y[index].to(device))
+                loss = nn.functional.cross_entropy(s_logits, data.y[index].to(device)) + kd_weight * soft
             else:
-                loss = nn.functional.kl_div(
-                    nn.functional.log_softmax(s_logits / temperature, dim=1),
-                    nn.functional.log_softmax(t_logits / temperature, dim=1),
-                    log_target=True,
-                    reduction="batchmean",
-                ) * temperature**2
+                loss = soft
             loss = loss + feature_weight * _feature_loss(s_tap, t_tap, adapters, optimizer, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

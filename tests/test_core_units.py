@@ -106,8 +106,27 @@ def test_unlabeled_recovery_pulls_student_towards_teacher(digits_model, digits_a
     before = gap()
     recover(student, digits_model, Dataset(x, None), pick_feature_points(digits_model, x[:2]), 60,
             device=torch.device("cpu"), batch_size=64, lr=1e-3, weight_decay=1e-4, temperature=3.0,
-            feature_weight=0.5, seed=0, reporter=Reporter(None, None))
+            kd_weight=1.0, feature_weight=0.5, seed=0, reporter=Reporter(None, None))
     assert gap() < before / 2
+
+
+def test_labelled_recovery_also_matches_the_teachers_soft_outputs(digits_model, digits_arrays) -> None:
+    x, y = _x(digits_arrays), torch.from_numpy(digits_arrays[1][:256]).long()
+    noisy = copy.deepcopy(digits_model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def gap_after(kd_weight: float) -> float:
+        student = copy.deepcopy(noisy)
+        recover(student, digits_model, Dataset(x, y), [], 40, device=torch.device("cpu"), batch_size=64, lr=1e-3,
+                weight_decay=1e-4, temperature=3.0, kd_weight=kd_weight, feature_weight=0.0, seed=0,
+                reporter=Reporter(None, None))
+        with torch.no_grad():
+            return float((student(x).softmax(1) - digits_model(x).softmax(1)).abs().sum(1).mean())
+
+    # CE alone pushes towards one-hot labels; the KL term keeps the teacher's confidences
+    assert gap_after(1.0) < 0.7 * gap_after(0.0)
 
 
 def test_feature_points_span_the_depth(digits_model, digits_arrays) -> None:
