@@ -19,10 +19,14 @@ KEEP_HIDDEN = ("model.bert.embeddings.word_embeddings",)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 3 is open on this: on 600 snippets the 2-point budget stops "
-                   "pruning at 6.5 % of the parameters (each further step costs 2-5 points on the 120 held-out "
-                   "snippets); strict, so the day it passes the marker must go")
 def test_forty_percent_of_the_encoder_within_two_points(minilm_files, tmp_path):
+    """At a fixed size (-40 % of the encoder), accuracy on unseen snippets stays within 2 points.
+
+    The budget is off: the data given to compress is the model's own fine-tuning set, so its
+    held-out split is memorised (the original scores ~0.87 there against ~0.75 on unseen
+    snippets), and a per-step budget on it would measure forgetting, not accuracy. The budget's
+    rollback is covered by the CNN pipeline tests.
+    """
     intake = IntakeOptions(max_length=minilm_files.max_length)
     original = open_model(minilm_files.model_zip, intake)
     encoder_before = encoder_params(original.module)
@@ -31,12 +35,13 @@ def test_forty_percent_of_the_encoder_within_two_points(minilm_files, tmp_path):
     options = CompressOptions(ignored_layers=KEEP_HIDDEN, recovery_iterations=20, final_recovery_iterations=150,
                               batch_size=32, seed=0)
     result = compress_files(minilm_files.model_zip, minilm_files.train_jsonl,
-                            Target(params_reduction=goal, max_accuracy_drop=0.02), options, intake, tmp_path)
+                            Target(params_reduction=goal, max_accuracy_drop=1.0), options, intake, tmp_path)
     report = result.report
+    assert report["target_met"]
     assert 1 - encoder_params(result.model) / encoder_before >= 0.37
     assert report["blocks"] and report["blocks"][0]["kind"] == "layer", "Stage 2 removed an encoder layer"
-    held_out = open_data(minilm_files.eval_jsonl, original, intake)
+    unseen = open_data(minilm_files.eval_jsonl, original, intake)
     with torch.no_grad():
-        before = float((original.module(held_out.x).argmax(1) == held_out.y).float().mean())
-    after = onnx_top1(tmp_path / "model.onnx", held_out)
+        before = float((original.module(unseen.x).argmax(1) == unseen.y).float().mean())
+    after = onnx_top1(tmp_path / "model.onnx", unseen)
     assert before - after <= 0.02, (before, after)
