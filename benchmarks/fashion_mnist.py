@@ -436,7 +436,7 @@ def format_goals(verdicts: list[dict[str, Any]]) -> str:
 
 def _git(*args: str) -> str | None:
     try:
-        done = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
