@@ -89,3 +89,22 @@ def test_quick_minilm_benchmark_reaches_every_size_target_and_times_both_lengths
         if "layers" not in MINILM_METHODS[method][1]:
             assert None not in row["architecture_after"]["layers"]
     assert "| IDAP++ | 50% |" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(minilm.missing_packages() is not None, reason=str(minilm.missing_packages()))
+def test_quick_minilm_benchmark_at_encoder_scope_keeps_the_hidden_size(tmp_path: Path) -> None:
+    out = tmp_path / "minilm.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.minilm_rotten_tomatoes", "--quick", "--scope", "encoder",
+                           "--methods", "idap,l2", "--levels", "0.3", "--cache-dir", str(tmp_path / "cache"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    hidden = result["reference"]["architecture"]["hidden"]
+    for row in result["rows"]:
+        assert row["error"] is None, row["error"]
+        # the level is a share of the encoder, paid for in heads, MLP width or layers only
+        assert row["architecture_after"]["hidden"] == hidden
+        assert row["target_met"] and row["encoder_params_reduction"] >= 0.27, (row["method"], row["stop_reason"])
+        assert row["params_reduction"] < row["encoder_params_reduction"]
+    assert "shares of the encoder" in done.stdout
