@@ -7,7 +7,7 @@ recovery budget, seed, data); only the criterion and the stages differ. Accuracy
 here, with ONNX Runtime on each run's `model.onnx`, on held-out snippets no run has seen;
 latency is timed at sequence lengths 64 and 128 with all models interleaved.
 
-    .venv/bin/python -m benchmarks.minilm_rotten_tomatoes            # full run (25-35 minutes on one shared core)
+    .venv/bin/python -m benchmarks.minilm_rotten_tomatoes            # full run (40-45 minutes on one shared core)
     .venv/bin/python -m benchmarks.minilm_rotten_tomatoes --quick    # smoke test (2-6 minutes)
 """
 
