@@ -109,8 +109,13 @@ def shot(page: Page, name: str) -> None:
     page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
 
 
-def fits_the_width(page: Page) -> bool:
-    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+def shot_laptop_and_phone(page: Page, name: str) -> None:
+    """Screenshots at laptop and phone width; on the phone nothing may scroll sideways."""
+    shot(page, name)
+    page.set_viewport_size(PHONE)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), f"{name} overflows a phone"
+    shot(page, f"{name}-phone")
+    page.set_viewport_size(LAPTOP)
 
 
 def test_browser_scenario(server: Server, browser: Browser, digits_files: tuple[Path, Path]) -> None:
@@ -174,11 +179,7 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     expect(page.locator("#pf-not")).to_contain_text("output layer")
     expect(page.locator("#preflight")).to_have_attribute("aria-busy", "false")  # the re-check for 30 % is done
     expect(page.locator("#preflight-status")).to_contain_text("Checked model.safetensors")
-    shot(page, "new-job-preflight")
-    page.set_viewport_size(PHONE)
-    assert fits_the_width(page)
-    shot(page, "new-job-phone")
-    page.set_viewport_size(LAPTOP)
+    shot_laptop_and_phone(page, "new-job-preflight")
     page.click("#submit")
     # the server runs the preflight again before it queues the job: slow on a busy machine
     deadline = time.monotonic() + 90
@@ -208,11 +209,7 @@ def check_results(page: Page, data: Path) -> None:
     assert page.locator("#chart-trajectory circle").count() >= 3
     page.click("#chart-trajectory summary")
     expect(page.locator("#chart-trajectory table")).to_contain_text("filters")
-    shot(page, "job-done")
-    page.set_viewport_size(PHONE)
-    assert fits_the_width(page)
-    shot(page, "job-done-phone")
-    page.set_viewport_size(LAPTOP)
+    shot_laptop_and_phone(page, "job-done")
 
     with page.expect_download() as download:
         page.click("a[download='model.onnx']")
@@ -257,11 +254,7 @@ def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data
     expect(row).to_have_attribute("data-status", "running", timeout=30_000)
     expect(row.locator(".badge")).to_have_text("running")
     expect(page.locator("tr[data-status=succeeded] td[data-label=MACs]")).to_contain_text("%")
-    shot(page, "jobs")
-    page.set_viewport_size(PHONE)
-    assert fits_the_width(page)
-    shot(page, "jobs-phone")
-    page.set_viewport_size(LAPTOP)
+    shot_laptop_and_phone(page, "jobs")
 
     row.locator("a").click()
     expect(page.locator("#log li").first).to_be_visible()
