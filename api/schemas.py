@@ -40,6 +40,14 @@ class MethodIn(_Strict):
     min_width_fraction: float = Field(_DEFAULTS.min_width_fraction, gt=0, le=1)
     max_steps: int = Field(_DEFAULTS.max_steps, ge=1)
     max_removals: int = Field(_DEFAULTS.max_removals, ge=0)
+    layers_must_beat_width: bool = Field(
+        _DEFAULTS.layers_must_beat_width,
+        description="Stage 2 keeps a block removal only if it beats pruning width to the same size")
+    group_scores: Literal["layer_sum", "mean"] = Field(
+        _DEFAULTS.group_scores, description="how the scores of coupled layers combine")
+    mean_compensation: bool = Field(
+        _DEFAULTS.mean_compensation,
+        description="score neurons and heads on their variation; fold their mean into the next bias")
     ignored_layers: list[str] = []
     eval_fraction: float = Field(_DEFAULTS.eval_fraction, gt=0, lt=1, description="share of the data held out")
     time_budget_s: float | None = Field(None, gt=0)

@@ -182,10 +182,16 @@ def _output_projection(model: nn.Module, name: str, module: nn.Module, width: in
 
 @torch.no_grad()
 def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.Tensor, device: torch.device,
-                    batch_size: int) -> dict[str, torch.Tensor]:
+                    batch_size: int, means_out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """s_h = (1/n)‖O_h‖_F · (‖W_Q^h‖_F + ‖W_K^h‖_F + ‖W_V^h‖_F), averaged over the calibration samples;
-    O_h is head h's output before the output projection (its input, split by head)."""
-    sums: dict[str, torch.Tensor] = {}
+    O_h is head h's output before the output projection (its input, split by head).
+
+    With `means_out` (a dict to fill), O_h is taken minus its calibration mean, which is stored per
+    site (one value per output-projection input) for `remove_heads` to fold into the bias.
+    """
+    squares: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, list[torch.Tensor]] = {}
+    tokens: dict[str, int] = {}
     handles = []
     for site in sites:
         heads = site.num_heads(model)
@@ -193,8 +199,10 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.T
         def pre(_m: nn.Module, inputs: tuple, site: AttentionSite = site, heads: int = heads) -> None:
             x = inputs[0].detach().float()
             x = x.reshape(x.shape[0], -1, heads, site.head_dim)  # batch, tokens, heads, head size
-            per_sample = x.pow(2).sum(dim=(1, 3)).sqrt() / x.shape[1]
-            sums[site.name] = sums.get(site.name, 0) + per_sample.sum(0).cpu()
+            squares.setdefault(site.name, []).append(x.pow(2).sum(dim=(1, 3)).cpu())
+            if means_out is not None:
+                sums.setdefault(site.name, []).append(x.sum(dim=1).cpu())  # batch, heads, head size
+            tokens[site.name] = x.shape[1]
 
         handles.append(model.get_submodule(site.out).register_forward_pre_hook(pre))
     model.eval()
@@ -204,8 +212,18 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.T
     finally:
         for handle in handles:
             handle.remove()
-    return {site.name: (sums[site.name] / len(calib)) * head_weight_norms(model, site)
-            for site in sites if site.name in sums}
+    scores = {}
+    for site in sites:
+        if site.name not in squares:
+            continue
+        sq, n = torch.cat(squares[site.name]), tokens[site.name]
+        if means_out is not None:
+            s1 = torch.cat(sums[site.name])
+            mean = s1.sum(0) / (len(s1) * n)
+            sq = (sq - 2 * (mean * s1).sum(-1) + n * mean.pow(2).sum(-1)).clamp_min(0)
+            means_out[site.name] = mean.flatten()
+        scores[site.name] = (sq.sqrt() / n).mean(0) * head_weight_norms(model, site)
+    return scores
 
 
 def head_weight_norms(model: nn.Module, site: AttentionSite) -> torch.Tensor:
@@ -229,12 +247,19 @@ def head_taylor(model: nn.Module, site: AttentionSite) -> torch.Tensor:
     return total
 
 
-def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int]) -> None:
+def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], means: torch.Tensor | None = None) -> None:
     """Remove `heads` in place: q/k/v output rows, the output projection's input columns, and the
-    module's head count (and all-heads size)."""
+    module's head count (and all-heads size). With `means` (the output projection's mean inputs),
+    the removed heads' mean output is folded into the projection's bias first."""
     module = model.get_submodule(site.name)
     count = site.num_heads(model)
     keep_heads = [h for h in range(count) if h not in set(heads)]
+    out = model.get_submodule(site.out)
+    if means is not None and out.bias is not None:
+        with torch.no_grad():
+            cols = torch.tensor([h * site.head_dim + i for h in heads for i in range(site.head_dim)],
+                                device=out.weight.device)
+            out.bias += out.weight[:, cols] @ means.to(out.weight)[cols]
     keep = torch.tensor([h * site.head_dim + i for h in keep_heads for i in range(site.head_dim)],
                         device=module.get_submodule(site.qkv[0]).weight.device)
     for attr in site.qkv:

@@ -123,6 +123,8 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
                         help="keep channel counts multiples of N; 1 turns it off (default: %(default)s)")
     method.add_argument("--min-width-fraction", type=float, default=defaults.min_width_fraction, metavar="F",
                         help="never prune a layer below this fraction of its width (default: %(default)s)")
+    method.add_argument("--layers-unconditional", action="store_true",
+                        help="let Stage 2 remove a block even when pruning width to the same size does better")
     method.add_argument("--ignore-layer", action="append", default=[], metavar="NAME",
                         help="module name never to prune (repeatable)")
     method.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop pruning after this long")
@@ -240,6 +242,7 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
         batch_size=args.batch_size,
         time_budget_s=args.time_budget,
         eval_fraction=args.eval_fraction,
+        layers_must_beat_width=not args.layers_unconditional,
     )
     target.validate()
     options.validate()

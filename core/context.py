@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from core.data import Dataset
-from core.metrics import count_macs_params, top1
+from core.metrics import count_macs_params, mean_loss, top1
 from core.options import CompressOptions, Target
 from core.progress import Reporter
 from core.recovery import iterations_for, recover
+from core.surgery import Means
 
 # The result may miss the size target by this much and still count as met (issue #2).
 TARGET_TOLERANCE = 0.03
@@ -41,6 +42,8 @@ class RunContext:
     cuttable: dict[str, bool] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     filter_steps: int = 0
+    # mean output per unit from the last scoring, for bias compensation (CompressOptions.mean_compensation)
+    unit_means: Means = field(default_factory=dict)
     recoveries: int = 0
     _sizes: dict[tuple, tuple[int, int]] = field(default_factory=dict)
 
@@ -56,6 +59,14 @@ class RunContext:
 
     def accuracy(self, model: nn.Module) -> float:
         return top1(model, self.evaluation, self.device, self.reference)
+
+    def loss(self, model: nn.Module) -> float:
+        return mean_loss(model, self.evaluation, self.device, self.reference)
+
+    def no_larger(self, macs: int, params: int, than: tuple[int, int]) -> bool:
+        """Whether a model is at most as large as `than` in every measure the target names."""
+        got, bound = self.reductions(macs, params), self.reductions(*than)
+        return all(got[key] >= bound[key] - 1e-9 for key in self._goals())
 
     def reductions(self, macs: int, params: int) -> dict[str, float]:
         return {"macs": 1.0 - macs / self.macs0, "params": 1.0 - params / self.params0}

@@ -7,12 +7,14 @@ per filter. Block scores: one pass for all candidate blocks together.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from core.surgery import GroupScorer
+if TYPE_CHECKING:  # core.surgery imports this module for the compensation helpers
+    from core.surgery import GroupScorer
 
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
@@ -63,20 +65,79 @@ def _consumer_activation(graph: tp.DependencyGraph, source: nn.Module) -> Callab
 
 
 @torch.no_grad()
+def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: torch.Tensor) -> dict[nn.Module, nn.Linear]:
+    """Linear layers whose output, after the activation that follows them, is exactly the input of
+    one other Linear (with a bias), checked on `batch` (an architecture-independent test: traced
+    graphs put reshapes and matmul nodes between the two). Only for such a pair is the mean output
+    of a removed unit exact to fold into the consumer's bias (see `compensate_linear`)."""
+    linears = [m for m in graph.module2node if isinstance(m, nn.Linear)]
+    produced: dict[nn.Module, torch.Tensor] = {}
+    consumed: dict[nn.Module, torch.Tensor] = {}
+    handles = []
+    for layer in linears:
+
+        def pre(_m: nn.Module, inputs: tuple, layer=layer) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                consumed[layer] = inputs[0].detach().reshape(-1, layer.in_features)
+
+        handles.append(layer.register_forward_pre_hook(pre))
+        # the same φ the score uses; without an activation the score's φ is ReLU, which the
+        # consumer does not see, so such a layer gets no pair
+        activation = _consumer_activation(graph, layer)
+        if activation is None:
+            continue
+
+        def post(_m: nn.Module, _inputs: tuple, output: torch.Tensor, layer=layer, activation=activation) -> None:
+            if isinstance(output, torch.Tensor):
+                produced[layer] = activation(output.detach()).reshape(-1, layer.out_features)
+
+        handles.append(layer.register_forward_hook(post))
+    model.eval()
+    try:
+        model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    pairs = {}
+    for layer, out in produced.items():
+        matches = [m for m, seen in consumed.items() if m is not layer and m.bias is not None
+                   and seen.shape == out.shape and torch.allclose(seen, out, rtol=1e-5, atol=1e-6)]
+        if len(matches) == 1:
+            pairs[layer] = matches[0]
+    return pairs
+
+
+@torch.no_grad()
+def compensate_linear(consumer: nn.Linear, columns: list[int], means: torch.Tensor) -> None:
+    """Fold the mean of the inputs `columns` into `consumer`'s bias before those inputs are removed,
+    so the removal takes away only their variation around the mean."""
+    idx = torch.tensor(columns)
+    consumer.bias += consumer.weight[:, idx.to(consumer.weight.device)] @ means[idx].to(consumer.weight)
+
+
+@torch.no_grad()
 def filter_divergence(
     model: nn.Module,
     graph: tp.DependencyGraph,
     calib: torch.Tensor,
     device: torch.device,
     batch_size: int,
+    means_out: dict[nn.Module, tuple[nn.Linear, torch.Tensor]] | None = None,
 ) -> dict[nn.Module, torch.Tensor]:
     """s_i = mean_b ‖φ(A[b,i])‖₂ · ‖W[i]‖₂ / (C·H·W) for every Conv/Linear output unit.
 
     φ is the nonlinearity that follows the unit (method §2: the actual post-activation value of
-    the consumer), ReLU when none does (the method's formula).
+    the consumer), ReLU when none does (the method's formula). With `means_out` (a dict to fill),
+    layers that feed a Linear directly (`direct_consumers`) are scored on φ(A) minus its
+    calibration mean instead, and the consumer and that mean are stored in `means_out` for
+    `compensate_linear`.
     """
     layers = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    sums: dict[nn.Module, torch.Tensor] = {}
+    consumers = direct_consumers(model, graph, calib[:2].to(device)) if means_out is not None else {}
+    centre = set(consumers)
+    sums: dict[nn.Module, list[torch.Tensor]] = {}
+    squares: dict[nn.Module, list[torch.Tensor]] = {}
+    positions: dict[nn.Module, int] = {}
     sizes: dict[nn.Module, int] = {}
     handles = []
 
@@ -86,8 +147,10 @@ def filter_divergence(
                 return
             act = activation(output.detach().float())
             act = act.movedim(channel_dim, -1).reshape(act.shape[0], -1, act.shape[channel_dim])
-            per_sample = act.norm(dim=1).sum(0)  # Σ_b ‖relu(A[b,i])‖₂
-            sums[layer] = sums.get(layer, 0) + per_sample.cpu()
+            squares.setdefault(layer, []).append(act.pow(2).sum(1).cpu())  # per sample, Σ over positions
+            if layer in centre:
+                sums.setdefault(layer, []).append(act.sum(1).cpu())
+            positions[layer] = act.shape[1]
             sizes[layer] = int(output[0].numel())
 
         return hook
@@ -105,24 +168,33 @@ def filter_divergence(
         for handle in handles:
             handle.remove()
 
-    n = len(calib)
     scores = {}
-    for layer, total in sums.items():
+    for layer, parts in squares.items():
+        sq = torch.cat(parts)  # samples x units
+        if layer in centre:
+            s1 = torch.cat(sums[layer])
+            mean = s1.sum(0) / (len(s1) * positions[layer])
+            # Σ_t (a_t − μ)² = Σ a_t² − 2μ Σ a_t + T μ², per sample
+            sq = (sq - 2 * mean * s1 + positions[layer] * mean.pow(2)).clamp_min(0)
+            means_out[layer] = (consumers[layer], mean)  # type: ignore[index]
+        total = sq.sqrt().sum(0)
         weight = layer.weight.detach().float()
         if isinstance(layer, nn.modules.conv._ConvNd) and getattr(layer, "transposed", False):
             weight = weight.transpose(0, 1)
         w_norm = weight.flatten(1).norm(dim=1).cpu()
         if w_norm.numel() != total.numel():
             continue
-        scores[layer] = (total / n) * w_norm / sizes[layer]
+        scores[layer] = (total / len(sq)) * w_norm / sizes[layer]
     return scores
 
 
 class DivergenceScorer:
     """Group importance from per-layer divergence: mean over the group's producing layers."""
 
-    def __init__(self, layer_scores: dict[nn.Module, torch.Tensor]) -> None:
+    def __init__(self, layer_scores: dict[nn.Module, torch.Tensor], layer_sum: bool = False) -> None:
         self.layer_scores = layer_scores
+        self.layer_sum = layer_sum
+        self.prenormalised = layer_sum
 
     def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
         total: torch.Tensor | None = None
@@ -136,9 +208,13 @@ class DivergenceScorer:
                 continue
             if total is None:
                 total = torch.zeros(len(group[0].idxs))
+            if self.layer_sum:
+                scores = scores / (scores.mean() + 1e-12)
             total.scatter_add_(0, torch.tensor(root_idxs), scores[list(idxs)])
             count += 1
-        return None if total is None else total / count
+        if total is None:
+            return None
+        return total if self.layer_sum else total / count
 
 
 def taylor_gradients(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor | None,

@@ -44,6 +44,22 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: Dataset, device: torch.device, reference: torch.Tensor | None,
+              batch_size: int = 256) -> float:
+    """Mean cross-entropy against the labels, or against `reference` predictions when unlabeled:
+    a finer comparison of two candidates than top-1 on a few hundred samples."""
+    target = data.y if data.y is not None else reference
+    if target is None:
+        raise ValueError("Unlabeled data needs the original model's predictions as reference.")
+    model.eval()
+    total = 0.0
+    for i in range(0, len(data.x), batch_size):
+        logits = logits_of(model(data.x[i : i + batch_size].to(device))).float()
+        total += float(nn.functional.cross_entropy(logits, target[i : i + batch_size].to(device), reduction="sum"))
+    return total / len(data.x)
+
+
 def top1(model: nn.Module, data: Dataset, device: torch.device, reference: torch.Tensor | None) -> float:
     """Top-1 against the labels, or agreement with `reference` predictions when unlabeled."""
     target = data.y if data.y is not None else reference

@@ -319,6 +319,7 @@ _REASONS = {
     "nothing_left_to_prune": "every layer is at its minimum width (lower min_width_fraction)",
     "no_removable_blocks": "no further block can be removed within the budget",
     "max_removals": "Stage 2 removed max_removals blocks",
+    "width_beats_layers": "removing the next block did worse than pruning width to the same size",
     "time_budget": "the time budget ran out",
 }
 

@@ -80,9 +80,21 @@ def _scorer(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
     criterion = ctx.options.criterion
     batch = ctx.options.batch_size
     sites = [g.group for g in groups if isinstance(g.group, AttentionSite)]
+    layer_sum = ctx.options.group_scores == "layer_sum"
+    ctx.unit_means = {}
     if criterion == "divergence":
-        channels: GroupScorer = DivergenceScorer(filter_divergence(model, graph, ctx.calib, ctx.device, batch))
-        heads = head_divergence(model, sites, ctx.calib, ctx.device, batch) if sites else {}
+        compensate = ctx.options.mean_compensation
+        layer_means: dict[nn.Module, tuple[nn.Linear, torch.Tensor]] | None = {} if compensate else None
+        head_means: dict[str, torch.Tensor] | None = {} if compensate else None
+        channels: GroupScorer = DivergenceScorer(
+            filter_divergence(model, graph, ctx.calib, ctx.device, batch, means_out=layer_means), layer_sum=layer_sum)
+        heads = head_divergence(model, sites, ctx.calib, ctx.device, batch, means_out=head_means) if sites else {}
+        if layer_means is not None and head_means is not None:
+            names = {module: name for name, module in model.named_modules()}
+            ctx.unit_means = {names[m]: (names[c], mean) for m, (c, mean) in layer_means.items()} | {
+                HEADS + site.name: (site.out, head_means[site.name]) for site in sites if site.name in head_means}
+        if layer_sum:
+            heads = {name: s / (s.mean() + 1e-12) for name, s in heads.items()}
     else:
         if criterion == "taylor":
             labels = ctx.recovery.y[: len(ctx.calib)] if ctx.recovery.y is not None else None
@@ -93,6 +105,7 @@ def _scorer(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
     def score(group: object) -> torch.Tensor | None:
         return heads.get(group.name) if isinstance(group, AttentionSite) else channels(group)
 
+    score.prenormalised = criterion == "divergence" and layer_sum  # type: ignore[attr-defined]
     return score
 
 
@@ -108,26 +121,27 @@ def _pruned_copy(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
                  scores: list[torch.Tensor], k: int) -> tuple[nn.Module, int]:
     plan = make_plan(groups, scores, k, ctx.options.round_to)
     candidate = copy.deepcopy(model)
-    apply_plan(candidate, ctx.example, plan)
+    apply_plan(candidate, ctx.example, plan, ctx.unit_means)
     return candidate, planned_units(plan)
 
 
-def _smallest_sufficient(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
-                         scores: list[torch.Tensor], k: int, full: tuple[nn.Module, int], share: float
-                         ) -> tuple[tuple[nn.Module, int], tuple[nn.Module, int] | None]:
-    """Bisect the number of removed units so a step meets the target without overshooting it.
+def _smallest_step(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup], scores: list[torch.Tensor],
+                  full: tuple[nn.Module, int], k: int, enough: Callable[[nn.Module], bool]
+                  ) -> tuple[tuple[nn.Module, int], tuple[nn.Module, int] | None]:
+    """Bisect the number of removed units for the smallest step that is `enough` (the caller's
+    k-unit step `full` is known to be).
 
-    Returns the smallest step that reaches the target and the largest one that does not
-    (None if that is the empty step): with round_to, one more unit can remove a whole
-    block of channels, and the step just short of the target may be the closer one.
+    Returns that step and the largest one that is not enough (None if that is the empty step):
+    with round_to, one more unit can remove a whole block of channels, and the step just short
+    of the target may be the closer one.
     """
     low, high = 0, k
-    best = full  # the caller's k-unit step, known to reach the target
+    best = full
     below = None
     while high - low > 1:
         mid = (low + high) // 2
         trial = _pruned_copy(ctx, model, groups, scores, mid)
-        if ctx.reached(*ctx.measure(trial[0]), share=share):
+        if enough(trial[0]):
             high, best = mid, trial
         else:
             low, below = mid, trial
@@ -166,8 +180,9 @@ def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tupl
         if removed == 0:
             return model, "nothing_left_to_prune"
         if ctx.reached(*ctx.measure(candidate), share=share):
-            (candidate, removed), below = _smallest_sufficient(ctx, model, groups, scores, k,
-                                                             (candidate, removed), share)
+            (candidate, removed), below = _smallest_step(
+                ctx, model, groups, scores, (candidate, removed), k,
+                lambda trial: ctx.reached(*ctx.measure(trial), share=share))
             if share >= 1.0 and ctx.overshoots(*ctx.measure(candidate)):
                 # the smallest step that reaches the target overshoots it (round_to granularity):
                 # a step, or no step, that ends within tolerance below the target is closer
@@ -222,14 +237,43 @@ def remove_layers(ctx: RunContext, model: nn.Module,
         ctx.recover(trial, model)
         accuracy = ctx.accuracy(trial)
         accepted = ctx.within_budget(accuracy)
+        width = _width_alternative(ctx, model, ctx.measure(trial)) \
+            if accepted and opts.layers_must_beat_width and "filters" in opts.stages else None
+        width_wins = False
+        if width is not None:
+            ctx.recover(width[0], model)
+            width_accuracy = ctx.accuracy(width[0])
+            width_wins = ctx.within_budget(width_accuracy) and ctx.loss(width[0]) < ctx.loss(trial)
         macs, params = ctx.measure(trial)
-        ctx.record("layers", macs, params, accuracy, time.monotonic() - started, accepted,
+        ctx.record("layers", macs, params, accuracy, time.monotonic() - started, accepted and not width_wins,
                    block=block.name, divergence=round(scores[block.name], 6))
         if not accepted:
             essential.add(block.name)
             continue
+        if width is not None and width_wins:
+            ctx.filter_steps += 1
+            ctx.record("filters", *ctx.measure(width[0]), width_accuracy, time.monotonic() - started, True,
+                       units_removed=width[1], instead_of_block=block.name)
+            return width[0], "width_beats_layers"
         model = trial
         candidates.remove(block)
         removed += 1
         on_removed(block, scores[block.name])
     return model, "max_removals"
+
+
+def _width_alternative(ctx: RunContext, model: nn.Module, size: tuple[int, int]) -> tuple[nn.Module, int] | None:
+    """One Stage 1 step from `model` that is no larger than `size` (a block removal's result), with the
+    fewest units removed; None when width alone cannot get there."""
+    graph = build_graph(model, ctx.example)
+    groups = group_candidates(ctx, model, graph)
+    capacity = sum(g.capacity for g in groups)
+    if capacity == 0:
+        return None
+    scores = score_groups(groups, _scorer(ctx, model, graph, groups))
+    model.zero_grad(set_to_none=True)
+    full = _pruned_copy(ctx, model, groups, scores, capacity)
+    if not ctx.no_larger(*ctx.measure(full[0]), than=size):
+        return None
+    return _smallest_step(ctx, model, groups, scores, full, capacity,
+                          lambda trial: ctx.no_larger(*ctx.measure(trial), than=size))[0]

@@ -19,6 +19,7 @@ from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from core.attention import HEADS, find_sites, remove_heads
+from core.divergence import compensate_linear
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -27,6 +28,9 @@ ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # that the dependency graph resolves only at a cost quadratic in the spread, and that reshapes
 # into heads would reject anyway: such groups are left alone.
 MAX_CHANNEL_SPREAD = 256
+
+# layer name (or HEADS + attention name) -> (name of the Linear that reads its units, mean output per unit)
+Means = dict[str, tuple[str, torch.Tensor]]
 
 # name of a group's root module -> channel indices to remove (already expanded over
 # channel groups of grouped convolutions)
@@ -278,24 +282,45 @@ def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, r
     return plan
 
 
-def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan) -> None:
+def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan, means: Means | None = None) -> None:
     """Remove the planned heads, then the planned channels, in place (BN, consumers and residual
-    partners follow). Heads go first: removing them leaves every channel index of the plan valid."""
+    partners follow). Heads go first: removing them leaves every channel index of the plan valid.
+
+    With `means`, the mean output of every removed unit that has an entry is folded into its
+    consumer's bias first (see divergence.compensate_linear).
+    """
+    means = means or {}
     heads = {name.removeprefix(HEADS): idxs for name, idxs in plan.items() if name.startswith(HEADS)}
     if heads:
         sites = {site.name: site for site in find_sites(model)[0]}
         for name, idxs in heads.items():
-            remove_heads(model, sites[name], idxs)
+            entry = means.get(HEADS + name)
+            remove_heads(model, sites[name], idxs, None if entry is None else entry[1])
     channels = {name: idxs for name, idxs in plan.items() if not name.startswith(HEADS)}
     if not channels:
         return
     graph = build_graph(model, example)
+    names = {module: name for name, module in model.named_modules()}
     for name, idxs in channels.items():
         root = model.get_submodule(name)
         pruner = graph.get_pruner_of_module(root)
         group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
         if graph.check_pruning_group(group):
+            _compensate(model, group, names, means)
             group.prune()
+
+
+def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Module, str], means: Means) -> None:
+    removed_inputs = {dep.target.module: sorted(idxs) for dep, idxs in group
+                      if dep.handler == tp.prune_linear_in_channels}
+    for dep, idxs in group:
+        entry = means.get(names.get(dep.target.module, ""))
+        if entry is None or dep.handler != tp.prune_linear_out_channels:
+            continue
+        consumer = model.get_submodule(entry[0])
+        # only when the group removes the same input columns as output units (no index remapping)
+        if removed_inputs.get(consumer) == sorted(idxs):
+            compensate_linear(consumer, list(idxs), entry[1])
 
 
 def planned_units(plan: Plan) -> int:
@@ -317,5 +342,5 @@ def score_groups(groups: list[PrunableGroup], scorer: GroupScorer) -> list[torch
         if raw is None:
             raw = torch.ones(group.width * group.ch_groups)
         raw = raw.detach().float().cpu().view(group.ch_groups, -1).mean(0)
-        out.append(raw / (raw.mean() + 1e-12))
+        out.append(raw if getattr(scorer, "prenormalised", False) else raw / (raw.mean() + 1e-12))
     return out

@@ -139,6 +139,14 @@ def test_unreachable_target(capsys, digits_files, out):
     assert_user_error(code, err, out, "out of reach")
 
 
+def test_layers_unconditional_lets_stage_two_skip_the_width_comparison(tmp_path):
+    base = ["prune", "model.pt", "--data", "d.npz", "--out", str(tmp_path / "o"), "--macs-reduction", "0.5"]
+    _, options = cli._target_and_options(cli.build_parser().parse_args(base))
+    assert options.layers_must_beat_width
+    _, options = cli._target_and_options(cli.build_parser().parse_args([*base, "--layers-unconditional"]))
+    assert not options.layers_must_beat_width
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [

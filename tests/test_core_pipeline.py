@@ -71,6 +71,33 @@ def test_stage_two_removes_a_residual_block(digits_model, digits_arrays, tmp_pat
     assert all(step["stage"] == "layers" for step in result.report["steps"])
 
 
+@pytest.mark.parametrize("layers_win", [True, False])
+def test_stage_two_keeps_a_block_only_when_it_beats_width_to_the_same_size(
+        digits_model, digits_arrays, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers_win: bool) -> None:
+    from core.context import RunContext
+    from core.examples import BasicBlock
+
+    def loss(_ctx: RunContext, model: nn.Module) -> float:
+        # the comparison is what is under test, so its two sides get fixed held-out losses
+        lost_a_block = any(not isinstance(block, BasicBlock) for block in model.blocks)
+        return 0.0 if lost_a_block == layers_win else 1.0
+
+    monkeypatch.setattr(RunContext, "loss", loss)
+    result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.6, max_accuracy_drop=1.0),
+                      CompressOptions(**FAST), tmp_path)
+    report = result.report
+    swapped = [step for step in report["steps"] if "instead_of_block" in step]
+    if layers_win:
+        assert report["removed_blocks"] and not swapped
+    else:
+        assert report["removed_blocks"] == [] and len(swapped) == 1
+        assert swapped[0]["stage"] == "filters" and swapped[0]["instead_of_block"].startswith("blocks.")
+        declined = [step for step in report["steps"] if step["stage"] == "layers"]
+        assert len(declined) == 1 and not declined[0]["accepted"]
+        assert all(isinstance(block, BasicBlock) for block in result.model.blocks)
+    assert report["target_met"]
+
+
 def test_accuracy_budget_rolls_back_the_failing_step(digits_model, digits_arrays, tmp_path: Path) -> None:
     options = CompressOptions(stages=("filters",), recovery_iterations=0, final_recovery_iterations=0,
                               latency_runs=1, p0=0.3)

@@ -4,6 +4,7 @@ Hugging Face round trip."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import zipfile
@@ -90,6 +91,72 @@ def test_dead_heads_score_lowest_and_removing_them_changes_nothing():
     assert layer.num_attention_heads == 6 and layer.all_head_size == 48 and layer.query.out_features == 48
     with torch.no_grad():
         assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def _plant_constant_units(model: nn.Module) -> tuple[nn.Linear, int, int]:
+    """Layer 0's head 3 and MLP neuron 5 output the same value for every token: head 3's value rows
+    are zero with a non-zero bias, neuron 5's weights are zero with a non-zero bias."""
+    layer = model.model.bert.encoder.layer[0]
+    with torch.no_grad():
+        layer.attention.self.value.weight[3 * 8 : 4 * 8] = 0
+        layer.attention.self.value.bias[3 * 8 : 4 * 8] = 1.5
+        layer.intermediate.dense.weight[5] = 0
+        layer.intermediate.dense.bias[5] = 2.0
+    return layer.intermediate.dense, 3, 5
+
+
+def test_constant_units_score_zero_and_their_mean_moves_into_the_next_bias():
+    from core.attention import HEADS
+    from core.divergence import filter_divergence
+    from core.surgery import apply_plan, build_graph
+
+    model = small_bert()
+    mlp, head, neuron = _plant_constant_units(model)
+    sites, _ = find_sites(model)
+    x = tokens()
+    head_means: dict[str, torch.Tensor] = {}
+    heads = head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_means)[sites[0].name]
+    assert float(heads[head]) < 1e-3 * float(heads.median())
+    layer_means: dict[nn.Module, tuple[nn.Linear, torch.Tensor]] = {}
+    neurons = filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_means)
+    assert float(neurons[mlp][neuron]) == 0.0 and float(neurons[mlp].sort().values[1]) > 0
+    names = {module: name for name, module in model.named_modules()}
+    # the MLP's down projection reads the GELU of its up projection directly: the only pairs are
+    # up -> down in each layer and the pooler -> classifier (through tanh)
+    assert {names[m]: names[c] for m, (c, _) in layer_means.items()} == {
+        f"model.bert.encoder.layer.{i}.intermediate.dense": f"model.bert.encoder.layer.{i}.output.dense"
+        for i in range(2)} | {"model.bert.pooler.dense": "model.classifier"}
+    means = {names[m]: (names[c], mean) for m, (c, mean) in layer_means.items()} | {
+        HEADS + site.name: (site.out, head_means[site.name]) for site in sites}
+    plan = {HEADS + sites[0].name: [head], names[mlp]: [neuron]}
+    with torch.no_grad():
+        before = model(x)
+    plain, compensated = copy.deepcopy(model), copy.deepcopy(model)
+    apply_plan(plain, x[:2], plan)
+    apply_plan(compensated, x[:2], plan, means)
+    with torch.no_grad():
+        assert (plain(x) - before).abs().max() > 1e-4, "without compensation the constant outputs are lost"
+        assert torch.allclose(compensated(x), before, atol=1e-5)
+
+
+def test_residual_stream_channels_weigh_every_layer_that_writes_them():
+    from core.divergence import DivergenceScorer, filter_divergence
+    from core.surgery import build_graph, prunable_groups, score_groups
+
+    model = small_bert()
+    x = tokens()
+    graph = build_graph(model, x[:2])
+    groups = prunable_groups(graph, model, [], {}, 0.125, 1)
+    layer_scores = filter_divergence(model, graph, x, torch.device("cpu"), 16)
+    by_root = {g.root_name: g for g in groups}
+    hidden = by_root["model.bert.encoder.layer.1.output.dense"]  # the residual stream's group
+    mlp = by_root["model.bert.encoder.layer.0.intermediate.dense"]
+    summed = score_groups([hidden, mlp], DivergenceScorer(layer_scores, layer_sum=True))
+    averaged = score_groups([hidden, mlp], DivergenceScorer(layer_scores))
+    # two attention outputs and two MLP outputs write the 64-wide residual stream
+    assert float(summed[0].mean()) == pytest.approx(4.0, rel=1e-4)
+    assert float(summed[1].mean()) == pytest.approx(1.0, rel=1e-4)
+    assert float(averaged[0].mean()) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_compress_removes_the_planted_dead_heads_first(tmp_path):

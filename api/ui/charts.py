@@ -32,7 +32,7 @@ def charts(report: dict[str, Any]) -> list[Chart]:
         Chart("channels", "Channels per layer, before and after", channels_chart(report.get("layers") or [])),
         Chart("divergence", "Divergence per layer", divergence_chart(report.get("layers") or [])),
         Chart("trajectory", "Accuracy against MACs, step by step", trajectory_chart(report)),
-        Chart("blocks", "Blocks removed", blocks_chart(report.get("blocks") or [])),
+        Chart("blocks", "Blocks tried by Stage 2", blocks_chart(report)),
     ]
 
 
@@ -69,19 +69,33 @@ def divergence_chart(layers: list[dict[str, Any]]) -> str:
     return _svg(TOP + len(rows) * ROW_H + 4, "Flow divergence of each layer of the original model", parts)
 
 
-def blocks_chart(blocks: list[dict[str, Any]]) -> str:
-    if not blocks:
-        return _message("No residual blocks were removed.")
-    top = max(block.get("divergence") or 0.0 for block in blocks) or 1.0
+def blocks_chart(report: dict[str, Any]) -> str:
+    """Every block Stage 2 tried, in order, with its divergence and what became of it: removed, or
+    kept because pruning width to the same size did better or because accuracy fell past the budget."""
+    steps = report.get("steps") or []
+    kinds = {block["name"]: block.get("kind", "block") for block in report.get("blocks") or []}
+    lost_to_width = {step["instead_of_block"] for step in steps if step.get("instead_of_block")}
+    tried = [step for step in steps if step.get("stage") == "layers" and step.get("block")]
+    if not tried:
+        return _message("Stage 2 tried no residual blocks.")
+    top = max(step.get("divergence") or 0.0 for step in tried) or 1.0
     scale = (WIDTH - LABEL_W - VALUE_W) / top
-    parts = _legend([("divergence of the removed block", ACCENT, "rect")])
-    for i, block in enumerate(blocks):
+    parts = _legend([("removed", ACCENT, "rect"), ("kept", KEPT, "rect")])
+    for i, step in enumerate(tried):
         y = TOP + i * ROW_H
-        value = block.get("divergence") or 0.0
-        parts.append(_label(f"{block['name']} ({block.get('kind', 'block')})", y + ROW_H / 2))
-        parts.append(_rect(LABEL_W, y + 4, value * scale, ROW_H - 8, ACCENT))
-        parts.append(_text(LABEL_W + value * scale + 4, y + ROW_H / 2, f"{value:.3g}"))
-    return _svg(TOP + len(blocks) * ROW_H + 4, "Residual blocks removed, in order, with their divergence", parts)
+        value = step.get("divergence") or 0.0
+        name = step["block"]
+        if step["accepted"]:
+            outcome = "removed"
+        elif name in lost_to_width:
+            outcome = "kept: width did better"
+        else:
+            outcome = "kept: over the budget"
+        parts.append(_label(f"{name} ({kinds.get(name, 'block')})", y + ROW_H / 2))
+        parts.append(_rect(LABEL_W, y + 4, value * scale, ROW_H - 8, ACCENT if step["accepted"] else KEPT))
+        parts.append(_text(LABEL_W + value * scale + 4, y + ROW_H / 2, f"{value:.3g} {outcome}"))
+    return _svg(TOP + len(tried) * ROW_H + 4, "Blocks Stage 2 tried, in order, with their divergence and outcome",
+                parts)
 
 
 def trajectory_chart(report: dict[str, Any]) -> str:

@@ -45,9 +45,23 @@ def test_bad_config_is_a_422_that_says_why(client: Any, keys: dict[str, str], di
     assert "stages" in error["message"]
     error = error_of(submit(client, keys["a"], digits, {"recovery": {"recovery_iterationz": 1}}), 422)
     assert "recovery_iterationz" in error["message"]
+    error = error_of(submit(client, keys["a"], digits, {"method": {"group_scores": "max"}}), 422)
+    assert "group_scores" in error["message"]
     error = error_of(client.post("/v1/jobs", headers=auth(keys["a"]), data={"config": "{not json"},
                                  files={"model": ("m.safetensors", b"x")}), 422)
     assert error["code"] == "invalid_config"
+
+
+def test_method_options_reach_the_engine() -> None:
+    from api.schemas import JobConfig
+
+    config = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "method": {
+        "layers_must_beat_width": False, "group_scores": "mean", "mean_compensation": False}})
+    options = config.options_core()
+    assert (options.layers_must_beat_width, options.group_scores, options.mean_compensation) == (False, "mean", False)
+    defaults = JobConfig.model_validate({"target": {"macs_reduction": 0.5}}).options_core()
+    assert (defaults.layers_must_beat_width, defaults.group_scores, defaults.mean_compensation) == (
+        True, "layer_sum", True)
 
 
 def test_preflight_failures_are_422(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:

@@ -82,13 +82,21 @@ def test_trajectory_marks_every_step_and_the_final_model(report: dict[str, Any])
     assert any(line.get("stroke-dasharray") for line in root.iter(f"{SVG}line"))
 
 
-def test_blocks_chart_names_each_removed_block(report: dict[str, Any]) -> None:
-    synthetic = [{"name": "layer2.0", "kind": "projection", "divergence": 0.5},
-                 {"name": "layer1.1", "kind": "identity", "divergence": None}]
-    for blocks in (report["blocks"], synthetic):
-        root = parse(blocks_chart(blocks))
-        assert [f"{block['name']} ({block['kind']})" for block in blocks] == texts(root)[1::2]
-    assert "No residual blocks were removed." in texts(parse(blocks_chart([])))
+def test_blocks_chart_shows_every_block_stage_two_tried_and_its_outcome(report: dict[str, Any]) -> None:
+    tried = [step for step in report["steps"] if step["stage"] == "layers"]
+    assert tried, "the fixture's run reaches Stage 2"
+    root = parse(blocks_chart(report))
+    labels = texts(root)[2::2]  # after the two legend entries: one label and one value per block
+    assert [label.split(" ")[0] for label in labels] == [step["block"] for step in tried]
+    synthetic = {"blocks": [{"name": "layer2.0", "kind": "projection", "divergence": 0.5}], "steps": [
+        {"stage": "layers", "block": "layer2.0", "divergence": 0.5, "accepted": True},
+        {"stage": "layers", "block": "layer1.1", "divergence": 0.25, "accepted": False},
+        {"stage": "filters", "instead_of_block": "layer1.1", "accepted": True},
+        {"stage": "layers", "block": "layer1.0", "divergence": None, "accepted": False}]}
+    root = parse(blocks_chart(synthetic))
+    assert texts(root)[2:] == ["layer2.0 (projection)", "0.5 removed", "layer1.1 (block)",
+                               "0.25 kept: width did better", "layer1.0 (block)", "0 kept: over the budget"]
+    assert "Stage 2 tried no residual blocks." in texts(parse(blocks_chart({"steps": []})))
 
 
 def test_names_from_the_model_are_escaped(report: dict[str, Any]) -> None:
