@@ -126,10 +126,11 @@ def _pruned_copy(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
 
 
 def _smallest_step(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup], scores: list[torch.Tensor],
-                  full: tuple[nn.Module, int], k: int, enough: Callable[[nn.Module], bool]
+                  full: tuple[nn.Module, int], k: int, enough: Callable[[nn.Module], bool], slack: float = 0.0
                   ) -> tuple[tuple[nn.Module, int], tuple[nn.Module, int] | None]:
     """Bisect the number of removed units for the smallest step that is `enough` (the caller's
-    k-unit step `full` is known to be).
+    k-unit step `full` is known to be), to within `slack` of the step's size (each try prunes a
+    copy of the model and measures it).
 
     Returns that step and the largest one that is not enough (None if that is the empty step):
     with round_to, one more unit can remove a whole block of channels, and the step just short
@@ -138,7 +139,7 @@ def _smallest_step(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup
     low, high = 0, k
     best = full
     below = None
-    while high - low > 1:
+    while high - low > max(1, int(slack * high)):
         mid = (low + high) // 2
         trial = _pruned_copy(ctx, model, groups, scores, mid)
         if enough(trial[0]):
@@ -275,5 +276,6 @@ def _width_alternative(ctx: RunContext, model: nn.Module, size: tuple[int, int])
     full = _pruned_copy(ctx, model, groups, scores, capacity)
     if not ctx.no_larger(*ctx.measure(full[0]), than=size):
         return None
+    # a few units more than the block's size are as good a comparison, and save tries
     return _smallest_step(ctx, model, groups, scores, full, capacity,
-                          lambda trial: ctx.no_larger(*ctx.measure(trial), than=size))[0]
+                          lambda trial: ctx.no_larger(*ctx.measure(trial), than=size), slack=0.02)[0]
