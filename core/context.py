@@ -123,6 +123,12 @@ class RunContext:
             stage, len(self.steps), self.options.max_steps + self.options.max_removals,
             0.05 + 0.8 * self.progress(model_macs, model_params) if accepted else None,
             f"{stage} step {len(self.steps)}: MACs -{reduction['macs']:.1%}, params -{reduction['params']:.1%}, "
-            f"top-1 {accuracy:.4f}{'' if accepted else ' (rolled back)'}",
+            f"top-1 {accuracy:.4f}{_outcome(accepted, extra)}",
             macs=model_macs, params=model_params, accuracy=accuracy, accepted=accepted,
         )
+
+
+def _outcome(accepted: bool, extra: dict[str, Any]) -> str:
+    if accepted:
+        return ""
+    return f" (declined: {extra['declined']})" if "declined" in extra else " (rolled back)"

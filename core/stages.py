@@ -247,7 +247,8 @@ def remove_layers(ctx: RunContext, model: nn.Module,
             width_wins = ctx.within_budget(width_accuracy) and ctx.loss(width[0]) < ctx.loss(trial)
         macs, params = ctx.measure(trial)
         ctx.record("layers", macs, params, accuracy, time.monotonic() - started, accepted and not width_wins,
-                   block=block.name, divergence=round(scores[block.name], 6))
+                   block=block.name, divergence=round(scores[block.name], 6),
+                   **({"declined": "pruning width to the same size did better"} if width_wins else {}))
         if not accepted:
             essential.add(block.name)
             continue

@@ -93,7 +93,7 @@ def test_stage_two_keeps_a_block_only_when_it_beats_width_to_the_same_size(
         assert report["removed_blocks"] == [] and len(swapped) == 1
         assert swapped[0]["stage"] == "filters" and swapped[0]["instead_of_block"].startswith("blocks.")
         declined = [step for step in report["steps"] if step["stage"] == "layers"]
-        assert len(declined) == 1 and not declined[0]["accepted"]
+        assert len(declined) == 1 and not declined[0]["accepted"] and "width" in declined[0]["declined"]
         assert all(isinstance(block, BasicBlock) for block in result.model.blocks)
     assert report["target_met"]
 

@@ -74,7 +74,6 @@ def blocks_chart(report: dict[str, Any]) -> str:
     kept because pruning width to the same size did better or because accuracy fell past the budget."""
     steps = report.get("steps") or []
     kinds = {block["name"]: block.get("kind", "block") for block in report.get("blocks") or []}
-    lost_to_width = {step["instead_of_block"] for step in steps if step.get("instead_of_block")}
     tried = [step for step in steps if step.get("stage") == "layers" and step.get("block")]
     if not tried:
         return _message("Stage 2 tried no residual blocks.")
@@ -87,7 +86,7 @@ def blocks_chart(report: dict[str, Any]) -> str:
         name = step["block"]
         if step["accepted"]:
             outcome = "removed"
-        elif name in lost_to_width:
+        elif step.get("declined"):
             outcome = "kept: width did better"
         else:
             outcome = "kept: over the budget"

@@ -90,7 +90,7 @@ def test_blocks_chart_shows_every_block_stage_two_tried_and_its_outcome(report: 
     assert [label.split(" ")[0] for label in labels] == [step["block"] for step in tried]
     synthetic = {"blocks": [{"name": "layer2.0", "kind": "projection", "divergence": 0.5}], "steps": [
         {"stage": "layers", "block": "layer2.0", "divergence": 0.5, "accepted": True},
-        {"stage": "layers", "block": "layer1.1", "divergence": 0.25, "accepted": False},
+        {"stage": "layers", "block": "layer1.1", "divergence": 0.25, "accepted": False, "declined": "width"},
         {"stage": "filters", "instead_of_block": "layer1.1", "accepted": True},
         {"stage": "layers", "block": "layer1.0", "divergence": None, "accepted": False}]}
     root = parse(blocks_chart(synthetic))
