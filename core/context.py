@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.data import Dataset
-from core.metrics import count_macs_params, mean_loss, top1
+from core.metrics import count_macs_params, drift, top1
 from core.options import CompressOptions, Target
 from core.progress import Reporter
 from core.recovery import iterations_for, recover
@@ -31,6 +31,7 @@ class RunContext:
     evaluation: Dataset
     calib: torch.Tensor
     reference: torch.Tensor | None  # original predictions on the evaluation split
+    reference_logits: torch.Tensor  # original logits on the evaluation split
     feature_points: list[str]
     ignored: list[str]
     macs0: int = 0
@@ -60,8 +61,8 @@ class RunContext:
     def accuracy(self, model: nn.Module) -> float:
         return top1(model, self.evaluation, self.device, self.reference)
 
-    def loss(self, model: nn.Module) -> float:
-        return mean_loss(model, self.evaluation, self.device, self.reference)
+    def drift(self, model: nn.Module) -> float:
+        return drift(model, self.evaluation.x, self.device, self.reference_logits)
 
     def no_larger(self, macs: int, params: int, than: tuple[int, int]) -> bool:
         """Whether a model is at most as large as `than` in every measure the target names."""

@@ -45,19 +45,20 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, data: Dataset, device: torch.device, reference: torch.Tensor | None,
-              batch_size: int = 256) -> float:
-    """Mean cross-entropy against the labels, or against `reference` predictions when unlabeled:
-    a finer comparison of two candidates than top-1 on a few hundred samples."""
-    target = data.y if data.y is not None else reference
-    if target is None:
-        raise ValueError("Unlabeled data needs the original model's predictions as reference.")
+def all_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     model.eval()
-    total = 0.0
-    for i in range(0, len(data.x), batch_size):
-        logits = logits_of(model(data.x[i : i + batch_size].to(device))).float()
-        total += float(nn.functional.cross_entropy(logits, target[i : i + batch_size].to(device), reduction="sum"))
-    return total / len(data.x)
+    return torch.cat([logits_of(model(x[i : i + batch_size].to(device))).float().cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def drift(model: nn.Module, x: torch.Tensor, device: torch.device, reference: torch.Tensor) -> float:
+    """Mean KL divergence of `model`'s outputs on `x` from the `reference` logits (the original
+    model's): how far a pruned candidate has moved from the function it should keep. Unlike top-1
+    or the loss against labels, it still separates two candidates on samples the original has
+    memorised, where both are right and confident."""
+    log_p = torch.log_softmax(reference, dim=1)
+    log_q = torch.log_softmax(all_logits(model, x, device), dim=1)
+    return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
 
 
 def top1(model: nn.Module, data: Dataset, device: torch.device, reference: torch.Tensor | None) -> float:

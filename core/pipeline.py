@@ -21,7 +21,7 @@ from core.data import Dataset, check_against_model, split
 from core.divergence import filter_divergence
 from core.errors import OptionsError, TargetUnreachableError
 from core.export import OnnxSpec, export_onnx, export_pt2, verify_onnx
-from core.metrics import ort_latency_ms, predict
+from core.metrics import all_logits, ort_latency_ms, predict
 from core.options import CompressOptions, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery import pick_feature_points
@@ -254,6 +254,7 @@ def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOpti
         options=opts, target=target, device=device, reporter=reporter, example=example,
         recovery=recovery, evaluation=evaluation, calib=recovery.x[: opts.calibration_samples],
         reference=None if evaluation.labeled else predict(model, evaluation.x, device),
+        reference_logits=all_logits(model, evaluation.x, device),
         feature_points=pick_feature_points(model, example),
         ignored=_output_layers(model, example) + list(opts.ignored_layers),
     )

@@ -244,7 +244,7 @@ def remove_layers(ctx: RunContext, model: nn.Module,
         if width is not None:
             ctx.recover(width[0], model)
             width_accuracy = ctx.accuracy(width[0])
-            width_wins = ctx.within_budget(width_accuracy) and ctx.loss(width[0]) < ctx.loss(trial)
+            width_wins = ctx.within_budget(width_accuracy) and ctx.drift(width[0]) < ctx.drift(trial)
         macs, params = ctx.measure(trial)
         ctx.record("layers", macs, params, accuracy, time.monotonic() - started, accepted and not width_wins,
                    block=block.name, divergence=round(scores[block.name], 6),

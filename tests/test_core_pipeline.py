@@ -77,12 +77,12 @@ def test_stage_two_keeps_a_block_only_when_it_beats_width_to_the_same_size(
     from core.context import RunContext
     from core.examples import BasicBlock
 
-    def loss(_ctx: RunContext, model: nn.Module) -> float:
-        # the comparison is what is under test, so its two sides get fixed held-out losses
+    def drift(_ctx: RunContext, model: nn.Module) -> float:
+        # the comparison is what is under test, so its two sides get fixed drifts from the original
         lost_a_block = any(not isinstance(block, BasicBlock) for block in model.blocks)
         return 0.0 if lost_a_block == layers_win else 1.0
 
-    monkeypatch.setattr(RunContext, "loss", loss)
+    monkeypatch.setattr(RunContext, "drift", drift)
     result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.6, max_accuracy_drop=1.0),
                       CompressOptions(**FAST), tmp_path)
     report = result.report

@@ -143,3 +143,20 @@ def test_onnx_verification_catches_a_model_that_disagrees(digits_model, digits_a
         other.fc.bias.add_(1.0)
     with pytest.raises(ExportError, match="disagrees"):
         verify_onnx(other, path, x)
+
+
+def test_drift_is_zero_for_the_original_and_grows_with_damage(digits_model, digits_arrays) -> None:
+    from core.metrics import all_logits, drift
+
+    x = _x(digits_arrays)[:200]
+    cpu = torch.device("cpu")
+    reference = all_logits(digits_model, x, cpu)
+    assert drift(digits_model, x, cpu, reference) == pytest.approx(0.0, abs=1e-6)
+    drifts = []
+    for scale in (0.01, 0.1):
+        damaged = copy.deepcopy(digits_model)
+        with torch.no_grad():
+            for p in damaged.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * scale)
+        drifts.append(drift(damaged, x, cpu, reference))
+    assert 0 < drifts[0] < drifts[1]
