@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable, Iterable
+from typing import Any
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -22,3 +24,15 @@ def method_list(known: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
         return names
 
     return parse
+
+
+def option_override(text: str) -> tuple[str, Any]:
+    """`--option key=value`: a CompressOptions field and a JSON value (strings may go unquoted)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value

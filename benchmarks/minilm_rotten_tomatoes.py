@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from benchmarks import minilm
-from benchmarks.cli_types import floats, method_list
+from benchmarks.cli_types import floats, method_list, option_override
 from benchmarks.fashion_mnist import environment, log
 from core import CompressOptions, ProgressEvent, Target
 from core.data import Dataset
@@ -98,6 +98,9 @@ class Settings:
     latency_runs: int = 10
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"
+    # CompressOptions fields set for the IDAP++ methods only (ablations of the method's choices)
+    idap_options: tuple[tuple[str, Any], ...] = ()
 
 
 QUICK: dict[str, Any] = {
@@ -113,13 +116,15 @@ WORD_EMBEDDINGS = "model.bert.embeddings.word_embeddings"
 
 def options_for(method: str, settings: Settings) -> CompressOptions:
     criterion, stages, _ = METHODS[method]
+    overrides = dict(settings.idap_options) if criterion == "divergence" else {}
     return CompressOptions(
-        stages=stages, criterion=criterion, device="cpu", seed=settings.seed, p0=settings.p0, alpha=settings.alpha,
+        stages=stages, criterion=criterion, device=settings.device, seed=settings.seed, p0=settings.p0,
+        alpha=settings.alpha,
         ignored_layers=(WORD_EMBEDDINGS,) if settings.scope == "encoder" else (),
         max_steps=settings.max_steps, recovery_iterations=settings.recovery_iterations,
         final_recovery_iterations=settings.final_recovery_iterations, lr=settings.recovery_lr,
         batch_size=settings.batch_size, calibration_samples=settings.calibration_samples,
-        latency_runs=settings.latency_runs, latency_batch=max(settings.latency_batches),
+        latency_runs=settings.latency_runs, latency_batch=max(settings.latency_batches), **overrides,
     )
 
 
@@ -376,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the data, fine-tuning and compress (default: 0)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: 1; on a shared machine more threads run far slower)")
+    p.add_argument("--device", help="where compress runs: cpu (default), cuda, auto")
+    p.add_argument("--option", dest="idap_options", type=option_override, action="append", metavar="KEY=VALUE",
+                   help="a CompressOptions field for the IDAP++ methods only, e.g. layers_must_beat_width=false "
+                   "(repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where fine-tuned model zips are kept")
     p.add_argument("--out", type=Path, default=RESULTS_PATH, help="JSON results file")
@@ -389,9 +398,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
                 "n_eval": args.n_eval,
                 "compress_samples": args.compress_samples, "recovery_iterations": args.recovery_iterations,
                 "final_recovery_iterations": args.final_recovery_iterations, "seed": args.seed,
-                "threads": args.threads}
+                "threads": args.threads, "device": args.device,
+                "idap_options": tuple(args.idap_options) if args.idap_options else None}
     values.update({k: v for k, v in explicit.items() if v is not None})
     settings = Settings(**values)
+    unknown = sorted({key for key, _ in settings.idap_options} - {f.name for f in dataclasses.fields(CompressOptions)})
+    if unknown:
+        raise SystemExit(f"error: --option {', '.join(unknown)}: not a CompressOptions field.")
     if settings.compress_samples > settings.n_train:
         raise SystemExit(f"error: --compress-samples ({settings.compress_samples}) exceeds --n-train "
                          f"({settings.n_train}); compress gets a subset of the fine-tuning snippets.")

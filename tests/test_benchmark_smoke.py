@@ -31,6 +31,19 @@ def test_missing_dataset_exits_2_with_install_hint(tmp_path: Path) -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_minilm_option_overrides_reach_idap_runs_only() -> None:
+    from benchmarks.minilm_rotten_tomatoes import build_parser, options_for, settings_from
+
+    args = build_parser().parse_args(["--option", "layers_must_beat_width=false", "--option", "group_scores=mean",
+                                      "--device", "cuda"])
+    settings = settings_from(args)
+    idap, taylor = options_for("idap", settings), options_for("taylor", settings)
+    assert (idap.layers_must_beat_width, idap.group_scores, idap.device) == (False, "mean", "cuda")
+    assert (taylor.layers_must_beat_width, taylor.group_scores, taylor.device) == (True, "layer_sum", "cuda")
+    with pytest.raises(SystemExit, match="frobnicate"):
+        settings_from(build_parser().parse_args(["--option", "frobnicate=1"]))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_quick_benchmark_writes_a_sane_row_per_method_and_level(tmp_path: Path) -> None:
