@@ -189,7 +189,9 @@ def filter_divergence(
 
 
 class DivergenceScorer:
-    """Group importance from per-layer divergence: mean over the group's producing layers."""
+    """Group importance from per-layer divergence over the group's producing layers: their mean
+    (normalised per group afterwards), or with `layer_sum` the sum of each layer's scores divided
+    by that layer's mean (already comparable across groups: `prenormalised`)."""
 
     def __init__(self, layer_scores: dict[nn.Module, torch.Tensor], layer_sum: bool = False) -> None:
         self.layer_scores = layer_scores
