@@ -25,7 +25,7 @@ from core.metrics import all_logits, ort_latency_ms, predict
 from core.options import CompressOptions, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery import pick_feature_points
-from core.stages import group_candidates, prune_filters, remove_layers
+from core.stages import group_candidates, last_layer_of_its_stack, prune_filters, remove_layers
 from core.surgery import apply_plan, build_graph, make_plan
 from core.tracing import forward_once
 
@@ -93,7 +93,8 @@ def reachable_reduction(ctx: RunContext, model: nn.Module) -> dict[str, float]:
         apply_plan(floor, ctx.example, plan)
     if "layers" in ctx.options.stages:
         for block in find_blocks(floor, ctx.example):
-            remove_block(floor, block)
+            if not last_layer_of_its_stack(floor, block):
+                remove_block(floor, block)
     return ctx.reductions(*ctx.measure(floor))
 
 

@@ -20,7 +20,7 @@ from core.attention import (
     head_weight_norms,
     removable,
 )
-from core.blocks import BlockCandidate, find_blocks, remove_block
+from core.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_block
 from core.context import RunContext
 from core.divergence import (
     DivergenceScorer,
@@ -225,6 +225,9 @@ def remove_layers(ctx: RunContext, model: nn.Module,
                                   opts.batch_size)
         choice = None
         for block in sorted(live, key=lambda c: scores[c.name]):
+            if last_layer_of_its_stack(model, block):
+                essential.add(block.name)  # an encoder with no layer left is not a pruned model
+                continue
             trial = copy.deepcopy(model)
             remove_block(trial, block)
             if ctx.overshoots(*ctx.measure(trial)):
@@ -262,6 +265,15 @@ def remove_layers(ctx: RunContext, model: nn.Module,
         removed += 1
         on_removed(block, scores[block.name])
     return model, "max_removals"
+
+
+def last_layer_of_its_stack(model: nn.Module, block: BlockCandidate) -> bool:
+    """Whether `block` is a transformer layer whose stack has no other layer left."""
+    if not block.layer:
+        return False
+    parent = block.name.rpartition(".")[0]
+    stack = model.get_submodule(parent) if parent else model
+    return sum(not isinstance(layer, SkippedLayer) for layer in stack.children()) <= 1
 
 
 def _width_alternative(ctx: RunContext, model: nn.Module, size: tuple[int, int]) -> tuple[nn.Module, int] | None:

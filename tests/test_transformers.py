@@ -173,6 +173,27 @@ def test_compress_removes_the_planted_dead_heads_first(tmp_path):
     assert len(kept_heads(model, result.model, 1)) == 8, "no live head is removed while dead ones remain"
 
 
+def test_stage_two_leaves_at_least_one_encoder_layer(tmp_path):
+    from core.blocks import find_blocks, remove_block
+    from core.errors import TargetUnreachableError
+    from core.stages import last_layer_of_its_stack
+
+    model = small_bert(layers=2)
+    x = tokens(64)
+    first, second = find_blocks(model, x[:2])
+    assert not last_layer_of_its_stack(model, first) and not last_layer_of_its_stack(model, second)
+    emptied = copy.deepcopy(model)
+    remove_block(emptied, first)
+    assert last_layer_of_its_stack(emptied, second), "the other layer is now the stack's last"
+    # only removing both layers reaches this target, and there is no accuracy budget to stop at
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.bert.encoder.layer[0].parameters())
+    target = Target(params_reduction=1.97 * layer / total, max_accuracy_drop=1.0)
+    with pytest.raises(TargetUnreachableError, match="out of reach"):
+        compress(model, Dataset(x, torch.arange(64) % 3), target, dataclasses.replace(FAST, stages=("layers",)),
+                 tmp_path)
+
+
 def test_bert_zip_layers_removed_and_save_pretrained_round_trip(tmp_path):
     from tests.intake_fixtures import write_bert_zip
 
