@@ -190,13 +190,12 @@ def filter_divergence(
 
 class DivergenceScorer:
     """Group importance from per-layer divergence over the group's producing layers: their mean
-    (normalised per group afterwards), or with `layer_sum` the sum of each layer's scores divided
-    by that layer's mean (already comparable across groups: `prenormalised`)."""
+    (to be normalised per group), or with `layer_sum` the sum of each layer's scores divided by
+    that layer's mean (comparable across groups as it is)."""
 
     def __init__(self, layer_scores: dict[nn.Module, torch.Tensor], layer_sum: bool = False) -> None:
         self.layer_scores = layer_scores
         self.layer_sum = layer_sum
-        self.prenormalised = layer_sum
 
     def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
         total: torch.Tensor | None = None

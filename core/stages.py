@@ -75,8 +75,10 @@ def _head_groups(ctx: RunContext, model: nn.Module) -> list[PrunableGroup]:
     return groups
 
 
-def _scorer(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
-            groups: list[PrunableGroup]) -> GroupScorer:
+def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
+                  groups: list[PrunableGroup]) -> list[torch.Tensor]:
+    """Unit scores of every group, comparable across groups (and, with mean compensation, the units'
+    mean outputs in ctx.unit_means for the plans made from these scores)."""
     criterion = ctx.options.criterion
     batch = ctx.options.batch_size
     sites = [g.group for g in groups if isinstance(g.group, AttentionSite)]
@@ -105,8 +107,9 @@ def _scorer(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
     def score(group: object) -> torch.Tensor | None:
         return heads.get(group.name) if isinstance(group, AttentionSite) else channels(group)
 
-    score.prenormalised = criterion == "divergence" and layer_sum  # type: ignore[attr-defined]
-    return score
+    scores = score_groups(groups, score, normalise=not (criterion == "divergence" and layer_sum))
+    model.zero_grad(set_to_none=True)  # Taylor's gradients
+    return scores
 
 
 def _baseline_head_scores(criterion: str, model: nn.Module, site: AttentionSite) -> torch.Tensor:
@@ -169,8 +172,7 @@ def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tupl
         capacity = sum(g.capacity for g in groups)
         if capacity == 0:
             return model, "nothing_left_to_prune"
-        scores = score_groups(groups, _scorer(ctx, model, graph, groups))
-        model.zero_grad(set_to_none=True)
+        scores = _group_scores(ctx, model, graph, groups)
         rho = opts.p0 * (1 + t / total) ** opts.alpha
         k = max(1, min(capacity, math.floor(rho * sum(g.width for g in groups))))
         candidate, removed = _pruned_copy(ctx, model, groups, scores, k)
@@ -284,8 +286,7 @@ def _width_alternative(ctx: RunContext, model: nn.Module, size: tuple[int, int])
     capacity = sum(g.capacity for g in groups)
     if capacity == 0:
         return None
-    scores = score_groups(groups, _scorer(ctx, model, graph, groups))
-    model.zero_grad(set_to_none=True)
+    scores = _group_scores(ctx, model, graph, groups)
     full = _pruned_copy(ctx, model, groups, scores, capacity)
     if not ctx.no_larger(*ctx.measure(full[0]), than=size):
         return None

@@ -330,8 +330,9 @@ def planned_units(plan: Plan) -> int:
 GroupScorer = Callable[[tp.dependency.Group], torch.Tensor | None]
 
 
-def score_groups(groups: list[PrunableGroup], scorer: GroupScorer) -> list[torch.Tensor]:
-    """Per-channel scores for each group, averaged over channel groups, normalised by the group mean.
+def score_groups(groups: list[PrunableGroup], scorer: GroupScorer, normalise: bool = True) -> list[torch.Tensor]:
+    """Per-channel scores for each group, averaged over channel groups, normalised by the group mean
+    unless the scorer's are comparable across groups already (`normalise=False`).
 
     Per-group mean normalisation is what makes scores of different layers comparable
     for global ranking (method §2). A group the scorer cannot see gets uniform scores.
@@ -342,5 +343,5 @@ def score_groups(groups: list[PrunableGroup], scorer: GroupScorer) -> list[torch
         if raw is None:
             raw = torch.ones(group.width * group.ch_groups)
         raw = raw.detach().float().cpu().view(group.ch_groups, -1).mean(0)
-        out.append(raw if getattr(scorer, "prenormalised", False) else raw / (raw.mean() + 1e-12))
+        out.append(raw / (raw.mean() + 1e-12) if normalise else raw)
     return out

@@ -151,7 +151,7 @@ def test_residual_stream_channels_weigh_every_layer_that_writes_them():
     by_root = {g.root_name: g for g in groups}
     hidden = by_root["model.bert.encoder.layer.1.output.dense"]  # the residual stream's group
     mlp = by_root["model.bert.encoder.layer.0.intermediate.dense"]
-    summed = score_groups([hidden, mlp], DivergenceScorer(layer_scores, layer_sum=True))
+    summed = score_groups([hidden, mlp], DivergenceScorer(layer_scores, layer_sum=True), normalise=False)
     averaged = score_groups([hidden, mlp], DivergenceScorer(layer_scores))
     # two attention outputs and two MLP outputs write the 64-wide residual stream
     assert float(summed[0].mean()) == pytest.approx(4.0, rel=1e-4)
