@@ -48,6 +48,9 @@ class MethodIn(_Strict):
     mean_compensation: bool = Field(
         _DEFAULTS.mean_compensation,
         description="score neurons and heads on their variation; fold their mean into the next bias")
+    least_squares_compensation: bool = Field(
+        _DEFAULTS.least_squares_compensation,
+        description="with mean_compensation, also refit the next layer on the kept units (least squares)")
     ignored_layers: list[str] = []
     eval_fraction: float = Field(_DEFAULTS.eval_fraction, gt=0, lt=1, description="share of the data held out")
     time_budget_s: float | None = Field(None, gt=0)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from core.divergence import InputMoments, InputStats, compensate_linear, real_tokens, token_rows
+
 HEADS = "heads:"  # prefix of plan keys that name an attention module's heads
 _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
 _HEAD_COUNT = ("num_attention_heads", "num_heads", "n_heads")
@@ -182,16 +184,20 @@ def _output_projection(model: nn.Module, name: str, module: nn.Module, width: in
 
 @torch.no_grad()
 def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.Tensor, device: torch.device,
-                    batch_size: int, means_out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                    batch_size: int, means_out: dict[str, InputStats] | None = None,
+                    with_cov: bool = False) -> dict[str, torch.Tensor]:
     """s_h = (1/n)‖O_h‖_F · (‖W_Q^h‖_F + ‖W_K^h‖_F + ‖W_V^h‖_F), averaged over the calibration samples;
     O_h is head h's output before the output projection (its input, split by head).
 
-    With `means_out` (a dict to fill), O_h is taken minus its calibration mean, which is stored per
-    site (one value per output-projection input) for `remove_heads` to fold into the bias.
+    With `means_out` (a dict to fill), O_h is taken minus its calibration mean; the statistics of the
+    output projection's inputs (the mean, with `with_cov` the covariance too) are stored per site
+    for `remove_heads` to compensate with.
     """
     squares: dict[str, list[torch.Tensor]] = {}
     sums: dict[str, list[torch.Tensor]] = {}
     tokens: dict[str, int] = {}
+    moments = {site.name: InputMoments(with_cov) for site in sites}
+    batch_mask: dict[str, torch.Tensor | None] = {"mask": None}  # of the batch being run
     handles = []
     for site in sites:
         heads = site.num_heads(model)
@@ -202,13 +208,16 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.T
             squares.setdefault(site.name, []).append(x.pow(2).sum(dim=(1, 3)).cpu())
             if means_out is not None:
                 sums.setdefault(site.name, []).append(x.sum(dim=1).cpu())  # batch, heads, head size
+                moments[site.name].add(token_rows(x.flatten(2), batch_mask["mask"]))
             tokens[site.name] = x.shape[1]
 
         handles.append(model.get_submodule(site.out).register_forward_pre_hook(pre))
     model.eval()
     try:
         for i in range(0, len(calib), batch_size):
-            model(calib[i : i + batch_size].to(device))
+            batch = calib[i : i + batch_size].to(device)
+            batch_mask["mask"] = real_tokens(model, batch)
+            model(batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -221,7 +230,7 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.T
             s1 = torch.cat(sums[site.name])
             mean = s1.sum(0) / (len(s1) * n)
             sq = (sq - 2 * (mean * s1).sum(-1) + n * mean.pow(2).sum(-1)).clamp_min(0)
-            means_out[site.name] = mean.flatten()
+            means_out[site.name] = moments[site.name].stats()
         scores[site.name] = (sq.sqrt() / n).mean(0) * head_weight_norms(model, site)
     return scores
 
@@ -247,19 +256,16 @@ def head_taylor(model: nn.Module, site: AttentionSite) -> torch.Tensor:
     return total
 
 
-def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], means: torch.Tensor | None = None) -> None:
+def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], stats: InputStats | None = None) -> None:
     """Remove `heads` in place: q/k/v output rows, the output projection's input columns, and the
-    module's head count (and all-heads size). With `means` (the output projection's mean inputs),
-    the removed heads' mean output is folded into the projection's bias first."""
+    module's head count (and all-heads size). With `stats` (of the output projection's inputs), the
+    projection makes up for the removed heads first (`compensate_linear`)."""
     module = model.get_submodule(site.name)
     count = site.num_heads(model)
     keep_heads = [h for h in range(count) if h not in set(heads)]
     out = model.get_submodule(site.out)
-    if means is not None and out.bias is not None:
-        with torch.no_grad():
-            cols = torch.tensor([h * site.head_dim + i for h in heads for i in range(site.head_dim)],
-                                device=out.weight.device)
-            out.bias += out.weight[:, cols] @ means.to(out.weight)[cols]
+    if stats is not None and out.bias is not None:
+        compensate_linear(out, [h * site.head_dim + i for h in heads for i in range(site.head_dim)], stats)
     keep = torch.tensor([h * site.head_dim + i for h in keep_heads for i in range(site.head_dim)],
                         device=module.get_submodule(site.qkv[0]).weight.device)
     for attr in site.qkv:

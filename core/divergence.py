@@ -7,6 +7,7 @@ per filter. Block scores: one pass for all candidate blocks together.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,12 +108,92 @@ def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: torch.T
     return pairs
 
 
+# Ridge of the least-squares fit, relative to the kept inputs' mean variance: calibration sets are a
+# few thousand tokens against up to a few thousand inputs, so the plain normal equations overfit.
+RIDGE = 1e-2
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Calibration statistics of a consumer Linear's inputs: their mean and, for least-squares
+    compensation, their covariance (None: compensate with the mean only)."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor | None = None
+
+
+class InputMoments:
+    """Running sums of a layer's inputs (rows of a 2-D tensor) for `InputStats`."""
+
+    def __init__(self, with_cov: bool) -> None:
+        self.with_cov = with_cov
+        self.rows = 0
+        self.total: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        total = rows.sum(0)
+        self.total = total if self.total is None else self.total + total
+        if self.with_cov:
+            gram = rows.T @ rows
+            self.gram = gram if self.gram is None else self.gram + gram
+        self.rows += len(rows)
+
+    def stats(self) -> InputStats:
+        assert self.total is not None
+        mean = self.total / self.rows
+        cov = None if self.gram is None else self.gram / self.rows - torch.outer(mean, mean)
+        return InputStats(mean.float().cpu(), None if cov is None else cov.cpu())
+
+
+def real_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+    """Which (sample, position) entries of a batch of token ids are not padding, for a model that
+    names its padding token (core.hf.TextClassifier); None for any other input."""
+    pad = getattr(model, "pad_token_id", None)
+    if pad is None or batch.dim() != 2 or batch.dtype.is_floating_point:
+        return None
+    return batch != pad
+
+
+def token_rows(act: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The unit vectors of `act` (batch × positions × units) at real tokens only: a padding
+    position's activations never reach the output, so they must not shape the statistics a
+    consumer is refitted on (short review snippets padded to 64 tokens are mostly padding)."""
+    if mask is not None and act.shape[:2] == mask.shape:
+        return act[mask]
+    return act.reshape(-1, act.shape[-1])
+
+
 @torch.no_grad()
-def compensate_linear(consumer: nn.Linear, columns: list[int], means: torch.Tensor) -> None:
-    """Fold the mean of the inputs `columns` into `consumer`'s bias before those inputs are removed,
-    so the removal takes away only their variation around the mean."""
-    idx = torch.tensor(columns)
-    consumer.bias += consumer.weight[:, idx.to(consumer.weight.device)] @ means[idx].to(consumer.weight)
+def compensate_linear(consumer: nn.Linear, columns: list[int], stats: InputStats) -> None:
+    """Make up in `consumer` for the inputs `columns` before they are removed.
+
+    With the mean only, their mean is folded into the bias, so the removal takes away only their
+    variation around it. With the covariance, that variation is also predicted from the kept inputs
+    (ridge least squares on the calibration statistics) and the prediction is folded into the kept
+    columns' weights: the consumer's output then changes only by what the kept inputs cannot
+    explain of the removed ones.
+    """
+    weight = consumer.weight
+    removed = torch.tensor(sorted(columns))
+    w_removed = weight[:, removed.to(weight.device)].double()
+    mean = stats.mean.double()
+    if stats.cov is None or len(removed) == weight.shape[1]:
+        consumer.bias += (w_removed @ mean[removed].to(weight.device)).to(consumer.bias)
+        return
+    mask = torch.ones(weight.shape[1], dtype=torch.bool)
+    mask[removed] = False
+    kept = mask.nonzero().flatten()
+    cov = stats.cov.double()
+    cov_kk = cov[kept][:, kept]
+    ridge = RIDGE * float(cov_kk.diagonal().mean()) + 1e-12
+    cov_kk += ridge * torch.eye(len(kept), dtype=cov.dtype)
+    # x_removed ≈ mean_removed + coef.T @ (x_kept − mean_kept)
+    coef = torch.linalg.solve(cov_kk, cov[kept][:, removed]).to(weight.device)
+    weight[:, kept.to(weight.device)] += (w_removed @ coef.T).to(weight)
+    offset = mean[removed].to(weight.device) - coef.T @ mean[kept].to(weight.device)
+    consumer.bias += (w_removed @ offset).to(consumer.bias)
 
 
 @torch.no_grad()
@@ -122,23 +203,26 @@ def filter_divergence(
     calib: torch.Tensor,
     device: torch.device,
     batch_size: int,
-    means_out: dict[nn.Module, tuple[nn.Linear, torch.Tensor]] | None = None,
+    means_out: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = None,
+    with_cov: bool = False,
 ) -> dict[nn.Module, torch.Tensor]:
     """s_i = mean_b ‖φ(A[b,i])‖₂ · ‖W[i]‖₂ / (C·H·W) for every Conv/Linear output unit.
 
     φ is the nonlinearity that follows the unit (method §2: the actual post-activation value of
     the consumer), ReLU when none does (the method's formula). With `means_out` (a dict to fill),
     layers that feed a Linear directly (`direct_consumers`) are scored on φ(A) minus its
-    calibration mean instead, and the consumer and that mean are stored in `means_out` for
-    `compensate_linear`.
+    calibration mean instead, and the consumer and the statistics of its inputs (with `with_cov`,
+    their covariance too) are stored in `means_out` for `compensate_linear`.
     """
     layers = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     consumers = direct_consumers(model, graph, calib[:2].to(device)) if means_out is not None else {}
     centre = set(consumers)
     sums: dict[nn.Module, list[torch.Tensor]] = {}
+    moments = {layer: InputMoments(with_cov) for layer in centre}
     squares: dict[nn.Module, list[torch.Tensor]] = {}
     positions: dict[nn.Module, int] = {}
     sizes: dict[nn.Module, int] = {}
+    tokens: dict[str, torch.Tensor | None] = {"mask": None}  # of the batch being run
     handles = []
 
     def hook_for(layer: nn.Module, channel_dim: int, activation: Callable[[torch.Tensor], torch.Tensor]):
@@ -150,6 +234,7 @@ def filter_divergence(
             squares.setdefault(layer, []).append(act.pow(2).sum(1).cpu())  # per sample, Σ over positions
             if layer in centre:
                 sums.setdefault(layer, []).append(act.sum(1).cpu())
+                moments[layer].add(token_rows(act, tokens["mask"]))
             positions[layer] = act.shape[1]
             sizes[layer] = int(output[0].numel())
 
@@ -163,7 +248,9 @@ def filter_divergence(
     model.eval()
     try:
         for batch in _batches(calib, batch_size):
-            model(batch.to(device))
+            batch = batch.to(device)
+            tokens["mask"] = real_tokens(model, batch)
+            model(batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -176,7 +263,7 @@ def filter_divergence(
             mean = s1.sum(0) / (len(s1) * positions[layer])
             # Σ_t (a_t − μ)² = Σ a_t² − 2μ Σ a_t + T μ², per sample
             sq = (sq - 2 * mean * s1 + positions[layer] * mean.pow(2)).clamp_min(0)
-            means_out[layer] = (consumers[layer], mean)  # type: ignore[index]
+            means_out[layer] = (consumers[layer], moments[layer].stats())  # type: ignore[index]
         total = sq.sqrt().sum(0)
         weight = layer.weight.detach().float()
         if isinstance(layer, nn.modules.conv._ConvNd) and getattr(layer, "transposed", False):

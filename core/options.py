@@ -74,6 +74,9 @@ class CompressOptions:
     # scored on their variation around the calibration mean, and that mean is folded into the
     # Linear's bias when they go: a unit with a constant output then costs nothing to remove.
     mean_compensation: bool = True
+    # With mean compensation, the consumer also refits the kept inputs' weights to predict what the
+    # removed units varied by (ridge least squares on the calibration inputs' covariance).
+    least_squares_compensation: bool = True
     # ONNX Runtime's CPU convolutions work on blocks of 8 channels: a 29-wide layer ran 2x slower
     # than a 32-wide one in our measurements, so widths stay multiples of 8 by default (1 = off).
     round_to: int | None = 8

@@ -24,6 +24,7 @@ from core.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_block
 from core.context import RunContext
 from core.divergence import (
     DivergenceScorer,
+    InputStats,
     baseline_scorer,
     block_divergence,
     filter_divergence,
@@ -77,8 +78,9 @@ def _head_groups(ctx: RunContext, model: nn.Module) -> list[PrunableGroup]:
 
 def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
                   groups: list[PrunableGroup]) -> list[torch.Tensor]:
-    """Unit scores of every group, comparable across groups (and, with mean compensation, the units'
-    mean outputs in ctx.unit_means for the plans made from these scores)."""
+    """Unit scores of every group, comparable across groups (and, with mean compensation, the
+    statistics their consumers compensate with in ctx.unit_means, for the plans made from these
+    scores)."""
     criterion = ctx.options.criterion
     batch = ctx.options.batch_size
     sites = [g.group for g in groups if isinstance(g.group, AttentionSite)]
@@ -86,11 +88,14 @@ def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
     ctx.unit_means = {}
     if criterion == "divergence":
         compensate = ctx.options.mean_compensation
-        layer_means: dict[nn.Module, tuple[nn.Linear, torch.Tensor]] | None = {} if compensate else None
-        head_means: dict[str, torch.Tensor] | None = {} if compensate else None
+        fit = compensate and ctx.options.least_squares_compensation
+        layer_means: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = {} if compensate else None
+        head_means: dict[str, InputStats] | None = {} if compensate else None
         channels: GroupScorer = DivergenceScorer(
-            filter_divergence(model, graph, ctx.calib, ctx.device, batch, means_out=layer_means), layer_sum=layer_sum)
-        heads = head_divergence(model, sites, ctx.calib, ctx.device, batch, means_out=head_means) if sites else {}
+            filter_divergence(model, graph, ctx.calib, ctx.device, batch, means_out=layer_means, with_cov=fit),
+            layer_sum=layer_sum)
+        heads = head_divergence(model, sites, ctx.calib, ctx.device, batch, means_out=head_means,
+                                with_cov=fit) if sites else {}
         if layer_means is not None and head_means is not None:
             names = {module: name for name, module in model.named_modules()}
             ctx.unit_means = {names[m]: (names[c], mean) for m, (c, mean) in layer_means.items()} | {
@@ -246,22 +251,26 @@ def remove_layers(ctx: RunContext, model: nn.Module,
         width = _width_alternative(ctx, model, ctx.measure(trial)) \
             if accepted and opts.layers_must_beat_width and "filters" in opts.stages else None
         width_wins = False
+        comparison: dict[str, float | str] = {}
         if width is not None:
             ctx.recover(width[0], model)
             width_accuracy = ctx.accuracy(width[0])
-            width_wins = ctx.within_budget(width_accuracy) and ctx.drift(width[0]) < ctx.drift(trial)
+            drift, width_drift = ctx.drift(trial), ctx.drift(width[0])
+            comparison = {"drift": round(drift, 6), "width_drift": round(width_drift, 6),
+                          "width_accuracy": round(width_accuracy, 6), "width_units_removed": width[1]}
+            width_wins = ctx.within_budget(width_accuracy) and width_drift < drift
+            if width_wins:
+                comparison["declined"] = "pruning width to the same size did better"
         macs, params = ctx.measure(trial)
         ctx.record("layers", macs, params, accuracy, time.monotonic() - started, accepted and not width_wins,
-                   block=block.name, divergence=round(scores[block.name], 6),
-                   **({"declined": "pruning width to the same size did better"} if width_wins else {}))
+                   block=block.name, divergence=round(scores[block.name], 6), **comparison)
         if not accepted:
             essential.add(block.name)
             continue
-        if width is not None and width_wins:
-            ctx.filter_steps += 1
-            ctx.record("filters", *ctx.measure(width[0]), width_accuracy, time.monotonic() - started, True,
-                       units_removed=width[1], instead_of_block=block.name)
-            return width[0], "width_beats_layers"
+        if width_wins:
+            # Stage 1 goes on from here: the width candidate is as big as the block, which can
+            # overshoot the target that Stage 1's own steps stop at
+            return model, "width_beats_layers"
         model = trial
         candidates.remove(block)
         removed += 1
@@ -280,7 +289,7 @@ def last_layer_of_its_stack(model: nn.Module, block: BlockCandidate) -> bool:
 
 def _width_alternative(ctx: RunContext, model: nn.Module, size: tuple[int, int]) -> tuple[nn.Module, int] | None:
     """One Stage 1 step from `model` that is no larger than `size` (a block removal's result), with the
-    fewest units removed; None when width alone cannot get there."""
+    fewest units removed, to compare the removal with; None when width alone cannot get there."""
     graph = build_graph(model, ctx.example)
     groups = group_candidates(ctx, model, graph)
     capacity = sum(g.capacity for g in groups)

@@ -19,7 +19,7 @@ from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from core.attention import HEADS, find_sites, remove_heads
-from core.divergence import compensate_linear
+from core.divergence import InputStats, compensate_linear
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -29,8 +29,9 @@ ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # into heads would reject anyway: such groups are left alone.
 MAX_CHANNEL_SPREAD = 256
 
-# layer name (or HEADS + attention name) -> (name of the Linear that reads its units, mean output per unit)
-Means = dict[str, tuple[str, torch.Tensor]]
+# layer name (or HEADS + attention name) -> (name of the Linear that reads its units, statistics of
+# that Linear's inputs)
+Means = dict[str, tuple[str, InputStats]]
 
 # name of a group's root module -> channel indices to remove (already expanded over
 # channel groups of grouped convolutions)
@@ -286,8 +287,8 @@ def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan, means: Means
     """Remove the planned heads, then the planned channels, in place (BN, consumers and residual
     partners follow). Heads go first: removing them leaves every channel index of the plan valid.
 
-    With `means`, the mean output of every removed unit that has an entry is folded into its
-    consumer's bias first (see divergence.compensate_linear).
+    With `means`, the consumer of every removed unit that has an entry makes up for it first (see
+    divergence.compensate_linear).
     """
     means = means or {}
     heads = {name.removeprefix(HEADS): idxs for name, idxs in plan.items() if name.startswith(HEADS)}

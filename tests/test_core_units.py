@@ -160,3 +160,33 @@ def test_drift_is_zero_for_the_original_and_grows_with_damage(digits_model, digi
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * scale)
         drifts.append(drift(damaged, x, cpu, reference))
     assert 0 < drifts[0] < drifts[1]
+
+
+def test_least_squares_compensation_rebuilds_a_removed_input_from_the_kept_ones(monkeypatch) -> None:
+    from core import divergence
+    from core.divergence import InputMoments, InputStats, compensate_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 6, generator=gen) + 1.0
+    x[:, 5] = 2 * x[:, 0] - x[:, 1] + 3  # the input to remove is a linear function of two kept ones
+    layer = torch.nn.Linear(6, 4)
+    moments = InputMoments(with_cov=True)
+    for part in x.split(1000):  # the sums accumulate over calibration batches
+        moments.add(part)
+    stats = moments.stats()
+    assert torch.allclose(stats.mean, x.mean(0), atol=1e-5)
+    with torch.no_grad():
+        before = layer(x)
+
+    def error_after_removal(stats: InputStats, ridge: float) -> float:
+        monkeypatch.setattr(divergence, "RIDGE", ridge)
+        pruned = copy.deepcopy(layer)
+        compensate_linear(pruned, [5], stats)
+        with torch.no_grad():
+            pruned.weight[:, 5] = 0  # what removing the column does to the output
+            return float((pruned(x) - before).abs().max())
+
+    mean_only = error_after_removal(InputStats(stats.mean), divergence.RIDGE)
+    assert mean_only > 0.5
+    assert error_after_removal(stats, 1e-9) < 1e-4
+    assert error_after_removal(stats, divergence.RIDGE) < 0.2 * mean_only

@@ -400,3 +400,85 @@ def test_transformer_layers_are_candidates_as_a_whole():
     model = nn.Sequential(nn.Linear(6, 32), nn.Sequential(StageOfBlocks(32), StageOfBlocks(32)))
     blocks = find_blocks(model.eval(), torch.rand(2, 5, 6))
     assert [(b.name, b.kind) for b in blocks] == [("1.0", "layer"), ("1.1", "layer")]
+
+
+def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
+    """A head and an MLP neuron that copy another one are fully predictable from the units kept:
+    with the covariance their consumers take over their output, with the mean alone they cannot."""
+    from core.attention import HEADS
+    from core.divergence import filter_divergence
+    from core.surgery import apply_plan, build_graph
+
+    model = small_bert()
+    layer = model.model.bert.encoder.layer[0]
+    with torch.no_grad():
+        for proj in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
+            proj.weight[4 * 8 : 5 * 8] = proj.weight[1 * 8 : 2 * 8]
+            proj.bias[4 * 8 : 5 * 8] = proj.bias[1 * 8 : 2 * 8]
+        layer.intermediate.dense.weight[7] = layer.intermediate.dense.weight[6]
+        layer.intermediate.dense.bias[7] = layer.intermediate.dense.bias[6]
+    sites, _ = find_sites(model)
+    x = tokens()
+    names = {module: name for name, module in model.named_modules()}
+    consumers = ("model.bert.encoder.layer.0.attention.output.dense", "model.bert.encoder.layer.0.output.dense")
+
+    def consumer_outputs(m: nn.Module) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        handles = [m.get_submodule(name).register_forward_hook(lambda _m, _i, out: seen.append(out))
+                   for name in consumers]
+        with torch.no_grad():
+            m(x)
+        for handle in handles:
+            handle.remove()
+        return seen
+
+    before = consumer_outputs(model)
+    plan = {HEADS + sites[0].name: [4], names[layer.intermediate.dense]: [7]}
+    errors: dict[bool, list[float]] = {}
+    for fit in (False, True):
+        head_stats: dict = {}
+        layer_stats: dict = {}
+        head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=fit)
+        filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
+                          with_cov=fit)
+        means = {names[m]: (names[c], s) for m, (c, s) in layer_stats.items()} | {
+            HEADS + site.name: (site.out, head_stats[site.name]) for site in sites}
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, x[:2], plan, means)
+        errors[fit] = [float((a - b).abs().mean()) for a, b in zip(consumer_outputs(pruned), before, strict=True)]
+    for fitted, mean_only in zip(errors[True], errors[False], strict=True):
+        assert fitted < 0.2 * mean_only
+
+
+def test_compensation_statistics_leave_out_padding_positions():
+    """Padding positions never reach a classifier's output; short texts padded to the maximum
+    length are mostly padding, and refitting a consumer on them fits the wrong inputs."""
+    from core.divergence import filter_divergence
+    from core.surgery import build_graph
+
+    model = small_bert()
+    x = tokens()
+    real = x != 0
+    assert not real.all()
+    sites, _ = find_sites(model)
+    layer = model.model.bert.encoder.layer[0]
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        layer.attention.output.dense.register_forward_pre_hook(lambda _m, i: seen.update(heads=i[0].detach())),
+        layer.output.dense.register_forward_pre_hook(lambda _m, i: seen.update(mlp=i[0].detach())),
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    head_stats: dict = {}
+    layer_stats: dict = {}
+    head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=True)
+    filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
+                      with_cov=True)
+    for stats, inputs in ((head_stats[sites[0].name], seen["heads"]), (layer_stats[layer.intermediate.dense][1],
+                                                                       seen["mlp"])):
+        rows = inputs[real].double()
+        assert not torch.allclose(inputs.reshape(-1, inputs.shape[-1]).mean(0), rows.mean(0).float(), atol=1e-3)
+        assert torch.allclose(stats.mean, rows.mean(0).float(), atol=1e-5)
+        assert torch.allclose(stats.cov, torch.cov(rows.T, correction=0), atol=1e-6)

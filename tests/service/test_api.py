@@ -56,12 +56,14 @@ def test_method_options_reach_the_engine() -> None:
     from api.schemas import JobConfig
 
     config = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "method": {
-        "layers_must_beat_width": False, "group_scores": "mean", "mean_compensation": False}})
+        "layers_must_beat_width": False, "group_scores": "mean", "mean_compensation": False,
+        "least_squares_compensation": False}})
     options = config.options_core()
-    assert (options.layers_must_beat_width, options.group_scores, options.mean_compensation) == (False, "mean", False)
+    assert (options.layers_must_beat_width, options.group_scores, options.mean_compensation,
+            options.least_squares_compensation) == (False, "mean", False, False)
     defaults = JobConfig.model_validate({"target": {"macs_reduction": 0.5}}).options_core()
-    assert (defaults.layers_must_beat_width, defaults.group_scores, defaults.mean_compensation) == (
-        True, "layer_sum", True)
+    assert (defaults.layers_must_beat_width, defaults.group_scores, defaults.mean_compensation,
+            defaults.least_squares_compensation) == (True, "layer_sum", True, True)
 
 
 def test_preflight_failures_are_422(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:

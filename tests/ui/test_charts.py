@@ -91,7 +91,7 @@ def test_blocks_chart_shows_every_block_stage_two_tried_and_its_outcome(report: 
     synthetic = {"blocks": [{"name": "layer2.0", "kind": "projection", "divergence": 0.5}], "steps": [
         {"stage": "layers", "block": "layer2.0", "divergence": 0.5, "accepted": True},
         {"stage": "layers", "block": "layer1.1", "divergence": 0.25, "accepted": False, "declined": "width"},
-        {"stage": "filters", "instead_of_block": "layer1.1", "accepted": True},
+        {"stage": "filters", "accepted": True},
         {"stage": "layers", "block": "layer1.0", "divergence": None, "accepted": False}]}
     root = parse(blocks_chart(synthetic))
     assert texts(root)[2:] == ["layer2.0 (projection)", "0.5 removed", "layer1.1 (block)",
