@@ -121,3 +121,23 @@ def test_quick_minilm_benchmark_at_encoder_scope_keeps_the_hidden_size(tmp_path:
         assert row["target_met"] and row["encoder_params_reduction"] >= 0.27, (row["method"], row["stop_reason"])
         assert row["params_reduction"] < row["encoder_params_reduction"]
     assert "shares of the encoder" in done.stdout
+
+
+def test_compensation_benchmark_measures_real_tokens_and_orders_the_fits() -> None:
+    from benchmarks.minilm_compensation import consumer_inputs, relative_error, removed_inputs
+    from core.divergence import InputMoments, InputStats
+    from tests.test_transformers import small_bert, tokens
+
+    model = small_bert()
+    x = tokens()
+    layer = model.get_submodule("model.bert.encoder.layer.1.output.dense")
+    rows = consumer_inputs(model, x, layer)
+    assert rows.shape == (int((x != 0).sum()), layer.in_features)
+    moments = InputMoments(with_cov=True)
+    moments.add(rows)
+    stats = moments.stats()
+    removed = removed_inputs(layer, rows, 0.5, heads=False)
+    assert len(removed) == layer.in_features // 2
+    # measured on the calibration rows themselves, each fit is at least as good as the one before
+    errors = [relative_error(layer, removed, s, rows) for s in (None, InputStats(stats.mean), stats)]
+    assert errors[0] > errors[1] > errors[2] > 0

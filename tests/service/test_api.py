@@ -53,7 +53,12 @@ def test_bad_config_is_a_422_that_says_why(client: Any, keys: dict[str, str], di
 
 
 def test_method_options_reach_the_engine() -> None:
-    from api.schemas import JobConfig
+    from typing import get_args
+
+    from api.schemas import JobConfig, MethodIn
+    from core.options import GROUP_SCORES
+
+    assert set(get_args(MethodIn.model_fields["group_scores"].annotation)) == set(GROUP_SCORES)
 
     config = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "method": {
         "layers_must_beat_width": False, "group_scores": "mean", "mean_compensation": False,
