@@ -18,7 +18,7 @@ from torch import nn
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from core.attention import HEADS, find_sites, remove_heads
+from core.attention import HEADS, AttentionSite, find_sites, remove_heads
 from core.divergence import InputStats, compensate_linear
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -28,6 +28,8 @@ ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # that the dependency graph resolves only at a cost quadratic in the spread, and that reshapes
 # into heads would reject anyway: such groups are left alone.
 MAX_CHANNEL_SPREAD = 256
+
+_IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 # layer name (or HEADS + attention name) -> (name of the Linear that reads its units, statistics of
 # that Linear's inputs)
@@ -292,12 +294,14 @@ def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan, means: Means
     """
     means = means or {}
     heads = {name.removeprefix(HEADS): idxs for name, idxs in plan.items() if name.startswith(HEADS)}
+    channels = {name: idxs for name, idxs in plan.items() if not name.startswith(HEADS)}
+    sites = {site.name: site for site in find_sites(model)[0]} if heads else {}
+    if channels and any(stats.cov is not None for _, stats in means.values()):
+        means = _mean_only_where_inputs_change(model, example, channels, means, sites)
     if heads:
-        sites = {site.name: site for site in find_sites(model)[0]}
         for name, idxs in heads.items():
             entry = means.get(HEADS + name)
             remove_heads(model, sites[name], idxs, None if entry is None else entry[1])
-    channels = {name: idxs for name, idxs in plan.items() if not name.startswith(HEADS)}
     if not channels:
         return
     graph = build_graph(model, example)
@@ -309,6 +313,35 @@ def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan, means: Means
         if graph.check_pruning_group(group):
             _compensate(model, group, names, means)
             group.prune()
+
+
+def _mean_only_where_inputs_change(model: nn.Module, example: torch.Tensor, channels: Plan, means: Means,
+                                   sites: dict[str, AttentionSite]) -> Means:
+    """`means` without the covariance for units whose fit this plan undoes: the least-squares fit
+    predicts removed units from the kept inputs as they were, so it no longer holds when the units'
+    own inputs lose channels too (a residual-stream cut narrows every MLP's and head's input), or
+    when their consumer loses other inputs (head-size channels under the removed heads' output
+    projection). Their mean still stands as the best constant."""
+    graph = build_graph(model, example)
+    names = {module: name for name, module in model.named_modules()}
+    narrowed_by: dict[str, set[str]] = {}  # layer -> roots of the groups that cut its inputs
+    for name, idxs in channels.items():
+        root = model.get_submodule(name)
+        group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
+        for dep, _ in group:
+            if dep.handler in _IN_FNS:
+                narrowed_by.setdefault(names[dep.target.module], set()).add(name)
+
+    def undone(key: str, consumer: str) -> bool:
+        if key.startswith(HEADS):
+            site = sites.get(key.removeprefix(HEADS))
+            producers = [] if site is None else [f"{site.name}.{attr}" for attr in site.qkv]
+        else:
+            producers = [key]
+        return any(p in narrowed_by for p in producers) or bool(narrowed_by.get(consumer, set()) - {key})
+
+    return {key: (consumer, InputStats(stats.mean) if undone(key, consumer) else stats)
+            for key, (consumer, stats) in means.items()}
 
 
 def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Module, str], means: Means) -> None:

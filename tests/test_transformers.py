@@ -482,3 +482,38 @@ def test_compensation_statistics_leave_out_padding_positions():
         assert not torch.allclose(inputs.reshape(-1, inputs.shape[-1]).mean(0), rows.mean(0).float(), atol=1e-3)
         assert torch.allclose(stats.mean, rows.mean(0).float(), atol=1e-5)
         assert torch.allclose(stats.cov.double(), torch.cov(rows.T, correction=0), atol=1e-5)
+
+
+def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mean_only():
+    """A residual-stream cut changes every kept MLP neuron and head the fit predicts from; a plan
+    of MLP neurons and heads alone keeps the fit."""
+    from core.attention import HEADS
+    from core.divergence import filter_divergence
+    from core.surgery import _mean_only_where_inputs_change, build_graph
+
+    model = small_bert()
+    x = tokens()
+    sites, _ = find_sites(model)
+    names = {module: name for name, module in model.named_modules()}
+    head_stats: dict = {}
+    layer_stats: dict = {}
+    head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=True)
+    filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
+                      with_cov=True)
+    means = {names[m]: (names[c], s) for m, (c, s) in layer_stats.items()} | {
+        HEADS + site.name: (site.out, head_stats[site.name]) for site in sites}
+    by_site = {site.name: site for site in sites}
+    mlp = "model.bert.encoder.layer.0.intermediate.dense"
+    units_only = _mean_only_where_inputs_change(model, x[:2], {mlp: [3]}, means, by_site)
+    assert all(stats.cov is not None for _, stats in units_only.values())
+    residual = {mlp: [3], "model.bert.encoder.layer.1.output.dense": [0, 1]}
+    with_residual = _mean_only_where_inputs_change(model, x[:2], residual, means, by_site)
+    encoder = [key for key in means if ".encoder." in key]
+    assert len(encoder) == 4  # two MLPs and two attention modules
+    for key in encoder:
+        assert with_residual[key][1].cov is None
+        assert torch.equal(with_residual[key][1].mean, means[key][1].mean)
+    # head-size channels cut under layer 0's output projection undo the fit of its heads only
+    value = "model.bert.encoder.layer.0.attention.self.value"
+    head_size = _mean_only_where_inputs_change(model, x[:2], {value: [0]}, means, by_site)
+    assert [key for key in encoder if head_size[key][1].cov is None] == [HEADS + sites[0].name]
