@@ -402,12 +402,29 @@ def test_transformer_layers_are_candidates_as_a_whole():
     assert [(b.name, b.kind) for b in blocks] == [("1.0", "layer"), ("1.1", "layer")]
 
 
+def compensation_stats(model: nn.Module, x: torch.Tensor, fit: bool) -> dict:
+    """What `_group_scores` keeps for apply_plan: per removable unit, its consumer and the
+    statistics of the consumer's inputs (with the covariance when `fit`)."""
+    from core.attention import HEADS
+    from core.divergence import filter_divergence
+    from core.surgery import build_graph
+
+    sites, _ = find_sites(model)
+    names = {module: name for name, module in model.named_modules()}
+    head_stats: dict = {}
+    layer_stats: dict = {}
+    head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=fit)
+    filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
+                      with_cov=fit)
+    return {names[m]: (names[c], s) for m, (c, s) in layer_stats.items()} | {
+        HEADS + site.name: (site.out, head_stats[site.name]) for site in sites}
+
+
 def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
     """A head and an MLP neuron that copy another one are fully predictable from the units kept:
     with the covariance their consumers take over their output, with the mean alone they cannot."""
     from core.attention import HEADS
-    from core.divergence import filter_divergence
-    from core.surgery import apply_plan, build_graph
+    from core.surgery import apply_plan
 
     model = small_bert()
     layer = model.model.bert.encoder.layer[0]
@@ -436,15 +453,8 @@ def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
     plan = {HEADS + sites[0].name: [4], names[layer.intermediate.dense]: [7]}
     errors: dict[bool, list[float]] = {}
     for fit in (False, True):
-        head_stats: dict = {}
-        layer_stats: dict = {}
-        head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=fit)
-        filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
-                          with_cov=fit)
-        means = {names[m]: (names[c], s) for m, (c, s) in layer_stats.items()} | {
-            HEADS + site.name: (site.out, head_stats[site.name]) for site in sites}
         pruned = copy.deepcopy(model)
-        apply_plan(pruned, x[:2], plan, means)
+        apply_plan(pruned, x[:2], plan, compensation_stats(model, x, fit))
         errors[fit] = [float((a - b).abs().mean()) for a, b in zip(consumer_outputs(pruned), before, strict=True)]
     for fitted, mean_only in zip(errors[True], errors[False], strict=True):
         assert fitted < 0.2 * mean_only
@@ -488,20 +498,12 @@ def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mea
     """A residual-stream cut changes every kept MLP neuron and head the fit predicts from; a plan
     of MLP neurons and heads alone keeps the fit."""
     from core.attention import HEADS
-    from core.divergence import filter_divergence
-    from core.surgery import _mean_only_where_inputs_change, build_graph
+    from core.surgery import _mean_only_where_inputs_change
 
     model = small_bert()
     x = tokens()
     sites, _ = find_sites(model)
-    names = {module: name for name, module in model.named_modules()}
-    head_stats: dict = {}
-    layer_stats: dict = {}
-    head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=True)
-    filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
-                      with_cov=True)
-    means = {names[m]: (names[c], s) for m, (c, s) in layer_stats.items()} | {
-        HEADS + site.name: (site.out, head_stats[site.name]) for site in sites}
+    means = compensation_stats(model, x, fit=True)
     by_site = {site.name: site for site in sites}
     mlp = "model.bert.encoder.layer.0.intermediate.dense"
     units_only = _mean_only_where_inputs_change(model, x[:2], {mlp: [3]}, means, by_site)
