@@ -186,7 +186,8 @@ def test_least_squares_compensation_rebuilds_a_removed_input_from_the_kept_ones(
             pruned.weight[:, 5] = 0  # what removing the column does to the output
             return float((pruned(x) - before).abs().max())
 
-    mean_only = error_after_removal(InputStats(stats.mean), divergence.RIDGE)
+    default = divergence.RIDGE
+    mean_only = error_after_removal(InputStats(stats.mean), default)
     assert mean_only > 0.5
     assert error_after_removal(stats, 1e-9) < 1e-4
-    assert error_after_removal(stats, divergence.RIDGE) < 0.2 * mean_only
+    assert error_after_removal(stats, default) < 0.2 * mean_only
