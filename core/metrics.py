@@ -37,18 +37,14 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    out = [logits_of(model(x[i : i + batch_size].to(device))).argmax(1).cpu()
-           for i in range(0, len(x), batch_size)]
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def all_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     model.eval()
     return torch.cat([logits_of(model(x[i : i + batch_size].to(device))).float().cpu()
                       for i in range(0, len(x), batch_size)])
+
+
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    return all_logits(model, x, device, batch_size).argmax(1)
 
 
 def drift(model: nn.Module, x: torch.Tensor, device: torch.device, reference: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from core.data import Dataset, check_against_model, split
 from core.divergence import filter_divergence
 from core.errors import OptionsError, TargetUnreachableError
 from core.export import OnnxSpec, export_onnx, export_pt2, verify_onnx
-from core.metrics import all_logits, ort_latency_ms, predict
+from core.metrics import all_logits, ort_latency_ms
 from core.options import CompressOptions, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery import pick_feature_points
@@ -251,11 +251,12 @@ def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOpti
     # the held-out split is at least one batch where the data allows, so accuracy is not a coin flip
     recovery, evaluation = split(data, opts.eval_fraction, opts.seed, min_eval=min(opts.batch_size, len(data) // 2))
     example = data.x[:2].to(device)
+    reference_logits = all_logits(model, evaluation.x, device)
     ctx = RunContext(
         options=opts, target=target, device=device, reporter=reporter, example=example,
         recovery=recovery, evaluation=evaluation, calib=recovery.x[: opts.calibration_samples],
-        reference=None if evaluation.labeled else predict(model, evaluation.x, device),
-        reference_logits=all_logits(model, evaluation.x, device),
+        reference=None if evaluation.labeled else reference_logits.argmax(1),
+        reference_logits=reference_logits,
         feature_points=pick_feature_points(model, example),
         ignored=_output_layers(model, example) + list(opts.ignored_layers),
     )
