@@ -84,8 +84,9 @@ class CompressOptions:
     # Stage 2
     max_removals: int = 8
     # Stage 2 keeps a block removal only when its outputs on the held-out split drift less (KL)
-    # from the original's than those of one Stage 1 step to the same size (else it takes that step
-    # and stops). On MiniLM removed layers cost 2-4 points against width; the order is kept.
+    # from the original's than those of one Stage 1 step to the same size (else Stage 2 stops and
+    # Stage 1 finishes the target). On MiniLM removed layers cost 2-4 points against width; the
+    # order is kept.
     layers_must_beat_width: bool = True
     # Recovery budget per step: epochs over the recovery split, or a fixed iteration
     # count when `recovery_iterations` is set (it wins over epochs).
