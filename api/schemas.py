@@ -51,6 +51,10 @@ class MethodIn(_Strict):
     least_squares_compensation: bool = Field(
         _DEFAULTS.least_squares_compensation,
         description="with mean_compensation, also refit the next layer on the kept units (least squares)")
+    allocation: Literal["auto", "drift", "scores"] = Field(
+        _DEFAULTS.allocation,
+        description="rank units across layers by measured drift per size removed, by their scores, "
+                    "or auto (drift for models with attention)")
     ignored_layers: list[str] = []
     eval_fraction: float = Field(_DEFAULTS.eval_fraction, gt=0, lt=1, description="share of the data held out")
     time_budget_s: float | None = Field(None, gt=0)

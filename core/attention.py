@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.divergence import InputMoments, InputStats, compensate_linear, real_tokens, token_rows
+from core.divergence import InputMoments, InputStats, compensate_linear, run_calibration, token_rows
 
 HEADS = "heads:"  # prefix of plan keys that name an attention module's heads
 _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
@@ -212,15 +212,7 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.T
             tokens[site.name] = x.shape[1]
 
         handles.append(model.get_submodule(site.out).register_forward_pre_hook(pre))
-    model.eval()
-    try:
-        for i in range(0, len(calib), batch_size):
-            batch = calib[i : i + batch_size].to(device)
-            batch_mask["mask"] = real_tokens(model, batch)
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, calib, device, batch_size, handles, batch_mask)
     scores = {}
     for site in sites:
         if site.name not in squares:

@@ -43,7 +43,7 @@ class RunContext:
     cuttable: dict[str, bool] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     filter_steps: int = 0
-    # consumer statistics per unit from the last scoring, for compensation (CompressOptions.mean_compensation)
+    # consumers' and readers' input statistics from the last scoring (CompressOptions.mean_compensation)
     unit_means: Means = field(default_factory=dict)
     recoveries: int = 0
     _sizes: dict[tuple, tuple[int, int]] = field(default_factory=dict)

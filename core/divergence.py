@@ -158,6 +158,21 @@ def real_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
     return batch != pad
 
 
+def run_calibration(model: nn.Module, calib: torch.Tensor, device: torch.device, batch_size: int,
+                    handles: list, tokens: dict[str, torch.Tensor | None]) -> None:
+    """Run the calibration batches through `model` in eval mode for its hooks, with `tokens["mask"]`
+    set to each batch's real tokens (`real_tokens`), then remove the hooks (`handles`)."""
+    model.eval()
+    try:
+        for batch in _batches(calib, batch_size):
+            batch = batch.to(device)
+            tokens["mask"] = real_tokens(model, batch)
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def token_rows(act: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The unit vectors of `act` (batch × positions × units) at real tokens only: a padding
     position's activations never reach the output, so they must not shape the statistics a
@@ -196,6 +211,44 @@ def compensate_linear(consumer: nn.Linear, columns: list[int], stats: InputStats
     weight[:, kept.to(weight.device)] += (w_removed @ coef.T).to(weight)
     offset = mean[removed].to(weight.device) - coef.T @ mean[kept].to(weight.device)
     consumer.bias += (w_removed @ offset).to(consumer.bias)
+
+
+# Widest input whose covariance `linear_input_stats` keeps (a VGG classifier reads 25088 features:
+# their float64 Gram matrix alone would take 5 GB); wider readers get the mean only.
+MAX_FIT_INPUTS = 4096
+
+
+@torch.no_grad()
+def linear_input_stats(model: nn.Module, calib: torch.Tensor, device: torch.device, batch_size: int,
+                       with_cov: bool) -> dict[nn.Linear, InputStats]:
+    """Statistics of every Linear's inputs on the calibration data (real tokens only): what a Linear
+    that loses input columns as a reader, not as the removed units' consumer (every reader of a
+    residual-stream channel), makes up for them with. Linears that read the same tensor (an
+    attention's query, key and value) share one set of statistics."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    moments: dict[int, InputMoments] = {}
+    source: dict[nn.Linear, int] = {}  # reader -> the moments of the tensor it read
+    # the last tensor read and its moments: readers of one tensor run one after another
+    last: dict[str, tuple[torch.Tensor, int] | None] = {"read": None}
+    tokens: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != module.in_features:
+            return
+        x = inputs[0]
+        if last["read"] is not None and last["read"][0] is x:
+            source[module] = last["read"][1]
+            return
+        key = source.setdefault(module, len(moments))
+        if key not in moments:
+            moments[key] = InputMoments(with_cov and module.in_features <= MAX_FIT_INPUTS)
+        rows = x.detach().float()
+        moments[key].add(token_rows(rows if rows.dim() > 2 else rows[:, None], tokens["mask"]))
+        last["read"] = (x, key)
+
+    run_calibration(model, calib, device, batch_size, [m.register_forward_pre_hook(hook) for m in linears], tokens)
+    stats = {key: moment.stats() for key, moment in moments.items() if moment.rows}
+    return {m: stats[key] for m, key in source.items() if key in stats}
 
 
 @torch.no_grad()
@@ -247,15 +300,7 @@ def filter_divergence(
         is_conv = isinstance(layer, nn.modules.conv._ConvNd)
         activation = _consumer_activation(graph, source) or torch.relu
         handles.append(source.register_forward_hook(hook_for(layer, 1 if is_conv else -1, activation)))
-    model.eval()
-    try:
-        for batch in _batches(calib, batch_size):
-            batch = batch.to(device)
-            tokens["mask"] = real_tokens(model, batch)
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, calib, device, batch_size, handles, tokens)
 
     scores = {}
     for layer, parts in squares.items():

@@ -52,8 +52,14 @@ def drift(model: nn.Module, x: torch.Tensor, device: torch.device, reference: to
     model's): how far a pruned candidate has moved from the function it should keep. Unlike top-1
     or the loss against labels, it still separates two candidates on samples the original has
     memorised, where both are right and confident."""
-    log_p = torch.log_softmax(reference, dim=1)
-    log_q = torch.log_softmax(all_logits(model, x, device), dim=1)
+    return kl_from(reference, all_logits(model, x, device))
+
+
+def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL divergence of the distributions `logits` give from those `reference` gives (in float64:
+    a cut that barely moves the logits must still measure above zero)."""
+    log_p = torch.log_softmax(reference.double(), dim=1)
+    log_q = torch.log_softmax(logits.double(), dim=1)
     return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
 
 

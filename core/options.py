@@ -12,6 +12,7 @@ STAGES: tuple[Stage, ...] = ("filters", "layers")
 # divergence is IDAP++; the others are torch-pruning's criteria, kept for benchmarks.
 CRITERIA = ("divergence", "l2", "taylor", "random")
 GROUP_SCORES = ("layer_sum", "mean")
+ALLOCATIONS = ("auto", "drift", "scores")
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,18 @@ class CompressOptions:
     group_scores: str = "layer_sum"
     # Units whose activation is exactly the input of one Linear (MLP neurons, attention heads) are
     # scored on their variation around the calibration mean, and that mean is folded into the
-    # Linear's bias when they go: a unit with a constant output then costs nothing to remove.
+    # Linear's bias when they go: a unit with a constant output then costs nothing to remove. Any
+    # other Linear that loses input columns (every reader of a residual-stream channel) does the same.
     mean_compensation: bool = True
-    # With mean compensation, the consumer also refits the kept inputs' weights to predict what the
-    # removed units varied by (ridge least squares on the calibration inputs' covariance).
+    # With mean compensation, the consumer (and every reader) also refits the kept inputs' weights to
+    # predict what the removed ones varied by (ridge least squares on the calibration covariance).
     least_squares_compensation: bool = True
+    # How Stage 1 ranks units of different groups against each other (divergence only): "scores"
+    # ranks the scores as they are (method §2); "drift" first probes every group, removing its
+    # lowest-scoring units from a copy, and ranks estimated drift per unit of the size target
+    # (core/allocation.py); "auto" is drift for models with attention, whose heads, MLP neurons
+    # and hidden-size channels per-layer normalised scores cannot compare, and scores otherwise.
+    allocation: str = "auto"
     # ONNX Runtime's CPU convolutions work on blocks of 8 channels: a 29-wide layer ran 2x slower
     # than a 32-wide one in our measurements, so widths stay multiples of 8 by default (1 = off).
     round_to: int | None = 8
@@ -128,6 +136,9 @@ class CompressOptions:
         if self.group_scores not in GROUP_SCORES:
             raise OptionsError(f"Unknown group_scores {self.group_scores!r}.",
                                hint=f"Use one of {', '.join(GROUP_SCORES)}.")
+        if self.allocation not in ALLOCATIONS:
+            raise OptionsError(f"Unknown allocation {self.allocation!r}.",
+                               hint=f"Use one of {', '.join(ALLOCATIONS)}.")
         if self.criterion not in CRITERIA:
             raise OptionsError(f"Unknown criterion {self.criterion!r}.", hint=f"Use one of {', '.join(CRITERIA)}.")
         checks = [

@@ -11,6 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from core.allocation import drift_per_size
 from core.attention import (
     HEADS,
     AttentionSite,
@@ -18,6 +19,7 @@ from core.attention import (
     head_divergence,
     head_taylor,
     head_weight_norms,
+    holds_attention,
     removable,
 )
 from core.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_block
@@ -28,9 +30,11 @@ from core.divergence import (
     baseline_scorer,
     block_divergence,
     filter_divergence,
+    linear_input_stats,
     taylor_gradients,
 )
 from core.surgery import (
+    READERS,
     GroupScorer,
     PrunableGroup,
     apply_plan,
@@ -100,6 +104,8 @@ def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
             names = {module: name for name, module in model.named_modules()}
             ctx.unit_means = {names[m]: (names[c], mean) for m, (c, mean) in layer_means.items()} | {
                 HEADS + site.name: (site.out, head_means[site.name]) for site in sites if site.name in head_means}
+            ctx.unit_means |= {READERS + names[m]: (names[m], stats) for m, stats in
+                               linear_input_stats(model, ctx.calib, ctx.device, batch, fit).items()}
         if layer_sum:
             heads = {name: s / (s.mean() + 1e-12) for name, s in heads.items()}
     else:
@@ -114,7 +120,13 @@ def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
 
     scores = score_groups(groups, score, normalise=not (criterion == "divergence" and layer_sum))
     model.zero_grad(set_to_none=True)  # Taylor's gradients
+    if criterion == "divergence" and _allocates_by_drift(ctx.options.allocation, model):
+        scores = drift_per_size(ctx, model, groups, scores)
     return scores
+
+
+def _allocates_by_drift(allocation: str, model: nn.Module) -> bool:
+    return allocation == "drift" or (allocation == "auto" and holds_attention(model))
 
 
 def _baseline_head_scores(criterion: str, model: nn.Module, site: AttentionSite) -> torch.Tensor:

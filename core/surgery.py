@@ -32,8 +32,10 @@ MAX_CHANNEL_SPREAD = 256
 _IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 # layer name (or HEADS + attention name) -> (name of the Linear that reads its units, statistics of
-# that Linear's inputs)
+# that Linear's inputs); READERS + a Linear's name -> (that name, statistics of its inputs), for a
+# Linear that loses inputs other than as the one consumer of removed units (a residual-stream cut)
 Means = dict[str, tuple[str, InputStats]]
+READERS = "readers:"
 
 # name of a group's root module -> channel indices to remove (already expanded over
 # channel groups of grouped convolutions)
@@ -306,6 +308,7 @@ def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan, means: Means
         return
     graph = build_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
+    means = dict(means)  # reader statistics follow the columns each group takes away
     for name, idxs in channels.items():
         root = model.get_submodule(name)
         pruner = graph.get_pruner_of_module(root)
@@ -333,6 +336,8 @@ def _mean_only_where_inputs_change(model: nn.Module, example: torch.Tensor, chan
                 narrowed_by.setdefault(names[dep.target.module], set()).add(name)
 
     def undone(key: str, consumer: str) -> bool:
+        if key.startswith(READERS):
+            return False  # a reader's fit uses the columns it keeps, whichever group takes the others
         if key.startswith(HEADS):
             site = sites.get(key.removeprefix(HEADS))
             producers = [] if site is None else [f"{site.name}.{attr}" for attr in site.qkv]
@@ -345,8 +350,13 @@ def _mean_only_where_inputs_change(model: nn.Module, example: torch.Tensor, chan
 
 
 def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Module, str], means: Means) -> None:
+    """Make up for the group's removed units in their consumers, and for every other removed input
+    column in the Linear that reads it (`compensate_linear`, statistics from `means`). Reader
+    statistics in `means` lose the removed columns, so a later group of the plan indexes them as
+    pruned."""
     removed_inputs = {dep.target.module: sorted(idxs) for dep, idxs in group
                       if dep.handler == tp.prune_linear_in_channels}
+    made_up = set()
     for dep, idxs in group:
         entry = means.get(names.get(dep.target.module, ""))
         if entry is None or dep.handler != tp.prune_linear_out_channels:
@@ -355,6 +365,18 @@ def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Mod
         # only when the group removes the same input columns as output units (no index remapping)
         if removed_inputs.get(consumer) == sorted(idxs):
             compensate_linear(consumer, list(idxs), entry[1])
+            made_up.add(consumer)
+    for reader, columns in removed_inputs.items():
+        key = READERS + names.get(reader, "")
+        entry = means.get(key)
+        if entry is None or len(entry[1].mean) != reader.in_features:
+            continue
+        if reader not in made_up and reader.bias is not None:
+            compensate_linear(reader, columns, entry[1])
+        kept = torch.ones(len(entry[1].mean), dtype=torch.bool)
+        kept[columns] = False
+        cov = entry[1].cov
+        means[key] = (entry[0], InputStats(entry[1].mean[kept], None if cov is None else cov[kept][:, kept]))
 
 
 def planned_units(plan: Plan) -> int:

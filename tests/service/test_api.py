@@ -56,19 +56,20 @@ def test_method_options_reach_the_engine() -> None:
     from typing import get_args
 
     from api.schemas import JobConfig, MethodIn
-    from core.options import GROUP_SCORES
+    from core.options import ALLOCATIONS, GROUP_SCORES
 
     assert set(get_args(MethodIn.model_fields["group_scores"].annotation)) == set(GROUP_SCORES)
+    assert set(get_args(MethodIn.model_fields["allocation"].annotation)) == set(ALLOCATIONS)
 
     config = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "method": {
         "layers_must_beat_width": False, "group_scores": "mean", "mean_compensation": False,
-        "least_squares_compensation": False}})
+        "least_squares_compensation": False, "allocation": "scores"}})
     options = config.options_core()
     assert (options.layers_must_beat_width, options.group_scores, options.mean_compensation,
-            options.least_squares_compensation) == (False, "mean", False, False)
+            options.least_squares_compensation, options.allocation) == (False, "mean", False, False, "scores")
     defaults = JobConfig.model_validate({"target": {"macs_reduction": 0.5}}).options_core()
     assert (defaults.layers_must_beat_width, defaults.group_scores, defaults.mean_compensation,
-            defaults.least_squares_compensation) == (True, "layer_sum", True, True)
+            defaults.least_squares_compensation, defaults.allocation) == (True, "layer_sum", True, True, "auto")
 
 
 def test_preflight_failures_are_422(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:

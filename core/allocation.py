@@ -1,0 +1,91 @@
+"""Drift allocation: unit scores of different groups put in one currency by measuring each group.
+
+Divergence ranks the units of one layer well, but normalised per layer it says nothing about
+how a head, an MLP neuron and a residual-stream channel compare: a layer's mean unit scores 1
+however thin the layer already is and however many parameters a unit holds. Each group is
+therefore probed: its lowest-scoring units are removed from a copy (with the same compensation
+the step would apply) and the drift of the copy's outputs from the model's is measured. A unit's
+score becomes its share of that drift divided by its share of the size removed, so one global
+ranking compares estimated drift per unit of the size target.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.context import RunContext
+from core.metrics import all_logits, kl_from
+from core.surgery import PrunableGroup, apply_plan, make_plan
+
+# Inputs the probes are measured on (the first calibration samples): enough to rank groups whose
+# drifts differ by orders of magnitude, few enough that a probe costs about one forward pass.
+PROBE_SAMPLES = 128
+# What each probe removes, as a share of the size target: about one group's part of a step. Equal
+# for every group, because drift grows faster than linearly with the cut, so a probe as large as
+# a residual-stream channel's share of the width would overprice it against small MLP neurons.
+PROBE_SHARE = 0.02
+# ... and at least this share of the group's width: the probe's drift is spread over the units by
+# score, and a sum of very few low scores is too small a base to scale the others by.
+PROBE_WIDTH = 0.05
+MIN_DRIFT = 1e-15
+
+
+@dataclass
+class _Probe:
+    model: nn.Module
+    units: list[int]  # of one channel group
+    cost: float  # share of the size target
+
+
+def drift_per_size(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
+                   scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Scores in estimated drift per unit of the size target, from a probe that removes each group's
+    lowest-scoring units worth PROBE_SHARE of the target, and at least PROBE_WIDTH of the group (one
+    unit, or one round_to block). A group no probe can cut scores infinite."""
+    x = ctx.calib[:PROBE_SAMPLES]
+    reference = all_logits(model, x, ctx.device)
+    size = ctx.measure(model)
+    out = []
+    for group, unit_scores in zip(groups, scores):
+        probe = _probe(ctx, model, size, group, unit_scores, math.ceil(PROBE_WIDTH * group.width))
+        if probe is None:
+            out.append(torch.full_like(unit_scores, math.inf))
+            continue
+        wanted = min(group.capacity, math.ceil(PROBE_SHARE * len(probe.units) / probe.cost))
+        if wanted > len(probe.units):
+            probe = _probe(ctx, model, size, group, unit_scores, wanted) or probe
+        # floored, so that a probe below measurement keeps its units' order by score
+        drift = max(kl_from(reference, all_logits(probe.model, x, ctx.device)), MIN_DRIFT)
+        taken = unit_scores[probe.units].clamp(min=0.0)
+        # a unit's share of the probe's drift follows its score; an all-zero probe shares it evenly
+        weights = unit_scores.clamp(min=0.0) + 1e-12
+        per_unit = weights / (taken + 1e-12).sum() * drift
+        out.append(per_unit / (probe.cost / len(probe.units)))
+    return out
+
+
+def _probe(ctx: RunContext, model: nn.Module, size: tuple[int, int], group: PrunableGroup,
+           unit_scores: torch.Tensor, n: int) -> _Probe | None:
+    """A copy of `model` without the group's `n` lowest-scoring units (as make_plan rounds them)."""
+    if group.capacity == 0:
+        return None
+    plan = make_plan([group], [unit_scores], n, ctx.options.round_to)
+    units = [i for i in plan.get(group.root_name, []) if i < group.width]
+    if not units:
+        return None
+    probe = copy.deepcopy(model)
+    apply_plan(probe, ctx.example, plan, ctx.unit_means)
+    cost = _size_cost(ctx, size, ctx.measure(probe))
+    return _Probe(probe, units, cost) if cost > 0.0 else None
+
+
+def _size_cost(ctx: RunContext, before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How much of the size target going from `before` to `after` achieves (1.0 = all of it)."""
+    start, end = ctx.reductions(*before), ctx.reductions(*after)
+    goals = {"macs": ctx.target.macs_reduction, "params": ctx.target.params_reduction}
+    return sum((end[key] - start[key]) / goal for key, goal in goals.items() if goal)

@@ -1,0 +1,89 @@
+"""Drift allocation (core/allocation.py), and the compensation of Linears that lose inputs as readers."""
+
+from __future__ import annotations
+
+import torch
+
+from core import CompressOptions
+from core.allocation import drift_per_size
+from core.divergence import linear_input_stats
+from core.stages import _allocates_by_drift, _group_scores
+from core.surgery import apply_plan, make_plan
+from tests.test_transformers import small_bert, tokens
+from tests.two_paths import TwoPaths, two_paths_run
+
+
+def test_units_that_barely_reach_the_output_go_first_whatever_their_scores():
+    """Normalised per layer, both layers' scores average 1, so a global ranking takes units from
+    both; measured, the quiet layer's units cost a fraction of the drift per parameter."""
+    options = CompressOptions(device="cpu", allocation="scores", round_to=None, calibration_samples=128)
+    model, ctx, groups, graph = two_paths_run(TwoPaths(), options)
+    names = [g.root_name for g in groups]
+    assert sorted(names) == ["narrow", "wide"]
+    scores = _group_scores(ctx, model, graph, groups)
+    k = groups[names.index("narrow")].capacity
+    assert set(make_plan(groups, scores, k, None)) == {"narrow", "wide"}
+
+    calibrated = drift_per_size(ctx, model, groups, scores)
+    assert set(make_plan(groups, calibrated, k, None)) == {"narrow"}
+    wide, narrow = calibrated[names.index("wide")], calibrated[names.index("narrow")]
+    assert narrow.median() * 20 < wide.median()
+
+
+def test_a_group_that_cannot_be_cut_ranks_last():
+    options = CompressOptions(device="cpu", allocation="drift", round_to=None, calibration_samples=128,
+                              min_width_fraction=1.0)
+    model, ctx, groups, graph = two_paths_run(TwoPaths(), options)
+    assert all(g.capacity == 0 for g in groups)
+    scores = [torch.ones(g.width) for g in groups]
+    assert all(torch.isinf(s).all() for s in drift_per_size(ctx, model, groups, scores))
+
+
+def test_auto_allocation_measures_drift_for_attention_models_only():
+    assert _allocates_by_drift("auto", small_bert())
+    assert not _allocates_by_drift("auto", TwoPaths())
+    assert _allocates_by_drift("drift", TwoPaths())
+    assert not _allocates_by_drift("scores", small_bert())
+
+
+def _cut_error(fit: bool, compensate: bool = True) -> float:
+    """Output error after removing a `wide` unit that copies another one: `wide` feeds two Linears
+    through a ReLU, so the cut reaches both as readers, not as the units' one consumer."""
+    model = TwoPaths()
+    with torch.no_grad():
+        model.wide.weight[3] = model.wide.weight[2]
+        model.wide.bias[3] = model.wide.bias[2]
+    options = CompressOptions(device="cpu", allocation="scores", round_to=None, calibration_samples=256,
+                              mean_compensation=compensate, least_squares_compensation=fit)
+    model, ctx, groups, graph = two_paths_run(model, options)
+    _group_scores(ctx, model, graph, groups)
+    before = model(ctx.calib).detach()
+    apply_plan(model, ctx.example, {"wide": [3]}, ctx.unit_means)
+    assert model.wide.out_features == 31
+    return float((model(ctx.calib).detach() - before).norm() / before.norm())
+
+
+def test_readers_of_a_removed_channel_refit_on_the_channels_they_keep():
+    fitted, mean_only, none = _cut_error(fit=True), _cut_error(fit=False), _cut_error(fit=False, compensate=False)
+    assert fitted * 10 < mean_only < none
+
+
+def test_readers_of_one_tensor_share_statistics_of_its_real_tokens():
+    """An attention's query, key and value read the same hidden states: one set of statistics,
+    over the positions that are not padding."""
+    model = small_bert()
+    x = tokens()
+    real = x != 0
+    attention = model.model.bert.encoder.layer[0].attention.self
+    seen: dict[str, torch.Tensor] = {}
+    handle = attention.query.register_forward_pre_hook(lambda _m, i: seen.update(hidden=i[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    stats = linear_input_stats(model, x, torch.device("cpu"), 16, with_cov=True)
+    assert stats[attention.query] is stats[attention.key] is stats[attention.value]
+    assert stats[attention.query] is not stats[model.model.bert.encoder.layer[0].intermediate.dense]
+    rows = seen["hidden"][real].double()
+    assert torch.allclose(stats[attention.query].mean, rows.mean(0).float(), atol=1e-5)
+    assert torch.allclose(stats[attention.query].cov.double(), torch.cov(rows.T, correction=0), atol=1e-5)
+    assert linear_input_stats(model, x, torch.device("cpu"), 16, with_cov=False)[attention.query].cov is None
