@@ -54,7 +54,7 @@ class MethodIn(_Strict):
     allocation: Literal["auto", "drift", "scores"] = Field(
         _DEFAULTS.allocation,
         description="rank units across layers by measured drift per size removed, by their scores, "
-                    "or auto (drift for models with attention)")
+                    "or auto (drift when attention heads are pruned)")
     ignored_layers: list[str] = []
     eval_fraction: float = Field(_DEFAULTS.eval_fraction, gt=0, lt=1, description="share of the data held out")
     time_budget_s: float | None = Field(None, gt=0)

@@ -82,8 +82,8 @@ class CompressOptions:
     # How Stage 1 ranks units of different groups against each other (divergence only): "scores"
     # ranks the scores as they are (method §2); "drift" first probes every group, removing its
     # lowest-scoring units from a copy, and ranks estimated drift per unit of the size target
-    # (core/allocation.py); "auto" is drift for models with attention, whose heads, MLP neurons
-    # and hidden-size channels per-layer normalised scores cannot compare, and scores otherwise.
+    # (core/allocation.py); "auto" is drift when attention heads are pruned (heads, MLP neurons and
+    # hidden-size channels, which per-layer normalised scores cannot compare), scores otherwise.
     allocation: str = "auto"
     # ONNX Runtime's CPU convolutions work on blocks of 8 channels: a 29-wide layer ran 2x slower
     # than a 32-wide one in our measurements, so widths stay multiples of 8 by default (1 = off).

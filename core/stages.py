@@ -19,7 +19,6 @@ from core.attention import (
     head_divergence,
     head_taylor,
     head_weight_norms,
-    holds_attention,
     removable,
 )
 from core.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_block
@@ -120,13 +119,15 @@ def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
 
     scores = score_groups(groups, score, normalise=not (criterion == "divergence" and layer_sum))
     model.zero_grad(set_to_none=True)  # Taylor's gradients
-    if criterion == "divergence" and _allocates_by_drift(ctx.options.allocation, model):
+    if criterion == "divergence" and allocates_by_drift(ctx.options.allocation, groups):
         scores = drift_per_size(ctx, model, groups, scores)
     return scores
 
 
-def _allocates_by_drift(allocation: str, model: nn.Module) -> bool:
-    return allocation == "drift" or (allocation == "auto" and holds_attention(model))
+def allocates_by_drift(allocation: str, groups: list[PrunableGroup]) -> bool:
+    """Whether Stage 1 ranks `groups` by measured drift (CompressOptions.allocation): with "auto",
+    when attention heads compete with channels."""
+    return allocation == "drift" or (allocation == "auto" and any(isinstance(g.group, AttentionSite) for g in groups))
 
 
 def _baseline_head_scores(criterion: str, model: nn.Module, site: AttentionSite) -> torch.Tensor:

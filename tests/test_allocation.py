@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from core import CompressOptions
+from core import CompressOptions, Dataset, Target
 from core.allocation import drift_per_size
+from core.attention import AttentionSite
 from core.divergence import linear_input_stats
-from core.stages import _allocates_by_drift, _group_scores
-from core.surgery import apply_plan, make_plan
+from core.pipeline import _prepare
+from core.progress import Reporter
+from core.stages import _group_scores, allocates_by_drift, group_candidates
+from core.surgery import apply_plan, build_graph, make_plan
 from tests.test_transformers import small_bert, tokens
 from tests.two_paths import TwoPaths, two_paths_run
 
@@ -39,11 +42,15 @@ def test_a_group_that_cannot_be_cut_ranks_last():
     assert all(torch.isinf(s).all() for s in drift_per_size(ctx, model, groups, scores))
 
 
-def test_auto_allocation_measures_drift_for_attention_models_only():
-    assert _allocates_by_drift("auto", small_bert())
-    assert not _allocates_by_drift("auto", TwoPaths())
-    assert _allocates_by_drift("drift", TwoPaths())
-    assert not _allocates_by_drift("scores", small_bert())
+def test_auto_allocation_measures_drift_where_heads_compete_with_channels():
+    options = CompressOptions(device="cpu", round_to=None)
+    model, ctx, _ = _prepare(small_bert(), Dataset(tokens(), torch.arange(48) % 3), Target(params_reduction=0.5),
+                             options, Reporter(None, None))
+    bert = group_candidates(ctx, model, build_graph(model, ctx.example))
+    channels = two_paths_run(TwoPaths(), options)[2]
+    assert any(isinstance(g.group, AttentionSite) for g in bert)
+    assert allocates_by_drift("auto", bert) and not allocates_by_drift("auto", channels)
+    assert allocates_by_drift("drift", channels) and not allocates_by_drift("scores", bert)
 
 
 def _cut_error(fit: bool, compensate: bool = True) -> float:
