@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from core import CompressOptions, Dataset, Target
@@ -94,3 +96,31 @@ def test_readers_of_one_tensor_share_statistics_of_its_real_tokens():
     assert torch.allclose(stats[attention.query].mean, rows.mean(0).float(), atol=1e-5)
     assert torch.allclose(stats[attention.query].cov.double(), torch.cov(rows.T, correction=0), atol=1e-5)
     assert linear_input_stats(model, x, torch.device("cpu"), 16, with_cov=False)[attention.query].cov is None
+
+
+def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
+    """Drift grows faster than the cut, so probes of different sizes would price groups unfairly:
+    each removes PROBE_SHARE of the target, to within one unit (or its minimum of PROBE_WIDTH)."""
+    from core import allocation
+
+    probes: dict[str, allocation._Probe] = {}
+    original = allocation._probe
+
+    def recorded(ctx, model, size, group, unit_scores, n):
+        probe = original(ctx, model, size, group, unit_scores, n)
+        probes[group.root_name] = probe
+        return probe
+
+    monkeypatch.setattr(allocation, "_probe", recorded)
+    options = CompressOptions(device="cpu", round_to=None, calibration_samples=128)
+    model, ctx, _ = _prepare(small_bert(), Dataset(tokens(), torch.arange(48) % 3), Target(params_reduction=0.5),
+                             options, Reporter(None, None))
+    groups = group_candidates(ctx, model, build_graph(model, ctx.example))
+    _group_scores(ctx, model, build_graph(model, ctx.example), groups)
+    assert len(probes) == len(groups)
+    for group in groups:
+        probe = probes[group.root_name]
+        unit = probe.cost / len(probe.units)
+        floor = math.ceil(allocation.PROBE_WIDTH * group.width)
+        assert len(probe.units) == floor or abs(probe.cost - allocation.PROBE_SHARE) <= unit + 1e-9
+    assert any(len(probes[g.root_name].units) > math.ceil(allocation.PROBE_WIDTH * g.width) for g in groups)
