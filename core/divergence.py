@@ -220,12 +220,15 @@ MAX_FIT_INPUTS = 4096
 
 @torch.no_grad()
 def linear_input_stats(model: nn.Module, calib: torch.Tensor, device: torch.device, batch_size: int,
-                       with_cov: bool) -> dict[nn.Linear, InputStats]:
+                       with_cov: bool, known: dict[nn.Linear, InputStats] | None = None
+                       ) -> dict[nn.Linear, InputStats]:
     """Statistics of every Linear's inputs on the calibration data (real tokens only): what a Linear
     that loses input columns as a reader, not as the removed units' consumer (every reader of a
     residual-stream channel), makes up for them with. Linears that read the same tensor (an
-    attention's query, key and value) share one set of statistics."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    attention's query, key and value) share one set of statistics. Those in `known` (consumers the
+    unit scoring already gathered them for) are returned as they are, not gathered again."""
+    known = known or {}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in known]
     moments: dict[int, InputMoments] = {}
     source: dict[nn.Linear, int] = {}  # reader -> the moments of the tensor it read
     # the last tensor read and its moments: readers of one tensor run one after another
@@ -248,7 +251,7 @@ def linear_input_stats(model: nn.Module, calib: torch.Tensor, device: torch.devi
 
     run_calibration(model, calib, device, batch_size, [m.register_forward_pre_hook(hook) for m in linears], tokens)
     stats = {key: moment.stats() for key, moment in moments.items() if moment.rows}
-    return {m: stats[key] for m, key in source.items() if key in stats}
+    return {m: stats[key] for m, key in source.items() if key in stats} | known
 
 
 @torch.no_grad()

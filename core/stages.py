@@ -103,8 +103,10 @@ def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
             names = {module: name for name, module in model.named_modules()}
             ctx.unit_means = {names[m]: (names[c], mean) for m, (c, mean) in layer_means.items()} | {
                 HEADS + site.name: (site.out, head_means[site.name]) for site in sites if site.name in head_means}
+            consumers = {c: stats for c, stats in layer_means.values()} | {
+                model.get_submodule(site.out): head_means[site.name] for site in sites if site.name in head_means}
             ctx.unit_means |= {READERS + names[m]: (names[m], stats) for m, stats in
-                               linear_input_stats(model, ctx.calib, ctx.device, batch, fit).items()}
+                               linear_input_stats(model, ctx.calib, ctx.device, batch, fit, consumers).items()}
         if layer_sum:
             heads = {name: s / (s.mean() + 1e-12) for name, s in heads.items()}
     else:
