@@ -80,12 +80,6 @@ def _probe(ctx: RunContext, model: nn.Module, size: tuple[int, int], group: Prun
         return None
     probe = copy.deepcopy(model)
     apply_plan(probe, ctx.example, plan, ctx.unit_means)
-    cost = _size_cost(ctx, size, ctx.measure(probe))
+    cost = ctx.share_of_target(size, ctx.measure(probe))
     return _Probe(probe, units, cost) if cost > 0.0 else None
 
-
-def _size_cost(ctx: RunContext, before: tuple[int, int], after: tuple[int, int]) -> float:
-    """How much of the size target going from `before` to `after` achieves (1.0 = all of it)."""
-    start, end = ctx.reductions(*before), ctx.reductions(*after)
-    goals = {"macs": ctx.target.macs_reduction, "params": ctx.target.params_reduction}
-    return sum((end[key] - start[key]) / goal for key, goal in goals.items() if goal)

@@ -72,6 +72,11 @@ class RunContext:
     def reductions(self, macs: int, params: int) -> dict[str, float]:
         return {"macs": 1.0 - macs / self.macs0, "params": 1.0 - params / self.params0}
 
+    def share_of_target(self, before: tuple[int, int], after: tuple[int, int]) -> float:
+        """How much of the size target going from `before` to `after` (MACs, params) achieves (1.0 = all)."""
+        start, end = self.reductions(*before), self.reductions(*after)
+        return sum((end[key] - start[key]) / goal for key, goal in self._goals().items())
+
     def _goals(self) -> dict[str, float]:
         goals = {"macs": self.target.macs_reduction, "params": self.target.params_reduction}
         return {key: value for key, value in goals.items() if value is not None}
