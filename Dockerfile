@@ -13,6 +13,7 @@ WORKDIR /app
 COPY constraints.txt pyproject.toml README.md ./
 RUN pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.14.1 torchvision==0.29.1
 COPY core core
+COPY domain domain
 COPY api api
 COPY worker worker
 COPY migrations migrations

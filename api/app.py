@@ -10,9 +10,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from api import errors
 from api.routes import health, inspect, jobs, ui
 from api.services.metrics import DatabaseCollector
-from api.settings import Settings, get_settings
-from api.storage import open_storage
 from api.ui.render import STATIC
+from domain.queue import CeleryQueue
+from domain.settings import Settings, get_settings
+from domain.storage import open_storage
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -21,6 +22,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   "service: submit a model and calibration data, get a smaller ONNX / .pt2 model and a report.")
     app.state.settings = settings
     app.state.storage = open_storage(settings.storage, settings.s3_endpoint_url)
+    app.state.queue = CeleryQueue(settings)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(DatabaseCollector(settings.database))
     if not settings.auth_required:

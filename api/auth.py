@@ -18,9 +18,9 @@ from fastapi import Depends, Request
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
-from api.models import Tenant
 from api.services.tenants import LOCAL_TENANT, get_or_create_tenant, tenant_for_key
-from api.settings import Settings
+from domain.models import Tenant
+from domain.settings import Settings
 
 COOKIE = "idap_key"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -57,10 +57,10 @@ def _caller(request: Request, session: SessionDep, settings: SettingsDep) -> Ten
                            "Send `Authorization: Bearer <key>`; create a key with `idap keys create --tenant NAME`.",
                            _CHALLENGE)
         check_csrf(request, settings, cookie=False)
-        tenant, created = get_or_create_tenant(session, LOCAL_TENANT)
+        local, created = get_or_create_tenant(session, LOCAL_TENANT)
         if created:
             session.commit()
-        return tenant
+        return local
     if header is not None:
         scheme, _, key = header.partition(" ")
         tenant = tenant_for_key(session, key.strip()) if scheme.lower() == "bearer" else None

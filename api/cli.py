@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from api.settings import Settings, get_settings
+from domain.settings import Settings, get_settings
 
 
 def register(commands: Any) -> None:
@@ -42,7 +42,7 @@ def register(commands: Any) -> None:
 
 
 def _db_upgrade(_args: argparse.Namespace) -> int:
-    from api.db import upgrade
+    from domain.db import upgrade
 
     upgrade(get_settings().database)
     print("database is up to date")
@@ -50,8 +50,8 @@ def _db_upgrade(_args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    from api.db import session_scope
     from api.services.tenants import create_key, get_or_create_tenant
+    from domain.db import session_scope
 
     with session_scope(get_settings().database) as session:
         tenant, created = get_or_create_tenant(session, args.tenant)
@@ -84,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
-    from api.db import upgrade
+    from domain.db import upgrade
 
     upgrade(settings.database)
     worker = None
@@ -109,9 +109,9 @@ def _first_start(settings: Settings) -> None:
     (a deployment with separate workers creates its keys with `idap keys create` instead)."""
     from sqlalchemy import select
 
-    from api.db import session_scope
-    from api.models import Tenant
     from api.services.tenants import LOCAL_TENANT, create_key, get_or_create_tenant
+    from domain.db import session_scope
+    from domain.models import Tenant
 
     with session_scope(settings.database) as session:
         if session.scalar(select(Tenant.id).limit(1)) is not None:

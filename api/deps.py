@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.db import get_sessionmaker
-from api.settings import Settings
-from api.storage import Storage
+from domain.db import get_sessionmaker
+from domain.queue import JobQueue
+from domain.settings import Settings
+from domain.storage import Storage
 
 
 def _settings(request: Request) -> Settings:
@@ -26,6 +27,11 @@ def _storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+def _queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 StorageDep = Annotated[Storage, Depends(_storage)]
+QueueDep = Annotated[JobQueue, Depends(_queue)]

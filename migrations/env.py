@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from api.db import get_engine, normalize_url
-from api.models import Base
-from api.settings import get_settings
+from domain.db import get_engine, normalize_url
+from domain.models import Base
+from domain.settings import get_settings
 
 config = context.config
 url = normalize_url(config.get_main_option("sqlalchemy.url") or get_settings().database)

@@ -9,23 +9,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from api.db import session_scope
-from api.models import Job, JobEvent, utcnow
-from api.services import states
-from api.settings import Settings
 from core import ProgressEvent
-from worker.app import enqueue_job
+from domain import states
+from domain.clock import utcnow
+from domain.db import rows_changed, session_scope
+from domain.models import Job, JobEvent
+from domain.queue import JobQueue
+from domain.settings import Settings
+from domain.states import JobStatus
 
 log = logging.getLogger(__name__)
-
-
-def aware(value: datetime | None) -> datetime | None:
-    # SQLite returns naive timestamps; everything is written in UTC.
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class Lease:
@@ -49,11 +46,11 @@ class Lease:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
                 with session_scope(self.settings.database) as session:
-                    session.execute(update(Job).where(Job.id == self.job_id, Job.status == states.RUNNING)
+                    session.execute(update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
                                     .values(heartbeat_at=utcnow()))
                     row = session.execute(select(Job.status, Job.cancel_requested)
                                           .where(Job.id == self.job_id)).one_or_none()
-                if row is None or row.cancel_requested or row.status != states.RUNNING:
+                if row is None or row.cancel_requested or row.status != JobStatus.RUNNING:
                     self.cancelled.set()
             except Exception:  # a database blip must not kill the job; the next beat tries again
                 log.exception("heartbeat for job %s failed", self.job_id)
@@ -70,13 +67,12 @@ class Lease:
         data = {"stage": event.stage, "step": event.step, "total_steps": event.total,
                 "fraction": round(event.fraction, 4), "message": event.message}
         with session_scope(self.settings.database) as session:
-            changed = session.execute(update(Job).where(Job.id == self.job_id, Job.status == states.RUNNING)
-                                      .values(progress=data, updated_at=utcnow())).rowcount
-            if changed:
+            if rows_changed(session, update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
+                            .values(progress=data, updated_at=utcnow())):
                 session.add(JobEvent(job_id=self.job_id, kind="progress", data=data))
 
 
-def reap_stale_jobs(settings: Settings) -> list[str]:
+def reap_stale_jobs(settings: Settings, queue: JobQueue) -> list[str]:
     """Running jobs whose worker stopped heartbeating go back to the queue, or fail once out of attempts.
 
     Returns the ids of the jobs it failed (the caller fires their webhooks)."""
@@ -85,16 +81,16 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
     failed = []
     with session_scope(settings.database) as session:
         stale = session.execute(select(Job.id, Job.queue, Job.attempts, Job.max_attempts)
-                                .where(Job.status == states.RUNNING, stale_now)).all()
-        for job_id, queue, attempts, max_attempts in stale:
+                                .where(Job.status == JobStatus.RUNNING, stale_now)).all()
+        for job_id, job_queue, attempts, max_attempts in stale:
             if attempts >= max_attempts:
                 error = {"code": "worker_lost", "message": f"The worker running this job stopped {attempts} times "
                          "(crash, out of memory or killed); it is not retried again.",
                          "hint": "Try a smaller model or batch size, or ask the operator to check the workers."}
-                if states.transition(session, job_id, states.FAILED, where=stale_now, error=error):
+                if states.transition(session, job_id, JobStatus.FAILED, where=stale_now, error=error):
                     failed.append(job_id)
-            elif states.transition(session, job_id, states.QUEUED, where=stale_now,
+            elif states.transition(session, job_id, JobStatus.QUEUED, where=stale_now,
                                    progress={"stage": "queued", "message": "Worker lost; waiting for another"}):
                 log.warning("job %s lost its worker; queued again", job_id)
-                enqueue_job(job_id, queue)
+                queue.enqueue_job(job_id, job_queue)
     return failed

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from api.db import session_scope
-from api.models import Job, Tenant
-from api.services.jobs import job_out
-from api.settings import Settings
-from api.webhooks import attempt, new_event
-from worker.app import enqueue_webhook
+from domain.db import session_scope
+from domain.models import Job, Tenant
+from domain.queue import JobQueue
+from domain.read_model import job_out
+from domain.settings import Settings
+from domain.webhooks import attempt, new_event
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def base_url(settings: Settings) -> str:
     return settings.public_url or f"http://{settings.host}:{settings.port}"
 
 
-def fire(settings: Settings, job_id: str, event_type: str) -> None:
+def fire(settings: Settings, queue: JobQueue, job_id: str, event_type: str) -> None:
     with session_scope(settings.database) as session:
         job = session.get(Job, job_id)
         if job is None or job.webhook_url is None:
@@ -30,10 +30,10 @@ def fire(settings: Settings, job_id: str, event_type: str) -> None:
         event_id, body = new_event(event_type, job_out(job, base_url(settings)).model_dump(mode="json"))
         payload = {"job_id": job.id, "url": job.webhook_url, "event_type": event_type, "event_id": event_id,
                    "body": body, "attempt_no": 1}
-    deliver(settings, payload, secret=tenant.webhook_secret)
+    deliver(settings, queue, payload, secret=tenant.webhook_secret)
 
 
-def deliver(settings: Settings, payload: dict[str, Any], secret: str | None = None) -> None:
+def deliver(settings: Settings, queue: JobQueue, payload: dict[str, Any], secret: str | None = None) -> None:
     """One attempt of `payload`; schedules the next one when the receiver may come back."""
     with session_scope(settings.database) as session:
         if secret is None:
@@ -47,6 +47,6 @@ def deliver(settings: Settings, payload: dict[str, Any], secret: str | None = No
                         timeout=settings.webhook_timeout_s, allow_private=settings.webhook_allow_private, **payload)
     if delay is not None:
         try:
-            enqueue_webhook(payload | {"attempt_no": payload["attempt_no"] + 1}, countdown=delay)
+            queue.enqueue_webhook(payload | {"attempt_no": payload["attempt_no"] + 1}, countdown=delay)
         except Exception:  # a broker outage must not fail the job whose event this is
             log.exception("could not schedule webhook retry for job %s", payload["job_id"])

@@ -15,17 +15,18 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
-from api.db import session_scope
-from api.models import Artifact, Job, utcnow
-from api.schemas import JobConfig
-from api.services import states
-from api.services.intake import intake_options
-from api.settings import Settings
-from api.storage import Storage, file_digest
 from core import Cancelled, Result, UserError
 from core.errors import ExportError
 from core.intake import compress_files
-from worker.app import enqueue_job
+from domain import states
+from domain.clock import utcnow
+from domain.config import JobConfig, intake_options
+from domain.db import session_scope
+from domain.models import Artifact, Job
+from domain.queue import JobQueue
+from domain.settings import Settings
+from domain.states import JobStatus
+from domain.storage import Storage, file_digest
 from worker.lease import Lease
 from worker.notify import fire
 
@@ -42,15 +43,15 @@ def claim(settings: Settings, job_id: str) -> dict[str, Any] | None:
     (another delivery of the same message got it, it was cancelled, or it is out of attempts)."""
     with session_scope(settings.database) as session:
         job = session.get(Job, job_id)
-        if job is None or job.status != states.QUEUED:
+        if job is None or job.status != JobStatus.QUEUED:
             return None
         if job.cancel_requested:
-            states.transition(session, job_id, states.CANCELLED, only_from={states.QUEUED})
+            states.transition(session, job_id, JobStatus.CANCELLED, only_from={JobStatus.QUEUED})
             return None
         now = utcnow()
         # the attempt count in the WHERE makes this a compare-and-swap against a concurrent claim
         claimed = states.transition(
-            session, job_id, states.RUNNING, where=Job.attempts == job.attempts, attempts=job.attempts + 1,
+            session, job_id, JobStatus.RUNNING, where=Job.attempts == job.attempts, attempts=job.attempts + 1,
             started_at=job.started_at or now, heartbeat_at=now,
             progress={"stage": "starting", "message": f"Attempt {job.attempts + 1} of {job.max_attempts}"})
         if not claimed:
@@ -59,35 +60,36 @@ def claim(settings: Settings, job_id: str) -> dict[str, Any] | None:
                 "model_key": job.model_key, "data_key": job.data_key, "queue": job.queue}
 
 
-def run(settings: Settings, storage: Storage, job_id: str) -> None:
+def run(settings: Settings, storage: Storage, queue: JobQueue, job_id: str) -> None:
     claimed = claim(settings, job_id)
     if claimed is None:
         return
     if claimed["attempt"] == 1:
-        fire(settings, job_id, "job.started")
+        fire(settings, queue, job_id, "job.started")
     try:
         with Lease(settings, job_id) as lease, tempfile.TemporaryDirectory(prefix=f"job-{job_id}-") as scratch:
             result = _compress(settings, storage, claimed, Path(scratch), lease)
             _store_artifacts(settings, storage, job_id, claimed["config"], result)
     except Cancelled:
-        _finish(settings, storage, job_id, states.CANCELLED, "job.cancelled")
+        _finish(settings, storage, queue, job_id, JobStatus.CANCELLED, "job.cancelled")
     except UserError as err:
-        _fail(settings, storage, job_id, {"code": err.code, "message": err.message, "hint": err.hint})
+        _fail(settings, storage, queue, job_id, {"code": err.code, "message": err.message, "hint": err.hint})
     except SoftTimeLimitExceeded:
-        _fail(settings, storage, job_id, {
+        _fail(settings, storage, queue, job_id, {
             "code": "time_limit", "message": f"The job ran past the {settings.soft_time_limit_s} s limit.",
             "hint": "Set method.time_budget_s below the limit, or lower the recovery budget."})
     except ExportError as exc:
         # deterministic for a given model: another attempt would fail the same way
-        _fail(settings, storage, job_id, {"code": "export_failed", "message": f"Export failed: {exc}",
-                                          "hint": "The pruned model uses an operator the exporter cannot handle."})
+        _fail(settings, storage, queue, job_id, {
+            "code": "export_failed", "message": f"Export failed: {exc}",
+            "hint": "The pruned model uses an operator the exporter cannot handle."})
     except Exception as exc:  # infrastructure (storage, database, ...) or a bug: worth another attempt
         log.exception("job %s attempt %s failed", job_id, claimed["attempt"])
-        _retry_or_fail(settings, storage, job_id, claimed, exc)
+        _retry_or_fail(settings, storage, queue, job_id, claimed, exc)
     else:
         metrics = {key: result.report.get(key) for key in HEADLINE}
         metrics["removed_blocks"] = len(metrics["removed_blocks"] or [])
-        _finish(settings, storage, job_id, states.SUCCEEDED, "job.succeeded", metrics=metrics,
+        _finish(settings, storage, queue, job_id, JobStatus.SUCCEEDED, "job.succeeded", metrics=metrics,
                 progress={"stage": "done", "step": 1, "total_steps": 1, "fraction": 1.0,
                           "message": result.report.get("message")})
 
@@ -124,18 +126,19 @@ def _store_artifacts(settings: Settings, storage: Storage, job_id: str, config: 
         session.add_all(rows)
 
 
-def _finish(settings: Settings, storage: Storage, job_id: str, status: str, event: str, **fields: Any) -> None:
+def _finish(settings: Settings, storage: Storage, queue: JobQueue, job_id: str, status: JobStatus, event: str,
+            **fields: Any) -> None:
     with session_scope(settings.database) as session:
-        done = states.transition(session, job_id, status, only_from={states.RUNNING}, **fields)
+        done = states.transition(session, job_id, status, only_from={JobStatus.RUNNING}, **fields)
     if not done:
         return
-    if status != states.SUCCEEDED:
+    if status != JobStatus.SUCCEEDED:
         _drop_artifacts(settings, storage, job_id)
-    fire(settings, job_id, event)
+    fire(settings, queue, job_id, event)
 
 
-def _fail(settings: Settings, storage: Storage, job_id: str, error: dict[str, Any]) -> None:
-    _finish(settings, storage, job_id, states.FAILED, "job.failed", error=error)
+def _fail(settings: Settings, storage: Storage, queue: JobQueue, job_id: str, error: dict[str, Any]) -> None:
+    _finish(settings, storage, queue, job_id, JobStatus.FAILED, "job.failed", error=error)
 
 
 def _drop_artifacts(settings: Settings, storage: Storage, job_id: str) -> None:
@@ -145,16 +148,17 @@ def _drop_artifacts(settings: Settings, storage: Storage, job_id: str) -> None:
     storage.delete_prefix(f"jobs/{job_id}/artifacts")
 
 
-def _retry_or_fail(settings: Settings, storage: Storage, job_id: str, claimed: dict[str, Any],
+def _retry_or_fail(settings: Settings, storage: Storage, queue: JobQueue, job_id: str, claimed: dict[str, Any],
                    exc: Exception) -> None:
     detail = "".join(traceback.format_exception_only(exc)).strip()
     if claimed["attempt"] >= claimed["max_attempts"]:
-        _fail(settings, storage, job_id, {
+        _fail(settings, storage, queue, job_id, {
             "code": "internal_error", "message": f"The job failed {claimed['attempt']} times; last error: {detail}",
             "hint": "Ask the operator to check the worker logs."})
         return
     with session_scope(settings.database) as session:
-        requeued = states.transition(session, job_id, states.QUEUED, only_from={states.RUNNING},
+        requeued = states.transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING},
                                      progress={"stage": "queued", "message": f"Retrying after: {detail}"})
     if requeued:
-        enqueue_job(job_id, claimed["queue"], countdown=settings.retry_backoff_s * 2 ** (claimed["attempt"] - 1))
+        backoff = settings.retry_backoff_s * 2 ** (claimed["attempt"] - 1)
+        queue.enqueue_job(job_id, claimed["queue"], countdown=backoff)

@@ -9,10 +9,11 @@ from typing import Any
 
 from celery.signals import worker_ready
 
-from api.settings import get_settings
-from api.storage import open_storage
+from domain.queue import DELIVER_WEBHOOK, RUN_JOB
+from domain.settings import get_settings
+from domain.storage import open_storage
 from worker import runner
-from worker.app import DELIVER_WEBHOOK, RUN_JOB, celery_app
+from worker.app import celery_app, queue
 from worker.lease import reap_stale_jobs
 from worker.notify import deliver, fire
 
@@ -22,12 +23,12 @@ log = logging.getLogger(__name__)
 @celery_app.task(name=RUN_JOB)
 def run_job(job_id: str) -> None:
     settings = get_settings()
-    runner.run(settings, open_storage(settings.storage, settings.s3_endpoint_url), job_id)
+    runner.run(settings, open_storage(settings.storage, settings.s3_endpoint_url), queue, job_id)
 
 
 @celery_app.task(name=DELIVER_WEBHOOK)
 def deliver_webhook(**payload: Any) -> None:
-    deliver(get_settings(), payload)
+    deliver(get_settings(), queue, payload)
 
 
 def _reaper() -> None:
@@ -35,8 +36,8 @@ def _reaper() -> None:
     while True:
         time.sleep(settings.reaper_interval_s)
         try:
-            for job_id in reap_stale_jobs(settings):
-                fire(settings, job_id, "job.failed")
+            for job_id in reap_stale_jobs(settings, queue):
+                fire(settings, queue, job_id, "job.failed")
         except Exception:  # keep reaping after a database or broker blip
             log.exception("reaping stale jobs failed")
 

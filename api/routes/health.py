@@ -8,10 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from api.db import get_engine
-from api.deps import SettingsDep
+from api.deps import QueueDep, SettingsDep
 from api.errors import error_body
-from worker.app import celery_app
+from domain.db import get_engine
 
 router = APIRouter(tags=["health"])
 
@@ -26,15 +25,10 @@ def _check_database(url: str) -> None:
         connection.execute(text("SELECT 1"))
 
 
-def _check_broker() -> None:
-    with celery_app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=3)
-
-
 @router.get("/readyz")
-async def readyz(settings: SettingsDep) -> JSONResponse:
+async def readyz(settings: SettingsDep, queue: QueueDep) -> JSONResponse:
     checks: dict[str, str] = {}
-    for name, check in (("database", lambda: _check_database(settings.database)), ("broker", _check_broker)):
+    for name, check in (("database", lambda: _check_database(settings.database)), ("broker", queue.ping)):
         try:
             await run_in_threadpool(check)
             checks[name] = "ok"

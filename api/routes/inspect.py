@@ -13,10 +13,11 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import CallerDep
 from api.deps import SettingsDep
 from api.errors import ApiError
-from api.schemas import ErrorOut, InspectConfig
+from api.schemas import InspectConfig
 from api.services.intake import preflight
 from api.services.jobs import parse_config, scratch_root
 from api.services.uploads import receive_form
+from domain.read_model import ErrorOut
 
 router = APIRouter(prefix="/v1", tags=["inspect"], responses={422: {"model": ErrorOut}, 401: {"model": ErrorOut}})
 

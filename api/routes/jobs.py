@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import CallerDep
-from api.deps import SessionDep, SettingsDep, StorageDep
-from api.schemas import ErrorOut, JobConfig, JobList, JobOut, WebhookDeliveryList, WebhookDeliveryOut
+from api.deps import QueueDep, SessionDep, SettingsDep, StorageDep
+from api.schemas import JobList, WebhookDeliveryList, WebhookDeliveryOut
 from api.services import events, jobs
+from domain.config import JobConfig
+from domain.read_model import ErrorOut, JobOut, job_out
+from domain.states import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={
     401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut}})
@@ -39,29 +42,29 @@ _UPLOAD_SCHEMA = {
              description=f"config: `{JobConfig.__name__}` (see schemas). Returns 200 with the earlier job when "
              "config.idempotency_key was used before.")
 async def submit(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
-                 storage: StorageDep, tenant: CallerDep) -> JobOut:
-    job, created = await jobs.create_job(request, session, settings, storage, tenant)
+                 storage: StorageDep, queue: QueueDep, tenant: CallerDep) -> JobOut:
+    job, created = await jobs.create_job(request, session, settings, storage, queue, tenant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
-    return jobs.job_out(job, str(request.base_url))
+    return job_out(job, str(request.base_url))
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
 def list_jobs(request: Request, session: SessionDep, tenant: CallerDep,
-              status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+              status: JobStatus | None = None,
               cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobList:
     return jobs.list_jobs(session, tenant, status, cursor, limit, str(request.base_url))
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(request: Request, job_id: str, session: SessionDep, tenant: CallerDep) -> JobOut:
-    return jobs.job_out(jobs.get_job(session, tenant, job_id), str(request.base_url))
+    return job_out(jobs.get_job(session, tenant, job_id), str(request.base_url))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses={409: {"model": ErrorOut}})
 def cancel(request: Request, job_id: str, session: SessionDep, tenant: CallerDep) -> JobOut:
-    return jobs.job_out(jobs.cancel_job(session, tenant, job_id), str(request.base_url))
+    return job_out(jobs.cancel_job(session, tenant, job_id), str(request.base_url))
 
 
 @router.delete("/{job_id}", status_code=204, responses={409: {"model": ErrorOut}})

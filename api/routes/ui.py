@@ -17,13 +17,16 @@ from sqlalchemy.orm import Session
 from api.auth import COOKIE, OptionalCallerDep, check_csrf
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
-from api.models import Tenant
-from api.services import jobs, states
+from api.services import jobs
 from api.services.tenants import tenant_for_key
-from api.settings import Settings
-from api.storage import Storage
 from api.ui.charts import charts
 from api.ui.render import error_page, page
+from domain import states
+from domain.models import Tenant
+from domain.read_model import job_out
+from domain.settings import Settings
+from domain.states import JobStatus
+from domain.storage import Storage
 
 router = APIRouter(include_in_schema=False)
 COOKIE_MAX_AGE_S = 7 * 24 * 3600
@@ -95,13 +98,13 @@ def jobs_page(request: Request, session: SessionDep, settings: SettingsDep, tena
               status: str | None = None, cursor: str | None = None) -> Response:
     if tenant is None:
         return _to_signin(request)
-    status = status if status in states.STATUSES else None
+    status = status if status in tuple(JobStatus) else None
     try:
         listing = jobs.list_jobs(session, tenant, status, cursor or None, PAGE_SIZE, "")
     except ApiError as err:
         return error_page(request, settings, tenant, err)
     return page(request, "jobs.html", settings, tenant, page_name="jobs", listing=listing, status=status,
-                statuses=states.STATUSES, first_page=cursor is not None)
+                statuses=tuple(JobStatus), first_page=cursor is not None)
 
 
 @router.get("/ui/jobs/new", response_class=HTMLResponse)
@@ -120,8 +123,8 @@ def job_page(request: Request, job_id: str, session: SessionDep, settings: Setti
         job = jobs.get_job(session, tenant, job_id)
     except ApiError as err:
         return error_page(request, settings, tenant, err)
-    report = _report(session, storage, tenant, job_id) if job.status == states.SUCCEEDED else None
-    return page(request, "job.html", settings, tenant, page_name="job", job=jobs.job_out(job, ""), report=report,
+    report = _report(session, storage, tenant, job_id) if job.status == JobStatus.SUCCEEDED else None
+    return page(request, "job.html", settings, tenant, page_name="job", job=job_out(job, ""), report=report,
                 charts=charts(report) if report else [], terminal=job.status in states.TERMINAL)
 
 

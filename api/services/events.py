@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from api.db import get_sessionmaker
-from api.models import Job, JobEvent
-from api.services import states
+from domain import states
+from domain.db import get_sessionmaker
+from domain.models import Job, JobEvent
 
 POLL_S = 0.5
 KEEPALIVE_S = 15.0

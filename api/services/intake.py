@@ -1,4 +1,4 @@
-"""The bridge to core's file intake: the limits come from the settings, the hints from the job config."""
+"""The API's preflight: core's file intake check, run on the upload before a job is accepted."""
 
 from __future__ import annotations
 
@@ -8,28 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from api.errors import ApiError
-from api.schemas import InspectConfig, JobConfig
-from api.settings import Settings
+from api.schemas import InspectConfig
 from core import UserError
-from core.intake import IntakeOptions, inspect_files
-
-
-def intake_options(settings: Settings, config: JobConfig | InspectConfig) -> IntakeOptions:
-    return IntakeOptions(
-        architecture=config.architecture,
-        allow_pickle=settings.allow_pickle,
-        image_size=config.image_size,
-        mean=tuple(config.mean),
-        std=tuple(config.std),
-        text_column=config.text_column,
-        label_column=config.label_column,
-        max_length=config.max_length,
-        max_file_bytes=settings.max_upload_bytes,
-        max_zip_members=settings.max_zip_members,
-        max_unpacked_bytes=settings.max_unpacked_bytes,
-        max_samples=settings.max_samples,
-    )
-
+from core.intake import inspect_files
+from domain.config import JobConfig, intake_options
+from domain.settings import Settings
 
 # torch.fx's symbolic tracing (block discovery, ONNX conversion) patches nn.Module.__call__ for the
 # whole process while it runs, so a second preflight in another thread would trace through the

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -18,19 +18,24 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError, describe_validation, not_found
-from api.models import Artifact, Job, Tenant, WebhookDelivery, new_id
-from api.schemas import ArtifactOut, JobConfig, JobList, JobOut, ProgressOut
-from api.services import states
+from api.schemas import InspectConfig, JobList
 from api.services.intake import preflight, require_feasible
 from api.services.uploads import receive_form
-from api.settings import Settings
-from api.storage import Storage
-from api.webhooks import WebhookUrlError, check_url
 from core import UserError
-from worker.app import enqueue_job
+from domain import states
+from domain.config import JobConfig
+from domain.models import Artifact, Job, Tenant, WebhookDelivery, new_id
+from domain.queue import JobQueue
+from domain.read_model import job_out
+from domain.settings import Settings
+from domain.states import JobStatus
+from domain.storage import Storage
+from domain.webhooks import WebhookUrlError, check_url
+
+Config = TypeVar("Config", JobConfig, InspectConfig)
 
 
-def tenant_jobs(tenant: Tenant) -> Select[tuple[Job]]:
+def tenant_jobs(tenant: Tenant) -> Select[Job]:
     """The one place that scopes job queries to the caller: a job of another tenant does not exist."""
     return select(Job).where(Job.tenant_id == tenant.id)
 
@@ -42,20 +47,7 @@ def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     return job
 
 
-def job_out(job: Job, base_url: str) -> JobOut:
-    base = base_url.rstrip("/")
-    progress = job.progress or {}
-    return JobOut(
-        id=job.id, status=job.status, queue=job.queue, created_at=job.created_at, updated_at=job.updated_at,
-        started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
-        max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
-        progress=ProgressOut(**progress), error=job.error, metrics=job.metrics, config=job.config,
-        artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
-                               url=f"{base}/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts],
-    )
-
-
-def parse_config(raw: str | None, model: type[JobConfig] = JobConfig) -> Any:
+def parse_config(raw: str | None, model: type[Config]) -> Config:
     if raw is None:
         raise ApiError(422, "invalid_config", "The config form field is missing.",
                        'Send config as JSON, e.g. {"target": {"macs_reduction": 0.5}}.')
@@ -79,7 +71,7 @@ def _existing(session: Session, tenant: Tenant, key: str | None) -> Job | None:
     return session.scalar(tenant_jobs(tenant).where(Job.idempotency_key == key))
 
 
-async def create_job(request: Request, session: Session, settings: Settings, storage: Storage,
+async def create_job(request: Request, session: Session, settings: Settings, storage: Storage, queue: JobQueue,
                      tenant: Tenant) -> tuple[Job, bool]:
     """Receive, check and store the upload, then commit the job and only then enqueue it.
 
@@ -88,7 +80,7 @@ async def create_job(request: Request, session: Session, settings: Settings, sto
     scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=scratch_root(settings)))
     try:
         form = await receive_form(request, scratch, {"model", "data"}, settings.max_upload_bytes)
-        config: JobConfig = parse_config(form.fields.get("config"))
+        config = parse_config(form.fields.get("config"), JobConfig)
         for name in ("model", "data"):
             if name not in form.files:
                 raise ApiError(422, "missing_file", f"The {name} file is missing.",
@@ -124,7 +116,7 @@ async def create_job(request: Request, session: Session, settings: Settings, sto
             if winner is None:
                 raise
             return winner, False
-        _enqueue(session, settings, job)
+        _enqueue(session, queue, job)
         return job, True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -136,11 +128,11 @@ def scratch_root(settings: Settings) -> Path:
     return root
 
 
-def _enqueue(session: Session, settings: Settings, job: Job) -> None:
+def _enqueue(session: Session, queue: JobQueue, job: Job) -> None:
     try:
-        enqueue_job(job.id, job.queue)
+        queue.enqueue_job(job.id, job.queue)
     except Exception as exc:  # kombu raises many connection error types; all mean the broker is unreachable
-        states.transition(session, job.id, states.FAILED,
+        states.transition(session, job.id, JobStatus.FAILED,
                           error={"code": "broker_unavailable", "message": f"Could not queue the job: {exc}"})
         raise ApiError(503, "broker_unavailable", "The job queue is unreachable; the job was not started.",
                        "Try again later.") from exc
@@ -178,7 +170,8 @@ def list_jobs(session: Session, tenant: Tenant, status: str | None, cursor: str 
 def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     """A queued job is cancelled at once; a running one when its worker next checks (within seconds)."""
     job = get_job(session, tenant, job_id)
-    if job.status == states.QUEUED and states.transition(session, job.id, states.CANCELLED, only_from={states.QUEUED}):
+    if job.status == JobStatus.QUEUED and states.transition(session, job.id, JobStatus.CANCELLED,
+                                                            only_from={JobStatus.QUEUED}):
         session.refresh(job)
         return job
     if job.status in states.TERMINAL:

@@ -9,10 +9,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from api.db import get_sessionmaker
-from api.models import Job, WebhookDelivery
-from api.services import states
-from worker.lease import aware
+from domain.clock import aware
+from domain.db import get_sessionmaker
+from domain.models import Job, WebhookDelivery
+from domain.states import JobStatus
 
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
 
@@ -25,15 +25,15 @@ class DatabaseCollector(Collector):
         with get_sessionmaker(self.database)() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             finished = session.execute(select(Job.started_at, Job.finished_at).where(
-                Job.status == states.SUCCEEDED, Job.started_at.is_not(None))).all()
+                Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None))).all()
             webhook_failures = session.scalar(select(func.count()).select_from(WebhookDelivery)
                                               .where(WebhookDelivery.succeeded.is_(False))) or 0
         jobs = GaugeMetricFamily("idap_jobs", "Jobs by status", labels=["status"])
-        for status in states.STATUSES:
+        for status in JobStatus:
             jobs.add_metric([status], counts.get(status, 0))
         yield jobs
-        yield GaugeMetricFamily("idap_queue_depth", "Jobs waiting for a worker", value=counts.get(states.QUEUED, 0))
-        durations = [(aware(end) - aware(start)).total_seconds() for start, end in finished]  # type: ignore[operator]
+        yield GaugeMetricFamily("idap_queue_depth", "Jobs waiting for a worker", value=counts.get(JobStatus.QUEUED, 0))
+        durations = [(aware(end) - aware(start)).total_seconds() for start, end in finished if start and end]
         buckets = [(str(bound), sum(d <= bound for d in durations)) for bound in DURATION_BUCKETS]
         buckets.append(("+Inf", len(durations)))
         yield HistogramMetricFamily("idap_job_duration_seconds", "Run time of succeeded jobs",

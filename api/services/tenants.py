@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.models import ApiKey, Tenant
+from domain.models import ApiKey, Tenant
 
 KEY_PREFIX = "idap_"
 # Requests without a key on a loopback-only server act as this tenant.

@@ -12,8 +12,8 @@ from starlette.templating import Jinja2Templates
 
 from api.auth import COOKIE
 from api.errors import ApiError
-from api.models import Tenant
-from api.settings import Settings
+from domain.models import Tenant
+from domain.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"

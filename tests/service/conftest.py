@@ -37,13 +37,13 @@ os.environ.update({
     "IDAP_REQUIRE_AUTH": "true",
 })
 
-from api.settings import Settings, get_settings  # noqa: E402  (reads the environment set above)
+from domain.settings import Settings, get_settings  # noqa: E402  (reads the environment set above)
 from tests.service.helpers import start_worker, stop_worker  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def database() -> Iterator[str]:
-    from api.db import get_engine, upgrade
+    from domain.db import get_engine, upgrade
 
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{DB_NAME}"')
@@ -75,8 +75,8 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="session")
 def keys(database: str) -> dict[str, str]:
     """API keys of two tenants, and tenant a's webhook secret."""
-    from api.db import session_scope
     from api.services.tenants import create_key, get_or_create_tenant
+    from domain.db import session_scope
 
     out = {}
     with session_scope(database) as session:

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from api.settings import Settings
+from domain.settings import Settings
 
 # Tiny budgets: the tests check the service, not the quality of the pruning.
 FAST = {"target": {"macs_reduction": 0.3}, "device": "cpu",

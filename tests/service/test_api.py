@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from api.webhooks import WebhookUrlError, check_url
+from domain.webhooks import WebhookUrlError, check_url
 from tests.service.helpers import auth, submit
 
 # Jobs on the GPU queue, which no test worker consumes, stay queued for as long as a test needs.
@@ -55,8 +55,8 @@ def test_bad_config_is_a_422_that_says_why(client: Any, keys: dict[str, str], di
 def test_method_options_reach_the_engine() -> None:
     from typing import get_args
 
-    from api.schemas import JobConfig, MethodIn
     from core.options import ALLOCATIONS, GROUP_SCORES
+    from domain.config import JobConfig, MethodIn
 
     assert set(get_args(MethodIn.model_fields["group_scores"].annotation)) == set(GROUP_SCORES)
     assert set(get_args(MethodIn.model_fields["allocation"].annotation)) == set(ALLOCATIONS)

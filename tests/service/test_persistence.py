@@ -10,12 +10,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from api.db import get_engine, session_scope, upgrade
-from api.models import Base, Job, utcnow
-from api.services import states
 from api.services.tenants import get_or_create_tenant
-from api.settings import Settings, get_settings
-from api.storage import S3Storage, file_digest, open_storage
+from domain import states
+from domain.clock import utcnow
+from domain.db import get_engine, session_scope, upgrade
+from domain.models import Base, Job
+from domain.queue import CeleryQueue
+from domain.settings import Settings, get_settings
+from domain.states import JobStatus
+from domain.storage import S3Storage, file_digest, open_storage
 from worker.lease import reap_stale_jobs
 
 
@@ -51,27 +54,27 @@ def _job(database: str, **fields: object) -> str:
 def test_transitions_are_checked_in_one_place(database: str) -> None:
     job_id = _job(database)
     with session_scope(database) as session:
-        assert not states.transition(session, job_id, states.SUCCEEDED), "queued cannot jump to succeeded"
-        assert states.transition(session, job_id, states.RUNNING)
-        assert states.transition(session, job_id, states.SUCCEEDED)
-        assert not states.transition(session, job_id, states.CANCELLED), "finished jobs stay finished"
+        assert not states.transition(session, job_id, JobStatus.SUCCEEDED), "queued cannot jump to succeeded"
+        assert states.transition(session, job_id, JobStatus.RUNNING)
+        assert states.transition(session, job_id, JobStatus.SUCCEEDED)
+        assert not states.transition(session, job_id, JobStatus.CANCELLED), "finished jobs stay finished"
         job = session.get(Job, job_id)
         session.refresh(job)
-        assert job.status == states.SUCCEEDED and job.finished_at is not None
+        assert job.status == JobStatus.SUCCEEDED and job.finished_at is not None
 
 
 def test_reaper_requeues_a_lost_job_and_fails_a_poison_one(database: str, settings: Settings) -> None:
     stale = utcnow() - timedelta(seconds=settings.stale_after_s * 10)
-    lost = _job(database, status=states.RUNNING, attempts=1, heartbeat_at=stale)
-    poison = _job(database, status=states.RUNNING, attempts=2, heartbeat_at=stale)
-    alive = _job(database, status=states.RUNNING, attempts=1, heartbeat_at=utcnow())
-    failed = reap_stale_jobs(settings)
+    lost = _job(database, status=JobStatus.RUNNING, attempts=1, heartbeat_at=stale)
+    poison = _job(database, status=JobStatus.RUNNING, attempts=2, heartbeat_at=stale)
+    alive = _job(database, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow())
+    failed = reap_stale_jobs(settings, CeleryQueue(settings))
     assert poison in failed and lost not in failed
     with session_scope(database) as session:
         status = {job_id: session.get(Job, job_id) for job_id in (lost, poison, alive)}
-        assert status[lost].status == states.QUEUED
-        assert status[poison].status == states.FAILED and status[poison].error["code"] == "worker_lost"
-        assert status[alive].status == states.RUNNING
+        assert status[lost].status == JobStatus.QUEUED
+        assert status[poison].status == JobStatus.FAILED and status[poison].error["code"] == "worker_lost"
+        assert status[alive].status == JobStatus.RUNNING
 
 
 def test_s3_storage_against_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
 from api.app import create_app
-from api.db import session_scope
-from api.models import Job
-from api.settings import Settings
+from domain.db import session_scope
+from domain.models import Job
+from domain.queue import CeleryQueue
+from domain.settings import Settings
 from tests.service.helpers import Receiver, auth, finished, start_worker, stop_worker, submit, wait_for
-from worker.app import enqueue_job
 
 # Long enough to be caught running (a few seconds), short enough for the suite.
 SLOW_RECOVERY = {"recovery": {"recovery_iterations": 150, "final_recovery_iterations": 150}}
@@ -152,7 +152,7 @@ def test_infrastructure_errors_are_retried_then_fail(keys: dict[str, str], digit
         shutil.rmtree(settings.data_dir / "artifacts" / "jobs" / job_id / "inputs")
         with session_scope(settings.database) as session:
             session.get(Job, job_id).queue = settings.cpu_queue
-        enqueue_job(job_id, settings.cpu_queue)
+        CeleryQueue(settings).enqueue_job(job_id, settings.cpu_queue)
         job = wait_for(client, keys["a"], job_id, finished)
     assert job["status"] == "failed" and job["attempts"] == settings.max_attempts
     assert job["error"]["code"] == "internal_error" and "FileNotFoundError" in job["error"]["message"]
@@ -167,7 +167,7 @@ def test_a_user_error_in_the_worker_fails_at_once(keys: dict[str, str], digits: 
         job_id = submit(client, keys["a"], digits, {"device": "cuda"}).json()["id"]  # parked on the GPU queue
         with session_scope(settings.database) as session:
             session.get(Job, job_id).queue = settings.cpu_queue
-        enqueue_job(job_id, settings.cpu_queue)
+        CeleryQueue(settings).enqueue_job(job_id, settings.cpu_queue)
         job = wait_for(client, keys["a"], job_id, finished)
     assert job["status"] == "failed" and job["attempts"] == 1
     assert job["error"]["code"] == "invalid_options" and "CUDA" in job["error"]["message"]

@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from api.db import session_scope
-from api.models import Job, new_id
-from api.services import states
 from api.services.tenants import create_key, get_or_create_tenant
+from domain import states
+from domain.db import session_scope
+from domain.models import Job, new_id
+from domain.states import JobStatus
 
 # what the worker writes when a job outlives its time limit
 FAILURE = {"code": "time_limit", "message": "The job ran past the 21600 s limit.",
@@ -23,7 +24,7 @@ def tenant_with_key(database: str, name: str) -> tuple[str, str]:
         return tenant.id, create_key(session, tenant)
 
 
-def add_job(database: str, tenant_id: str, status: str = states.QUEUED, age_s: float = 0.0,
+def add_job(database: str, tenant_id: str, status: str = JobStatus.QUEUED, age_s: float = 0.0,
             error: dict[str, Any] | None = None) -> str:
     """A job that no worker will run, in `status` (reached through the state machine)."""
     job_id = new_id()
@@ -33,8 +34,9 @@ def add_job(database: str, tenant_id: str, status: str = states.QUEUED, age_s: f
                         created_at=datetime.now(UTC) - timedelta(seconds=age_s),
                         progress={"stage": "queued", "message": "Waiting for a worker"}))
     with session_scope(database) as session:
-        if status in (states.SUCCEEDED, states.FAILED):
-            assert states.transition(session, job_id, states.RUNNING, attempts=1)
-        if status != states.QUEUED:
-            assert states.transition(session, job_id, status, **({"error": error} if status == states.FAILED else {}))
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            assert states.transition(session, job_id, JobStatus.RUNNING, attempts=1)
+        if status != JobStatus.QUEUED:
+            assert states.transition(session, job_id, JobStatus(status),
+                                     **({"error": error} if status == JobStatus.FAILED else {}))
     return job_id

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.db import upgrade
-from api.settings import Settings
+from domain.db import upgrade
+from domain.settings import Settings
 from tests.ui.helpers import FAILURE, add_job, tenant_with_key
 
 SAME = {"Origin": "http://testserver"}

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -59,6 +59,14 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def rows_changed(session: Session, statement: Executable) -> int:
+    """Execute an UPDATE or DELETE and return how many rows it changed."""
+    result = session.execute(statement)
+    # Session.execute is typed as returning a plain Result; a DML statement's has the row count.
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"

@@ -18,7 +18,7 @@ import httpx
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
-from api.models import WebhookDelivery, new_id
+from domain.models import WebhookDelivery, new_id
 
 EVENTS = ("job.started", "job.succeeded", "job.failed", "job.cancelled")
 

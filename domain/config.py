@@ -1,0 +1,132 @@
+"""The job config: what POST /v1/jobs accepts, what the worker validates again, and how it maps to core's options."""
+
+from __future__ import annotations
+
+from typing import Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core import CompressOptions, Target
+from core.options import IntakeOptions
+from domain.settings import Settings
+
+_DEFAULTS = CompressOptions()
+_INTAKE = IntakeOptions()
+
+GroupScores = Literal["layer_sum", "mean"]
+Allocation = Literal["auto", "drift", "scores"]
+Export = Literal["onnx", "pt2"]
+_EXPORTS: tuple[Export, ...] = ("onnx", "pt2")
+
+
+class _Strict(BaseModel):
+    # A misspelt option silently ignored would run a job the caller did not ask for.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TargetIn(_Strict):
+    macs_reduction: float | None = Field(default=None, gt=0, lt=1, description="fraction of MACs to remove")
+    params_reduction: float | None = Field(default=None, gt=0, lt=1, description="fraction of parameters to remove")
+    max_accuracy_drop: float = Field(default=Target().max_accuracy_drop, ge=0, le=1,
+                                     description="absolute top-1 budget")
+
+
+class RecoveryIn(_Strict):
+    recovery_epochs: float | None = Field(default=None, ge=0)
+    recovery_iterations: int | None = Field(default=None, ge=0)
+    final_recovery_epochs: float = Field(default=_DEFAULTS.final_recovery_epochs, ge=0)
+    final_recovery_iterations: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1)
+    lr: float | None = Field(default=None, gt=0, description="None: 1e-3, or 1e-4 for models with attention")
+
+
+class MethodIn(_Strict):
+    seed: int = _DEFAULTS.seed
+    round_to: int | None = Field(default=_DEFAULTS.round_to, ge=1)
+    min_width_fraction: float = Field(default=_DEFAULTS.min_width_fraction, gt=0, le=1)
+    max_steps: int = Field(default=_DEFAULTS.max_steps, ge=1)
+    max_removals: int = Field(default=_DEFAULTS.max_removals, ge=0)
+    layers_must_beat_width: bool = Field(
+        default=_DEFAULTS.layers_must_beat_width,
+        description="Stage 2 keeps a block removal only if it beats pruning width to the same size")
+    # core types these options as plain strings and checks them in CompressOptions.validate
+    # (a test keeps the Literals equal to core's GROUP_SCORES and ALLOCATIONS).
+    group_scores: GroupScores = Field(
+        default=cast(GroupScores, _DEFAULTS.group_scores), description="how the scores of coupled layers combine")
+    mean_compensation: bool = Field(
+        default=_DEFAULTS.mean_compensation,
+        description="score neurons and heads on their variation; fold their mean into the next bias")
+    least_squares_compensation: bool = Field(
+        default=_DEFAULTS.least_squares_compensation,
+        description="with mean_compensation, also refit the next layer on the kept units (least squares)")
+    allocation: Allocation = Field(
+        default=cast(Allocation, _DEFAULTS.allocation),
+        description="rank units across layers by measured drift per size removed, by their scores, "
+                    "or auto (drift when attention heads are pruned)")
+    ignored_layers: list[str] = []
+    eval_fraction: float = Field(default=_DEFAULTS.eval_fraction, gt=0, lt=1, description="share of the data held out")
+    time_budget_s: float | None = Field(default=None, gt=0)
+
+
+class InputHints(_Strict):
+    """How the uploaded files are read (core.options.IntakeOptions); shared by jobs and inspect."""
+
+    architecture: str | None = Field(
+        default=None, max_length=300, description='for safetensors weights, e.g. "idap:digits" or '
+        '"torchvision:resnet18(num_classes=10)"')
+    image_size: int | None = Field(default=None, ge=8, le=8192,
+                                   description="side of image-folder images after resizing")
+    mean: list[float] = Field(default_factory=lambda: list(_INTAKE.mean), min_length=1, max_length=3)
+    std: list[float] = Field(default_factory=lambda: list(_INTAKE.std), min_length=1, max_length=3)
+    text_column: str = Field(default=_INTAKE.text_column, min_length=1, max_length=200)
+    label_column: str = Field(default=_INTAKE.label_column, min_length=1, max_length=200)
+    max_length: int = Field(default=_INTAKE.max_length, ge=2, le=4096, description="tokens per text sample")
+
+
+class JobConfig(InputHints):
+    """The `config` part of POST /v1/jobs."""
+
+    target: TargetIn
+    stages: list[Literal["filters", "layers"]] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    recovery: RecoveryIn = RecoveryIn()
+    method: MethodIn = MethodIn()
+    export: list[Export] = Field(default_factory=lambda: list(_EXPORTS))
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    def target_core(self) -> Target:
+        return Target(**self.target.model_dump())
+
+    def options_core(self) -> CompressOptions:
+        recovery = self.recovery.model_dump()
+        if recovery["recovery_epochs"] is None:
+            recovery["recovery_epochs"] = _DEFAULTS.recovery_epochs
+        method = self.method.model_dump()
+        method["ignored_layers"] = tuple(method["ignored_layers"])
+        return CompressOptions(stages=tuple(self.stages), device=self.device, **recovery, **method)
+
+
+def intake_options(settings: Settings, hints: InputHints) -> IntakeOptions:
+    """core's intake options: the limits come from the settings, the hints from the job (or inspect) config."""
+    return IntakeOptions(
+        architecture=hints.architecture,
+        allow_pickle=settings.allow_pickle,
+        image_size=hints.image_size,
+        mean=tuple(hints.mean),
+        std=tuple(hints.std),
+        text_column=hints.text_column,
+        label_column=hints.label_column,
+        max_length=hints.max_length,
+        max_file_bytes=settings.max_upload_bytes,
+        max_zip_members=settings.max_zip_members,
+        max_unpacked_bytes=settings.max_unpacked_bytes,
+        max_samples=settings.max_samples,
+    )

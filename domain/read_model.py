@@ -1,0 +1,70 @@
+"""What a job looks like from outside: the body the API serves and the worker's webhooks carry."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, field_validator
+
+from domain.clock import aware
+from domain.models import Job
+from domain.states import JobStatus
+
+
+class ProgressOut(BaseModel):
+    stage: str | None = None
+    step: int = 0
+    total_steps: int = 0
+    fraction: float = 0.0
+    message: str | None = None
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+    hint: str | None = None
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    url: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    queue: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: ProgressOut
+    error: ErrorOut | None
+    metrics: dict[str, Any] | None
+    artifacts: list[ArtifactOut]
+    config: dict[str, Any]
+
+    @field_validator("created_at", "updated_at", "started_at", "finished_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return aware(value)
+
+
+def job_out(job: Job, base_url: str) -> JobOut:
+    """`base_url` makes the artifact URLs absolute (the API's request URL, or the public URL in webhooks)."""
+    base = base_url.rstrip("/")
+    return JobOut(
+        id=job.id, status=JobStatus(job.status), queue=job.queue, created_at=job.created_at,
+        updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
+        max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
+        progress=ProgressOut(**(job.progress or {})), metrics=job.metrics, config=job.config,
+        error=ErrorOut.model_validate(job.error) if job.error else None,
+        artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
+                               url=f"{base}/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts],
+    )
