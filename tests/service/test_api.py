@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from api.app import create_app
+from domain.settings import Settings
 from domain.webhooks import WebhookUrlError, check_url
 from tests.service.helpers import auth, submit
 
@@ -30,6 +34,20 @@ def test_health_and_docs(client: Any) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/inspect"} <= set(paths)
+
+
+def test_the_app_uses_the_broker_its_settings_name(settings: Settings, keys: dict[str, str],
+                                                   digits: tuple[Path, Path]) -> None:
+    """The environment names a working broker; only the Settings object passed in names one nobody listens on."""
+    unreachable = "redis://127.0.0.1:1/0"
+    assert os.environ["IDAP_BROKER_URL"] != unreachable
+    with TestClient(create_app(settings.model_copy(update={"broker_url": unreachable}))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        checks = ready.json()["checks"]
+        assert checks["database"] == "ok" and checks["broker"] != "ok", checks
+        error = error_of(submit(client, keys["a"], digits), 503)
+    assert error["code"] == "broker_unavailable"
 
 
 def test_keys_are_required_and_checked(client: Any) -> None:
