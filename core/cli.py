@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from core import CompressOptions, ProgressEvent, Target, UserError
 from core.errors import ExportError, OptionsError
-from core.intake import compress_files, inspect_files
-from core.model_io import detect_format, is_factory_spec
+from core.intake.files import compress_files, inspect_files
+from core.intake.model_io import detect_format, is_factory_spec
 from core.options import IntakeOptions
 
 EXIT_USER_ERROR = 2

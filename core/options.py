@@ -82,7 +82,7 @@ class CompressOptions:
     # How Stage 1 ranks units of different groups against each other (divergence only): "scores"
     # ranks the scores as they are (method §2); "drift" first probes every group, removing its
     # lowest-scoring units from a copy, and ranks estimated drift per unit of the size target
-    # (core/allocation.py); "auto" is drift when attention heads are pruned (heads, MLP neurons and
+    # (core/run/allocation.py); "auto" is drift when attention heads are pruned (heads, MLP neurons and
     # hidden-size channels, which per-layer normalised scores cannot compare), scores otherwise.
     allocation: str = "auto"
     # ONNX Runtime's CPU convolutions work on blocks of 8 channels: a 29-wide layer ran 2x slower

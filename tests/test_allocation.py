@@ -1,4 +1,4 @@
-"""Drift allocation (core/allocation.py), and the compensation of Linears that lose inputs as readers."""
+"""Drift allocation (core/run/allocation.py), and the compensation of Linears that lose inputs as readers."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import math
 import torch
 
 from core import CompressOptions, Dataset, Target
-from core.allocation import drift_per_size
-from core.attention import AttentionSite
-from core.divergence import linear_input_stats
-from core.pipeline import _prepare
+from core.graph.attention import AttentionSite
+from core.importance.statistics import linear_input_stats
 from core.progress import Reporter
-from core.stages import _group_scores, allocates_by_drift, group_candidates
-from core.surgery import apply_plan, build_graph, make_plan
+from core.run.allocation import drift_per_size
+from core.run.pipeline import _prepare
+from core.run.stages import _group_scores, allocates_by_drift, group_candidates
+from core.surgery.apply import apply_plan
+from core.surgery.groups import build_graph
+from core.surgery.plan import make_plan
 from tests.test_transformers import small_bert, tokens
 from tests.two_paths import TwoPaths, two_paths_run
 
@@ -101,7 +103,7 @@ def test_readers_of_one_tensor_share_statistics_of_its_real_tokens():
 def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
     """Drift grows faster than the cut, so probes of different sizes would price groups unfairly:
     each removes PROBE_SHARE of the target, to within one unit (or its minimum of PROBE_WIDTH)."""
-    from core import allocation
+    from core.run import allocation
 
     probes: dict[str, allocation._Probe] = {}
     original = allocation._probe

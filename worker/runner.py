@@ -24,7 +24,7 @@ from api.settings import Settings
 from api.storage import Storage, file_digest
 from core import Cancelled, Result, UserError
 from core.errors import ExportError
-from core.intake import compress_files
+from core.intake.files import compress_files
 from worker.app import enqueue_job
 from worker.lease import Lease
 from worker.notify import fire

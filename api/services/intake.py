@@ -11,7 +11,8 @@ from api.errors import ApiError
 from api.schemas import InspectConfig, JobConfig
 from api.settings import Settings
 from core import UserError
-from core.intake import IntakeOptions, inspect_files
+from core.intake.files import inspect_files
+from core.options import IntakeOptions
 
 
 def intake_options(settings: Settings, config: JobConfig | InspectConfig) -> IntakeOptions:

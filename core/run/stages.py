@@ -11,39 +11,25 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from core.allocation import drift_per_size
-from core.attention import (
-    HEADS,
-    AttentionSite,
-    find_sites,
-    head_divergence,
-    head_taylor,
-    head_weight_norms,
-    removable,
-)
-from core.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_block
-from core.context import RunContext
-from core.divergence import (
+from core.graph.attention import AttentionSite, find_sites
+from core.graph.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_block
+from core.importance.divergence import (
     DivergenceScorer,
-    InputStats,
+    GroupScorer,
     baseline_scorer,
     block_divergence,
     filter_divergence,
-    linear_input_stats,
     taylor_gradients,
 )
-from core.surgery import (
-    READERS,
-    GroupScorer,
-    PrunableGroup,
-    apply_plan,
-    build_graph,
-    make_plan,
-    planned_units,
-    prunable_groups,
-    score_groups,
-    survives_channel_cut,
-)
+from core.importance.heads import head_divergence, head_taylor, head_weight_norms
+from core.importance.statistics import InputStats, linear_input_stats
+from core.run.allocation import drift_per_size
+from core.run.context import RunContext
+from core.surgery.apply import apply_plan, survives_channel_cut
+from core.surgery.groups import PrunableGroup, build_graph, prunable_groups
+from core.surgery.heads import removable
+from core.surgery.plan import make_plan, planned_units, score_groups
+from core.surgery.units import HEADS, READERS
 
 
 def group_candidates(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph) -> list[PrunableGroup]:

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from core.data import Dataset
-from core.metrics import count_macs_params, drift, top1
+from core.measure.accuracy import drift, top1
+from core.measure.size import count_macs_params
 from core.options import CompressOptions, Target
 from core.progress import Reporter
-from core.recovery import iterations_for, recover
-from core.surgery import Means
+from core.recovery.distill import iterations_for, recover
+from core.surgery.units import Means
 
 # The result may miss the size target by this much and still count as met (issue #2).
 TARGET_TOLERANCE = 0.03
