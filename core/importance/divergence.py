@@ -15,6 +15,7 @@ from torch import nn
 from core.data import batches
 from core.graph.tracing import logits_of
 from core.importance.statistics import InputMoments, InputStats, run_calibration, token_rows
+from core.options import Criterion
 
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
@@ -219,13 +220,13 @@ def taylor_gradients(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor
         nn.functional.cross_entropy(logits, target, reduction="sum").backward()
 
 
-def baseline_scorer(criterion: str) -> GroupScorer:
+def baseline_scorer(criterion: Criterion) -> GroupScorer:
     """torch-pruning's own importance criteria, for comparisons (no normaliser: the planner normalises)."""
-    if criterion == "l2":
+    if criterion == Criterion.L2:
         return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
-    if criterion == "taylor":
+    if criterion == Criterion.TAYLOR:
         return tp.importance.GroupTaylorImportance(normalizer=None)
-    if criterion == "random":
+    if criterion == Criterion.RANDOM:
         return tp.importance.RandomImportance()
     raise ValueError(f"Unknown criterion {criterion!r}.")
 

@@ -56,10 +56,10 @@ def test_method_options_reach_the_engine() -> None:
     from typing import get_args
 
     from api.schemas import JobConfig, MethodIn
-    from core.options import ALLOCATIONS, GROUP_SCORES
+    from core.options import Allocation, GroupScores
 
-    assert set(get_args(MethodIn.model_fields["group_scores"].annotation)) == set(GROUP_SCORES)
-    assert set(get_args(MethodIn.model_fields["allocation"].annotation)) == set(ALLOCATIONS)
+    assert set(get_args(MethodIn.model_fields["group_scores"].annotation)) == set(GroupScores)
+    assert set(get_args(MethodIn.model_fields["allocation"].annotation)) == set(Allocation)
 
     config = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "method": {
         "layers_must_beat_width": False, "group_scores": "mean", "mean_compensation": False,
