@@ -21,6 +21,7 @@ from core.recovery.features import pick_feature_points
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph, prunable_groups
 from core.surgery.plan import make_plan, score_groups
+from core.surgery.units import UnitKey, UnitKind
 
 
 def _x(digits_arrays) -> torch.Tensor:
@@ -39,7 +40,7 @@ def test_dead_filter_scores_lowest_and_goes_first(digits_model, digits_arrays) -
     groups = prunable_groups(graph, digits_model, [digits_model.fc], {}, 0.125, 1)
     normalised = score_groups(groups, DivergenceScorer(scores))
     plan = make_plan(groups, normalised, 1, None)
-    assert plan == {"blocks.0.conv1": [5]}
+    assert plan == {UnitKey(UnitKind.CHANNELS, "blocks.0.conv1"): [5]}
     apply_plan(digits_model, x[:2], plan)
     assert digits_model.blocks[0].conv1.out_channels == 31
     assert digits_model.blocks[0].bn1.num_features == 31
@@ -50,14 +51,14 @@ def test_dead_filter_scores_lowest_and_goes_first(digits_model, digits_arrays) -
 def test_plan_respects_minimum_width_and_round_to(digits_model, digits_arrays) -> None:
     x = _x(digits_arrays)
     graph = build_graph(digits_model, x[:2])
-    widths: dict[str, int] = {}
+    widths: dict[UnitKey, int] = {}
     groups = prunable_groups(graph, digits_model, [digits_model.fc], widths, 0.25, 1)
     scores = [torch.rand(g.width) for g in groups]
     plan = make_plan(groups, scores, 10_000, round_to=8)
     apply_plan(digits_model, x[:2], plan)
     for group in prunable_groups(build_graph(digits_model, x[:2]), digits_model, [digits_model.fc], widths,
                                  0.25, 1):
-        assert group.width >= widths[group.root_name] // 4
+        assert group.width >= widths[group.key] // 4
         assert group.width % 8 == 0
     assert digits_model.fc.out_features == 10
 

@@ -111,7 +111,7 @@ def test_constant_units_score_zero_and_their_mean_moves_into_the_next_bias():
     from core.importance.divergence import filter_divergence
     from core.surgery.apply import apply_plan
     from core.surgery.groups import build_graph
-    from core.surgery.units import HEADS
+    from core.surgery.units import UnitKey, UnitKind
 
     model = small_bert()
     mlp, head, neuron = _plant_constant_units(model)
@@ -129,9 +129,9 @@ def test_constant_units_score_zero_and_their_mean_moves_into_the_next_bias():
     assert {names[m]: names[c] for m, (c, _) in layer_means.items()} == {
         f"model.bert.encoder.layer.{i}.intermediate.dense": f"model.bert.encoder.layer.{i}.output.dense"
         for i in range(2)} | {"model.bert.pooler.dense": "model.classifier"}
-    means = {names[m]: (names[c], mean) for m, (c, mean) in layer_means.items()} | {
-        HEADS + site.name: (site.out, head_means[site.name]) for site in sites}
-    plan = {HEADS + sites[0].name: [head], names[mlp]: [neuron]}
+    means = {UnitKey(UnitKind.CHANNELS, names[m]): (names[c], mean) for m, (c, mean) in layer_means.items()} | {
+        UnitKey(UnitKind.HEADS, site.name): (site.out, head_means[site.name]) for site in sites}
+    plan = {UnitKey(UnitKind.HEADS, sites[0].name): [head], UnitKey(UnitKind.CHANNELS, names[mlp]): [neuron]}
     with torch.no_grad():
         before = model(x)
     plain, compensated = copy.deepcopy(model), copy.deepcopy(model)
@@ -152,7 +152,7 @@ def test_residual_stream_channels_weigh_every_layer_that_writes_them():
     graph = build_graph(model, x[:2])
     groups = prunable_groups(graph, model, [], {}, 0.125, 1)
     layer_scores = filter_divergence(model, graph, x, torch.device("cpu"), 16)
-    by_root = {g.root_name: g for g in groups}
+    by_root = {g.key.name: g for g in groups}
     hidden = by_root["model.bert.encoder.layer.1.output.dense"]  # the residual stream's group
     mlp = by_root["model.bert.encoder.layer.0.intermediate.dense"]
     summed = score_groups([hidden, mlp], DivergenceScorer(layer_scores, layer_sum=True), normalise=False)
@@ -411,7 +411,7 @@ def compensation_stats(model: nn.Module, x: torch.Tensor, fit: bool) -> dict:
     statistics of the consumer's inputs (with the covariance when `fit`)."""
     from core.importance.divergence import filter_divergence
     from core.surgery.groups import build_graph
-    from core.surgery.units import HEADS
+    from core.surgery.units import UnitKey, UnitKind
 
     sites, _ = find_sites(model)
     names = {module: name for name, module in model.named_modules()}
@@ -420,15 +420,15 @@ def compensation_stats(model: nn.Module, x: torch.Tensor, fit: bool) -> dict:
     head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=fit)
     filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
                       with_cov=fit)
-    return {names[m]: (names[c], s) for m, (c, s) in layer_stats.items()} | {
-        HEADS + site.name: (site.out, head_stats[site.name]) for site in sites}
+    return {UnitKey(UnitKind.CHANNELS, names[m]): (names[c], s) for m, (c, s) in layer_stats.items()} | {
+        UnitKey(UnitKind.HEADS, site.name): (site.out, head_stats[site.name]) for site in sites}
 
 
 def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
     """A head and an MLP neuron that copy another one are fully predictable from the units kept:
     with the covariance their consumers take over their output, with the mean alone they cannot."""
     from core.surgery.apply import apply_plan
-    from core.surgery.units import HEADS
+    from core.surgery.units import UnitKey, UnitKind
 
     model = small_bert()
     layer = model.model.bert.encoder.layer[0]
@@ -454,7 +454,8 @@ def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
         return seen
 
     before = consumer_outputs(model)
-    plan = {HEADS + sites[0].name: [4], names[layer.intermediate.dense]: [7]}
+    plan = {UnitKey(UnitKind.HEADS, sites[0].name): [4],
+            UnitKey(UnitKind.CHANNELS, names[layer.intermediate.dense]): [7]}
     errors: dict[bool, list[float]] = {}
     for fit in (False, True):
         pruned = copy.deepcopy(model)
@@ -502,24 +503,24 @@ def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mea
     """A residual-stream cut changes every kept MLP neuron and head the fit predicts from; a plan
     of MLP neurons and heads alone keeps the fit."""
     from core.surgery.apply import _mean_only_where_inputs_change
-    from core.surgery.units import HEADS
+    from core.surgery.units import UnitKey, UnitKind
 
     model = small_bert()
     x = tokens()
     sites, _ = find_sites(model)
     means = compensation_stats(model, x, fit=True)
     by_site = {site.name: site for site in sites}
-    mlp = "model.bert.encoder.layer.0.intermediate.dense"
+    mlp = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.intermediate.dense")
     units_only = _mean_only_where_inputs_change(model, x[:2], {mlp: [3]}, means, by_site)
     assert all(stats.cov is not None for _, stats in units_only.values())
-    residual = {mlp: [3], "model.bert.encoder.layer.1.output.dense": [0, 1]}
+    residual = {mlp: [3], UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.1.output.dense"): [0, 1]}
     with_residual = _mean_only_where_inputs_change(model, x[:2], residual, means, by_site)
-    encoder = [key for key in means if ".encoder." in key]
+    encoder = [key for key in means if ".encoder." in key.name]
     assert len(encoder) == 4  # two MLPs and two attention modules
     for key in encoder:
         assert with_residual[key][1].cov is None
         assert torch.equal(with_residual[key][1].mean, means[key][1].mean)
     # head-size channels cut under layer 0's output projection undo the fit of its heads only
-    value = "model.bert.encoder.layer.0.attention.self.value"
+    value = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.attention.self.value")
     head_size = _mean_only_where_inputs_change(model, x[:2], {value: [0]}, means, by_site)
-    assert [key for key in encoder if head_size[key][1].cov is None] == [HEADS + sites[0].name]
+    assert [key for key in encoder if head_size[key][1].cov is None] == [UnitKey(UnitKind.HEADS, sites[0].name)]

@@ -77,7 +77,7 @@ def _probe(ctx: RunContext, model: nn.Module, size: tuple[int, int], group: Prun
     if group.capacity == 0:
         return None
     plan = make_plan([group], [unit_scores], n, ctx.options.round_to)
-    units = [i for i in plan.get(group.root_name, []) if i < group.width]
+    units = [i for i in plan.get(group.key, []) if i < group.width]
     if not units:
         return None
     probe = copy.deepcopy(model)

@@ -57,7 +57,7 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         "input_dtype": str(data.x.dtype).removeprefix("torch."),
         "samples": len(data) if has_data else 0,
         "labeled": data.labeled if has_data else None,
-        "prunable_groups": [{"name": g.root_name, "width": g.width, "min_width": g.min_width} for g in groups],
+        "prunable_groups": [{"name": str(g.key), "width": g.width, "min_width": g.min_width} for g in groups],
         "not_prunable": _not_prunable(model, graph, groups, ctx.ignored, options.ignored_layers),
         "blocks": [{"name": b.name, "kind": b.kind} for b in blocks],
         "reachable_reduction": {key: round(value, 4) for key, value in reachable.items()},

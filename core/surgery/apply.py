@@ -14,7 +14,7 @@ from core.importance.statistics import InputStats
 from core.surgery.compensation import compensate_linear
 from core.surgery.groups import PrunableGroup, build_graph
 from core.surgery.heads import remove_heads
-from core.surgery.units import HEADS, READERS, Means, Plan
+from core.surgery.units import Means, Plan, UnitKey, UnitKind
 
 _IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
@@ -27,7 +27,7 @@ def survives_channel_cut(model: nn.Module, example: torch.Tensor, group: Prunabl
     """
     candidate = copy.deepcopy(model)
     try:
-        apply_plan(candidate, example, {group.root_name: [g * group.width for g in range(group.ch_groups)]})
+        apply_plan(candidate, example, {group.key: [g * group.width for g in range(group.ch_groups)]})
         with torch.no_grad():
             candidate(example)
     except Exception:  # any failure means this group cannot be cut channel by channel
@@ -43,22 +43,22 @@ def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan, means: Means
     core.surgery.compensation.compensate_linear).
     """
     means = means or {}
-    heads = {name.removeprefix(HEADS): idxs for name, idxs in plan.items() if name.startswith(HEADS)}
-    channels = {name: idxs for name, idxs in plan.items() if not name.startswith(HEADS)}
+    heads = {key.name: idxs for key, idxs in plan.items() if key.kind is UnitKind.HEADS}
+    channels = {key: idxs for key, idxs in plan.items() if key.kind is UnitKind.CHANNELS}
     sites = {site.name: site for site in find_sites(model)[0]} if heads else {}
     if channels and any(stats.cov is not None for _, stats in means.values()):
         means = _mean_only_where_inputs_change(model, example, channels, means, sites)
     if heads:
         for name, idxs in heads.items():
-            entry = means.get(HEADS + name)
+            entry = means.get(UnitKey(UnitKind.HEADS, name))
             remove_heads(model, sites[name], idxs, None if entry is None else entry[1])
     if not channels:
         return
     graph = build_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
     means = dict(means)  # reader statistics follow the columns each group takes away
-    for name, idxs in channels.items():
-        root = model.get_submodule(name)
+    for key, idxs in channels.items():
+        root = model.get_submodule(key.name)
         pruner = graph.get_pruner_of_module(root)
         group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
         if graph.check_pruning_group(group):
@@ -75,22 +75,22 @@ def _mean_only_where_inputs_change(model: nn.Module, example: torch.Tensor, chan
     projection). Their mean still stands as the best constant."""
     graph = build_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
-    narrowed_by: dict[str, set[str]] = {}  # layer -> roots of the groups that cut its inputs
-    for name, idxs in channels.items():
-        root = model.get_submodule(name)
+    narrowed_by: dict[str, set[UnitKey]] = {}  # layer -> the groups that cut its inputs
+    for group_key, idxs in channels.items():
+        root = model.get_submodule(group_key.name)
         group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
         for dep, _ in group:
             if dep.handler in _IN_FNS:
-                narrowed_by.setdefault(names[dep.target.module], set()).add(name)
+                narrowed_by.setdefault(names[dep.target.module], set()).add(group_key)
 
-    def undone(key: str, consumer: str) -> bool:
-        if key.startswith(READERS):
+    def undone(key: UnitKey, consumer: str) -> bool:
+        if key.kind is UnitKind.READERS:
             return False  # a reader's fit uses the columns it keeps, whichever group takes the others
-        if key.startswith(HEADS):
-            site = sites.get(key.removeprefix(HEADS))
+        if key.kind is UnitKind.HEADS:
+            site = sites.get(key.name)
             producers = [] if site is None else [f"{site.name}.{attr}" for attr in site.qkv]
         else:
-            producers = [key]
+            producers = [key.name]
         return any(p in narrowed_by for p in producers) or bool(narrowed_by.get(consumer, set()) - {key})
 
     return {key: (consumer, InputStats(stats.mean) if undone(key, consumer) else stats)
@@ -106,7 +106,7 @@ def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Mod
                       if dep.handler == tp.prune_linear_in_channels}
     made_up = set()
     for dep, idxs in group:
-        entry = means.get(names.get(dep.target.module, ""))
+        entry = means.get(UnitKey(UnitKind.CHANNELS, names.get(dep.target.module, "")))
         if entry is None or dep.handler != tp.prune_linear_out_channels:
             continue
         consumer = model.get_submodule(entry[0])
@@ -115,7 +115,7 @@ def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Mod
             compensate_linear(consumer, list(idxs), entry[1])
             made_up.add(consumer)
     for reader, columns in removed_inputs.items():
-        key = READERS + names.get(reader, "")
+        key = UnitKey(UnitKind.READERS, names.get(reader, ""))
         entry = means.get(key)
         if entry is None or len(entry[1].mean) != reader.in_features:
             continue

@@ -17,6 +17,8 @@ from torch import nn
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
+from core.surgery.units import UnitKey, UnitKind
+
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 # A channel that a flatten spreads over more positions than this (a CNN's last feature map before
@@ -28,9 +30,10 @@ MAX_CHANNEL_SPREAD = 256
 
 @dataclass
 class PrunableGroup:
-    """Coupled channels rooted at one Conv/Linear output; `width` counts one channel group."""
+    """Units removed together: coupled channels rooted at one Conv/Linear output, or the heads of one
+    attention module (`group` is then its AttentionSite); `width` counts one channel group."""
 
-    root_name: str
+    key: UnitKey
     group: tp.dependency.Group
     width: int
     ch_groups: int
@@ -176,14 +179,14 @@ def prunable_groups(
     graph: tp.DependencyGraph,
     model: nn.Module,
     ignored: Iterable[nn.Module],
-    original_widths: dict[str, int],
+    original_widths: dict[UnitKey, int],
     min_width_fraction: float,
     min_channels: int,
     survives: Callable[[PrunableGroup], bool] | None = None,
 ) -> list[PrunableGroup]:
     """All groups the planner may shrink, with their minimum widths.
 
-    `original_widths` (root name -> width before any pruning) is filled on first sight,
+    `original_widths` (group key -> width before any pruning) is filled on first sight,
     so the minimum stays relative to the unpruned network across steps. Groups whose
     channels pass through a reshape are kept only if `survives` says the model still runs
     with one of their channels removed.
@@ -201,9 +204,10 @@ def prunable_groups(
         if total is None or total % ch_groups:
             continue
         width = total // ch_groups
-        original = original_widths.setdefault(name, width)
+        key = UnitKey(UnitKind.CHANNELS, name)
+        original = original_widths.setdefault(key, width)
         minimum = min(width, max(min_channels, math.ceil(original * min_width_fraction)))
-        candidate = PrunableGroup(name, group, width, ch_groups, minimum)
+        candidate = PrunableGroup(key, group, width, ch_groups, minimum)
         if survives is not None and _passes_reshape(group) and not survives(candidate):
             continue
         result.append(candidate)

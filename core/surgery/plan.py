@@ -46,7 +46,7 @@ def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, r
         if n == 0:
             continue
         lowest = torch.argsort(scores[g], stable=True)[:n].tolist()
-        plan[group.root_name] = sorted(
+        plan[group.key] = sorted(
             idx + offset * group.width for offset in range(group.ch_groups) for idx in lowest
         )
     return plan
