@@ -12,6 +12,7 @@ import torch
 from core.data import Dataset
 from core.errors import DataError
 from core.intake.archives import holds_only_arrays, is_zip, open_zip
+from core.intake.hf import save_pretrained_zip
 from core.intake.image_data import load_image_folder_zip
 from core.intake.loaded import LoadedModel
 from core.intake.model_io import check_input_file, open_model
@@ -20,6 +21,7 @@ from core.intake.text_data import read_records, tokenize
 from core.options import CompressOptions, IntakeOptions, Target
 from core.progress import CancelFn, ProgressFn
 from core.run.pipeline import Result, compress
+from core.run.preflight import preflight
 
 _DATA_HINT = ("Upload an .npz (x, optional y), a zip of class folders of images, or for text models "
               "a .jsonl/.csv with text and label columns.")
@@ -82,8 +84,6 @@ def compress_files(model_path: Path | str, data_path: Path, target: Target, opti
 
 def _save_pretrained(result: Result, model: LoadedModel, data: Dataset, out_dir: Path) -> None:
     """A Hugging Face upload also comes back in its own format, when the config can describe it."""
-    from core.intake.hf import save_pretrained_zip
-
     path = out_dir / "model_hf.zip"
     reason = save_pretrained_zip(result.model, model.tokenizer, path, data.x[:4])
     result.report["hf_pretrained"] = None if reason else path.name
@@ -103,8 +103,6 @@ def _check_onnx_conversion(model: LoadedModel, model_path: Path | str, data: Dat
 def inspect_files(model_path: Path | str, data_path: Path | None, target: Target | None,
                   options: CompressOptions, intake: IntakeOptions, weights: Path | None = None) -> dict[str, Any]:
     """The preflight report (see core.run.preflight) for files, without pruning anything."""
-    from core.run.preflight import preflight
-
     intake.validate()
     model = open_model(model_path, intake, weights=weights)
     data = None if data_path is None else open_data(Path(data_path), model, intake)

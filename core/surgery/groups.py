@@ -1,8 +1,8 @@
 """Prunable groups: sets of coupled channels that must be removed together, found through
 torch-pruning's dependency graph, with the minimum width each may keep.
 
-Everything that walks torch-pruning's graph lives in core.surgery, so the rest of core/ deals
-only in groups and plans (which channels of which group to remove).
+The rest of core/ deals in these groups and in plans (which units of which group to remove);
+pruning through torch-pruning happens in core.surgery only.
 """
 
 from __future__ import annotations
