@@ -36,8 +36,8 @@ from torch.nn import functional as F
 from benchmarks.cli_types import floats, method_list
 from core import CompressOptions, Dataset, ProgressEvent, Target, compress
 from core.examples import BasicBlock
-from core.export import export_onnx
-from core.metrics import ort_latency_ms
+from core.export.artifacts import export_onnx
+from core.measure.latency import ort_latency_ms
 from core.progress import ProgressFn
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -9,7 +9,7 @@ on unseen snippets, relative to the output's variance:
 - `none`: the inputs are dropped;
 - `mean`: their calibration mean is folded into the bias (`least_squares_compensation=False`);
 - `ridge=R`: least squares from the kept inputs, with ridge R relative to their mean variance
-  (core uses `core.divergence.RIDGE`).
+  (core uses `core.surgery.compensation.RIDGE`).
 
 ```
 .venv/bin/python -m benchmarks.minilm_compensation
@@ -28,9 +28,10 @@ from torch import nn
 
 from benchmarks import minilm
 from benchmarks.minilm_rotten_tomatoes import CACHE_DIR, Settings
-from core import divergence
-from core.divergence import InputMoments, InputStats, compensate_linear, real_tokens, token_rows
-from core.hf import TextClassifier
+from core.importance.statistics import InputMoments, InputStats, real_tokens, token_rows
+from core.intake.hf import TextClassifier
+from core.surgery import compensation
+from core.surgery.compensation import compensate_linear
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HEAD_DIM = 32
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(missing, file=sys.stderr)
         return 2
     settings = Settings()
-    from core.model_io import open_model
+    from core.intake.model_io import open_model
+    from core.intake.text_data import tokenize
     from core.options import IntakeOptions
-    from core.text_data import tokenize
 
     archive = minilm.finetuned_minilm(CACHE_DIR, settings.n_train, n_eval=settings.n_eval,
                                       log=lambda line: print(line, file=sys.stderr))
@@ -113,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
                 removed = removed_inputs(layer, calib, share, heads)
                 errors = [relative_error(layer, removed, None, unseen),
                           relative_error(layer, removed, InputStats(stats.mean), unseen)]
-                default = divergence.RIDGE
+                default = compensation.RIDGE
                 try:
                     for ridge in RIDGES:
-                        divergence.RIDGE = ridge
+                        compensation.RIDGE = ridge
                         errors.append(relative_error(layer, removed, stats, unseen))
                 finally:
-                    divergence.RIDGE = default
+                    compensation.RIDGE = default
                 what = f"{share:.0%} of {'heads' if heads else 'neurons'}"
                 print(f"| {index} | {part} | {what} | " + " | ".join(f"{e:.4f}" for e in errors) + " |")
     return 0

@@ -33,10 +33,12 @@ from benchmarks.cli_types import floats, method_list, option_override
 from benchmarks.fashion_mnist import environment, log
 from core import CompressOptions, ProgressEvent, Target
 from core.data import Dataset
-from core.export import export_onnx
-from core.intake import compress_files, open_data
-from core.metrics import count_macs_params, ort_latency_ms
-from core.model_io import LoadedModel, open_model
+from core.export.artifacts import export_onnx
+from core.intake.files import compress_files, open_data
+from core.intake.loaded import LoadedModel
+from core.intake.model_io import open_model
+from core.measure.latency import ort_latency_ms
+from core.measure.size import count_macs_params
 from core.options import IntakeOptions
 from core.progress import ProgressFn
 

@@ -3,11 +3,12 @@
 Pure PyTorch + torch-pruning + ONNX; no web, database or queue imports.
 """
 
-from core.data import Dataset, load_npz
+from core.data import Dataset
 from core.errors import Cancelled, UserError
+from core.intake.npz import load_npz
 from core.options import CompressOptions, Target
-from core.pipeline import Result, compress
 from core.progress import ProgressEvent
+from core.run.pipeline import Result, compress
 
 __all__ = [
     "Cancelled",

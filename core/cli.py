@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from core import CompressOptions, ProgressEvent, Target, UserError
 from core.errors import ExportError, OptionsError
-from core.intake import compress_files, inspect_files
-from core.model_io import detect_format, is_factory_spec
-from core.options import IntakeOptions
+from core.intake.files import compress_files, inspect_files
+from core.intake.model_io import detect_format, is_factory_spec
+from core.options import IntakeOptions, parse_stages
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -189,16 +189,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
     target = None
     if args.macs_reduction is not None or args.params_reduction is not None:
         target = Target(args.macs_reduction, args.params_reduction, args.max_accuracy_drop)
-    options = CompressOptions(stages=_stages(args.stages), device=args.device)
+    options = CompressOptions(stages=parse_stages(args.stages), device=args.device)
     intake = _intake(args)
     weights = None if args.weights is None else Path(args.weights)
     report = inspect_files(_model_spec(args, intake), args.data, target, options, intake, weights=weights)
     print(json.dumps(report, indent=2) if args.json else format_inspection(report))
     return 0
-
-
-def _stages(text: str) -> tuple[str, ...]:
-    return tuple(stage.strip() for stage in text.split(","))
 
 
 def _run_prune(args: argparse.Namespace) -> int:
@@ -228,9 +224,10 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
             hint="Pass only one of them.",
         )
     target = Target(args.macs_reduction, args.params_reduction, args.max_accuracy_drop)
+    target.validate()
     defaults = CompressOptions()
     options = CompressOptions(
-        stages=_stages(args.stages),
+        stages=parse_stages(args.stages),
         device=args.device,
         seed=args.seed,
         min_width_fraction=args.min_width_fraction,
@@ -244,7 +241,6 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
         eval_fraction=args.eval_fraction,
         layers_must_beat_width=not args.layers_unconditional,
     )
-    target.validate()
     options.validate()
     return target, options
 

@@ -2,17 +2,75 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from enum import StrEnum
+from typing import TypeVar
 
 from core.errors import OptionsError
 
-Stage = Literal["filters", "layers"]
-STAGES: tuple[Stage, ...] = ("filters", "layers")
-# divergence is IDAP++; the others are torch-pruning's criteria, kept for benchmarks.
-CRITERIA = ("divergence", "l2", "taylor", "random")
-GROUP_SCORES = ("layer_sum", "mean")
-ALLOCATIONS = ("auto", "drift", "scores")
+
+class Stage(StrEnum):
+    FILTERS = "filters"  # Stage 1: iterative divergence-aware filter pruning
+    LAYERS = "layers"  # Stage 2: block removal
+
+
+class Criterion(StrEnum):
+    """How units are scored: divergence is IDAP++; the others are torch-pruning's criteria, kept for benchmarks."""
+
+    DIVERGENCE = "divergence"
+    L2 = "l2"
+    TAYLOR = "taylor"
+    RANDOM = "random"
+
+
+class GroupScores(StrEnum):
+    """How coupled layers' unit scores combine (see CompressOptions.group_scores)."""
+
+    LAYER_SUM = "layer_sum"
+    MEAN = "mean"
+
+
+class Allocation(StrEnum):
+    """How Stage 1 ranks units of different groups against each other (see CompressOptions.allocation)."""
+
+    AUTO = "auto"
+    DRIFT = "drift"
+    SCORES = "scores"
+
+
+Choice = TypeVar("Choice", bound=StrEnum)
+
+
+def _member(choices: type[Choice], value: object) -> Choice | object:
+    """The member of `choices` that `value` names, or `value` itself, for validate() to refuse."""
+    try:
+        return choices(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def _shown(values: Iterable[object]) -> list[object]:
+    """`values` as the caller wrote them, for error messages."""
+    return [value.value if isinstance(value, StrEnum) else value for value in values]
+
+
+def parse_stages(text: str) -> tuple[Stage, ...]:
+    """The stages of a comma-separated list such as "filters,layers" (the CLI's --stages)."""
+    return _checked_stages(tuple(name.strip() for name in text.split(",")))
+
+
+def _checked_stages(stages: Iterable[object]) -> tuple[Stage, ...]:
+    parsed = [_member(Stage, stage) for stage in stages]
+    members = tuple(stage for stage in parsed if isinstance(stage, Stage))
+    if len(members) < len(parsed) or not members:
+        raise OptionsError(
+            f"Unknown or empty stages {_shown(parsed)}.",
+            hint="Use 'filters', 'layers' or 'filters,layers'.",
+        )
+    if len(set(members)) != len(members):
+        raise OptionsError(f"Stage listed twice in {_shown(parsed)}.", hint="List each stage once.")
+    return members
 
 
 @dataclass(frozen=True)
@@ -51,10 +109,10 @@ class Target:
 class CompressOptions:
     """Knobs of the IDAP++ pipeline; defaults follow ../shared/method/IDAP++.md."""
 
-    stages: tuple[Stage, ...] = STAGES
+    stages: tuple[Stage, ...] = (Stage.FILTERS, Stage.LAYERS)
     device: str = "auto"
     seed: int = 0
-    criterion: str = "divergence"
+    criterion: Criterion = Criterion.DIVERGENCE
     # Share of the size target that Stage 1 takes before Stage 2 runs (when both run);
     # Stage 1 closes whatever gap Stage 2 leaves. With 1.0, Stage 2 would only ever run
     # after Stage 1 stopped early, and depth would never be traded against width.
@@ -70,7 +128,7 @@ class CompressOptions:
     # each producing layer's scores by that layer's mean and sums them over the group, so a
     # residual-stream channel written by 12 layers weighs 12 of one MLP layer's neurons; "mean"
     # averages raw scores over the group and normalises the group (the first implementation).
-    group_scores: str = "layer_sum"
+    group_scores: GroupScores = GroupScores.LAYER_SUM
     # Units whose activation is exactly the input of one Linear (MLP neurons, attention heads) are
     # scored on their variation around the calibration mean, and that mean is folded into the
     # Linear's bias when they go: a unit with a constant output then costs nothing to remove. Any
@@ -82,9 +140,9 @@ class CompressOptions:
     # How Stage 1 ranks units of different groups against each other (divergence only): "scores"
     # ranks the scores as they are (method §2); "drift" first probes every group, removing its
     # lowest-scoring units from a copy, and ranks estimated drift per unit of the size target
-    # (core/allocation.py); "auto" is drift when attention heads are pruned (heads, MLP neurons and
+    # (core/run/allocation.py); "auto" is drift when attention heads are pruned (heads, MLP neurons and
     # hidden-size channels, which per-layer normalised scores cannot compare), scores otherwise.
-    allocation: str = "auto"
+    allocation: Allocation = Allocation.AUTO
     # ONNX Runtime's CPU convolutions work on blocks of 8 channels: a 29-wide layer ran 2x slower
     # than a 32-wide one in our measurements, so widths stay multiples of 8 by default (1 = off).
     round_to: int | None = 8
@@ -122,25 +180,25 @@ class CompressOptions:
     # Wall-clock budget for the whole run in seconds (None = unlimited).
     time_budget_s: float | None = None
 
+    def __post_init__(self) -> None:
+        # Callers that read options as text (the API's JSON, benchmarks) pass the choices' names; the
+        # fields hold members. A name of no member stays as it is, for validate() to refuse.
+        object.__setattr__(self, "stages", tuple(_member(Stage, stage) for stage in self.stages))
+        for name, choices in (("criterion", Criterion), ("group_scores", GroupScores), ("allocation", Allocation)):
+            object.__setattr__(self, name, _member(choices, getattr(self, name)))
+
     def validate(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown or not self.stages:
-            raise OptionsError(
-                f"Unknown or empty stages {list(self.stages)}.",
-                hint="Use 'filters', 'layers' or 'filters,layers'.",
-            )
-        if len(set(self.stages)) != len(self.stages):
-            raise OptionsError(f"Stage listed twice in {list(self.stages)}.", hint="List each stage once.")
+        _checked_stages(self.stages)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise OptionsError(f"Unknown device {self.device!r}.", hint="Use auto, cpu or cuda.")
-        if self.group_scores not in GROUP_SCORES:
+        if not isinstance(self.group_scores, GroupScores):
             raise OptionsError(f"Unknown group_scores {self.group_scores!r}.",
-                               hint=f"Use one of {', '.join(GROUP_SCORES)}.")
-        if self.allocation not in ALLOCATIONS:
+                               hint=f"Use one of {', '.join(GroupScores)}.")
+        if not isinstance(self.allocation, Allocation):
             raise OptionsError(f"Unknown allocation {self.allocation!r}.",
-                               hint=f"Use one of {', '.join(ALLOCATIONS)}.")
-        if self.criterion not in CRITERIA:
-            raise OptionsError(f"Unknown criterion {self.criterion!r}.", hint=f"Use one of {', '.join(CRITERIA)}.")
+                               hint=f"Use one of {', '.join(Allocation)}.")
+        if not isinstance(self.criterion, Criterion):
+            raise OptionsError(f"Unknown criterion {self.criterion!r}.", hint=f"Use one of {', '.join(Criterion)}.")
         checks = [
             (0.0 < self.filter_share <= 1.0, "filter_share must be in (0, 1]"),
             (0.0 < self.p0 < 1.0, "p0 must be in (0, 1)"),

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core import CompressOptions, Target
-from core.options import IntakeOptions
+from core.options import Allocation, GroupScores, IntakeOptions, Stage
 from domain.settings import Settings
 
 _DEFAULTS = CompressOptions()
 _INTAKE = IntakeOptions()
 
-GroupScores = Literal["layer_sum", "mean"]
-Allocation = Literal["auto", "drift", "scores"]
-Export = Literal["onnx", "pt2"]
-_EXPORTS: tuple[Export, ...] = ("onnx", "pt2")
+
+
+class ExportFormat(StrEnum):
+    """The model artifacts a job can ask for (report.json always comes)."""
+
+    ONNX = "onnx"
+    PT2 = "pt2"
 
 
 class _Strict(BaseModel):
@@ -49,10 +52,8 @@ class MethodIn(_Strict):
     layers_must_beat_width: bool = Field(
         default=_DEFAULTS.layers_must_beat_width,
         description="Stage 2 keeps a block removal only if it beats pruning width to the same size")
-    # core types these options as plain strings and checks them in CompressOptions.validate
-    # (a test keeps the Literals equal to core's GROUP_SCORES and ALLOCATIONS).
     group_scores: GroupScores = Field(
-        default=cast(GroupScores, _DEFAULTS.group_scores), description="how the scores of coupled layers combine")
+        default=_DEFAULTS.group_scores, description="how the scores of coupled layers combine")
     mean_compensation: bool = Field(
         default=_DEFAULTS.mean_compensation,
         description="score neurons and heads on their variation; fold their mean into the next bias")
@@ -60,7 +61,7 @@ class MethodIn(_Strict):
         default=_DEFAULTS.least_squares_compensation,
         description="with mean_compensation, also refit the next layer on the kept units (least squares)")
     allocation: Allocation = Field(
-        default=cast(Allocation, _DEFAULTS.allocation),
+        default=_DEFAULTS.allocation,
         description="rank units across layers by measured drift per size removed, by their scores, "
                     "or auto (drift when attention heads are pruned)")
     ignored_layers: list[str] = []
@@ -87,11 +88,11 @@ class JobConfig(InputHints):
     """The `config` part of POST /v1/jobs."""
 
     target: TargetIn
-    stages: list[Literal["filters", "layers"]] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1)
+    stages: list[Stage] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     recovery: RecoveryIn = RecoveryIn()
     method: MethodIn = MethodIn()
-    export: list[Export] = Field(default_factory=lambda: list(_EXPORTS))
+    export: list[ExportFormat] = Field(default_factory=lambda: list(ExportFormat))
     webhook_url: str | None = Field(default=None, max_length=2000)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 

@@ -1,4 +1,4 @@
-"""Drift allocation (core/allocation.py), and the compensation of Linears that lose inputs as readers."""
+"""Drift allocation (core/run/allocation.py), and the compensation of Linears that lose inputs as readers."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import math
 import torch
 
 from core import CompressOptions, Dataset, Target
-from core.allocation import drift_per_size
-from core.attention import AttentionSite
-from core.divergence import linear_input_stats
-from core.pipeline import _prepare
+from core.graph.attention import AttentionSite
+from core.importance.statistics import linear_input_stats
 from core.progress import Reporter
-from core.stages import _group_scores, allocates_by_drift, group_candidates
-from core.surgery import apply_plan, build_graph, make_plan
+from core.run.allocation import drift_per_size
+from core.run.pipeline import _prepare
+from core.run.stages import _group_scores, allocates_by_drift, group_candidates
+from core.surgery.apply import apply_plan
+from core.surgery.groups import build_graph
+from core.surgery.plan import make_plan
+from core.surgery.units import UnitKey, UnitKind
 from tests.test_transformers import small_bert, tokens
 from tests.two_paths import TwoPaths, two_paths_run
 
@@ -23,14 +26,14 @@ def test_units_that_barely_reach_the_output_go_first_whatever_their_scores():
     both; measured, the quiet layer's units cost a fraction of the drift per parameter."""
     options = CompressOptions(device="cpu", allocation="scores", round_to=None, calibration_samples=128)
     model, ctx, groups, graph = two_paths_run(TwoPaths(), options)
-    names = [g.root_name for g in groups]
+    names = [g.key.name for g in groups]
     assert sorted(names) == ["narrow", "wide"]
     scores = _group_scores(ctx, model, graph, groups)
     k = groups[names.index("narrow")].capacity
-    assert set(make_plan(groups, scores, k, None)) == {"narrow", "wide"}
+    assert {key.name for key in make_plan(groups, scores, k, None)} == {"narrow", "wide"}
 
     calibrated = drift_per_size(ctx, model, groups, scores)
-    assert set(make_plan(groups, calibrated, k, None)) == {"narrow"}
+    assert {key.name for key in make_plan(groups, calibrated, k, None)} == {"narrow"}
     wide, narrow = calibrated[names.index("wide")], calibrated[names.index("narrow")]
     assert narrow.median() * 20 < wide.median()
 
@@ -67,7 +70,7 @@ def _cut_error(fit: bool, compensate: bool = True) -> float:
     model, ctx, groups, graph = two_paths_run(model, options)
     _group_scores(ctx, model, graph, groups)
     before = model(ctx.calib).detach()
-    apply_plan(model, ctx.example, {"wide": [3]}, ctx.unit_means)
+    apply_plan(model, ctx.example, {UnitKey(UnitKind.CHANNELS, "wide"): [3]}, ctx.unit_means)
     assert model.wide.out_features == 31
     return float((model(ctx.calib).detach() - before).norm() / before.norm())
 
@@ -101,14 +104,14 @@ def test_readers_of_one_tensor_share_statistics_of_its_real_tokens():
 def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
     """Drift grows faster than the cut, so probes of different sizes would price groups unfairly:
     each removes PROBE_SHARE of the target, to within one unit (or its minimum of PROBE_WIDTH)."""
-    from core import allocation
+    from core.run import allocation
 
-    probes: dict[str, allocation._Probe] = {}
+    probes: dict[UnitKey, allocation._Probe] = {}
     original = allocation._probe
 
     def recorded(ctx, model, size, group, unit_scores, n):
         probe = original(ctx, model, size, group, unit_scores, n)
-        probes[group.root_name] = probe
+        probes[group.key] = probe
         return probe
 
     monkeypatch.setattr(allocation, "_probe", recorded)
@@ -119,8 +122,8 @@ def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
     _group_scores(ctx, model, build_graph(model, ctx.example), groups)
     assert len(probes) == len(groups)
     for group in groups:
-        probe = probes[group.root_name]
+        probe = probes[group.key]
         unit = probe.cost / len(probe.units)
         floor = math.ceil(allocation.PROBE_WIDTH * group.width)
         assert len(probe.units) == floor or abs(probe.cost - allocation.PROBE_SHARE) <= unit + 1e-9
-    assert any(len(probes[g.root_name].units) > math.ceil(allocation.PROBE_WIDTH * g.width) for g in groups)
+    assert any(len(probes[g.key].units) > math.ceil(allocation.PROBE_WIDTH * g.width) for g in groups)

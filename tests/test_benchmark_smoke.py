@@ -125,7 +125,7 @@ def test_quick_minilm_benchmark_at_encoder_scope_keeps_the_hidden_size(tmp_path:
 
 def test_compensation_benchmark_measures_real_tokens_and_orders_the_fits() -> None:
     from benchmarks.minilm_compensation import consumer_inputs, relative_error, removed_inputs
-    from core.divergence import InputMoments, InputStats
+    from core.importance.statistics import InputMoments, InputStats
     from tests.test_transformers import small_bert, tokens
 
     model = small_bert()

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core import ProgressEvent, Result, cli, intake
+from core import ProgressEvent, Result, cli
+from core.intake import files
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
@@ -183,7 +184,7 @@ def test_non_empty_out_needs_force(capsys, digits_files, out):
 
 
 def test_force_never_deletes_the_inputs(capsys, monkeypatch, digits_files, tmp_path):
-    monkeypatch.setattr(intake, "compress", _writing_compress)
+    monkeypatch.setattr(files, "compress", _writing_compress)
     # --out is the directory that holds model.pt and data.npz: replacing it would delete them.
     inputs = [tmp_path / path.name for path in digits_files]
     for source, copy in zip(digits_files, inputs):
@@ -240,7 +241,7 @@ def _writing_compress(model, data, target, options, out_dir, progress=None, shou
 
 
 def test_force_replaces_previous_output(capsys, monkeypatch, digits_files, out):
-    monkeypatch.setattr(intake, "compress", _writing_compress)
+    monkeypatch.setattr(files, "compress", _writing_compress)
     out.mkdir()
     (out / "stale.txt").write_text("old run")
     code, stdout, err = run_main(capsys, *prune_args(*digits_files, out, "--macs-reduction", 0.5, "--force"))
@@ -255,7 +256,7 @@ def test_interrupt_leaves_nothing(capsys, monkeypatch, digits_files, out):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(intake, "compress", interrupted)
+    monkeypatch.setattr(files, "compress", interrupted)
     code, _, err = run_main(capsys, *prune_args(*digits_files, out, "--macs-reduction", 0.5))
     assert code == 130
     assert err.strip().splitlines()[-1].startswith("error: Interrupted")

@@ -13,7 +13,7 @@ from torch import nn
 
 from core import Cancelled, CompressOptions, Dataset, Target, compress
 from core.errors import TargetUnreachableError
-from core.metrics import count_macs_params
+from core.measure.size import count_macs_params
 
 REPORT_KEYS = {
     "macs_before", "macs_after", "params_before", "params_after", "accuracy_before", "accuracy_after",
@@ -74,8 +74,8 @@ def test_stage_two_removes_a_residual_block(digits_model, digits_arrays, tmp_pat
 @pytest.mark.parametrize("layers_win", [True, False])
 def test_stage_two_keeps_a_block_only_when_it_beats_width_to_the_same_size(
         digits_model, digits_arrays, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers_win: bool) -> None:
-    from core.context import RunContext
     from core.examples import BasicBlock
+    from core.run.context import RunContext
 
     def drift(_ctx: RunContext, model: nn.Module) -> float:
         # the comparison is what is under test, so its two sides get fixed drifts from the original

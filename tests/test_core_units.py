@@ -10,14 +10,18 @@ import pytest
 import torch
 import torchvision
 
-from core.blocks import find_blocks, remove_block
 from core.data import Dataset
-from core.divergence import DivergenceScorer, block_divergence, filter_divergence
 from core.errors import ExportError
-from core.export import export_onnx, verify_onnx
+from core.export.artifacts import export_onnx, verify_onnx
+from core.graph.blocks import find_blocks, remove_block
+from core.importance.divergence import DivergenceScorer, block_divergence, filter_divergence
 from core.progress import Reporter
-from core.recovery import pick_feature_points, recover
-from core.surgery import apply_plan, build_graph, make_plan, prunable_groups, score_groups
+from core.recovery.distill import recover
+from core.recovery.features import pick_feature_points
+from core.surgery.apply import apply_plan
+from core.surgery.groups import build_graph, prunable_groups
+from core.surgery.plan import make_plan, score_groups
+from core.surgery.units import UnitKey, UnitKind
 
 
 def _x(digits_arrays) -> torch.Tensor:
@@ -36,7 +40,7 @@ def test_dead_filter_scores_lowest_and_goes_first(digits_model, digits_arrays) -
     groups = prunable_groups(graph, digits_model, [digits_model.fc], {}, 0.125, 1)
     normalised = score_groups(groups, DivergenceScorer(scores))
     plan = make_plan(groups, normalised, 1, None)
-    assert plan == {"blocks.0.conv1": [5]}
+    assert plan == {UnitKey(UnitKind.CHANNELS, "blocks.0.conv1"): [5]}
     apply_plan(digits_model, x[:2], plan)
     assert digits_model.blocks[0].conv1.out_channels == 31
     assert digits_model.blocks[0].bn1.num_features == 31
@@ -47,14 +51,14 @@ def test_dead_filter_scores_lowest_and_goes_first(digits_model, digits_arrays) -
 def test_plan_respects_minimum_width_and_round_to(digits_model, digits_arrays) -> None:
     x = _x(digits_arrays)
     graph = build_graph(digits_model, x[:2])
-    widths: dict[str, int] = {}
+    widths: dict[UnitKey, int] = {}
     groups = prunable_groups(graph, digits_model, [digits_model.fc], widths, 0.25, 1)
     scores = [torch.rand(g.width) for g in groups]
     plan = make_plan(groups, scores, 10_000, round_to=8)
     apply_plan(digits_model, x[:2], plan)
     for group in prunable_groups(build_graph(digits_model, x[:2]), digits_model, [digits_model.fc], widths,
                                  0.25, 1):
-        assert group.width >= widths[group.root_name] // 4
+        assert group.width >= widths[group.key] // 4
         assert group.width % 8 == 0
     assert digits_model.fc.out_features == 10
 
@@ -147,7 +151,7 @@ def test_onnx_verification_catches_a_model_that_disagrees(digits_model, digits_a
 
 
 def test_drift_is_zero_for_the_original_and_grows_with_damage(digits_model, digits_arrays) -> None:
-    from core.metrics import all_logits, drift
+    from core.measure.accuracy import all_logits, drift
 
     x = _x(digits_arrays)[:200]
     cpu = torch.device("cpu")
@@ -164,8 +168,9 @@ def test_drift_is_zero_for_the_original_and_grows_with_damage(digits_model, digi
 
 
 def test_least_squares_compensation_rebuilds_a_removed_input_from_the_kept_ones(monkeypatch) -> None:
-    from core import divergence
-    from core.divergence import InputMoments, InputStats, compensate_linear
+    from core.importance.statistics import InputMoments, InputStats
+    from core.surgery import compensation
+    from core.surgery.compensation import compensate_linear
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 6, generator=gen) + 1.0
@@ -180,14 +185,14 @@ def test_least_squares_compensation_rebuilds_a_removed_input_from_the_kept_ones(
         before = layer(x)
 
     def error_after_removal(stats: InputStats, ridge: float) -> float:
-        monkeypatch.setattr(divergence, "RIDGE", ridge)
+        monkeypatch.setattr(compensation, "RIDGE", ridge)
         pruned = copy.deepcopy(layer)
         compensate_linear(pruned, [5], stats)
         with torch.no_grad():
             pruned.weight[:, 5] = 0  # what removing the column does to the output
             return float((pruned(x) - before).abs().max())
 
-    default = divergence.RIDGE
+    default = compensation.RIDGE
     mean_only = error_after_removal(InputStats(stats.mean), default)
     assert mean_only > 0.5
     assert error_after_removal(stats, 1e-9) < 1e-4

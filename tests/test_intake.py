@@ -14,8 +14,8 @@ import torchvision
 from safetensors.torch import save_file, save_model
 
 from core.errors import UserError
-from core.intake import compress_files, inspect_files, open_data
-from core.model_io import open_model
+from core.intake.files import compress_files, inspect_files, open_data
+from core.intake.model_io import open_model
 from core.options import CompressOptions, IntakeOptions, Target
 from tests.intake_fixtures import write_bert_zip, write_image_zip, write_review_jsonl
 

@@ -7,8 +7,8 @@ import torch
 
 from benchmarks.minilm_rotten_tomatoes import WORD_EMBEDDINGS, encoder_params, onnx_top1
 from core import CompressOptions, Target
-from core.intake import compress_files, open_data
-from core.model_io import open_model
+from core.intake.files import compress_files, open_data
+from core.intake.model_io import open_model
 from core.options import IntakeOptions
 
 pytest_plugins = ["tests.minilm_fixtures"]

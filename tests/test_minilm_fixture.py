@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from benchmarks import minilm
-from core.intake import open_data
-from core.metrics import predict
-from core.model_io import open_model
+from core.intake.files import open_data
+from core.intake.model_io import open_model
+from core.measure.accuracy import predict
 from core.options import IntakeOptions
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def test_write_jsonl_is_the_text_format_core_reads(tmp_path: Path) -> None:
 def test_finetuned_minilm_loads_as_an_upload_and_beats_chance(minilm_files: MiniLMFiles) -> None:
     loaded = open_model(minilm_files.model_zip, IntakeOptions())
     assert loaded.format == "hf" and loaded.label_names == list(minilm.LABELS)
-    # core.hf's wrapper takes the token ids alone and derives the attention mask from padding
+    # core.intake.hf's wrapper takes the token ids alone and derives the attention mask from padding
     assert loaded.example is not None and loaded.example.dtype == torch.int64
 
     intake = IntakeOptions(max_length=minilm_files.max_length)

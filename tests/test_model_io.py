@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from core.errors import InputFileError, OptionsError
 from core.examples import DigitsNet
-from core.model_io import load_model
+from core.intake.model_io import load_model
 
 
 def test_pickled_model_loads_in_eval_mode(digits_files, digits_model):

@@ -16,7 +16,7 @@ from torch import nn
 
 from core import CompressOptions, Dataset, Target, compress
 from core.errors import InputFileError
-from core.onnx_io import check_conversion, load_onnx
+from core.intake.onnx_io import check_conversion, load_onnx
 
 OPTIONS = CompressOptions(recovery_iterations=1, final_recovery_iterations=1, batch_size=8, calibration_samples=16,
                           latency_runs=1, latency_batch=2)

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from core import CompressOptions, Dataset, Target, compress
-from core.metrics import count_macs_params
+from core.measure.size import count_macs_params
 
 # Two quick ones run in every test run; the rest are marked slow.
 FAST_MODELS = ["resnet18", "mobilenet_v3_small"]

@@ -17,10 +17,12 @@ import torchvision
 from torch import nn
 
 from core import CompressOptions, Dataset, Target, compress
-from core.attention import SelfAttention, convert_multihead_attention, find_sites, head_divergence, remove_heads
-from core.intake import compress_files, open_data
-from core.model_io import open_model
+from core.graph.attention import SelfAttention, convert_multihead_attention, find_sites
+from core.importance.heads import head_divergence
+from core.intake.files import compress_files, open_data
+from core.intake.model_io import open_model
 from core.options import IntakeOptions
+from core.surgery.heads import remove_heads
 from tests.intake_fixtures import write_review_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +34,7 @@ DEAD = {0: [2, 5]}  # layer -> heads whose value projection is zeroed
 def small_bert(heads: int = 8, layers: int = 2, seed: int = 0) -> nn.Module:
     import transformers
 
-    from core.hf import TextClassifier
+    from core.intake.hf import TextClassifier
 
     torch.manual_seed(seed)
     config = transformers.BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=layers,
@@ -106,9 +108,10 @@ def _plant_constant_units(model: nn.Module) -> tuple[nn.Linear, int, int]:
 
 
 def test_constant_units_score_zero_and_their_mean_moves_into_the_next_bias():
-    from core.attention import HEADS
-    from core.divergence import filter_divergence
-    from core.surgery import apply_plan, build_graph
+    from core.importance.divergence import filter_divergence
+    from core.surgery.apply import apply_plan
+    from core.surgery.groups import build_graph
+    from core.surgery.units import UnitKey, UnitKind
 
     model = small_bert()
     mlp, head, neuron = _plant_constant_units(model)
@@ -126,9 +129,9 @@ def test_constant_units_score_zero_and_their_mean_moves_into_the_next_bias():
     assert {names[m]: names[c] for m, (c, _) in layer_means.items()} == {
         f"model.bert.encoder.layer.{i}.intermediate.dense": f"model.bert.encoder.layer.{i}.output.dense"
         for i in range(2)} | {"model.bert.pooler.dense": "model.classifier"}
-    means = {names[m]: (names[c], mean) for m, (c, mean) in layer_means.items()} | {
-        HEADS + site.name: (site.out, head_means[site.name]) for site in sites}
-    plan = {HEADS + sites[0].name: [head], names[mlp]: [neuron]}
+    means = {UnitKey(UnitKind.CHANNELS, names[m]): (names[c], mean) for m, (c, mean) in layer_means.items()} | {
+        UnitKey(UnitKind.HEADS, site.name): (site.out, head_means[site.name]) for site in sites}
+    plan = {UnitKey(UnitKind.HEADS, sites[0].name): [head], UnitKey(UnitKind.CHANNELS, names[mlp]): [neuron]}
     with torch.no_grad():
         before = model(x)
     plain, compensated = copy.deepcopy(model), copy.deepcopy(model)
@@ -140,15 +143,16 @@ def test_constant_units_score_zero_and_their_mean_moves_into_the_next_bias():
 
 
 def test_residual_stream_channels_weigh_every_layer_that_writes_them():
-    from core.divergence import DivergenceScorer, filter_divergence
-    from core.surgery import build_graph, prunable_groups, score_groups
+    from core.importance.divergence import DivergenceScorer, filter_divergence
+    from core.surgery.groups import build_graph, prunable_groups
+    from core.surgery.plan import score_groups
 
     model = small_bert()
     x = tokens()
     graph = build_graph(model, x[:2])
     groups = prunable_groups(graph, model, [], {}, 0.125, 1)
     layer_scores = filter_divergence(model, graph, x, torch.device("cpu"), 16)
-    by_root = {g.root_name: g for g in groups}
+    by_root = {g.key.name: g for g in groups}
     hidden = by_root["model.bert.encoder.layer.1.output.dense"]  # the residual stream's group
     mlp = by_root["model.bert.encoder.layer.0.intermediate.dense"]
     summed = score_groups([hidden, mlp], DivergenceScorer(layer_scores, layer_sum=True), normalise=False)
@@ -174,9 +178,9 @@ def test_compress_removes_the_planted_dead_heads_first(tmp_path):
 
 
 def test_stage_two_leaves_at_least_one_encoder_layer(tmp_path):
-    from core.blocks import find_blocks, remove_block
     from core.errors import TargetUnreachableError
-    from core.stages import last_layer_of_its_stack
+    from core.graph.blocks import find_blocks, remove_block
+    from core.run.stages import last_layer_of_its_stack
 
     model = small_bert(layers=2)
     x = tokens(64)
@@ -223,7 +227,7 @@ def test_bert_zip_layers_removed_and_save_pretrained_round_trip(tmp_path):
 
 
 def test_save_pretrained_says_why_when_the_config_cannot_describe_the_result(tmp_path):
-    from core.hf import save_pretrained_zip
+    from core.intake.hf import save_pretrained_zip
 
     model = small_bert()
     sites, _ = find_sites(model)
@@ -320,7 +324,7 @@ def test_grouped_query_attention_is_left_alone_with_a_reason():
 def _hf_vit() -> nn.Module:
     import transformers
 
-    from core.hf import ImageClassifier
+    from core.intake.hf import ImageClassifier
 
     torch.manual_seed(0)
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=3,
@@ -395,7 +399,7 @@ class StageOfBlocks(nn.Module):
 
 
 def test_transformer_layers_are_candidates_as_a_whole():
-    from core.blocks import find_blocks
+    from core.graph.blocks import find_blocks
 
     model = nn.Sequential(nn.Linear(6, 32), nn.Sequential(StageOfBlocks(32), StageOfBlocks(32)))
     blocks = find_blocks(model.eval(), torch.rand(2, 5, 6))
@@ -405,9 +409,9 @@ def test_transformer_layers_are_candidates_as_a_whole():
 def compensation_stats(model: nn.Module, x: torch.Tensor, fit: bool) -> dict:
     """What `_group_scores` keeps for apply_plan: per removable unit, its consumer and the
     statistics of the consumer's inputs (with the covariance when `fit`)."""
-    from core.attention import HEADS
-    from core.divergence import filter_divergence
-    from core.surgery import build_graph
+    from core.importance.divergence import filter_divergence
+    from core.surgery.groups import build_graph
+    from core.surgery.units import UnitKey, UnitKind
 
     sites, _ = find_sites(model)
     names = {module: name for name, module in model.named_modules()}
@@ -416,15 +420,15 @@ def compensation_stats(model: nn.Module, x: torch.Tensor, fit: bool) -> dict:
     head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=fit)
     filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
                       with_cov=fit)
-    return {names[m]: (names[c], s) for m, (c, s) in layer_stats.items()} | {
-        HEADS + site.name: (site.out, head_stats[site.name]) for site in sites}
+    return {UnitKey(UnitKind.CHANNELS, names[m]): (names[c], s) for m, (c, s) in layer_stats.items()} | {
+        UnitKey(UnitKind.HEADS, site.name): (site.out, head_stats[site.name]) for site in sites}
 
 
 def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
     """A head and an MLP neuron that copy another one are fully predictable from the units kept:
     with the covariance their consumers take over their output, with the mean alone they cannot."""
-    from core.attention import HEADS
-    from core.surgery import apply_plan
+    from core.surgery.apply import apply_plan
+    from core.surgery.units import UnitKey, UnitKind
 
     model = small_bert()
     layer = model.model.bert.encoder.layer[0]
@@ -450,7 +454,8 @@ def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
         return seen
 
     before = consumer_outputs(model)
-    plan = {HEADS + sites[0].name: [4], names[layer.intermediate.dense]: [7]}
+    plan = {UnitKey(UnitKind.HEADS, sites[0].name): [4],
+            UnitKey(UnitKind.CHANNELS, names[layer.intermediate.dense]): [7]}
     errors: dict[bool, list[float]] = {}
     for fit in (False, True):
         pruned = copy.deepcopy(model)
@@ -463,8 +468,8 @@ def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
 def test_compensation_statistics_leave_out_padding_positions():
     """Padding positions never reach a classifier's output; short texts padded to the maximum
     length are mostly padding, and refitting a consumer on them fits the wrong inputs."""
-    from core.divergence import filter_divergence
-    from core.surgery import build_graph
+    from core.importance.divergence import filter_divergence
+    from core.surgery.groups import build_graph
 
     model = small_bert()
     x = tokens()
@@ -497,25 +502,25 @@ def test_compensation_statistics_leave_out_padding_positions():
 def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mean_only():
     """A residual-stream cut changes every kept MLP neuron and head the fit predicts from; a plan
     of MLP neurons and heads alone keeps the fit."""
-    from core.attention import HEADS
-    from core.surgery import _mean_only_where_inputs_change
+    from core.surgery.apply import _mean_only_where_inputs_change
+    from core.surgery.units import UnitKey, UnitKind
 
     model = small_bert()
     x = tokens()
     sites, _ = find_sites(model)
     means = compensation_stats(model, x, fit=True)
     by_site = {site.name: site for site in sites}
-    mlp = "model.bert.encoder.layer.0.intermediate.dense"
+    mlp = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.intermediate.dense")
     units_only = _mean_only_where_inputs_change(model, x[:2], {mlp: [3]}, means, by_site)
     assert all(stats.cov is not None for _, stats in units_only.values())
-    residual = {mlp: [3], "model.bert.encoder.layer.1.output.dense": [0, 1]}
+    residual = {mlp: [3], UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.1.output.dense"): [0, 1]}
     with_residual = _mean_only_where_inputs_change(model, x[:2], residual, means, by_site)
-    encoder = [key for key in means if ".encoder." in key]
+    encoder = [key for key in means if ".encoder." in key.name]
     assert len(encoder) == 4  # two MLPs and two attention modules
     for key in encoder:
         assert with_residual[key][1].cov is None
         assert torch.equal(with_residual[key][1].mean, means[key][1].mean)
     # head-size channels cut under layer 0's output projection undo the fit of its heads only
-    value = "model.bert.encoder.layer.0.attention.self.value"
+    value = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.attention.self.value")
     head_size = _mean_only_where_inputs_change(model, x[:2], {value: [0]}, means, by_site)
-    assert [key for key in encoder if head_size[key][1].cov is None] == [HEADS + sites[0].name]
+    assert [key for key in encoder if head_size[key][1].cov is None] == [UnitKey(UnitKind.HEADS, sites[0].name)]

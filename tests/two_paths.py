@@ -7,11 +7,11 @@ import torch_pruning as tp
 from torch import nn
 
 from core import CompressOptions, Dataset, Target
-from core.context import RunContext
-from core.pipeline import _prepare
 from core.progress import Reporter
-from core.stages import group_candidates
-from core.surgery import PrunableGroup, build_graph
+from core.run.context import RunContext
+from core.run.pipeline import _prepare
+from core.run.stages import group_candidates
+from core.surgery.groups import PrunableGroup, build_graph
 
 
 class TwoPaths(nn.Module):

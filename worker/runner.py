@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from core import Cancelled, Result, UserError
 from core.errors import ExportError
-from core.intake import compress_files
+from core.intake.files import compress_files
 from domain import states
 from domain.clock import utcnow
 from domain.config import JobConfig, intake_options

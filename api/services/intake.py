@@ -10,7 +10,7 @@ from typing import Any
 from api.errors import ApiError
 from api.schemas import InspectConfig
 from core import UserError
-from core.intake import inspect_files
+from core.intake.files import inspect_files
 from domain.config import JobConfig, intake_options
 from domain.settings import Settings
 

@@ -13,7 +13,7 @@ import pytest
 
 from api.ui.charts import _ticks, blocks_chart, channels_chart, charts, divergence_chart, trajectory_chart
 from core import CompressOptions, Target, compress, load_npz
-from core.model_io import load_model
+from core.intake.model_io import load_model
 
 SVG = "{http://www.w3.org/2000/svg}"
 

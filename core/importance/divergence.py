@@ -6,23 +6,22 @@ per filter. Block scores: one pass for all candidate blocks together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-if TYPE_CHECKING:  # core.surgery imports this module for the compensation helpers
-    from core.surgery import GroupScorer
+from core.data import batches
+from core.graph.tracing import logits_of
+from core.importance.statistics import InputMoments, InputStats, run_calibration, token_rows
+from core.options import Criterion
 
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
-
-def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for i in range(0, len(x), batch_size):
-        yield x[i : i + batch_size]
+# What the planner asks of a criterion: one score per channel of a dependency group (None when it
+# cannot score the group), the torch-pruning importance interface that DivergenceScorer also follows.
+GroupScorer = Callable[[tp.dependency.Group], torch.Tensor | None]
 
 
 def _follower_norms(graph: tp.DependencyGraph, layer: nn.Module) -> nn.Module:
@@ -106,152 +105,6 @@ def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: torch.T
         if len(matches) == 1:
             pairs[layer] = matches[0]
     return pairs
-
-
-# Ridge of the least-squares fit, relative to the kept inputs' mean variance: calibration sets are a
-# few thousand tokens against up to a few thousand inputs, so the plain normal equations overfit.
-RIDGE = 1e-2
-
-
-@dataclass(frozen=True)
-class InputStats:
-    """Calibration statistics of a consumer Linear's inputs: their mean and, for least-squares
-    compensation, their covariance (None: compensate with the mean only)."""
-
-    mean: torch.Tensor
-    cov: torch.Tensor | None = None
-
-
-class InputMoments:
-    """Running sums of a layer's inputs (rows of a 2-D tensor) for `InputStats`."""
-
-    def __init__(self, with_cov: bool) -> None:
-        self.with_cov = with_cov
-        self.rows = 0
-        self.total: torch.Tensor | None = None
-        self.gram: torch.Tensor | None = None
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.double()
-        total = rows.sum(0)
-        self.total = total if self.total is None else self.total + total
-        if self.with_cov:
-            gram = rows.T @ rows
-            self.gram = gram if self.gram is None else self.gram + gram
-        self.rows += len(rows)
-
-    def stats(self) -> InputStats:
-        assert self.total is not None
-        mean = self.total / self.rows
-        # summed in float64, where E[x²] − E[x]² does not cancel away; kept in float32 (a ViT-B's
-        # twelve 3072-wide MLPs would hold 900 MB of covariances in float64)
-        cov = None if self.gram is None else self.gram / self.rows - torch.outer(mean, mean)
-        return InputStats(mean.float().cpu(), None if cov is None else cov.float().cpu())
-
-
-def real_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
-    """Which (sample, position) entries of a batch of token ids are not padding, for a model that
-    names its padding token (core.hf.TextClassifier); None for any other input."""
-    pad = getattr(model, "pad_token_id", None)
-    if pad is None or batch.dim() != 2 or batch.dtype.is_floating_point:
-        return None
-    return batch != pad
-
-
-def run_calibration(model: nn.Module, calib: torch.Tensor, device: torch.device, batch_size: int,
-                    handles: list, tokens: dict[str, torch.Tensor | None]) -> None:
-    """Run the calibration batches through `model` in eval mode for its hooks, with `tokens["mask"]`
-    set to each batch's real tokens (`real_tokens`), then remove the hooks (`handles`)."""
-    model.eval()
-    try:
-        for batch in _batches(calib, batch_size):
-            batch = batch.to(device)
-            tokens["mask"] = real_tokens(model, batch)
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def token_rows(act: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The unit vectors of `act` (batch × positions × units) at real tokens only: a padding
-    position's activations never reach the output, so they must not shape the statistics a
-    consumer is refitted on (short review snippets padded to 64 tokens are mostly padding)."""
-    if mask is not None and act.shape[:2] == mask.shape:
-        return act[mask]
-    return act.reshape(-1, act.shape[-1])
-
-
-@torch.no_grad()
-def compensate_linear(consumer: nn.Linear, columns: list[int], stats: InputStats) -> None:
-    """Make up in `consumer` for the inputs `columns` before they are removed.
-
-    With the mean only, their mean is folded into the bias, so the removal takes away only their
-    variation around it. With the covariance, that variation is also predicted from the kept inputs
-    (ridge least squares on the calibration statistics) and the prediction is folded into the kept
-    columns' weights: the consumer's output then changes only by what the kept inputs cannot
-    explain of the removed ones.
-    """
-    weight = consumer.weight
-    removed = torch.tensor(sorted(columns))
-    w_removed = weight[:, removed.to(weight.device)].double()
-    mean = stats.mean.double()
-    if stats.cov is None or len(removed) == weight.shape[1]:
-        consumer.bias += (w_removed @ mean[removed].to(weight.device)).to(consumer.bias)
-        return
-    mask = torch.ones(weight.shape[1], dtype=torch.bool)
-    mask[removed] = False
-    kept = mask.nonzero().flatten()
-    cov = stats.cov.double()
-    cov_kk = cov[kept][:, kept]
-    ridge = RIDGE * float(cov_kk.diagonal().mean()) + 1e-12
-    cov_kk += ridge * torch.eye(len(kept), dtype=cov.dtype)
-    # x_removed ≈ mean_removed + coef.T @ (x_kept − mean_kept)
-    coef = torch.linalg.solve(cov_kk, cov[kept][:, removed]).to(weight.device)
-    weight[:, kept.to(weight.device)] += (w_removed @ coef.T).to(weight)
-    offset = mean[removed].to(weight.device) - coef.T @ mean[kept].to(weight.device)
-    consumer.bias += (w_removed @ offset).to(consumer.bias)
-
-
-# Widest input whose covariance `linear_input_stats` keeps (a VGG classifier reads 25088 features:
-# their float64 Gram matrix alone would take 5 GB); wider readers get the mean only.
-MAX_FIT_INPUTS = 4096
-
-
-@torch.no_grad()
-def linear_input_stats(model: nn.Module, calib: torch.Tensor, device: torch.device, batch_size: int,
-                       with_cov: bool, known: dict[nn.Linear, InputStats] | None = None
-                       ) -> dict[nn.Linear, InputStats]:
-    """Statistics of every Linear's inputs on the calibration data (real tokens only): what a Linear
-    that loses input columns as a reader, not as the removed units' consumer (every reader of a
-    residual-stream channel), makes up for them with. Linears that read the same tensor (an
-    attention's query, key and value) share one set of statistics. Those in `known` (consumers the
-    unit scoring already gathered them for) are returned as they are, not gathered again."""
-    known = known or {}
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in known]
-    moments: dict[int, InputMoments] = {}
-    source: dict[nn.Linear, int] = {}  # reader -> the moments of the tensor it read
-    # the last tensor read and its moments: readers of one tensor run one after another
-    last: dict[str, tuple[torch.Tensor, int] | None] = {"read": None}
-    tokens: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def hook(module: nn.Module, inputs: tuple) -> None:
-        if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != module.in_features:
-            return
-        x = inputs[0]
-        if last["read"] is not None and last["read"][0] is x:
-            source[module] = last["read"][1]
-            return
-        key = source.setdefault(module, len(moments))
-        if key not in moments:
-            moments[key] = InputMoments(with_cov and module.in_features <= MAX_FIT_INPUTS)
-        rows = x.detach().float()
-        moments[key].add(token_rows(rows if rows.dim() > 2 else rows[:, None], tokens["mask"]))
-        last["read"] = (x, key)
-
-    run_calibration(model, calib, device, batch_size, [m.register_forward_pre_hook(hook) for m in linears], tokens)
-    stats = {key: moment.stats() for key, moment in moments.items() if moment.rows}
-    return {m: stats[key] for m, key in source.items() if key in stats} | known
 
 
 @torch.no_grad()
@@ -358,24 +211,22 @@ class DivergenceScorer:
 def taylor_gradients(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor | None,
                      device: torch.device, batch_size: int) -> None:
     """Accumulate weight gradients on the calibration set for first-order Taylor importance."""
-    from core.metrics import logits_of
-
     model.eval()
     model.zero_grad(set_to_none=True)
-    for i, batch in enumerate(_batches(calib, batch_size)):
+    for i, batch in enumerate(batches(calib, batch_size)):
         logits = logits_of(model(batch.to(device)))
         target = labels[i * batch_size : i * batch_size + len(batch)].to(device) if labels is not None \
             else logits.argmax(1).detach()
         nn.functional.cross_entropy(logits, target, reduction="sum").backward()
 
 
-def baseline_scorer(criterion: str) -> GroupScorer:
+def baseline_scorer(criterion: Criterion) -> GroupScorer:
     """torch-pruning's own importance criteria, for comparisons (no normaliser: the planner normalises)."""
-    if criterion == "l2":
+    if criterion == Criterion.L2:
         return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
-    if criterion == "taylor":
+    if criterion == Criterion.TAYLOR:
         return tp.importance.GroupTaylorImportance(normalizer=None)
-    if criterion == "random":
+    if criterion == Criterion.RANDOM:
         return tp.importance.RandomImportance()
     raise ValueError(f"Unknown criterion {criterion!r}.")
 
@@ -421,7 +272,7 @@ def block_divergence(
         handles.append(block.register_forward_hook(post))
     model.eval()
     try:
-        for batch in _batches(calib, batch_size):
+        for batch in batches(calib, batch_size):
             model(batch.to(device))
     finally:
         for handle in handles:

@@ -1,5 +1,5 @@
 """From uploaded files to a compressed model: data formats, and the two calls the CLI and the
-service make (`compress_files`, `inspect_files`). Model formats live in core.model_io."""
+service make (`compress_files`, `inspect_files`). Model formats live in core.intake.model_io."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ from typing import Any
 
 import torch
 
-from core.archives import holds_only_arrays, is_zip, open_zip
-from core.data import Dataset, load_npz
+from core.data import Dataset
 from core.errors import DataError
-from core.image_data import load_image_folder_zip
-from core.model_io import LoadedModel, check_input_file, open_model
+from core.intake.archives import holds_only_arrays, is_zip, open_zip
+from core.intake.hf import save_pretrained_zip
+from core.intake.image_data import load_image_folder_zip
+from core.intake.loaded import LoadedModel
+from core.intake.model_io import check_input_file, open_model
+from core.intake.npz import load_npz
+from core.intake.text_data import read_records, tokenize
 from core.options import CompressOptions, IntakeOptions, Target
-from core.pipeline import Result, compress
 from core.progress import CancelFn, ProgressFn
-from core.text_data import read_records, tokenize
+from core.run.pipeline import Result, compress
+from core.run.preflight import preflight
 
 _DATA_HINT = ("Upload an .npz (x, optional y), a zip of class folders of images, or for text models "
               "a .jsonl/.csv with text and label columns.")
@@ -80,8 +84,6 @@ def compress_files(model_path: Path | str, data_path: Path, target: Target, opti
 
 def _save_pretrained(result: Result, model: LoadedModel, data: Dataset, out_dir: Path) -> None:
     """A Hugging Face upload also comes back in its own format, when the config can describe it."""
-    from core.hf import save_pretrained_zip
-
     path = out_dir / "model_hf.zip"
     reason = save_pretrained_zip(result.model, model.tokenizer, path, data.x[:4])
     result.report["hf_pretrained"] = None if reason else path.name
@@ -92,17 +94,15 @@ def _save_pretrained(result: Result, model: LoadedModel, data: Dataset, out_dir:
 
 def _check_onnx_conversion(model: LoadedModel, model_path: Path | str, data: Dataset) -> None:
     """The converted module must compute what ONNX Runtime computes, on the user's own inputs."""
-    if model.format == "onnx":
-        from core.onnx_io import OnnxModel, check_conversion
+    if model.format == "onnx" and model.onnx_spec is not None:  # an ONNX upload always has its spec
+        from core.intake.onnx_io import OnnxModel, check_conversion
 
         check_conversion(OnnxModel(model.module, model.onnx_spec, model.notes), Path(model_path), data.x[:32])
 
 
 def inspect_files(model_path: Path | str, data_path: Path | None, target: Target | None,
                   options: CompressOptions, intake: IntakeOptions, weights: Path | None = None) -> dict[str, Any]:
-    """The preflight report (see core.preflight) for files, without pruning anything."""
-    from core.preflight import preflight
-
+    """The preflight report (see core.run.preflight) for files, without pruning anything."""
     intake.validate()
     model = open_model(model_path, intake, weights=weights)
     data = None if data_path is None else open_data(Path(data_path), model, intake)

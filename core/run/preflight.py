@@ -16,17 +16,17 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from core.attention import AttentionSite
-from core.blocks import find_blocks
-from core.context import RunContext
 from core.data import Dataset
-from core.metrics import logits_of
+from core.graph.attention import AttentionSite
+from core.graph.blocks import find_blocks
+from core.graph.tracing import logits_of
 from core.options import CompressOptions, Target
-from core.pipeline import _prepare, out_of_reach, reachable_reduction
 from core.progress import Reporter
-from core.recovery import iterations_for
-from core.stages import group_candidates
-from core.surgery import ROOT_TYPES, build_graph
+from core.recovery.distill import iterations_for
+from core.run.context import RunContext
+from core.run.pipeline import _prepare, out_of_reach, reachable_reduction
+from core.run.stages import group_candidates
+from core.surgery.groups import ROOT_TYPES, build_graph
 
 # Without a GPU to measure, GPU time is CPU time over this factor (a mid-size CNN on one
 # data-centre GPU against one CPU core, in our runs); the report says when it was assumed.
@@ -57,7 +57,7 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         "input_dtype": str(data.x.dtype).removeprefix("torch."),
         "samples": len(data) if has_data else 0,
         "labeled": data.labeled if has_data else None,
-        "prunable_groups": [{"name": g.root_name, "width": g.width, "min_width": g.min_width} for g in groups],
+        "prunable_groups": [{"name": str(g.key), "width": g.width, "min_width": g.min_width} for g in groups],
         "not_prunable": _not_prunable(model, graph, groups, ctx.ignored, options.ignored_layers),
         "blocks": [{"name": b.name, "kind": b.kind} for b in blocks],
         "reachable_reduction": {key: round(value, 4) for key, value in reachable.items()},

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from core.data import Dataset
-from core.metrics import count_macs_params, drift, top1
+from core.measure.accuracy import drift, top1
+from core.measure.size import count_macs_params
 from core.options import CompressOptions, Target
 from core.progress import Reporter
-from core.recovery import iterations_for, recover
-from core.surgery import Means
+from core.recovery.distill import iterations_for, recover
+from core.surgery.units import Means, UnitKey
 
 # The result may miss the size target by this much and still count as met (issue #2).
 TARGET_TOLERANCE = 0.03
@@ -38,9 +39,9 @@ class RunContext:
     params0: int = 0
     acc0: float = 0.0
     started: float = field(default_factory=time.monotonic)
-    original_widths: dict[str, int] = field(default_factory=dict)
-    # root name -> whether its group survives a one-channel cut (see surgery.survives_channel_cut)
-    cuttable: dict[str, bool] = field(default_factory=dict)
+    original_widths: dict[UnitKey, int] = field(default_factory=dict)
+    # group key -> whether its group survives a one-channel cut (see surgery.survives_channel_cut)
+    cuttable: dict[UnitKey, bool] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     filter_steps: int = 0
     # consumers' and readers' input statistics from the last scoring (CompressOptions.mean_compensation)

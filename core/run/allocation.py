@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.context import RunContext
-from core.metrics import all_logits, kl_from
-from core.surgery import PrunableGroup, apply_plan, make_plan
+from core.measure.accuracy import all_logits, kl_from
+from core.run.context import RunContext
+from core.surgery.apply import apply_plan
+from core.surgery.groups import PrunableGroup
+from core.surgery.plan import make_plan
 
 # Inputs the probes are measured on (the first calibration samples): enough to rank groups whose
 # drifts differ by orders of magnitude, few enough that a probe costs about one forward pass.
@@ -75,7 +77,7 @@ def _probe(ctx: RunContext, model: nn.Module, size: tuple[int, int], group: Prun
     if group.capacity == 0:
         return None
     plan = make_plan([group], [unit_scores], n, ctx.options.round_to)
-    units = [i for i in plan.get(group.root_name, []) if i < group.width]
+    units = [i for i in plan.get(group.key, []) if i < group.width]
     if not units:
         return None
     probe = copy.deepcopy(model)

@@ -14,20 +14,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.attention import convert_multihead_attention, find_sites, holds_attention
-from core.blocks import BlockCandidate, find_blocks, remove_block
-from core.context import TARGET_TOLERANCE, RunContext
 from core.data import Dataset, check_against_model, split
-from core.divergence import filter_divergence
 from core.errors import OptionsError, TargetUnreachableError
-from core.export import OnnxSpec, export_onnx, export_pt2, verify_onnx
-from core.metrics import all_logits, ort_latency_ms
+from core.export.artifacts import export_onnx, export_pt2, verify_onnx
+from core.export.spec import OnnxSpec
+from core.graph.attention import convert_multihead_attention, find_sites, holds_attention
+from core.graph.blocks import BlockCandidate, find_blocks, remove_block
+from core.graph.tracing import forward_once
+from core.importance.divergence import filter_divergence
+from core.measure.accuracy import all_logits
+from core.measure.latency import ort_latency_ms
 from core.options import CompressOptions, Target
 from core.progress import CancelFn, ProgressFn, Reporter
-from core.recovery import pick_feature_points
-from core.stages import group_candidates, last_layer_of_its_stack, prune_filters, remove_layers
-from core.surgery import apply_plan, build_graph, make_plan
-from core.tracing import forward_once
+from core.recovery.features import pick_feature_points
+from core.run.context import TARGET_TOLERANCE, RunContext
+from core.run.stages import group_candidates, last_layer_of_its_stack, prune_filters, remove_layers
+from core.surgery.apply import apply_plan
+from core.surgery.groups import build_graph
+from core.surgery.plan import make_plan
 
 
 @dataclass

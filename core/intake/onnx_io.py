@@ -19,8 +19,8 @@ from onnx import external_data_helper
 from torch import nn
 
 from core.errors import DataError, InputFileError, first_line
-from core.export import BATCH_AXIS_NAME, ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
-from core.metrics import logits_of
+from core.export.spec import BATCH_AXIS_NAME, ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
+from core.graph.tracing import logits_of
 
 _REEXPORT_HINT = (
     "Re-export the model with torch.onnx.export(model, example, 'model.onnx', input_names=['input'], "

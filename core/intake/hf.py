@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 from core.errors import InputFileError, first_line
-from core.export import OnnxSpec
+from core.export.spec import OnnxSpec
+from core.graph.attention import find_sites
+from core.graph.blocks import SkippedLayer
+from core.intake.loaded import LoadedModel
 
 _TASKS = ("ForSequenceClassification", "ForImageClassification")
 _DIR_HINT = "Zip the directory written by model.save_pretrained(dir, safe_serialization=True) (and the tokenizer's)."
@@ -43,12 +46,10 @@ class ImageClassifier(nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def load_hf_directory(root: Path) -> Any:
+def load_hf_directory(root: Path) -> LoadedModel:
     """A `LoadedModel` for the classifier saved in `root`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
-
-    from core.model_io import LoadedModel
 
     config = _config(root, transformers)
     task_class = _task_class(config, transformers)
@@ -143,9 +144,6 @@ def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example:
 
 def _describe_in_config(model: nn.Module) -> str | None:
     """Update `model.config` to the pruned shape, or say which pruned shape it cannot hold."""
-    from core.attention import find_sites
-    from core.blocks import SkippedLayer
-
     config = model.config
     for stack in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
         skipped = [i for i, layer in enumerate(stack) if isinstance(layer, SkippedLayer)]

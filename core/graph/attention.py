@@ -1,5 +1,5 @@
-"""Attention heads as prunable units (method §2): finding attention modules, scoring their
-heads by flow divergence, and removing heads.
+"""Attention heads as prunable units (method §2): finding the attention modules whose heads can be
+scored (core.importance.heads) and removed (core.surgery.heads).
 
 A recognised attention module has separate query/key/value projections, an explicit head
 count and head size, and one output projection that consumes the concatenated heads.
@@ -12,16 +12,14 @@ reported as not recognised, and only the widths around it are pruned.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.divergence import InputMoments, InputStats, compensate_linear, run_calibration, token_rows
+from core.graph.tracing import logits_of
 
-HEADS = "heads:"  # prefix of plan keys that name an attention module's heads
 _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
 _HEAD_COUNT = ("num_attention_heads", "num_heads", "n_heads")
 _HEAD_SIZE = ("attention_head_size", "head_dim")
@@ -102,8 +100,6 @@ def holds_attention(module: nn.Module) -> bool:
 def convert_multihead_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Swap each nn.MultiheadAttention for SelfAttention where the model's outputs stay the same
     (self-attention without masks); the others stay, their heads unpruned."""
-    from core.metrics import logits_of
-
     mhas = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if not mhas:
         return []
@@ -180,117 +176,3 @@ def _output_projection(model: nn.Module, name: str, module: nn.Module, width: in
     except AttributeError:
         return None
     return candidate if isinstance(out, nn.Linear) and out.in_features == width else None
-
-
-@torch.no_grad()
-def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.Tensor, device: torch.device,
-                    batch_size: int, means_out: dict[str, InputStats] | None = None,
-                    with_cov: bool = False) -> dict[str, torch.Tensor]:
-    """s_h = (1/n)‖O_h‖_F · (‖W_Q^h‖_F + ‖W_K^h‖_F + ‖W_V^h‖_F), averaged over the calibration samples;
-    O_h is head h's output before the output projection (its input, split by head).
-
-    With `means_out` (a dict to fill), O_h is taken minus its calibration mean; the statistics of the
-    output projection's inputs (the mean, with `with_cov` the covariance too) are stored per site
-    for `remove_heads` to compensate with.
-    """
-    squares: dict[str, list[torch.Tensor]] = {}
-    sums: dict[str, list[torch.Tensor]] = {}
-    tokens: dict[str, int] = {}
-    moments = {site.name: InputMoments(with_cov) for site in sites}
-    batch_mask: dict[str, torch.Tensor | None] = {"mask": None}  # of the batch being run
-    handles = []
-    for site in sites:
-        heads = site.num_heads(model)
-
-        def pre(_m: nn.Module, inputs: tuple, site: AttentionSite = site, heads: int = heads) -> None:
-            x = inputs[0].detach().float()
-            x = x.reshape(x.shape[0], -1, heads, site.head_dim)  # batch, tokens, heads, head size
-            squares.setdefault(site.name, []).append(x.pow(2).sum(dim=(1, 3)).cpu())
-            if means_out is not None:
-                sums.setdefault(site.name, []).append(x.sum(dim=1).cpu())  # batch, heads, head size
-                moments[site.name].add(token_rows(x.flatten(2), batch_mask["mask"]))
-            tokens[site.name] = x.shape[1]
-
-        handles.append(model.get_submodule(site.out).register_forward_pre_hook(pre))
-    run_calibration(model, calib, device, batch_size, handles, batch_mask)
-    scores = {}
-    for site in sites:
-        if site.name not in squares:
-            continue
-        sq, n = torch.cat(squares[site.name]), tokens[site.name]
-        if means_out is not None:
-            s1 = torch.cat(sums[site.name])
-            mean = s1.sum(0) / (len(s1) * n)
-            sq = (sq - 2 * (mean * s1).sum(-1) + n * mean.pow(2).sum(-1)).clamp_min(0)
-            means_out[site.name] = moments[site.name].stats()
-        scores[site.name] = (sq.sqrt() / n).mean(0) * head_weight_norms(model, site)
-    return scores
-
-
-def head_weight_norms(model: nn.Module, site: AttentionSite) -> torch.Tensor:
-    """‖W_Q^h‖_F + ‖W_K^h‖_F + ‖W_V^h‖_F per head (also the magnitude baseline's score)."""
-    heads = site.num_heads(model)
-    total = torch.zeros(heads)
-    for proj in site.projections(model):
-        total += proj.weight.detach().float().cpu().reshape(heads, site.head_dim, -1).pow(2).sum(dim=(1, 2)).sqrt()
-    return total
-
-
-def head_taylor(model: nn.Module, site: AttentionSite) -> torch.Tensor:
-    """|Σ w·∂L/∂w| per head over q/k/v, from gradients already accumulated on the model."""
-    heads = site.num_heads(model)
-    total = torch.zeros(heads)
-    for proj in site.projections(model):
-        if proj.weight.grad is None:
-            continue
-        product = (proj.weight.detach() * proj.weight.grad).float().cpu().reshape(heads, -1)
-        total += product.sum(1).abs()
-    return total
-
-
-def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], stats: InputStats | None = None) -> None:
-    """Remove `heads` in place: q/k/v output rows, the output projection's input columns, and the
-    module's head count (and all-heads size). With `stats` (of the output projection's inputs), the
-    projection makes up for the removed heads first (`compensate_linear`)."""
-    module = model.get_submodule(site.name)
-    count = site.num_heads(model)
-    keep_heads = [h for h in range(count) if h not in set(heads)]
-    out = model.get_submodule(site.out)
-    if stats is not None and out.bias is not None:
-        compensate_linear(out, [h * site.head_dim + i for h in heads for i in range(site.head_dim)], stats)
-    keep = torch.tensor([h * site.head_dim + i for h in keep_heads for i in range(site.head_dim)],
-                        device=module.get_submodule(site.qkv[0]).weight.device)
-    for attr in site.qkv:
-        _keep_rows(getattr(module, attr), keep)
-    _keep_columns(model.get_submodule(site.out), keep)
-    setattr(module, site.count_attr, len(keep_heads))
-    if site.size_attr is not None:
-        setattr(module, site.size_attr, len(keep_heads) * site.head_dim)
-
-
-def _keep_rows(linear: nn.Linear, keep: torch.Tensor) -> None:
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, keep).clone())
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, keep).clone())
-    linear.out_features = len(keep)
-
-
-def _keep_columns(linear: nn.Linear, keep: torch.Tensor) -> None:
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, keep).clone())
-    linear.in_features = len(keep)
-
-
-def removable(model: nn.Module, site: AttentionSite, example: torch.Tensor) -> bool:
-    """Whether the model still runs with one head of `site` removed (checked on a copy): the
-    module's forward may use attributes this code does not know about."""
-    if site.num_heads(model) < 2:
-        return False
-    trial = copy.deepcopy(model)
-    try:
-        remove_heads(trial, site, [0])
-        with torch.no_grad():
-            trial.eval()(example)
-    except Exception:  # any failure means the module cannot lose heads this way
-        return False
-    return True
-

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from core.archives import ZipLimits, open_zip, safe_members
 from core.data import Dataset
 from core.errors import DataError
+from core.intake.archives import ZipLimits, open_zip, safe_members
 from core.options import IntakeOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")

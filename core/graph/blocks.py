@@ -15,8 +15,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from core.attention import holds_attention
-from core.tracing import ContainerCall, containers_called_once
+from core.graph.attention import holds_attention
+from core.graph.tracing import ContainerCall, containers_called_once
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Identity, nn.Dropout)

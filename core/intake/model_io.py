@@ -14,16 +14,16 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from core import architectures
-from core.archives import ZipLimits, extract, holds_only_arrays, is_zip, open_zip
 from core.errors import InputFileError, OptionsError, first_line
+from core.intake import architectures
+from core.intake.archives import ZipLimits, extract, holds_only_arrays, is_zip, open_zip
+from core.intake.hf import load_hf_directory
+from core.intake.loaded import LoadedModel
 from core.options import IntakeOptions
 
 FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -34,25 +34,6 @@ _FORMATS_HINT = (
     "Upload an ONNX file, safetensors weights with an architecture (e.g. torchvision:resnet18), "
     "or a zipped Hugging Face model directory."
 )
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for `compress`, and what its format tells about its inputs."""
-
-    module: nn.Module
-    format: str  # onnx | safetensors | hf | pickle | factory
-    # One input batch the model accepts (two samples), when the format says what inputs look like.
-    example: torch.Tensor | None = None
-    tokenizer: Any = None
-    onnx_spec: Any = None  # core.export.OnnxSpec of an ONNX upload: the export keeps its names and axes
-    label_names: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def input_channels(self) -> int | None:
-        first = next((m for m in self.module.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-        return None if first is None else first.in_channels
 
 
 def is_factory_spec(spec: str) -> bool:
@@ -140,7 +121,7 @@ def _zip_format(path: Path) -> str:
 
 
 def _load_onnx(path: Path, intake: IntakeOptions) -> LoadedModel:
-    from core.onnx_io import load_onnx
+    from core.intake.onnx_io import load_onnx
 
     converted = load_onnx(path)
     return LoadedModel(converted.module, "onnx", example=converted.example, onnx_spec=converted.spec,
@@ -160,8 +141,6 @@ def _load_weights(path: Path, intake: IntakeOptions) -> LoadedModel:
 
 
 def _load_hf_zip(path: Path, intake: IntakeOptions) -> LoadedModel:
-    from core.hf import load_hf_directory
-
     scratch = Path(tempfile.mkdtemp(prefix="idap-hf-"))
     try:
         extract(path, scratch, ZipLimits(intake.max_zip_members, intake.max_unpacked_bytes))

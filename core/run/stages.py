@@ -11,39 +11,25 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from core.allocation import drift_per_size
-from core.attention import (
-    HEADS,
-    AttentionSite,
-    find_sites,
-    head_divergence,
-    head_taylor,
-    head_weight_norms,
-    removable,
-)
-from core.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_block
-from core.context import RunContext
-from core.divergence import (
+from core.graph.attention import AttentionSite, find_sites
+from core.graph.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_block
+from core.importance.divergence import (
     DivergenceScorer,
-    InputStats,
+    GroupScorer,
     baseline_scorer,
     block_divergence,
     filter_divergence,
-    linear_input_stats,
     taylor_gradients,
 )
-from core.surgery import (
-    READERS,
-    GroupScorer,
-    PrunableGroup,
-    apply_plan,
-    build_graph,
-    make_plan,
-    planned_units,
-    prunable_groups,
-    score_groups,
-    survives_channel_cut,
-)
+from core.importance.heads import head_divergence, head_taylor, head_weight_norms
+from core.importance.statistics import InputStats, linear_input_stats
+from core.run.allocation import drift_per_size
+from core.run.context import RunContext
+from core.surgery.apply import apply_plan, survives_channel_cut
+from core.surgery.groups import PrunableGroup, build_graph, prunable_groups
+from core.surgery.heads import removable
+from core.surgery.plan import make_plan, planned_units, score_groups
+from core.surgery.units import UnitKey, UnitKind
 
 
 def group_candidates(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph) -> list[PrunableGroup]:
@@ -53,9 +39,9 @@ def group_candidates(ctx: RunContext, model: nn.Module, graph: tp.DependencyGrap
     opts = ctx.options
 
     def survives(group: PrunableGroup) -> bool:
-        if group.root_name not in ctx.cuttable:
-            ctx.cuttable[group.root_name] = survives_channel_cut(model, ctx.example, group)
-        return ctx.cuttable[group.root_name]
+        if group.key not in ctx.cuttable:
+            ctx.cuttable[group.key] = survives_channel_cut(model, ctx.example, group)
+        return ctx.cuttable[group.key]
 
     groups = prunable_groups(graph, model, ignored, ctx.original_widths, opts.min_width_fraction,
                              opts.min_channels, survives)
@@ -65,7 +51,7 @@ def group_candidates(ctx: RunContext, model: nn.Module, graph: tp.DependencyGrap
 def _head_groups(ctx: RunContext, model: nn.Module) -> list[PrunableGroup]:
     groups = []
     for site in find_sites(model)[0]:
-        key = HEADS + site.name
+        key = UnitKey(UnitKind.HEADS, site.name)
         if any(name in ctx.ignored for name in (site.name, site.out)):
             continue
         if key not in ctx.cuttable:
@@ -101,11 +87,13 @@ def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
                                 with_cov=fit) if sites else {}
         if layer_means is not None and head_means is not None:
             names = {module: name for name, module in model.named_modules()}
-            ctx.unit_means = {names[m]: (names[c], mean) for m, (c, mean) in layer_means.items()} | {
-                HEADS + site.name: (site.out, head_means[site.name]) for site in sites if site.name in head_means}
+            ctx.unit_means = {
+                UnitKey(UnitKind.CHANNELS, names[m]): (names[c], mean) for m, (c, mean) in layer_means.items()} | {
+                UnitKey(UnitKind.HEADS, site.name): (site.out, head_means[site.name])
+                for site in sites if site.name in head_means}
             consumers = {c: stats for c, stats in layer_means.values()} | {
                 model.get_submodule(site.out): head_means[site.name] for site in sites if site.name in head_means}
-            ctx.unit_means |= {READERS + names[m]: (names[m], stats) for m, stats in
+            ctx.unit_means |= {UnitKey(UnitKind.READERS, names[m]): (names[m], stats) for m, stats in
                                linear_input_stats(model, ctx.calib, ctx.device, batch, fit, consumers).items()}
         if layer_sum:
             heads = {name: s / (s.mean() + 1e-12) for name, s in heads.items()}

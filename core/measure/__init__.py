@@ -1,0 +1,1 @@
+"""Measurements of a model: size (MACs, params), accuracy and drift, ONNX Runtime latency."""

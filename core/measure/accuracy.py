@@ -1,0 +1,44 @@
+"""How well a model still does: top-1 on the held-out split, and drift from the original's outputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.data import Dataset
+from core.graph.tracing import logits_of
+
+
+@torch.no_grad()
+def all_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([logits_of(model(x[i : i + batch_size].to(device))).float().cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    return all_logits(model, x, device, batch_size).argmax(1)
+
+
+def drift(model: nn.Module, x: torch.Tensor, device: torch.device, reference: torch.Tensor) -> float:
+    """Mean KL divergence of `model`'s outputs on `x` from the `reference` logits (the original
+    model's): how far a pruned candidate has moved from the function it should keep. Unlike top-1
+    or the loss against labels, it still separates two candidates on samples the original has
+    memorised, where both are right and confident."""
+    return kl_from(reference, all_logits(model, x, device))
+
+
+def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL divergence of the distributions `logits` give from those `reference` gives (in float64:
+    a cut that barely moves the logits must still measure above zero)."""
+    log_p = torch.log_softmax(reference.double(), dim=1)
+    log_q = torch.log_softmax(logits.double(), dim=1)
+    return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+
+
+def top1(model: nn.Module, data: Dataset, device: torch.device, reference: torch.Tensor | None) -> float:
+    """Top-1 against the labels, or agreement with `reference` predictions when unlabeled."""
+    target = data.y if data.y is not None else reference
+    if target is None:
+        raise ValueError("Unlabeled data needs the original model's predictions as reference.")
+    return float((predict(model, data.x, device) == target).float().mean())

@@ -1,0 +1,92 @@
+"""Recovery fine-tuning by knowledge distillation from the model before the step (method §5)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from core.data import Dataset
+from core.graph.tracing import logits_of
+from core.progress import Reporter
+from core.recovery.features import FeatureTap, feature_loss
+
+
+def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield order[i : i + batch_size]
+
+
+def iterations_for(n: int, batch_size: int, epochs: float, iterations: int | None) -> int:
+    if iterations is not None:
+        return iterations
+    return math.ceil(epochs * n / min(batch_size, n))
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Dataset,
+    feature_points: list[str],
+    iterations: int,
+    *,
+    device: torch.device,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    temperature: float,
+    kd_weight: float,
+    feature_weight: float,
+    seed: int,
+    reporter: Reporter,
+) -> None:
+    """Fine-tune `student` in place for `iterations` steps.
+
+    loss = CE(student, labels) + kd_weight·KL + w·Σ L1(adapter(f_s), f_t) with labels, KL being
+    KL(student ‖ teacher) at temperature T scaled by T²; without labels the task term is KL alone.
+    Cancellation is checked every iteration.
+    """
+    if iterations <= 0:
+        return
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    s_tap, t_tap = FeatureTap(student, feature_points), FeatureTap(teacher, feature_points)
+    adapters: dict[str, nn.Module | None] = {}
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    batches = _shuffled_batches(len(data), min(batch_size, len(data)), generator)
+    try:
+        for _ in range(iterations):
+            reporter.check_cancel()
+            index = next(batches)
+            x = data.x[index].to(device)
+            with torch.no_grad():
+                t_logits = logits_of(teacher(x))
+            s_logits = logits_of(student(x))
+            soft = nn.functional.kl_div(
+                nn.functional.log_softmax(s_logits / temperature, dim=1),
+                nn.functional.log_softmax(t_logits / temperature, dim=1),
+                log_target=True,
+                reduction="batchmean",
+            ) * temperature**2
+            if data.y is not None:
+                loss = nn.functional.cross_entropy(s_logits, data.y[index].to(device)) + kd_weight * soft
+            else:
+                loss = soft
+            loss = loss + feature_weight * feature_loss(s_tap, t_tap, adapters, optimizer, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        s_tap.close()
+        t_tap.close()
+        student.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(True)

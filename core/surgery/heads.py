@@ -1,0 +1,59 @@
+"""Removing attention heads: q/k/v rows, the output projection's columns, and the head count."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from core.graph.attention import AttentionSite
+from core.importance.statistics import InputStats
+from core.surgery.compensation import compensate_linear
+
+
+def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], stats: InputStats | None = None) -> None:
+    """Remove `heads` in place: q/k/v output rows, the output projection's input columns, and the
+    module's head count (and all-heads size). With `stats` (of the output projection's inputs), the
+    projection makes up for the removed heads first (`compensate_linear`)."""
+    module = model.get_submodule(site.name)
+    count = site.num_heads(model)
+    keep_heads = [h for h in range(count) if h not in set(heads)]
+    out = model.get_submodule(site.out)
+    if stats is not None and out.bias is not None:
+        compensate_linear(out, [h * site.head_dim + i for h in heads for i in range(site.head_dim)], stats)
+    keep = torch.tensor([h * site.head_dim + i for h in keep_heads for i in range(site.head_dim)],
+                        device=module.get_submodule(site.qkv[0]).weight.device)
+    for attr in site.qkv:
+        _keep_rows(getattr(module, attr), keep)
+    _keep_columns(model.get_submodule(site.out), keep)
+    setattr(module, site.count_attr, len(keep_heads))
+    if site.size_attr is not None:
+        setattr(module, site.size_attr, len(keep_heads) * site.head_dim)
+
+
+def _keep_rows(linear: nn.Linear, keep: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, keep).clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, keep).clone())
+    linear.out_features = len(keep)
+
+
+def _keep_columns(linear: nn.Linear, keep: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, keep).clone())
+    linear.in_features = len(keep)
+
+
+def removable(model: nn.Module, site: AttentionSite, example: torch.Tensor) -> bool:
+    """Whether the model still runs with one head of `site` removed (checked on a copy): the
+    module's forward may use attributes this code does not know about."""
+    if site.num_heads(model) < 2:
+        return False
+    trial = copy.deepcopy(model)
+    try:
+        remove_heads(trial, site, [0])
+        with torch.no_grad():
+            trial.eval()(example)
+    except Exception:  # any failure means the module cannot lose heads this way
+        return False
+    return True
