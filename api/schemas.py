@@ -8,7 +8,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from core import CompressOptions, Target
-from core.options import STAGES, Stage
+from core.options import Stage
 from domain.config import InputHints, MethodIn, TargetIn
 from domain.read_model import JobOut
 
@@ -17,7 +17,7 @@ class InspectConfig(InputHints):
     """The `config` part of POST /v1/inspect: what the preflight needs, target optional."""
 
     target: TargetIn | None = None
-    stages: list[Stage] = Field(default_factory=lambda: list(STAGES), min_length=1)
+    stages: list[Stage] = Field(default_factory=lambda: list(Stage), min_length=1)
     method: MethodIn = MethodIn()
 
     def target_core(self) -> Target | None:
