@@ -6,8 +6,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core import CompressOptions, Target
-from core.options import Allocation, GroupScores, IntakeOptions, Stage
+from core.options import Allocation, CompressOptions, GroupScores, IntakeOptions, Stage, Target
 from domain.settings import Settings
 
 _DEFAULTS = CompressOptions()
