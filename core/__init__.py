@@ -8,13 +8,18 @@ from core.errors import Cancelled, UserError
 from core.options import CompressOptions, Target
 from core.pipeline import Result, compress
 from core.progress import ProgressEvent
+from core.report import PreflightReport, Report, ReportHeadline, StopReason
 
 __all__ = [
     "Cancelled",
     "CompressOptions",
     "Dataset",
+    "PreflightReport",
     "ProgressEvent",
+    "Report",
+    "ReportHeadline",
     "Result",
+    "StopReason",
     "Target",
     "UserError",
     "compress",
