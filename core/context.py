@@ -13,7 +13,7 @@ from torch import nn
 from core.data import Dataset
 from core.goals import Goals, Size
 from core.metrics import count_macs_params, drift, top1
-from core.options import CompressOptions, Target
+from core.options import CompressOptions
 from core.progress import Reporter
 from core.recovery import iterations_for, recover
 from core.report import RemovedBlock, StepRecord, StepStage, WidthComparison
@@ -62,10 +62,6 @@ class RunSpec(RunInputs):
     def of(cls, inputs: RunInputs, goals: Goals, started: float) -> RunSpec:
         budget = inputs.options.time_budget_s
         return cls(**vars(inputs), goals=goals, deadline=None if budget is None else started + budget)
-
-    @property
-    def target(self) -> Target:
-        return self.goals.target
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
