@@ -1,8 +1,8 @@
 """What a run reports: report.json (`Report`), the preflight (`PreflightReport`) and their parts.
 
-The JSON shapes are what stored jobs and the UI read: field names, order and value shapes
-follow the dicts these models replaced, and keys that only some runs have are left out of the
-JSON when a run does not set them.
+The JSON shapes are what stored jobs and the UI read: keys and value shapes are those of the
+dicts these models replaced, and keys that only some runs have are left out of the JSON when a
+run does not set them.
 """
 
 from __future__ import annotations
@@ -151,12 +151,21 @@ class ReportHeadline(_Frozen):
     pt2_error: str | None
 
 
-# Set by core.intake for uploaded files (and hf_pretrained* only for Hugging Face uploads); a
-# model handed to compress directly has none of these keys.
 _UPLOAD_KEYS = ("input_format", "hf_pretrained", "hf_pretrained_error")
 
 
-class Report(_Frozen):
+class _FromUpload(_Frozen):
+    """A report that core.intake completes for uploaded files: its keys about the upload
+    (input_format, and hf_pretrained* for Hugging Face uploads) are in the JSON only when set,
+    as for a model handed to compress directly they never were."""
+
+    @model_serializer(mode="wrap")
+    def _without_unset_upload_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items()
+                if key not in _UPLOAD_KEYS or key in self.model_fields_set}
+
+
+class Report(_FromUpload):
     """report.json: the model before and after, every step, and why the run stopped."""
 
     macs_before: int
@@ -197,12 +206,8 @@ class Report(_Frozen):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def removed_blocks(self) -> list[str]:
+        """The names in `blocks`; a key of its own in report.json (after the others), which readers use."""
         return [block.name for block in self.blocks]
-
-    @model_serializer(mode="wrap")
-    def _without_unset_upload_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items()
-                if key not in _UPLOAD_KEYS or key in self.model_fields_set}
 
     def headline(self) -> ReportHeadline:
         return ReportHeadline(
@@ -252,7 +257,7 @@ class Estimate(_Frozen):
     train_step_s: float
 
 
-class PreflightReport(_Frozen):
+class PreflightReport(_FromUpload):
     """What a compression job would face (core.preflight): sizes, what can be pruned, what can be reached."""
 
     macs: int
@@ -273,11 +278,6 @@ class PreflightReport(_Frozen):
     notes: list[str]
     seconds: float
     input_format: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_unset_upload_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items()
-                if key not in _UPLOAD_KEYS or key in self.model_fields_set}
 
 
 def to_json(report: BaseModel) -> str:
