@@ -97,6 +97,8 @@ class Scoring:
 
 
 def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: list[PrunableGroup]) -> Scoring:
+    """The scores of `groups` by the run's criterion, with the statistics gathered on the same
+    calibration pass that the plans made from them compensate with."""
     spec = run.spec
     criterion = spec.options.criterion
     batch = spec.options.batch_size
