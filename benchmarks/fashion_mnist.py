@@ -34,11 +34,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.cli_types import floats, method_list
-from core import CompressOptions, Dataset, ProgressEvent, Target, compress
+from core.data import Dataset
 from core.examples import BasicBlock
 from core.export.artifacts import export_onnx
 from core.measure.latency import ort_latency_ms
-from core.progress import ProgressFn
+from core.options import CompressOptions, Target
+from core.progress import ProgressEvent, ProgressFn
+from core.report import Report
+from core.run.pipeline import compress
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 HERE = Path(__file__).resolve().parent
@@ -274,28 +277,28 @@ def _reduction(before: float, after: float) -> float:
     return 1.0 - after / before if before else 0.0
 
 
-def row_from_report(method: str, level: float, report: dict[str, Any], settings: Settings,
+def row_from_report(method: str, level: float, report: Report, settings: Settings,
                     top1_before: float, top1_after: float) -> dict[str, Any]:
-    lat_before, lat_after = report["latency_ms_before"], report["latency_ms_after"]
+    lat_before, lat_after = report.latency_ms_before, report.latency_ms_after
     return {
         "method": method, "label": METHODS[method][2], "level": level,
         "criterion": METHODS[method][0], "stages": list(METHODS[method][1]),
         "test_top1_before": top1_before, "test_top1_after": top1_after,
         "drop_points": round(100 * (top1_before - top1_after), 3),
-        "val_top1_before": report["accuracy_before"], "val_top1_after": report["accuracy_after"],
-        "macs_before": report["macs_before"], "macs_after": report["macs_after"],
-        "macs_reduction": report["macs_reduction"],
-        "params_before": report["params_before"], "params_after": report["params_after"],
-        "params_reduction": report["params_reduction"],
+        "val_top1_before": report.accuracy_before, "val_top1_after": report.accuracy_after,
+        "macs_before": report.macs_before, "macs_after": report.macs_after,
+        "macs_reduction": report.macs_reduction,
+        "params_before": report.params_before, "params_after": report.params_after,
+        "params_reduction": report.params_reduction,
         "latency_ms_before": lat_before, "latency_ms_after": lat_after,
         "latency_reduction": {k: round(_reduction(lat_before[k], lat_after[k]), 4) for k in lat_before},
-        "removed_blocks": report["removed_blocks"],
-        "steps": len(report["steps"]),
+        "removed_blocks": report.removed_blocks,
+        "steps": len(report.steps),
         # every recorded step (accepted or rolled back) was recovered; the final recovery comes on top
-        "recovery_iterations_total": len(report["steps"]) * settings.recovery_iterations
+        "recovery_iterations_total": len(report.steps) * settings.recovery_iterations
         + settings.final_recovery_iterations,
-        "stop_reason": report["stop_reason"], "target_met": report["target_met"],
-        "wall_s": report["seconds"], "error": None,
+        "stop_reason": report.stop_reason.value, "target_met": report.target_met,
+        "wall_s": report.seconds, "error": None,
     }
 
 

@@ -31,7 +31,6 @@ from torch import nn
 from benchmarks import minilm
 from benchmarks.cli_types import floats, method_list, option_override
 from benchmarks.fashion_mnist import environment, log
-from core import CompressOptions, ProgressEvent, Target
 from core.data import Dataset
 from core.export.artifacts import export_onnx
 from core.intake.files import compress_files, open_data
@@ -39,8 +38,8 @@ from core.intake.loaded import LoadedModel
 from core.intake.model_io import open_model
 from core.measure.latency import ort_latency_ms
 from core.measure.size import count_macs_params
-from core.options import IntakeOptions
-from core.progress import ProgressFn
+from core.options import CompressOptions, IntakeOptions, Target
+from core.progress import ProgressEvent, ProgressFn
 
 HERE = Path(__file__).resolve().parent
 CACHE_DIR = HERE / "cache"
@@ -247,21 +246,21 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
     row |= {
         "accuracy_before": before["accuracy"], "accuracy_after": accuracy,
         "drop_points": round(100 * (before["accuracy"] - accuracy), 3),
-        "heldout_accuracy_before": report["accuracy_before"], "heldout_accuracy_after": report["accuracy_after"],
+        "heldout_accuracy_before": report.accuracy_before, "heldout_accuracy_after": report.accuracy_after,
         "params_before": before["params"], "params_after": params,
         "params_reduction": round(_reduction(before["params"], params), 4),
         "encoder_params_before": before["encoder_params"], "encoder_params_after": encoder,
         "encoder_params_reduction": round(_reduction(before["encoder_params"], encoder), 4),
         "macs_before": before["macs"], "macs_after": macs, "macs_reduction": round(_reduction(before["macs"], macs), 4),
         "architecture_after": shape,
-        "removed_blocks": report["removed_blocks"],
-        "steps": len(report["steps"]),
+        "removed_blocks": report.removed_blocks,
+        "steps": len(report.steps),
         # every recorded step (accepted or rolled back) was recovered; the final recovery comes on top
-        "recovery_iterations_total": len(report["steps"]) * settings.recovery_iterations
+        "recovery_iterations_total": len(report.steps) * settings.recovery_iterations
         + settings.final_recovery_iterations,
-        "stop_reason": report["stop_reason"], "target_met": report["target_met"],
-        "notes": report["notes"], "onnx_max_abs_diff": report["onnx_max_abs_diff"],
-        "wall_s": report["seconds"], "onnx": str(onnx_path),
+        "stop_reason": report.stop_reason.value, "target_met": report.target_met,
+        "notes": report.notes, "onnx_max_abs_diff": report.onnx_max_abs_diff,
+        "wall_s": report.seconds, "onnx": str(onnx_path),
     }
     log(f"{name}: eval top-1 {accuracy:.4f} (drop {row['drop_points']:.2f} pts), params -{row['params_reduction']:.1%}"
         f" (encoder -{row['encoder_params_reduction']:.1%}), MACs -{row['macs_reduction']:.1%}, {row['wall_s']:.0f} s")

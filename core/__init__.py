@@ -8,14 +8,19 @@ from core.errors import Cancelled, UserError
 from core.intake.npz import load_npz
 from core.options import CompressOptions, Target
 from core.progress import ProgressEvent
+from core.report import PreflightReport, Report, ReportHeadline, StopReason
 from core.run.pipeline import Result, compress
 
 __all__ = [
     "Cancelled",
     "CompressOptions",
     "Dataset",
+    "PreflightReport",
     "ProgressEvent",
+    "Report",
+    "ReportHeadline",
     "Result",
+    "StopReason",
     "Target",
     "UserError",
     "compress",

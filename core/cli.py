@@ -8,7 +8,6 @@ whole run succeeded, so --out never holds a half-written result.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
@@ -21,11 +20,12 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from core import CompressOptions, ProgressEvent, Target, UserError
-from core.errors import ExportError, OptionsError
+from core.errors import ExportError, OptionsError, UserError
 from core.intake.files import compress_files, inspect_files
 from core.intake.model_io import detect_format, is_factory_spec
-from core.options import IntakeOptions, parse_stages
+from core.options import CompressOptions, IntakeOptions, Target, parse_stages
+from core.progress import ProgressEvent
+from core.report import PreflightReport, Report, to_json
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -193,7 +193,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     intake = _intake(args)
     weights = None if args.weights is None else Path(args.weights)
     report = inspect_files(_model_spec(args, intake), args.data, target, options, intake, weights=weights)
-    print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+    print(to_json(report) if args.json else format_inspection(report))
     return 0
 
 
@@ -310,13 +310,13 @@ class _ProgressBar:
         self._bar.close()
 
 
-def format_summary(report: dict[str, Any]) -> str:
+def format_summary(report: Report) -> str:
     """The before/after table printed at the end of `idap prune`."""
-    latency_before, latency_after = report["latency_ms_before"], report["latency_ms_after"]
-    accuracy_before, accuracy_after = report["accuracy_before"], report["accuracy_after"]
+    latency_before, latency_after = report.latency_ms_before, report.latency_ms_after
+    accuracy_before, accuracy_after = report.accuracy_before, report.accuracy_after
     rows = [
-        _relative_row("MACs", report["macs_before"], report["macs_after"], _mega),
-        _relative_row("Params", report["params_before"], report["params_after"], _mega),
+        _relative_row("MACs", report.macs_before, report.macs_after, _mega),
+        _relative_row("Params", report.params_before, report.params_after, _mega),
         ("Accuracy", f"{accuracy_before:.2%}", f"{accuracy_after:.2%}",
          f"{100 * (accuracy_after - accuracy_before):+.2f} pt"),
     ]
@@ -327,17 +327,17 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = [f"{'':<{width}}  {'before':>10}  {'after':>10}  {'change':>9}"]
     lines += [f"{label:<{width}}  {before:>10}  {after:>10}  {change:>9}"
               for label, before, after, change in rows]
-    removed = report["removed_blocks"]
+    removed = report.removed_blocks
     lines += [
-        f"ONNX max abs diff: {report['onnx_max_abs_diff']:.2e}",
+        f"ONNX max abs diff: {report.onnx_max_abs_diff:.2e}",
         f"Removed blocks: {len(removed)}" + (f" ({', '.join(removed)})" if removed else ""),
-        f"Target met: {'yes' if report['target_met'] else 'no'} (stop reason: {report['stop_reason']})",
+        f"Target met: {'yes' if report.target_met else 'no'} (stop reason: {report.stop_reason})",
     ]
-    # Keys beyond the documented ones: why the target was missed, and why model.pt2 is missing.
-    if not report["target_met"] and report.get("message"):
-        lines.append(report["message"])
-    if report.get("pt2_error"):
-        lines.append(f"model.pt2 was not written: {report['pt2_error']}")
+    # why the target was missed, and why model.pt2 is missing
+    if not report.target_met and report.message:
+        lines.append(report.message)
+    if report.pt2_error:
+        lines.append(f"model.pt2 was not written: {report.pt2_error}")
     return "\n".join(lines)
 
 
@@ -349,27 +349,27 @@ def _relative_row(label: str, before: float, after: float, show: Callable[[float
     return label, show(before), show(after), f"{(after - before) / before:+.1%}"
 
 
-def format_inspection(report: dict[str, Any]) -> str:
+def format_inspection(report: PreflightReport) -> str:
     """The preflight as a short table: sizes, what can be pruned, what can be reached."""
-    reach = report["reachable_reduction"]
-    estimate = report["estimate_seconds"]
-    groups = report["prunable_groups"]
+    reach = report.reachable_reduction
+    estimate = report.estimate_seconds
+    groups = report.prunable_groups
     lines = [
-        f"Format: {report['input_format']}; input {report['input_dtype']} {report['input_shape']}; "
-        f"{report['num_classes']} classes",
-        f"MACs: {_mega(report['macs'])}   Params: {_mega(report['params'])}",
-        f"Prunable groups: {len(groups)} ({sum(g['width'] for g in groups)} channels)",
+        f"Format: {report.input_format}; input {report.input_dtype} {report.input_shape}; "
+        f"{report.num_classes} classes",
+        f"MACs: {_mega(report.macs)}   Params: {_mega(report.params)}",
+        f"Prunable groups: {len(groups)} ({sum(g.width for g in groups)} channels)",
     ]
-    width = max((len(g["name"]) for g in groups), default=0)
-    lines += [f"  {g['name']:<{width}}  width {g['width']:>5}  min {g['min_width']:>4}" for g in groups]
-    lines.append(f"Not prunable: {len(report['not_prunable'])}")
-    lines += [f"  {row['name']} ({row['type']}): {row['reason']}" for row in report["not_prunable"]]
-    lines.append(f"Removable blocks: {', '.join(b['name'] for b in report['blocks']) or 'none'}")
+    width = max((len(g.name) for g in groups), default=0)
+    lines += [f"  {g.name:<{width}}  width {g.width:>5}  min {g.min_width:>4}" for g in groups]
+    lines.append(f"Not prunable: {len(report.not_prunable)}")
+    lines += [f"  {row.name} ({row.type}): {row.reason}" for row in report.not_prunable]
+    lines.append(f"Removable blocks: {', '.join(b.name for b in report.blocks) or 'none'}")
     lines.append(f"Largest reachable reduction: MACs -{reach['macs']:.1%}, params -{reach['params']:.1%}")
-    if report["feasible"] is not None:
-        lines.append("Target: feasible" if report["feasible"] else "Target: NOT feasible")
-    lines += [f"  {problem}" for problem in report["problems"]]
-    lines.append(f"Estimated job time: ~{estimate['cpu']:.0f} s on CPU, ~{estimate['gpu']:.0f} s on GPU "
-                 f"(measured on {estimate['measured_on']}, {estimate['steps']} steps)")
-    lines += [f"Note: {note}" for note in report["notes"]]
+    if report.feasible is not None:
+        lines.append("Target: feasible" if report.feasible else "Target: NOT feasible")
+    lines += [f"  {problem}" for problem in report.problems]
+    lines.append(f"Estimated job time: ~{estimate.cpu:.0f} s on CPU, ~{estimate.gpu:.0f} s on GPU "
+                 f"(measured on {estimate.measured_on}, {estimate.steps} steps)")
+    lines += [f"Note: {note}" for note in report.notes]
     return "\n".join(lines)

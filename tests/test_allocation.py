@@ -6,33 +6,32 @@ import math
 
 import torch
 
-from core import CompressOptions, Dataset, Target
+from core.data import Dataset
 from core.graph.attention import AttentionSite
 from core.importance.statistics import linear_input_stats
-from core.progress import Reporter
+from core.options import CompressOptions, Target
 from core.run.allocation import drift_per_size
-from core.run.pipeline import _prepare
 from core.run.stages import _group_scores, allocates_by_drift, group_candidates
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
 from core.surgery.plan import make_plan
 from core.surgery.units import UnitKey, UnitKind
 from tests.test_transformers import small_bert, tokens
-from tests.two_paths import TwoPaths, two_paths_run
+from tests.two_paths import TwoPaths, prepared_run, two_paths_run
 
 
 def test_units_that_barely_reach_the_output_go_first_whatever_their_scores():
     """Normalised per layer, both layers' scores average 1, so a global ranking takes units from
     both; measured, the quiet layer's units cost a fraction of the drift per parameter."""
     options = CompressOptions(device="cpu", allocation="scores", round_to=None, calibration_samples=128)
-    model, ctx, groups, graph = two_paths_run(TwoPaths(), options)
+    model, run, groups, graph = two_paths_run(TwoPaths(), options)
     names = [g.key.name for g in groups]
     assert sorted(names) == ["narrow", "wide"]
-    scores = _group_scores(ctx, model, graph, groups)
+    scoring = _group_scores(run, model, graph, groups)
     k = groups[names.index("narrow")].capacity
-    assert {key.name for key in make_plan(groups, scores, k, None)} == {"narrow", "wide"}
+    assert {key.name for key in make_plan(groups, scoring.scores, k, None)} == {"narrow", "wide"}
 
-    calibrated = drift_per_size(ctx, model, groups, scores)
+    calibrated = drift_per_size(run, model, groups, scoring.scores, scoring.means)
     assert {key.name for key in make_plan(groups, calibrated, k, None)} == {"narrow"}
     wide, narrow = calibrated[names.index("wide")], calibrated[names.index("narrow")]
     assert narrow.median() * 20 < wide.median()
@@ -41,17 +40,17 @@ def test_units_that_barely_reach_the_output_go_first_whatever_their_scores():
 def test_a_group_that_cannot_be_cut_ranks_last():
     options = CompressOptions(device="cpu", allocation="drift", round_to=None, calibration_samples=128,
                               min_width_fraction=1.0)
-    model, ctx, groups, graph = two_paths_run(TwoPaths(), options)
+    model, run, groups, graph = two_paths_run(TwoPaths(), options)
     assert all(g.capacity == 0 for g in groups)
     scores = [torch.ones(g.width) for g in groups]
-    assert all(torch.isinf(s).all() for s in drift_per_size(ctx, model, groups, scores))
+    assert all(torch.isinf(s).all() for s in drift_per_size(run, model, groups, scores, {}))
 
 
 def test_auto_allocation_measures_drift_where_heads_compete_with_channels():
     options = CompressOptions(device="cpu", round_to=None)
-    model, ctx, _ = _prepare(small_bert(), Dataset(tokens(), torch.arange(48) % 3), Target(params_reduction=0.5),
-                             options, Reporter(None, None))
-    bert = group_candidates(ctx, model, build_graph(model, ctx.example))
+    model, run = prepared_run(small_bert(), Dataset(tokens(), torch.arange(48) % 3), Target(params_reduction=0.5),
+                              options)
+    bert = group_candidates(run.spec, run.cache, model, build_graph(model, run.spec.example))
     channels = two_paths_run(TwoPaths(), options)[2]
     assert any(isinstance(g.group, AttentionSite) for g in bert)
     assert allocates_by_drift("auto", bert) and not allocates_by_drift("auto", channels)
@@ -67,12 +66,12 @@ def _cut_error(fit: bool, compensate: bool = True) -> float:
         model.wide.bias[3] = model.wide.bias[2]
     options = CompressOptions(device="cpu", allocation="scores", round_to=None, calibration_samples=256,
                               mean_compensation=compensate, least_squares_compensation=fit)
-    model, ctx, groups, graph = two_paths_run(model, options)
-    _group_scores(ctx, model, graph, groups)
-    before = model(ctx.calib).detach()
-    apply_plan(model, ctx.example, {UnitKey(UnitKind.CHANNELS, "wide"): [3]}, ctx.unit_means)
+    model, run, groups, graph = two_paths_run(model, options)
+    means = _group_scores(run, model, graph, groups).means
+    before = model(run.spec.calib).detach()
+    apply_plan(model, run.spec.example, {UnitKey(UnitKind.CHANNELS, "wide"): [3]}, means)
     assert model.wide.out_features == 31
-    return float((model(ctx.calib).detach() - before).norm() / before.norm())
+    return float((model(run.spec.calib).detach() - before).norm() / before.norm())
 
 
 def test_readers_of_a_removed_channel_refit_on_the_channels_they_keep():
@@ -109,17 +108,17 @@ def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
     probes: dict[UnitKey, allocation._Probe] = {}
     original = allocation._probe
 
-    def recorded(ctx, model, size, group, unit_scores, n):
-        probe = original(ctx, model, size, group, unit_scores, n)
+    def recorded(run, model, size, group, unit_scores, means, n):
+        probe = original(run, model, size, group, unit_scores, means, n)
         probes[group.key] = probe
         return probe
 
     monkeypatch.setattr(allocation, "_probe", recorded)
     options = CompressOptions(device="cpu", round_to=None, calibration_samples=128)
-    model, ctx, _ = _prepare(small_bert(), Dataset(tokens(), torch.arange(48) % 3), Target(params_reduction=0.5),
-                             options, Reporter(None, None))
-    groups = group_candidates(ctx, model, build_graph(model, ctx.example))
-    _group_scores(ctx, model, build_graph(model, ctx.example), groups)
+    model, run = prepared_run(small_bert(), Dataset(tokens(), torch.arange(48) % 3), Target(params_reduction=0.5),
+                              options)
+    groups = group_candidates(run.spec, run.cache, model, build_graph(model, run.spec.example))
+    _group_scores(run, model, build_graph(model, run.spec.example), groups)
     assert len(probes) == len(groups)
     for group in groups:
         probe = probes[group.key]

@@ -17,8 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core import ProgressEvent, Result, cli
+from core import cli
 from core.intake import files
+from core.progress import ProgressEvent
+from core.run.pipeline import Result
+from tests.report_fixtures import sample_report
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
@@ -184,7 +187,7 @@ def test_non_empty_out_needs_force(capsys, digits_files, out):
 
 
 def test_force_never_deletes_the_inputs(capsys, monkeypatch, digits_files, tmp_path):
-    monkeypatch.setattr(files, "compress", _writing_compress)
+    monkeypatch.setattr(files, "prune_and_export", _exporting)
     # --out is the directory that holds model.pt and data.npz: replacing it would delete them.
     inputs = [tmp_path / path.name for path in digits_files]
     for source, copy in zip(digits_files, inputs):
@@ -225,23 +228,14 @@ def test_garbage_model_in_a_real_process(digits_files, tmp_path):
 # --- output handling around a stand-in engine -------------------------------------------------
 
 
-def _fake_report() -> dict[str, object]:
-    latency = {"batch_1": 1.0, "batch_32": 4.0}
-    return {"macs_before": 4e6, "macs_after": 2e6, "params_before": 1e5, "params_after": 5e4,
-            "accuracy_before": 0.99, "accuracy_after": 0.98, "latency_ms_before": latency,
-            "latency_ms_after": latency, "onnx_max_abs_diff": 1e-6, "removed_blocks": ["blocks.1"],
-            "layers": [], "steps": [], "target_met": True, "stop_reason": "target_reached", "notes": []}
-
-
-def _writing_compress(model, data, target, options, out_dir, progress=None, should_cancel=None, onnx_spec=None):
+def _exporting(model, data, target, options, out_dir, progress=None, should_cancel=None, onnx_spec=None):
+    """prune_and_export's stand-in: writes model.onnx and leaves report.json to intake, as the real one does."""
     (out_dir / "model.onnx").write_bytes(b"onnx")
-    (out_dir / "report.json").write_text(json.dumps(_fake_report()))
-    return Result(model=model, report=_fake_report(),
-                  artifacts={"model.onnx": out_dir / "model.onnx", "report.json": out_dir / "report.json"})
+    return Result(model=model, report=sample_report(), artifacts={"model.onnx": out_dir / "model.onnx"})
 
 
 def test_force_replaces_previous_output(capsys, monkeypatch, digits_files, out):
-    monkeypatch.setattr(files, "compress", _writing_compress)
+    monkeypatch.setattr(files, "prune_and_export", _exporting)
     out.mkdir()
     (out / "stale.txt").write_text("old run")
     code, stdout, err = run_main(capsys, *prune_args(*digits_files, out, "--macs-reduction", 0.5, "--force"))
@@ -256,7 +250,7 @@ def test_interrupt_leaves_nothing(capsys, monkeypatch, digits_files, out):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(files, "compress", interrupted)
+    monkeypatch.setattr(files, "prune_and_export", interrupted)
     code, _, err = run_main(capsys, *prune_args(*digits_files, out, "--macs-reduction", 0.5))
     assert code == 130
     assert err.strip().splitlines()[-1].startswith("error: Interrupted")

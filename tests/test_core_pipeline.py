@@ -11,9 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from core import Cancelled, CompressOptions, Dataset, Target, compress
-from core.errors import TargetUnreachableError
+from core.data import Dataset
+from core.errors import Cancelled, TargetUnreachableError
 from core.measure.size import count_macs_params
+from core.options import CompressOptions, Target
+from core.report import Report, StepStage, StopReason
+from core.run.pipeline import compress
+from tests.test_report import REPORT_JSON_KEYS
 
 REPORT_KEYS = {
     "macs_before", "macs_after", "params_before", "params_after", "accuracy_before", "accuracy_after",
@@ -35,23 +39,25 @@ def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, 
     result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.5, max_accuracy_drop=0.01),
                       CompressOptions(**RECOVERED), tmp_path, progress=events.append)
     report = result.report
-    assert REPORT_KEYS <= set(report)
-    assert report["target_met"] and abs(report["macs_reduction"] - 0.5) <= 0.03
-    assert report["options"]["lr"] == 1e-3  # the method's rate for a CNN (transformers get 1e-4)
-    assert report["accuracy_before"] - report["accuracy_after"] <= 0.01
+    assert REPORT_KEYS <= set(report.model_dump(mode="json"))
+    assert report.target_met and abs(report.macs_reduction - 0.5) <= 0.03
+    assert report.options.lr == 1e-3  # the method's rate for a CNN (transformers get 1e-4)
+    assert report.accuracy_before - report.accuracy_after <= 0.01
     example = torch.from_numpy(digits_arrays[0][:2])
-    assert count_macs_params(result.model, example) == (report["macs_after"], report["params_after"])
-    assert json.loads((tmp_path / "report.json").read_text())["macs_after"] == report["macs_after"]
-    for step in report["steps"]:
+    assert count_macs_params(result.model, example) == (report.macs_after, report.params_after)
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert set(written) == REPORT_JSON_KEYS and written["macs_after"] == report.macs_after
+    assert Report.model_validate_json((tmp_path / "report.json").read_text()) == report
+    for step in written["steps"]:
         assert {"stage", "macs", "params", "accuracy", "seconds"} <= set(step)
-    assert any(row["channels_after"] < row["channels_before"] for row in report["layers"])
+    assert any(row.channels_after < row.channels_before for row in report.layers)
 
     x = digits_arrays[0][:200]
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
     with torch.no_grad():
         torch_logits = result.model(torch.from_numpy(x)).numpy()
-    assert np.abs(onnx_logits - torch_logits).max() <= report["onnx_max_abs_diff"] * 10 + 1e-4
+    assert np.abs(onnx_logits - torch_logits).max() <= report.onnx_max_abs_diff * 10 + 1e-4
     reloaded = torch.export.load(str(tmp_path / "model.pt2")).module()
     assert torch.allclose(reloaded(torch.from_numpy(x)), torch.from_numpy(torch_logits), atol=1e-4)
 
@@ -63,42 +69,43 @@ def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, 
 def test_stage_two_removes_a_residual_block(digits_model, digits_arrays, tmp_path: Path) -> None:
     result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.2, max_accuracy_drop=0.03),
                       CompressOptions(stages=("layers",), **FAST), tmp_path)
-    removed = result.report["removed_blocks"]
-    assert removed, result.report["steps"]
+    removed = result.report.removed_blocks
+    assert removed, result.report.steps
     for name in removed:
         assert not isinstance(result.model.get_submodule(name), type(digits_model.get_submodule(name)))
-    assert result.report["macs_after"] < result.report["macs_before"]
-    assert all(step["stage"] == "layers" for step in result.report["steps"])
+    assert result.report.macs_after < result.report.macs_before
+    assert all(step.stage == StepStage.LAYERS for step in result.report.steps)
 
 
 @pytest.mark.parametrize("layers_win", [True, False])
 def test_stage_two_keeps_a_block_only_when_it_beats_width_to_the_same_size(
         digits_model, digits_arrays, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers_win: bool) -> None:
     from core.examples import BasicBlock
-    from core.run.context import RunContext
+    from core.run.context import RunInputs
 
-    def drift(_ctx: RunContext, model: nn.Module) -> float:
+    def drift(_inputs: RunInputs, model: nn.Module) -> float:
         # the comparison is what is under test, so its two sides get fixed drifts from the original
         lost_a_block = any(not isinstance(block, BasicBlock) for block in model.blocks)
         return 0.0 if lost_a_block == layers_win else 1.0
 
-    monkeypatch.setattr(RunContext, "drift", drift)
+    monkeypatch.setattr(RunInputs, "drift", drift)
     result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.6, max_accuracy_drop=1.0),
                       CompressOptions(**FAST), tmp_path)
     report = result.report
-    stages = [step["stage"] for step in report["steps"]]
-    compared = report["steps"][stages.index("layers")]
-    assert (compared["drift"], compared["width_drift"]) == ((0.0, 1.0) if layers_win else (1.0, 0.0))
-    assert compared["width_units_removed"] > 0
+    stages = [step.stage for step in report.steps]
+    compared = report.steps[stages.index(StepStage.LAYERS)]
+    assert (compared.drift, compared.width_drift) == ((0.0, 1.0) if layers_win else (1.0, 0.0))
+    assert compared.width_units_removed is not None and compared.width_units_removed > 0
     if layers_win:
-        assert report["removed_blocks"]
+        assert report.removed_blocks
     else:
-        assert report["removed_blocks"] == [] and stages.count("layers") == 1
-        assert not compared["accepted"] and "width" in compared["declined"]
+        assert report.removed_blocks == [] and stages.count(StepStage.LAYERS) == 1
+        assert not compared.accepted and compared.declined and "width" in compared.declined
         # Stage 1 finishes the target from the model the removal was tried on
-        assert stages[stages.index("layers") + 1:] and set(stages[stages.index("layers") + 1:]) == {"filters"}
+        after = stages[stages.index(StepStage.LAYERS) + 1:]
+        assert after and set(after) == {StepStage.FILTERS}
         assert all(isinstance(block, BasicBlock) for block in result.model.blocks)
-    assert report["target_met"]
+    assert report.target_met
 
 
 def test_accuracy_budget_rolls_back_the_failing_step(digits_model, digits_arrays, tmp_path: Path) -> None:
@@ -107,22 +114,22 @@ def test_accuracy_budget_rolls_back_the_failing_step(digits_model, digits_arrays
     result = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.9, max_accuracy_drop=0.0),
                       options, tmp_path)
     report = result.report
-    assert report["stop_reason"] == "accuracy_budget"
-    assert not report["target_met"] and "rolled back" in report["message"]
-    assert report["accuracy_after"] >= report["accuracy_before"]
-    rolled_back = [s for s in report["steps"] if not s["accepted"]]
-    assert len(rolled_back) == 1 and report["steps"][-1] is not None
-    assert report["macs_after"] > rolled_back[0]["macs"]
+    assert report.stop_reason == StopReason.ACCURACY_BUDGET
+    assert not report.target_met and "rolled back" in report.message
+    assert report.accuracy_after >= report.accuracy_before
+    rolled_back = [s for s in report.steps if not s.accepted]
+    assert len(rolled_back) == 1 and report.steps[-1] is not None
+    assert report.macs_after > rolled_back[0].macs
 
 
 def test_unlabeled_data_is_distilled_against_the_original(digits_model, digits_arrays, tmp_path: Path) -> None:
     result = compress(digits_model, _data(digits_arrays, labeled=False),
                       Target(macs_reduction=0.4, max_accuracy_drop=0.03), CompressOptions(**FAST), tmp_path)
     report = result.report
-    assert report["accuracy_metric"] == "top1_agreement_with_original"
-    assert report["accuracy_before"] == 1.0
-    assert report["accuracy_after"] >= 0.97
-    assert report["target_met"]
+    assert report.accuracy_metric == "top1_agreement_with_original"
+    assert report.accuracy_before == 1.0
+    assert report.accuracy_after >= 0.97
+    assert report.target_met
 
 
 def test_cancellation_stops_within_one_step(digits_model, digits_arrays, tmp_path: Path) -> None:
@@ -160,7 +167,7 @@ def test_same_seed_same_result(digits_model, digits_arrays, tmp_path: Path) -> N
     options = CompressOptions(recovery_iterations=10, final_recovery_iterations=10, latency_runs=1, seed=3)
     runs = [compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.5), options, tmp_path / str(i))
             for i in range(2)]
-    strip = [[{k: v for k, v in s.items() if k != "seconds"} for s in r.report["steps"]] for r in runs]
+    strip = [[s.model_dump(exclude={"seconds"}) for s in r.report.steps] for r in runs]
     assert strip[0] == strip[1]
     first, second = (r.model.state_dict() for r in runs)
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -191,7 +198,7 @@ def test_pt2_failure_is_reported_and_other_artifacts_still_come(digits_model, di
                                                                  tmp_path: Path) -> None:
     result = compress(_DataDependent(digits_model), _data(digits_arrays), Target(macs_reduction=0.3),
                       CompressOptions(**FAST), tmp_path)
-    assert result.report["pt2_error"]
+    assert result.report.pt2_error
     assert not (tmp_path / "model.pt2").exists()
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "report.json").is_file()
     assert set(result.artifacts) == {"model.onnx", "report.json"}

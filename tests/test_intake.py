@@ -17,6 +17,7 @@ from core.errors import UserError
 from core.intake.files import compress_files, inspect_files, open_data
 from core.intake.model_io import open_model
 from core.options import CompressOptions, IntakeOptions, Target
+from core.report import NotPrunableRow, Report
 from tests.intake_fixtures import write_bert_zip, write_image_zip, write_review_jsonl
 
 FAST = CompressOptions(recovery_iterations=2, final_recovery_iterations=2, latency_runs=1, batch_size=16,
@@ -58,19 +59,25 @@ def _ort_outputs(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, feed)
 
 
-def test_safetensors_with_torchvision_architecture_and_image_folder(resnet_weights, tmp_path):
+def test_safetensors_with_torchvision_architecture_and_image_folder(resnet_weights, tmp_path, monkeypatch):
     images = write_image_zip(tmp_path / "pets.zip", side=40)
     intake = IntakeOptions(architecture="torchvision:resnet18(num_classes=3)", image_size=32)
     preflight = inspect_files(resnet_weights, images, Target(macs_reduction=0.5), FAST, intake)
-    assert preflight["input_shape"] == [3, 32, 32] and preflight["samples"] == 24 and preflight["feasible"]
-    assert {"name": "fc", "type": "Linear", "reason": "output layer (its outputs are classes)"} in \
-        preflight["not_prunable"]
-    assert [b["name"] for b in preflight["blocks"]][:2] == ["layer1.0", "layer1.1"]
+    assert preflight.input_shape == [3, 32, 32] and preflight.samples == 24 and preflight.feasible
+    assert NotPrunableRow(name="fc", type="Linear", reason="output layer (its outputs are classes)") in \
+        preflight.not_prunable
+    assert [b.name for b in preflight.blocks][:2] == ["layer1.0", "layer1.1"]
+    writes = []
+    write = Report.write
+    monkeypatch.setattr(Report, "write", lambda report, path: (writes.append(path), write(report, path)))
     result = compress_files(resnet_weights, images, Target(macs_reduction=0.5, max_accuracy_drop=1.0),
                             FAST, intake, tmp_path / "out")
     report = result.report
-    assert report["input_format"] == "safetensors"
-    assert report["macs_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert report.input_format == "safetensors"
+    assert report.macs_reduction == pytest.approx(0.5, abs=0.03)
+    # written once, complete: with what intake knows about the upload
+    assert writes == [tmp_path / "out" / "report.json"] == [result.artifacts["report.json"]]
+    assert Report.model_validate_json(writes[0].read_text()) == report
     (logits,) = _ort_outputs(tmp_path / "out" / "model.onnx", {"input": np.random.rand(3, 3, 32, 32).astype("f4")})
     assert logits.shape == (3, 3)
 

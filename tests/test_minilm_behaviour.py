@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from benchmarks.minilm_rotten_tomatoes import WORD_EMBEDDINGS, encoder_params, onnx_top1
-from core import CompressOptions, Target
 from core.intake.files import compress_files, open_data
 from core.intake.model_io import open_model
-from core.options import IntakeOptions
+from core.options import CompressOptions, IntakeOptions, Target
+from core.report import StepStage
 
 pytest_plugins = ["tests.minilm_fixtures"]
 
@@ -41,12 +41,12 @@ def test_forty_percent_of_the_encoder_within_two_points(minilm_files, tmp_path, 
     result = compress_files(minilm_files.model_zip, minilm_files.train_jsonl,
                             Target(params_reduction=goal, max_accuracy_drop=1.0), options, intake, tmp_path)
     report = result.report
-    assert report["target_met"]
+    assert report.target_met
     assert 1 - encoder_params(result.model) / encoder_before >= 0.37
-    tried = [step for step in report["steps"] if step["stage"] == "layers"]
-    assert tried and tried[0]["block"].startswith("model.bert.encoder.layer."), "Stage 2 tried an encoder layer"
+    tried = [step for step in report.steps if step.stage == StepStage.LAYERS]
+    assert tried and (tried[0].block or "").startswith("model.bert.encoder.layer."), "Stage 2 tried an encoder layer"
     if not layers_must_beat_width:
-        assert report["blocks"] and report["blocks"][0]["kind"] == "layer", "Stage 2 removed an encoder layer"
+        assert report.blocks and report.blocks[0].kind == "layer", "Stage 2 removed an encoder layer"
     unseen = open_data(minilm_files.eval_jsonl, original, intake)
     with torch.no_grad():
         before = float((original.module(unseen.x).argmax(1) == unseen.y).float().mean())

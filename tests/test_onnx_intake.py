@@ -14,9 +14,12 @@ import torchvision
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from torch import nn
 
-from core import CompressOptions, Dataset, Target, compress
+from core.data import Dataset
 from core.errors import InputFileError
 from core.intake.onnx_io import check_conversion, load_onnx
+from core.options import CompressOptions, Target
+from core.report import Report
+from core.run.pipeline import compress
 
 OPTIONS = CompressOptions(recovery_iterations=1, final_recovery_iterations=1, batch_size=8, calibration_samples=16,
                           latency_runs=1, latency_batch=2)
@@ -66,7 +69,7 @@ def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(FlattenNet(), torch.randn(1, 3, 16, 16), tmp_path_factory.mktemp("onnx") / "net.onnx", BATCH_AXES)
 
 
-def _round_trip(path: Path, x: torch.Tensor, out: Path, stages: tuple[str, ...] = ("filters",)) -> dict:
+def _round_trip(path: Path, x: torch.Tensor, out: Path, stages: tuple[str, ...] = ("filters",)) -> Report:
     """load -> check -> compress -> the written model.onnx keeps the interface and runs at batch 1 and 3."""
     loaded = load_onnx(path)
     assert check_conversion(loaded, path, x[:4]) < 1e-4
@@ -76,8 +79,8 @@ def _round_trip(path: Path, x: torch.Tensor, out: Path, stages: tuple[str, ...] 
     result = compress(loaded.module, Dataset(x, labels), Target(macs_reduction=0.5, max_accuracy_drop=1.0), options,
                       out, onnx_spec=loaded.spec)
     report = result.report
-    assert report["target_met"], report["message"]
-    assert abs(report["macs_reduction"] - 0.5) <= 0.03 or report["macs_reduction"] >= 0.47, report["macs_reduction"]
+    assert report.target_met, report.message
+    assert abs(report.macs_reduction - 0.5) <= 0.03 or report.macs_reduction >= 0.47, report.macs_reduction
 
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     original = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -98,7 +101,7 @@ def test_torchvision_round_trip_keeps_the_interface(name: str, tmp_path: Path) -
     model = getattr(torchvision.models, name)(num_classes=10)
     path = _export(model, torch.randn(1, 3, 64, 64), tmp_path / f"{name}.onnx", BATCH_AXES)
     report = _round_trip(path, torch.randn(20, 3, 64, 64), tmp_path / "out", stages=("filters", "layers"))
-    assert report["pt2_error"] is None, report["pt2_error"]
+    assert report.pt2_error is None, report.pt2_error
 
 
 def test_constant_reshape_at_fixed_batch_survives_pruning(tmp_path: Path) -> None:

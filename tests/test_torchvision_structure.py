@@ -11,8 +11,10 @@ import pytest
 import torch
 import torchvision
 
-from core import CompressOptions, Dataset, Target, compress
+from core.data import Dataset
 from core.measure.size import count_macs_params
+from core.options import CompressOptions, Target
+from core.run.pipeline import compress
 
 # Two quick ones run in every test run; the rest are marked slow.
 FAST_MODELS = ["resnet18", "mobilenet_v3_small"]
@@ -30,10 +32,10 @@ def _check(name: str, tmp_path: Path) -> None:
     x = torch.randn(20, 3, 32, 32)
     result = compress(model, Dataset(x), Target(macs_reduction=0.5, max_accuracy_drop=1.0), OPTIONS, tmp_path)
     report = result.report
-    assert report["target_met"], report["message"]
-    assert abs(report["macs_reduction"] - 0.5) <= 0.03, report["macs_reduction"]
+    assert report.target_met, report.message
+    assert abs(report.macs_reduction - 0.5) <= 0.03, report.macs_reduction
     pruned = result.model.eval()
-    assert count_macs_params(pruned, x[:1])[0] == report["macs_after"]
+    assert count_macs_params(pruned, x[:1])[0] == report.macs_after
 
     with torch.no_grad():
         expected = pruned(x).numpy()
@@ -42,7 +44,7 @@ def _check(name: str, tmp_path: Path) -> None:
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - expected).max() <= 1e-3 * max(np.abs(expected).max(), 1.0)
 
-    assert report["pt2_error"] is None, report["pt2_error"]
+    assert report.pt2_error is None, report.pt2_error
     reloaded = torch.export.load(str(tmp_path / "model.pt2")).module()
     assert torch.allclose(reloaded(x), torch.from_numpy(expected), atol=1e-4, rtol=1e-4)
 

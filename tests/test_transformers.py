@@ -16,12 +16,13 @@ import torch
 import torchvision
 from torch import nn
 
-from core import CompressOptions, Dataset, Target, compress
+from core.data import Dataset
 from core.graph.attention import SelfAttention, convert_multihead_attention, find_sites
 from core.importance.heads import head_divergence
 from core.intake.files import compress_files, open_data
 from core.intake.model_io import open_model
-from core.options import IntakeOptions
+from core.options import CompressOptions, IntakeOptions, Target
+from core.run.pipeline import compress
 from core.surgery.heads import remove_heads
 from tests.intake_fixtures import write_review_jsonl
 
@@ -171,7 +172,8 @@ def test_compress_removes_the_planted_dead_heads_first(tmp_path):
     options = CompressOptions(stages=("filters",), recovery_iterations=0, final_recovery_iterations=0,
                               latency_runs=1, batch_size=16, p0=0.02, round_to=None, seed=0)
     result = compress(model, data, Target(params_reduction=0.02, max_accuracy_drop=1.0), options, tmp_path)
-    assert result.report["steps"][0]["accepted"] and result.report["steps"][0]["units_removed"] <= 2
+    first = result.report.steps[0]
+    assert first.accepted and first.units_removed is not None and first.units_removed <= 2
     removed = set(range(8)) - set(kept_heads(model, result.model, 0))
     assert removed and removed <= set(DEAD[0]), "the dead heads are the first to go"
     assert len(kept_heads(model, result.model, 1)) == 8, "no live head is removed while dead ones remain"
@@ -207,11 +209,11 @@ def test_bert_zip_layers_removed_and_save_pretrained_round_trip(tmp_path):
                             CompressOptions(stages=("layers",), recovery_iterations=1, final_recovery_iterations=1,
                                             latency_runs=1, batch_size=16), IntakeOptions(), tmp_path / "out")
     report = result.report
-    assert report["blocks"] and all(b["kind"] == "layer" for b in report["blocks"])
-    assert report["hf_pretrained"] == "model_hf.zip" and report["hf_pretrained_error"] is None
+    assert report.blocks and all(b.kind == "layer" for b in report.blocks)
+    assert report.hf_pretrained == "model_hf.zip" and report.hf_pretrained_error is None
     # the saved directory is an upload again: it loads through intake and computes what the pruned model does
     reloaded = open_model(tmp_path / "out" / "model_hf.zip", IntakeOptions())
-    assert reloaded.module.model.config.num_hidden_layers == 4 - len(report["blocks"])
+    assert reloaded.module.model.config.num_hidden_layers == 4 - len(report.blocks)
     ids = torch.tensor(open_model(bert, IntakeOptions()).tokenizer(["good film", "the plot was dull"],
                                                                     padding=True)["input_ids"])
     with torch.no_grad():
@@ -296,10 +298,10 @@ def test_unrecognised_attention_is_reported_and_the_rest_is_pruned(tmp_path):
     x = torch.rand(48, 5, 6)
     result = compress(model, Dataset(x, torch.arange(48) % 4), Target(macs_reduction=0.4, max_accuracy_drop=1.0),
                       FAST, tmp_path)
-    note = next(n for n in result.report["notes"] if "not recognise" in n)
+    note = next(n for n in result.report.notes if "not recognise" in n)
     assert "blocks.0.attn (PackedAttention)" in note
-    assert result.report["macs_reduction"] >= 0.37
-    widths = {row["name"]: row["channels_after"] for row in result.report["layers"]}
+    assert result.report.macs_reduction >= 0.37
+    widths = {row.name: row.channels_after for row in result.report.layers}
     assert widths["blocks.0.attn.qkv"] == 96, "the packed projection keeps its width"
     assert min(widths[f"blocks.{i}.mlp.0"] for i in range(3) if f"blocks.{i}.mlp.0" in widths) < 128
 
@@ -361,13 +363,13 @@ def test_vision_transformers_compress_to_half_the_macs(name, tmp_path):
     options = dataclasses.replace(FAST, round_to=None if side < 224 else 8)
     result = compress(model, Dataset(x, y), Target(macs_reduction=0.5, max_accuracy_drop=1.0), options, tmp_path)
     report = result.report
-    assert report["macs_reduction"] == pytest.approx(0.5, abs=0.03)
-    assert report["pt2_error"] is None and report["onnx_max_abs_diff"] < 1e-3
-    assert report["options"]["lr"] == 1e-4
+    assert report.macs_reduction == pytest.approx(0.5, abs=0.03)
+    assert report.pt2_error is None and report.onnx_max_abs_diff < 1e-3
+    assert report.options.lr == 1e-4
     if name in ("swin_t", "maxvit_t"):  # their attention layouts are not recognised: said, and the rest pruned
-        assert any("not recognise" in note for note in report["notes"])
+        assert any("not recognise" in note for note in report.notes)
     else:
-        assert report["attention_heads"], "the attention modules are recognised"
+        assert report.attention_heads, "the attention modules are recognised"
     exported = torch.export.load(str(tmp_path / "model.pt2")).module()
     with torch.no_grad():
         assert torch.allclose(exported(x[:2]), result.model(x[:2]), atol=1e-4)

@@ -1,15 +1,18 @@
-"""A two-layer toy whose layers differ in how much they reach the logits, and a run context for it."""
+"""A two-layer toy whose layers differ in how much they reach the logits, and a run for it."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from core import CompressOptions, Dataset, Target
+from core.data import Dataset
+from core.options import CompressOptions, Target
 from core.progress import Reporter
-from core.run.context import RunContext
-from core.run.pipeline import _prepare
+from core.run.context import Run, RunCache
+from core.run.pipeline import _prepare, start_run
 from core.run.stages import group_candidates
 from core.surgery.groups import PrunableGroup, build_graph
 
@@ -33,13 +36,19 @@ class TwoPaths(nn.Module):
         return self.from_wide(h) + self.from_narrow(torch.relu(self.narrow(h)))
 
 
+def prepared_run(model: nn.Module, data: Dataset, target: Target, options: CompressOptions) -> tuple[nn.Module, Run]:
+    """The model as compress holds it, and the run compress would start for it (without progress)."""
+    model, inputs, _ = _prepare(model, data, options, Reporter(None, None))
+    return model, start_run(model, inputs, RunCache(), target, Reporter(None, None), time.monotonic())
+
+
 def two_paths_run(model: nn.Module, options: CompressOptions
-                  ) -> tuple[nn.Module, RunContext, list[PrunableGroup], tp.DependencyGraph]:
-    """The model as compress holds it, its run context on 256 random inputs labeled by the model
-    itself, its prunable groups and dependency graph."""
+                  ) -> tuple[nn.Module, Run, list[PrunableGroup], tp.DependencyGraph]:
+    """The model as compress holds it, its run on 256 random inputs labeled by the model itself,
+    its prunable groups and dependency graph."""
     torch.manual_seed(1)
     x = torch.randn(256, 8)
     data = Dataset(x, model(x).argmax(1).detach())
-    model, ctx, _ = _prepare(model, data, Target(params_reduction=0.5), options, Reporter(None, None))
-    graph = build_graph(model, ctx.example)
-    return model, ctx, group_candidates(ctx, model, graph), graph
+    model, run = prepared_run(model, data, Target(params_reduction=0.5), options)
+    graph = build_graph(model, run.spec.example)
+    return model, run, group_candidates(run.spec, run.cache, model, graph), graph

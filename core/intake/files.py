@@ -3,9 +3,8 @@ service make (`compress_files`, `inspect_files`). Model formats live in core.int
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -20,7 +19,8 @@ from core.intake.npz import load_npz
 from core.intake.text_data import read_records, tokenize
 from core.options import CompressOptions, IntakeOptions, Target
 from core.progress import CancelFn, ProgressFn
-from core.run.pipeline import Result, compress
+from core.report import PreflightReport
+from core.run.pipeline import Result, prune_and_export, write_report
 from core.run.preflight import preflight
 
 _DATA_HINT = ("Upload an .npz (x, optional y), a zip of class folders of images, or for text models "
@@ -56,10 +56,11 @@ def _is_npz(path: Path) -> bool:
 
 def _image_folder(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
     example = model.example
-    image_like = example is not None and example.ndim == 4
-    channels = int(example.shape[1]) if image_like else (model.input_channels or 3)
-    side = intake.image_size or (int(example.shape[-1]) if image_like else 224)
-    return load_image_folder_zip(path, intake, channels, side)
+    if example is not None and example.ndim == 4:
+        channels, side = int(example.shape[1]), int(example.shape[-1])
+    else:
+        channels, side = model.input_channels or 3, 224
+    return load_image_folder_zip(path, intake, channels, intake.image_size or side)
 
 
 def compress_files(model_path: Path | str, data_path: Path, target: Target, options: CompressOptions,
@@ -72,24 +73,24 @@ def compress_files(model_path: Path | str, data_path: Path, target: Target, opti
     model = open_model(model_path, intake, weights=weights)
     data = open_data(Path(data_path), model, intake)
     _check_onnx_conversion(model, model_path, data)
-    result = compress(model.module, data, target, options, out_dir, progress, should_cancel,
-                      onnx_spec=model.onnx_spec)
-    result.report["input_format"] = model.format
-    result.report["notes"] = model.notes + result.report["notes"]
+    result = prune_and_export(model.module, data, target, options, out_dir, progress, should_cancel,
+                              onnx_spec=model.onnx_spec)
+    report = result.report.model_copy(update={"input_format": model.format,
+                                              "notes": model.notes + result.report.notes})
+    result = dataclasses.replace(result, report=report)
     if model.format == "hf":
-        _save_pretrained(result, model, data, Path(out_dir))
-    result.artifacts["report.json"].write_text(json.dumps(result.report, indent=2, default=str))
-    return result
+        result = _save_pretrained(result, model, data, Path(out_dir))
+    return write_report(result, Path(out_dir))
 
 
-def _save_pretrained(result: Result, model: LoadedModel, data: Dataset, out_dir: Path) -> None:
+def _save_pretrained(result: Result, model: LoadedModel, data: Dataset, out_dir: Path) -> Result:
     """A Hugging Face upload also comes back in its own format, when the config can describe it."""
     path = out_dir / "model_hf.zip"
     reason = save_pretrained_zip(result.model, model.tokenizer, path, data.x[:4])
-    result.report["hf_pretrained"] = None if reason else path.name
-    result.report["hf_pretrained_error"] = reason
-    if reason is None:
-        result.artifacts[path.name] = path
+    report = result.report.model_copy(update={"hf_pretrained": None if reason else path.name,
+                                              "hf_pretrained_error": reason})
+    artifacts = result.artifacts | ({} if reason else {path.name: path})
+    return dataclasses.replace(result, report=report, artifacts=artifacts)
 
 
 def _check_onnx_conversion(model: LoadedModel, model_path: Path | str, data: Dataset) -> None:
@@ -101,21 +102,21 @@ def _check_onnx_conversion(model: LoadedModel, model_path: Path | str, data: Dat
 
 
 def inspect_files(model_path: Path | str, data_path: Path | None, target: Target | None,
-                  options: CompressOptions, intake: IntakeOptions, weights: Path | None = None) -> dict[str, Any]:
+                  options: CompressOptions, intake: IntakeOptions, weights: Path | None = None) -> PreflightReport:
     """The preflight report (see core.run.preflight) for files, without pruning anything."""
     intake.validate()
     model = open_model(model_path, intake, weights=weights)
     data = None if data_path is None else open_data(Path(data_path), model, intake)
+    has_data = data is not None
     if data is not None:
         _check_onnx_conversion(model, model_path, data)
-    if data is None and model.example is None:
+    elif model.example is not None:
+        data = _synthetic(model.example)
+    else:
         raise DataError("This model's input shape is unknown without data.",
                         hint="Pass the calibration data too (--data).", code="data_required")
-    report = preflight(model.module, data if data is not None else _synthetic(model.example), target, options,
-                       has_data=data is not None)
-    report["input_format"] = model.format
-    report["notes"] = model.notes + report["notes"]
-    return report
+    report = preflight(model.module, data, target, options, has_data=has_data)
+    return report.model_copy(update={"input_format": model.format, "notes": model.notes + report.notes})
 
 
 def _synthetic(example: torch.Tensor) -> Dataset:

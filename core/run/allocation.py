@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from core.measure.accuracy import all_logits, kl_from
-from core.run.context import RunContext
+from core.run.context import Run
+from core.run.goals import Size
 from core.surgery.apply import apply_plan
 from core.surgery.groups import PrunableGroup
 from core.surgery.plan import make_plan
+from core.surgery.units import Means
 
 # Inputs the probes are measured on (the first calibration samples): enough to rank groups whose
 # drifts differ by orders of magnitude, few enough that a probe costs about one forward pass.
@@ -44,25 +46,26 @@ class _Probe:
     cost: float  # share of the size target
 
 
-def drift_per_size(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
-                   scores: list[torch.Tensor]) -> list[torch.Tensor]:
+def drift_per_size(run: Run, model: nn.Module, groups: list[PrunableGroup], scores: list[torch.Tensor],
+                   means: Means) -> list[torch.Tensor]:
     """Scores in estimated drift per unit of the size target, from a probe that removes each group's
     lowest-scoring units worth PROBE_SHARE of the target, and at least PROBE_WIDTH of the group (one
-    unit, or one round_to block). A group no probe can cut scores infinite."""
-    x = ctx.calib[:PROBE_SAMPLES]
-    reference = all_logits(model, x, ctx.device)
-    size = ctx.measure(model)
+    unit, or one round_to block), compensated with `means` as the step would be. A group no probe
+    can cut scores infinite."""
+    x = run.spec.calib[:PROBE_SAMPLES]
+    reference = all_logits(model, x, run.spec.device)
+    size = run.measure(model)
     out = []
     for group, unit_scores in zip(groups, scores):
-        probe = _probe(ctx, model, size, group, unit_scores, math.ceil(PROBE_WIDTH * group.width))
+        probe = _probe(run, model, size, group, unit_scores, means, math.ceil(PROBE_WIDTH * group.width))
         if probe is None:
             out.append(torch.full_like(unit_scores, math.inf))
             continue
         wanted = min(group.capacity, math.ceil(PROBE_SHARE * len(probe.units) / probe.cost))
         if wanted > len(probe.units):
-            probe = _probe(ctx, model, size, group, unit_scores, wanted) or probe
+            probe = _probe(run, model, size, group, unit_scores, means, wanted) or probe
         # floored, so that a probe below measurement keeps its units' order by score
-        drift = max(kl_from(reference, all_logits(probe.model, x, ctx.device)), MIN_DRIFT)
+        drift = max(kl_from(reference, all_logits(probe.model, x, run.spec.device)), MIN_DRIFT)
         taken = unit_scores[probe.units].clamp(min=0.0)
         # a unit's share of the probe's drift follows its score; an all-zero probe shares it evenly
         weights = unit_scores.clamp(min=0.0) + 1e-12
@@ -71,17 +74,17 @@ def drift_per_size(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup
     return out
 
 
-def _probe(ctx: RunContext, model: nn.Module, size: tuple[int, int], group: PrunableGroup,
-           unit_scores: torch.Tensor, n: int) -> _Probe | None:
+def _probe(run: Run, model: nn.Module, size: Size, group: PrunableGroup, unit_scores: torch.Tensor, means: Means,
+           n: int) -> _Probe | None:
     """A copy of `model` without the group's `n` lowest-scoring units (as make_plan rounds them)."""
     if group.capacity == 0:
         return None
-    plan = make_plan([group], [unit_scores], n, ctx.options.round_to)
+    plan = make_plan([group], [unit_scores], n, run.spec.options.round_to)
     units = [i for i in plan.get(group.key, []) if i < group.width]
     if not units:
         return None
     probe = copy.deepcopy(model)
-    apply_plan(probe, ctx.example, plan, ctx.unit_means)
-    cost = ctx.share_of_target(size, ctx.measure(probe))
+    apply_plan(probe, run.spec.example, plan, means)
+    cost = run.spec.goals.share_of_target(size, run.measure(probe))
     return _Probe(probe, units, cost) if cost > 0.0 else None
 

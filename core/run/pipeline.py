@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +17,7 @@ from core.errors import OptionsError, TargetUnreachableError
 from core.export.artifacts import export_onnx, export_pt2, verify_onnx
 from core.export.spec import OnnxSpec
 from core.graph.attention import convert_multihead_attention, find_sites, holds_attention
-from core.graph.blocks import BlockCandidate, find_blocks, remove_block
+from core.graph.blocks import find_blocks, remove_block
 from core.graph.tracing import forward_once
 from core.importance.divergence import filter_divergence
 from core.measure.accuracy import all_logits
@@ -27,7 +25,9 @@ from core.measure.latency import ort_latency_ms
 from core.options import CompressOptions, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery.features import pick_feature_points
-from core.run.context import TARGET_TOLERANCE, RunContext
+from core.report import HeadRow, Latency, LayerRow, Report, StopReason
+from core.run.context import Run, RunCache, RunInputs, RunSpec, StageState
+from core.run.goals import TARGET_TOLERANCE, Goals, Size, reductions
 from core.run.stages import group_candidates, last_layer_of_its_stack, prune_filters, remove_layers
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
@@ -37,7 +37,7 @@ from core.surgery.plan import make_plan
 @dataclass
 class Result:
     model: nn.Module
-    report: dict[str, Any]
+    report: Report
     artifacts: dict[str, Path]
 
 
@@ -54,7 +54,7 @@ def _drop_training_only_heads(model: nn.Module) -> list[str]:
     graph is traced in eval mode and cannot keep them consistent, and inference never uses them."""
     if not getattr(model, "aux_logits", False):
         return []
-    model.aux_logits = False
+    model.aux_logits = False  # type: ignore[assignment]  # a plain bool attribute, not a tensor or module
     dropped = [name for name in ("aux1", "aux2", "AuxLogits") if getattr(model, name, None) is not None]
     for name in dropped:
         setattr(model, name, None)
@@ -86,20 +86,20 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     return executed[-1:]
 
 
-def reachable_reduction(ctx: RunContext, model: nn.Module) -> dict[str, float]:
-    """Largest reduction the minimum-width rules (and block removal) allow."""
+def reachable_reduction(inputs: RunInputs, cache: RunCache, original: Size, model: nn.Module) -> dict[str, float]:
+    """Largest reduction from the `original` size the minimum-width rules (and block removal) allow."""
     floor = copy.deepcopy(model)
-    if "filters" in ctx.options.stages:
-        graph = build_graph(floor, ctx.example)
-        groups = group_candidates(ctx, floor, graph)
+    if "filters" in inputs.options.stages:
+        graph = build_graph(floor, inputs.example)
+        groups = group_candidates(inputs, cache, floor, graph)
         scores = [torch.zeros(g.width) for g in groups]
-        plan = make_plan(groups, scores, sum(g.capacity for g in groups), ctx.options.round_to)
-        apply_plan(floor, ctx.example, plan)
-    if "layers" in ctx.options.stages:
-        for block in find_blocks(floor, ctx.example):
+        plan = make_plan(groups, scores, sum(g.capacity for g in groups), inputs.options.round_to)
+        apply_plan(floor, inputs.example, plan)
+    if "layers" in inputs.options.stages:
+        for block in find_blocks(floor, inputs.example):
             if not last_layer_of_its_stack(floor, block):
                 remove_block(floor, block)
-    return ctx.reductions(*ctx.measure(floor))
+    return reductions(cache.measure(floor, inputs.example), original)
 
 
 def out_of_reach(target: Target, reachable: dict[str, float], options: CompressOptions) -> list[TargetUnreachableError]:
@@ -116,16 +116,17 @@ def out_of_reach(target: Target, reachable: dict[str, float], options: CompressO
     return errors
 
 
-def _check_reachable(ctx: RunContext, model: nn.Module) -> dict[str, float]:
+def _check_reachable(inputs: RunInputs, cache: RunCache, original: Size, target: Target,
+                     model: nn.Module) -> dict[str, float]:
     """Refuse targets beyond the reachable reduction before any work."""
-    reachable = reachable_reduction(ctx, model)
-    errors = out_of_reach(ctx.target, reachable, ctx.options)
+    reachable = reachable_reduction(inputs, cache, original, model)
+    errors = out_of_reach(target, reachable, inputs.options)
     if errors:
         raise errors[0]
     return reachable
 
 
-def _layer_table(original: nn.Module, pruned: nn.Module, divergence: dict[str, float]) -> list[dict[str, Any]]:
+def _layer_table(original: nn.Module, pruned: nn.Module, divergence: dict[str, float]) -> list[LayerRow]:
     after = dict(pruned.named_modules())
     rows = []
     for name, module in original.named_modules():
@@ -138,20 +139,20 @@ def _layer_table(original: nn.Module, pruned: nn.Module, divergence: dict[str, f
             new_width = new.out_channels
         elif isinstance(new, nn.Linear):
             new_width = new.out_features
-        rows.append({"name": name, "channels_before": width, "channels_after": new_width,
-                     "divergence": divergence.get(name)})
+        rows.append(LayerRow(name=name, channels_before=width, channels_after=new_width,
+                             divergence=divergence.get(name)))
     return rows
 
 
-def _head_table(original: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
+def _head_table(original: nn.Module, pruned: nn.Module) -> list[HeadRow]:
     """Heads per recognised attention module before and after (0 when its layer was removed)."""
     after = {site.name: site.num_heads(pruned) for site in find_sites(pruned)[0]}
-    return [{"name": site.name, "heads_before": site.num_heads(original), "heads_after": after.get(site.name, 0)}
+    return [HeadRow(name=site.name, heads_before=site.num_heads(original), heads_after=after.get(site.name, 0))
             for site in find_sites(original)[0]]
 
 
 def _onnx_metrics(model: nn.Module, example: torch.Tensor, path: Path, verify_on: torch.Tensor,
-                  opts: CompressOptions, spec: OnnxSpec | None) -> tuple[float, dict[str, float]]:
+                  opts: CompressOptions, spec: OnnxSpec | None) -> tuple[float, Latency]:
     export_onnx(model, example, path, spec)
     diff = verify_onnx(model, path, verify_on)
     latency = ort_latency_ms(path, example.cpu().numpy(), (1, opts.latency_batch), opts.latency_runs)
@@ -175,72 +176,97 @@ def compress(
     caller can fix, and Cancelled when `should_cancel()` turns True. `onnx_spec` gives the
     ONNX exports the names, dtype and dynamic axes of a model that came in as ONNX.
     """
+    result = prune_and_export(model, data, target, options, out_dir, progress, should_cancel, onnx_spec=onnx_spec)
+    return write_report(result, Path(out_dir))
+
+
+def write_report(result: Result, out_dir: Path) -> Result:
+    """`result` with its report written to `out_dir`/report.json, once it is complete."""
+    path = out_dir / "report.json"
+    result.report.write(path)
+    return dataclasses.replace(result, artifacts=result.artifacts | {"report.json": path})
+
+
+def prune_and_export(
+    model: nn.Module,
+    data: Dataset,
+    target: Target,
+    options: CompressOptions | None = None,
+    out_dir: Path | str = "idap-out",
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    *,
+    onnx_spec: OnnxSpec | None = None,
+) -> Result:
+    """`compress` up to report.json, which it leaves to the caller (see write_report): core.intake
+    adds what it knows about the upload to the report first."""
     opts = options or CompressOptions()
     opts.validate()
     target.validate()
     started = time.monotonic()
     torch.manual_seed(opts.seed)
-    model, ctx, notes = _prepare(model, data, target, opts, Reporter(progress, should_cancel))
-    reachable = _check_reachable(ctx, model)
-    ctx.acc0 = ctx.accuracy(model)
+    reporter = Reporter(progress, should_cancel)
+    model, inputs, notes = _prepare(model, data, opts, reporter)
+    cache = RunCache()
+    original_size = cache.measure(model, inputs.example)
+    reachable = _check_reachable(inputs, cache, original_size, target, model)
+    run = start_run(model, inputs, cache, target, reporter, started)
+    spec, goals = run.spec, run.spec.goals
     original = copy.deepcopy(model)
-    baseline = _baseline(ctx, original, onnx_spec)
+    baseline = _baseline(run, original, onnx_spec)
 
-    model, reasons, removed_blocks = _run_stages(ctx, model)
-    accuracy = _final_recovery(ctx, model, original)
-    macs, params = ctx.measure(model)
+    model, state, reasons = _run_stages(run, model)
+    accuracy, state = _final_recovery(run, state, model, original)
+    size = run.measure(model)
     # a stage also reports target_reached when it stopped within tolerance just below the target
-    reached = ctx.reached(macs, params) or (reasons[-1] == "target_reached" and ctx.met(macs, params))
-    stop_reason = "target_reached" if reached else next(
-        (r for r in reversed(reasons) if r != "target_reached"), "max_steps")
+    reached = goals.reached(size) or (reasons[-1] == StopReason.TARGET_REACHED and goals.met(size))
+    stop_reason = StopReason.TARGET_REACHED if reached else next(
+        (r for r in reversed(reasons) if r != StopReason.TARGET_REACHED), StopReason.MAX_STEPS)
 
-    ctx.reporter.emit("export", 0, 1, 0.93, "Exporting ONNX and .pt2")
+    reporter.emit("export", 0, 1, 0.93, "Exporting ONNX and .pt2")
     model = model.cpu().eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path, pt2_path = out / "model.onnx", out / "model.pt2"
-    diff_after, latency_after = _onnx_metrics(model, ctx.example.cpu(), onnx_path, ctx.evaluation.x[:64], opts,
+    diff_after, latency_after = _onnx_metrics(model, spec.example.cpu(), onnx_path, spec.evaluation.x[:64], opts,
                                               onnx_spec)
-    pt2_error = export_pt2(model, ctx.example.cpu(), pt2_path, onnx_spec)
+    pt2_error = export_pt2(model, spec.example.cpu(), pt2_path, onnx_spec)
     artifacts = {"model.onnx": onnx_path} | ({} if pt2_error else {"model.pt2": pt2_path})
 
-    reductions = ctx.reductions(macs, params)
-    met = ctx.met(macs, params)
-    report: dict[str, Any] = {
-        "macs_before": ctx.macs0, "macs_after": macs,
-        "params_before": ctx.params0, "params_after": params,
-        "macs_reduction": round(reductions["macs"], 6), "params_reduction": round(reductions["params"], 6),
-        "accuracy_metric": "top1" if ctx.evaluation.labeled else "top1_agreement_with_original",
-        "accuracy_before": round(ctx.acc0, 6), "accuracy_after": round(accuracy, 6),
-        "eval_samples": len(ctx.evaluation),
-        "latency_ms_before": baseline["latency"], "latency_ms_after": latency_after,
-        "onnx_max_abs_diff": diff_after, "onnx_max_abs_diff_before": baseline["onnx_max_abs_diff"],
-        "onnx_bytes_before": baseline["onnx_bytes"], "onnx_bytes_after": onnx_path.stat().st_size,
-        "pt2_error": pt2_error,
-        "removed_blocks": [b["name"] for b in removed_blocks], "blocks": removed_blocks,
-        "layers": _layer_table(original, model, baseline["layer_divergence"]),
-        "attention_heads": _head_table(original, model),
-        "steps": ctx.steps,
-        "target": dataclasses.asdict(target),
-        "target_met": met,
-        "reachable_reduction": {k: round(v, 4) for k, v in reachable.items()},
-        "stop_reason": stop_reason,
-        "message": _explain(stop_reason, met, reductions, target),
-        "notes": notes,
-        "device": str(ctx.device),
-        "options": dataclasses.asdict(ctx.options),
-        "seconds": round(time.monotonic() - started, 3),
-    }
-    report_path = out / "report.json"
-    report_path.write_text(json.dumps(report, indent=2, default=str))
-    artifacts["report.json"] = report_path
-    ctx.reporter.emit("done", 1, 1, 1.0, report["message"], macs=macs, params=params, accuracy=accuracy)
+    reduction = goals.reductions(size)
+    met = goals.met(size)
+    report = Report(
+        macs_before=original_size.macs, macs_after=size.macs,
+        params_before=original_size.params, params_after=size.params,
+        macs_reduction=round(reduction["macs"], 6), params_reduction=round(reduction["params"], 6),
+        accuracy_metric="top1" if spec.evaluation.labeled else "top1_agreement_with_original",
+        accuracy_before=round(goals.accuracy, 6), accuracy_after=round(accuracy, 6),
+        eval_samples=len(spec.evaluation),
+        latency_ms_before=baseline.latency, latency_ms_after=latency_after,
+        onnx_max_abs_diff=diff_after, onnx_max_abs_diff_before=baseline.onnx_max_abs_diff,
+        onnx_bytes_before=baseline.onnx_bytes, onnx_bytes_after=onnx_path.stat().st_size,
+        pt2_error=pt2_error,
+        blocks=list(state.removed),
+        layers=_layer_table(original, model, baseline.layer_divergence),
+        attention_heads=_head_table(original, model),
+        steps=list(state.steps),
+        target=target,
+        target_met=met,
+        reachable_reduction={k: round(v, 4) for k, v in reachable.items()},
+        stop_reason=stop_reason,
+        message=_explain(stop_reason, met, reduction, target),
+        notes=notes,
+        device=str(spec.device),
+        options=spec.options,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    reporter.emit("done", 1, 1, 1.0, report.message, macs=size.macs, params=size.params, accuracy=accuracy)
     return Result(model=model, report=report, artifacts=artifacts)
 
 
-def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOptions,
-             reporter: Reporter) -> tuple[nn.Module, RunContext, list[str]]:
-    """Copy the model to the device, check the data against it, split it, and set up the run."""
+def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
+             reporter: Reporter) -> tuple[nn.Module, RunInputs, list[str]]:
+    """Copy the model to the device, check the data against it, split it, and set up the run's inputs."""
     device = resolve_device(opts.device)
     model = copy.deepcopy(model).to(device).eval()
     notes = _drop_training_only_heads(model)
@@ -256,83 +282,88 @@ def _prepare(model: nn.Module, data: Dataset, target: Target, opts: CompressOpti
     recovery, evaluation = split(data, opts.eval_fraction, opts.seed, min_eval=min(opts.batch_size, len(data) // 2))
     example = data.x[:2].to(device)
     reference_logits = all_logits(model, evaluation.x, device)
-    ctx = RunContext(
-        options=opts, target=target, device=device, reporter=reporter, example=example,
+    inputs = RunInputs(
+        options=opts, device=device, example=example,
         recovery=recovery, evaluation=evaluation, calib=recovery.x[: opts.calibration_samples],
         reference=None if evaluation.labeled else reference_logits.argmax(1),
         reference_logits=reference_logits,
         feature_points=pick_feature_points(model, example),
         ignored=_output_layers(model, example) + list(opts.ignored_layers),
     )
-    ctx.macs0, ctx.params0 = ctx.measure(model)
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
-    return model, ctx, notes
+    return model, inputs, notes
 
 
-def _baseline(ctx: RunContext, original: nn.Module, onnx_spec: OnnxSpec | None) -> dict[str, Any]:
+def start_run(model: nn.Module, inputs: RunInputs, cache: RunCache, target: Target, reporter: Reporter,
+              started: float) -> Run:
+    """The run of `model` (as _prepare returned it) towards `target`, once its accuracy is measured;
+    `started` is when the time budget began."""
+    goals = Goals(target, cache.measure(model, inputs.example), inputs.accuracy(model))
+    return Run(RunSpec.of(inputs, goals, started), cache, reporter)
+
+
+@dataclass(frozen=True)
+class _OriginalNumbers:
+    """What the report says about the original model beyond its size and accuracy."""
+
+    layer_divergence: dict[str, float]
+    onnx_max_abs_diff: float
+    latency: Latency
+    onnx_bytes: int
+
+
+def _baseline(run: Run, original: nn.Module, onnx_spec: OnnxSpec | None) -> _OriginalNumbers:
     """Per-layer divergence and ONNX numbers of the original model, for the report."""
+    spec, goals = run.spec, run.spec.goals
     names = {module: name for name, module in original.named_modules()}
-    scores = filter_divergence(original, build_graph(original, ctx.example), ctx.calib, ctx.device,
-                               ctx.options.batch_size)
+    scores = filter_divergence(original, build_graph(original, spec.example), spec.calib, spec.device,
+                               spec.options.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "original.onnx"
-        diff, latency = _onnx_metrics(original, ctx.example, path, ctx.evaluation.x[:64], ctx.options, onnx_spec)
+        diff, latency = _onnx_metrics(original, spec.example, path, spec.evaluation.x[:64], spec.options, onnx_spec)
         size = path.stat().st_size
-    ctx.reporter.emit("baseline", 1, 1, 0.05,
-                      f"Original: {ctx.macs0 / 1e6:.2f} M MACs, {ctx.params0 / 1e6:.3f} M params, "
-                      f"top-1 {ctx.acc0:.4f}", macs=ctx.macs0, params=ctx.params0, accuracy=ctx.acc0)
-    return {"layer_divergence": {names[m]: float(s.mean()) for m, s in scores.items()},
-            "onnx_max_abs_diff": diff, "latency": latency, "onnx_bytes": size}
+    macs, params = goals.original
+    run.reporter.emit("baseline", 1, 1, 0.05,
+                      f"Original: {macs / 1e6:.2f} M MACs, {params / 1e6:.3f} M params, "
+                      f"top-1 {goals.accuracy:.4f}", macs=macs, params=params, accuracy=goals.accuracy)
+    return _OriginalNumbers({names[m]: float(s.mean()) for m, s in scores.items()}, diff, latency, size)
 
 
-def _run_stages(ctx: RunContext, model: nn.Module) -> tuple[nn.Module, list[str], list[dict[str, Any]]]:
+def _run_stages(run: Run, model: nn.Module) -> tuple[nn.Module, StageState, list[StopReason]]:
     """Stage 1 up to its share of the target, Stage 2, then Stage 1 again to close the gap."""
-    removed_blocks: list[dict[str, Any]] = []
-
-    def on_removed(block: BlockCandidate, divergence: float) -> None:
-        removed_blocks.append({"name": block.name, "kind": block.kind, "divergence": round(divergence, 6)})
-
+    opts = run.spec.options
+    state = StageState()
     reasons = []
-    filters, layers = "filters" in ctx.options.stages, "layers" in ctx.options.stages
+    filters, layers = "filters" in opts.stages, "layers" in opts.stages
     if filters:
-        model, reason = prune_filters(ctx, model, share=ctx.options.filter_share if layers else 1.0)
+        model, state, reason = prune_filters(run, model, state, share=opts.filter_share if layers else 1.0)
         reasons.append(reason)
     if layers:
-        model, reason = remove_layers(ctx, model, on_removed)
+        model, state, reason = remove_layers(run, model, state)
         reasons.append(reason)
-    if filters and layers and reasons[0] == "target_reached" and not ctx.reached(*ctx.measure(model)):
-        model, reason = prune_filters(ctx, model, share=1.0)
+    if filters and layers and reasons[0] == StopReason.TARGET_REACHED and not run.spec.goals.reached(
+            run.measure(model)):
+        model, state, reason = prune_filters(run, model, state, share=1.0)
         reasons.append(reason)
-    return model, reasons, removed_blocks
+    return model, state, reasons
 
 
-def _final_recovery(ctx: RunContext, model: nn.Module, original: nn.Module) -> float:
+def _final_recovery(run: Run, state: StageState, model: nn.Module,
+                    original: nn.Module) -> tuple[float, StageState]:
     """Distil from the original model; keep the weights from before if it did not help."""
-    ctx.reporter.emit("recovery", 0, 1, 0.85, "Final recovery (distillation from the original model)")
+    run.reporter.emit("recovery", 0, 1, 0.85, "Final recovery (distillation from the original model)")
     before = copy.deepcopy(model.state_dict())
-    accuracy_before = ctx.accuracy(model)
-    ctx.recover(model, original, final=True)
-    accuracy = ctx.accuracy(model)
+    accuracy_before = run.spec.accuracy(model)
+    state = run.recover(state, model, original, final=True)
+    accuracy = run.spec.accuracy(model)
     if accuracy < accuracy_before:
         model.load_state_dict(before)
-        return accuracy_before
-    return accuracy
+        return accuracy_before, state
+    return accuracy, state
 
 
-_REASONS = {
-    "target_reached": "the size target was reached",
-    "accuracy_budget": "the next step would have dropped accuracy past max_accuracy_drop (it was rolled back)",
-    "max_steps": "Stage 1 used all its steps (raise max_steps or p0)",
-    "nothing_left_to_prune": "every layer is at its minimum width (lower min_width_fraction)",
-    "no_removable_blocks": "no further block can be removed within the budget",
-    "max_removals": "Stage 2 removed max_removals blocks",
-    "width_beats_layers": "removing the next block did worse than pruning width to the same size",
-    "time_budget": "the time budget ran out",
-}
-
-
-def _explain(reason: str, met: bool, reductions: dict[str, float], target: Target) -> str:
-    got = f"MACs -{reductions['macs']:.1%}, params -{reductions['params']:.1%}"
+def _explain(reason: StopReason, met: bool, reduction: dict[str, float], target: Target) -> str:
+    got = f"MACs -{reduction['macs']:.1%}, params -{reduction['params']:.1%}"
     if met:
         return f"Target met: {got}."
     asked = ", ".join(
@@ -340,4 +371,4 @@ def _explain(reason: str, met: bool, reductions: dict[str, float], target: Targe
         for name, value in (("MACs", target.macs_reduction), ("params", target.params_reduction))
         if value is not None
     )
-    return f"Target not met ({asked} asked, {got} reached): {_REASONS.get(reason, reason)}."
+    return f"Target not met ({asked} asked, {got} reached): {reason.explanation}."

@@ -8,9 +8,7 @@ target is feasible, and estimates the job's time from a measured training step.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
-from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -23,7 +21,8 @@ from core.graph.tracing import logits_of
 from core.options import CompressOptions, Target
 from core.progress import Reporter
 from core.recovery.distill import iterations_for
-from core.run.context import RunContext
+from core.report import BlockRow, Estimate, GroupRow, NotPrunableRow, PreflightReport
+from core.run.context import RunCache, RunInputs
 from core.run.pipeline import _prepare, out_of_reach, reachable_reduction
 from core.run.stages import group_candidates
 from core.surgery.groups import ROOT_TYPES, build_graph
@@ -35,39 +34,40 @@ _LISTED = 50
 
 
 def preflight(model: nn.Module, data: Dataset, target: Target | None, options: CompressOptions,
-              has_data: bool = True) -> dict[str, Any]:
+              has_data: bool = True) -> PreflightReport:
     options.validate()
     if target is not None:
         target.validate()
     started = time.monotonic()
-    # The run context wants a target; reachability and sizes do not depend on it.
-    model, ctx, notes = _prepare(model, data, target or Target(macs_reduction=0.5), options, Reporter(None, None))
-    graph = build_graph(model, ctx.example)
-    groups = group_candidates(ctx, model, graph)
-    blocks = find_blocks(model, ctx.example) if "layers" in options.stages else []
-    reachable = reachable_reduction(ctx, model)
+    model, inputs, notes = _prepare(model, data, options, Reporter(None, None))
+    cache = RunCache()
+    original = cache.measure(model, inputs.example)
+    graph = build_graph(model, inputs.example)
+    groups = group_candidates(inputs, cache, model, graph)
+    blocks = find_blocks(model, inputs.example) if "layers" in options.stages else []
+    reachable = reachable_reduction(inputs, cache, original, model)
     problems = _problems(target, reachable, options, groups, blocks)
     with torch.no_grad():
-        num_classes = int(logits_of(model(ctx.example)).shape[1])
-    return {
-        "macs": ctx.macs0,
-        "params": ctx.params0,
-        "num_classes": num_classes,
-        "input_shape": list(data.x.shape[1:]),
-        "input_dtype": str(data.x.dtype).removeprefix("torch."),
-        "samples": len(data) if has_data else 0,
-        "labeled": data.labeled if has_data else None,
-        "prunable_groups": [{"name": str(g.key), "width": g.width, "min_width": g.min_width} for g in groups],
-        "not_prunable": _not_prunable(model, graph, groups, ctx.ignored, options.ignored_layers),
-        "blocks": [{"name": b.name, "kind": b.kind} for b in blocks],
-        "reachable_reduction": {key: round(value, 4) for key, value in reachable.items()},
-        "target": None if target is None else dataclasses.asdict(target),
-        "feasible": None if target is None else not problems,
-        "problems": problems,
-        "estimate_seconds": _estimate(ctx, model, target, len(blocks)),
-        "notes": notes,
-        "seconds": round(time.monotonic() - started, 3),
-    }
+        num_classes = int(logits_of(model(inputs.example)).shape[1])
+    return PreflightReport(
+        macs=original.macs,
+        params=original.params,
+        num_classes=num_classes,
+        input_shape=list(data.x.shape[1:]),
+        input_dtype=str(data.x.dtype).removeprefix("torch."),
+        samples=len(data) if has_data else 0,
+        labeled=data.labeled if has_data else None,
+        prunable_groups=[GroupRow(name=str(g.key), width=g.width, min_width=g.min_width) for g in groups],
+        not_prunable=_not_prunable(model, graph, groups, inputs.ignored, options.ignored_layers),
+        blocks=[BlockRow(name=b.name, kind=b.kind) for b in blocks],
+        reachable_reduction={key: round(value, 4) for key, value in reachable.items()},
+        target=target,
+        feasible=None if target is None else not problems,
+        problems=problems,
+        estimate_seconds=_estimate(inputs, model, target, len(blocks)),
+        notes=notes,
+        seconds=round(time.monotonic() - started, 3),
+    )
 
 
 def _problems(target: Target | None, reachable: dict[str, float], options: CompressOptions,
@@ -81,7 +81,7 @@ def _problems(target: Target | None, reachable: dict[str, float], options: Compr
 
 
 def _not_prunable(model: nn.Module, graph: tp.DependencyGraph, groups: list, ignored: list[str],
-                  by_option: tuple[str, ...]) -> list[dict[str, str]]:
+                  by_option: tuple[str, ...]) -> list[NotPrunableRow]:
     """Layers with weights whose output width stays as it is, and why."""
     in_groups = {dep.target.module for g in groups if not isinstance(g.group, AttentionSite) for dep, _ in g.group
                  if graph.is_out_channel_pruning_fn(dep.handler)}
@@ -102,32 +102,32 @@ def _not_prunable(model: nn.Module, graph: tp.DependencyGraph, groups: list, ign
             reason = "width coupled with a reshape, channel shuffle or attention heads that cannot be resized"
         else:
             continue  # norms and embeddings follow the groups they belong to
-        rows.append({"name": name, "type": type(module).__name__, "reason": reason})
+        rows.append(NotPrunableRow(name=name, type=type(module).__name__, reason=reason))
     return rows[:_LISTED]
 
 
-def _estimate(ctx: RunContext, model: nn.Module, target: Target | None, n_blocks: int) -> dict[str, Any]:
+def _estimate(inputs: RunInputs, model: nn.Module, target: Target | None, n_blocks: int) -> Estimate:
     """Job time from one measured training and inference step on the run's device."""
-    opts = ctx.options
-    train_s, infer_s = _step_seconds(ctx, model)
-    per_recovery = iterations_for(len(ctx.recovery), opts.batch_size, opts.recovery_epochs,
+    opts = inputs.options
+    train_s, infer_s = _step_seconds(inputs, model)
+    per_recovery = iterations_for(len(inputs.recovery), opts.batch_size, opts.recovery_epochs,
                                   opts.recovery_iterations) * (train_s + infer_s)
-    passes = -(-len(ctx.calib) // opts.batch_size) + -(-len(ctx.evaluation) // opts.batch_size)
+    passes = -(-len(inputs.calib) // opts.batch_size) + -(-len(inputs.evaluation) // opts.batch_size)
     per_step = passes * infer_s + per_recovery
     goal = 0.5 if target is None else max(target.macs_reduction or 0.0, target.params_reduction or 0.0)
     steps = (_filter_steps(opts, goal) if "filters" in opts.stages else 0) + (
         min(n_blocks, opts.max_removals) if "layers" in opts.stages else 0)
-    final = iterations_for(len(ctx.recovery), opts.batch_size, opts.final_recovery_epochs,
+    final = iterations_for(len(inputs.recovery), opts.batch_size, opts.final_recovery_epochs,
                            opts.final_recovery_iterations) * (train_s + infer_s)
     total = steps * per_step + final
-    on_gpu = ctx.device.type == "cuda"
-    return {
-        "cpu": round(total * (ASSUMED_GPU_SPEEDUP if on_gpu else 1.0), 1),
-        "gpu": round(total if on_gpu else total / ASSUMED_GPU_SPEEDUP, 1),
-        "measured_on": ctx.device.type,
-        "steps": steps,
-        "train_step_s": round(train_s, 5),
-    }
+    on_gpu = inputs.device.type == "cuda"
+    return Estimate(
+        cpu=round(total * (ASSUMED_GPU_SPEEDUP if on_gpu else 1.0), 1),
+        gpu=round(total if on_gpu else total / ASSUMED_GPU_SPEEDUP, 1),
+        measured_on=inputs.device.type,
+        steps=steps,
+        train_step_s=round(train_s, 5),
+    )
 
 
 def _filter_steps(opts: CompressOptions, goal: float) -> int:
@@ -142,9 +142,9 @@ def _filter_steps(opts: CompressOptions, goal: float) -> int:
     return opts.max_steps
 
 
-def _step_seconds(ctx: RunContext, model: nn.Module) -> tuple[float, float]:
+def _step_seconds(inputs: RunInputs, model: nn.Module) -> tuple[float, float]:
     student = copy.deepcopy(model).train()
-    batch = ctx.recovery.x[: ctx.options.batch_size].to(ctx.device)
+    batch = inputs.recovery.x[: inputs.options.batch_size].to(inputs.device)
     parameters = [p for p in student.parameters() if p.is_floating_point()]
     timings = []
     for _ in range(2):  # the first step pays for allocation and kernel selection

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch_pruning as tp
@@ -23,84 +26,97 @@ from core.importance.divergence import (
 )
 from core.importance.heads import head_divergence, head_taylor, head_weight_norms
 from core.importance.statistics import InputStats, linear_input_stats
+from core.report import RemovedBlock, StepStage, StopReason, WidthComparison
 from core.run.allocation import drift_per_size
-from core.run.context import RunContext
+from core.run.context import Run, RunCache, RunInputs, StageState
+from core.run.goals import Size
 from core.surgery.apply import apply_plan, survives_channel_cut
 from core.surgery.groups import PrunableGroup, build_graph, prunable_groups
 from core.surgery.heads import removable
 from core.surgery.plan import make_plan, planned_units, score_groups
-from core.surgery.units import UnitKey, UnitKind
+from core.surgery.units import Means, UnitKey, UnitKind
 
 
-def group_candidates(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph) -> list[PrunableGroup]:
+def group_candidates(inputs: RunInputs, cache: RunCache, model: nn.Module,
+                     graph: tp.DependencyGraph) -> list[PrunableGroup]:
     """The prunable channel groups and attention-head groups of `model` under the run's ignore
     list and minimum widths."""
-    ignored = [model.get_submodule(name) for name in ctx.ignored]
-    opts = ctx.options
+    ignored = [model.get_submodule(name) for name in inputs.ignored]
+    opts = inputs.options
 
     def survives(group: PrunableGroup) -> bool:
-        if group.key not in ctx.cuttable:
-            ctx.cuttable[group.key] = survives_channel_cut(model, ctx.example, group)
-        return ctx.cuttable[group.key]
+        if group.key not in cache.cuttable:
+            cache.cuttable[group.key] = survives_channel_cut(model, inputs.example, group)
+        return cache.cuttable[group.key]
 
-    groups = prunable_groups(graph, model, ignored, ctx.original_widths, opts.min_width_fraction,
+    groups = prunable_groups(graph, model, ignored, cache.original_widths, opts.min_width_fraction,
                              opts.min_channels, survives)
-    return groups + _head_groups(ctx, model)
+    return groups + _head_groups(inputs, cache, model)
 
 
-def _head_groups(ctx: RunContext, model: nn.Module) -> list[PrunableGroup]:
+def _head_groups(inputs: RunInputs, cache: RunCache, model: nn.Module) -> list[PrunableGroup]:
     groups = []
     for site in find_sites(model)[0]:
         key = UnitKey(UnitKind.HEADS, site.name)
-        if any(name in ctx.ignored for name in (site.name, site.out)):
+        if any(name in inputs.ignored for name in (site.name, site.out)):
             continue
-        if key not in ctx.cuttable:
-            ctx.cuttable[key] = removable(model, site, ctx.example)
-        if not ctx.cuttable[key]:
+        if key not in cache.cuttable:
+            cache.cuttable[key] = removable(model, site, inputs.example)
+        if not cache.cuttable[key]:
             continue
         width = site.num_heads(model)
-        original = ctx.original_widths.setdefault(key, width)
-        minimum = min(width, max(1, math.ceil(original * ctx.options.min_width_fraction)))
+        original = cache.original_widths.setdefault(key, width)
+        minimum = min(width, max(1, math.ceil(original * inputs.options.min_width_fraction)))
         groups.append(PrunableGroup(key, site, width, 1, minimum, rounds=False))
     return groups
 
 
-def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
-                  groups: list[PrunableGroup]) -> list[torch.Tensor]:
-    """Unit scores of every group, comparable across groups (and, with mean compensation, the
-    statistics their consumers compensate with in ctx.unit_means, for the plans made from these
-    scores)."""
-    criterion = ctx.options.criterion
-    batch = ctx.options.batch_size
+@dataclass(frozen=True)
+class Scoring:
+    """Unit scores of every group, comparable across groups, and (with mean compensation) the
+    statistics the consumers and readers of the units compensate with, for the plans made from
+    these scores."""
+
+    scores: list[torch.Tensor]
+    means: Means
+
+
+def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: list[PrunableGroup]) -> Scoring:
+    """The scores of `groups` by the run's criterion, with the statistics gathered on the same
+    calibration pass that the plans made from them compensate with."""
+    spec = run.spec
+    criterion = spec.options.criterion
+    batch = spec.options.batch_size
     sites = [g.group for g in groups if isinstance(g.group, AttentionSite)]
-    layer_sum = ctx.options.group_scores == "layer_sum"
-    ctx.unit_means = {}
+    layer_sum = spec.options.group_scores == "layer_sum"
+    means: Means = {}
     if criterion == "divergence":
-        compensate = ctx.options.mean_compensation
-        fit = compensate and ctx.options.least_squares_compensation
+        compensate = spec.options.mean_compensation
+        fit = compensate and spec.options.least_squares_compensation
         layer_means: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = {} if compensate else None
         head_means: dict[str, InputStats] | None = {} if compensate else None
         channels: GroupScorer = DivergenceScorer(
-            filter_divergence(model, graph, ctx.calib, ctx.device, batch, means_out=layer_means, with_cov=fit),
+            filter_divergence(model, graph, spec.calib, spec.device, batch, means_out=layer_means, with_cov=fit),
             layer_sum=layer_sum)
-        heads = head_divergence(model, sites, ctx.calib, ctx.device, batch, means_out=head_means,
+        heads = head_divergence(model, sites, spec.calib, spec.device, batch, means_out=head_means,
                                 with_cov=fit) if sites else {}
         if layer_means is not None and head_means is not None:
             names = {module: name for name, module in model.named_modules()}
-            ctx.unit_means = {
+            means = {
                 UnitKey(UnitKind.CHANNELS, names[m]): (names[c], mean) for m, (c, mean) in layer_means.items()} | {
                 UnitKey(UnitKind.HEADS, site.name): (site.out, head_means[site.name])
                 for site in sites if site.name in head_means}
             consumers = {c: stats for c, stats in layer_means.values()} | {
-                model.get_submodule(site.out): head_means[site.name] for site in sites if site.name in head_means}
-            ctx.unit_means |= {UnitKey(UnitKind.READERS, names[m]): (names[m], stats) for m, stats in
-                               linear_input_stats(model, ctx.calib, ctx.device, batch, fit, consumers).items()}
+                cast(nn.Linear, model.get_submodule(site.out)): head_means[site.name]
+                for site in sites if site.name in head_means}
+            means |= {UnitKey(UnitKind.READERS, names[m]): (names[m], stats) for m, stats in
+                      linear_input_stats(model, spec.calib, spec.device, batch, fit, consumers).items()}
         if layer_sum:
             heads = {name: s / (s.mean() + 1e-12) for name, s in heads.items()}
     else:
         if criterion == "taylor":
-            labels = ctx.recovery.y[: len(ctx.calib)] if ctx.recovery.y is not None else None
-            taylor_gradients(model, ctx.calib, labels, ctx.device, batch)
+            labels = spec.recovery.y[: len(spec.calib)] if spec.recovery.y is not None else None
+            taylor_gradients(model, spec.calib, labels, spec.device, batch)
         channels = baseline_scorer(criterion)
         heads = {site.name: _baseline_head_scores(criterion, model, site) for site in sites}
 
@@ -109,9 +125,9 @@ def _group_scores(ctx: RunContext, model: nn.Module, graph: tp.DependencyGraph,
 
     scores = score_groups(groups, score, normalise=not (criterion == "divergence" and layer_sum))
     model.zero_grad(set_to_none=True)  # Taylor's gradients
-    if criterion == "divergence" and allocates_by_drift(ctx.options.allocation, groups):
-        scores = drift_per_size(ctx, model, groups, scores)
-    return scores
+    if criterion == "divergence" and allocates_by_drift(spec.options.allocation, groups):
+        scores = drift_per_size(run, model, groups, scores, means)
+    return Scoring(scores, means)
 
 
 def allocates_by_drift(allocation: str, groups: list[PrunableGroup]) -> bool:
@@ -128,15 +144,15 @@ def _baseline_head_scores(criterion: str, model: nn.Module, site: AttentionSite)
     return torch.rand(site.num_heads(model))
 
 
-def _pruned_copy(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup],
-                 scores: list[torch.Tensor], k: int) -> tuple[nn.Module, int]:
-    plan = make_plan(groups, scores, k, ctx.options.round_to)
+def _pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
+                 k: int) -> tuple[nn.Module, int]:
+    plan = make_plan(groups, scoring.scores, k, run.spec.options.round_to)
     candidate = copy.deepcopy(model)
-    apply_plan(candidate, ctx.example, plan, ctx.unit_means)
+    apply_plan(candidate, run.spec.example, plan, scoring.means)
     return candidate, planned_units(plan)
 
 
-def _smallest_step(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup], scores: list[torch.Tensor],
+def _smallest_step(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
                   full: tuple[nn.Module, int], k: int, enough: Callable[[nn.Module], bool], slack: float = 0.0
                   ) -> tuple[tuple[nn.Module, int], tuple[nn.Module, int] | None]:
     """Bisect the number of removed units for the smallest step that is `enough` (the caller's
@@ -152,7 +168,7 @@ def _smallest_step(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup
     below = None
     while high - low > max(1, int(slack * high)):
         mid = (low + high) // 2
-        trial = _pruned_copy(ctx, model, groups, scores, mid)
+        trial = _pruned_copy(run, model, groups, scoring, mid)
         if enough(trial[0]):
             high, best = mid, trial
         else:
@@ -160,78 +176,82 @@ def _smallest_step(ctx: RunContext, model: nn.Module, groups: list[PrunableGroup
     return best, below
 
 
-def prune_filters(ctx: RunContext, model: nn.Module, share: float = 1.0) -> tuple[nn.Module, str]:
+def prune_filters(run: Run, model: nn.Module, state: StageState,
+                  share: float = 1.0) -> tuple[nn.Module, StageState, StopReason]:
     """Stage 1 until `share` of the size target is reached, the accuracy budget or T steps.
 
-    The schedule step counter lives in `ctx`, so a later call continues the schedule.
+    The schedule's step counter is in `state`, so a later call with the returned state continues
+    the schedule.
     """
-    opts = ctx.options
+    spec, goals = run.spec, run.spec.goals
+    opts = spec.options
     total = opts.max_steps
-    while ctx.filter_steps < total:
-        if ctx.reached(*ctx.measure(model), share=share):
-            return model, "target_reached"
-        if ctx.out_of_time():
-            return model, "time_budget"
-        ctx.reporter.check_cancel()
+    while state.filter_steps < total:
+        if goals.reached(run.measure(model), share=share):
+            return model, state, StopReason.TARGET_REACHED
+        if spec.out_of_time():
+            return model, state, StopReason.TIME_BUDGET
+        run.reporter.check_cancel()
         started = time.monotonic()
-        t = ctx.filter_steps
-        graph = build_graph(model, ctx.example)
-        groups = group_candidates(ctx, model, graph)
+        t = state.filter_steps
+        graph = build_graph(model, spec.example)
+        groups = group_candidates(spec, run.cache, model, graph)
         capacity = sum(g.capacity for g in groups)
         if capacity == 0:
-            return model, "nothing_left_to_prune"
-        scores = _group_scores(ctx, model, graph, groups)
+            return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
+        scoring = _group_scores(run, model, graph, groups)
         rho = opts.p0 * (1 + t / total) ** opts.alpha
         k = max(1, min(capacity, math.floor(rho * sum(g.width for g in groups))))
-        candidate, removed = _pruned_copy(ctx, model, groups, scores, k)
+        candidate, removed = _pruned_copy(run, model, groups, scoring, k)
         while removed == 0 and k < capacity:
             # round_to can round a small step away entirely; grow it until something goes
             k = min(2 * k, capacity)
-            candidate, removed = _pruned_copy(ctx, model, groups, scores, k)
+            candidate, removed = _pruned_copy(run, model, groups, scoring, k)
         if removed == 0:
-            return model, "nothing_left_to_prune"
-        if ctx.reached(*ctx.measure(candidate), share=share):
+            return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
+        if goals.reached(run.measure(candidate), share=share):
             (candidate, removed), below = _smallest_step(
-                ctx, model, groups, scores, (candidate, removed), k,
-                lambda trial: ctx.reached(*ctx.measure(trial), share=share))
-            if share >= 1.0 and ctx.overshoots(*ctx.measure(candidate)):
+                run, model, groups, scoring, (candidate, removed), k,
+                lambda trial: goals.reached(run.measure(trial), share=share))
+            if share >= 1.0 and goals.overshoots(run.measure(candidate)):
                 # the smallest step that reaches the target overshoots it (round_to granularity):
                 # a step, or no step, that ends within tolerance below the target is closer
-                if below is not None and below[1] > 0 and ctx.met(*ctx.measure(below[0])):
+                if below is not None and below[1] > 0 and goals.met(run.measure(below[0])):
                     candidate, removed = below
-                elif ctx.met(*ctx.measure(model)):
-                    return model, "target_reached"
-        ctx.filter_steps += 1
-        ctx.recover(candidate, model)
-        accuracy = ctx.accuracy(candidate)
-        accepted = ctx.within_budget(accuracy)
-        macs, params = ctx.measure(candidate)
-        ctx.record("filters", macs, params, accuracy, time.monotonic() - started, accepted,
-                   units_removed=removed)
+                elif goals.met(run.measure(model)):
+                    return model, state, StopReason.TARGET_REACHED
+        state = dataclasses.replace(state, filter_steps=state.filter_steps + 1)
+        state = run.recover(state, candidate, model)
+        accuracy = spec.accuracy(candidate)
+        accepted = goals.within_budget(accuracy)
+        state = run.record(state, StepStage.FILTERS, run.measure(candidate), accuracy, time.monotonic() - started,
+                           accepted, units_removed=removed)
         if not accepted:
-            return model, "accuracy_budget"
+            return model, state, StopReason.ACCURACY_BUDGET
         model = candidate
-    return model, "target_reached" if ctx.reached(*ctx.measure(model), share=share) else "max_steps"
+    reached = goals.reached(run.measure(model), share=share)
+    return model, state, StopReason.TARGET_REACHED if reached else StopReason.MAX_STEPS
 
 
-def remove_layers(ctx: RunContext, model: nn.Module,
-                  on_removed: Callable[[BlockCandidate, float], None]) -> tuple[nn.Module, str]:
-    """Stage 2: remove the lowest-divergence blocks while the target is not reached."""
-    opts = ctx.options
-    candidates = find_blocks(model, ctx.example)
+def remove_layers(run: Run, model: nn.Module, state: StageState) -> tuple[nn.Module, StageState, StopReason]:
+    """Stage 2: remove the lowest-divergence blocks while the target is not reached; the removed
+    blocks are added to the state."""
+    spec, goals = run.spec, run.spec.goals
+    opts = spec.options
+    candidates = find_blocks(model, spec.example)
     essential: set[str] = set()
     removed = 0
     while removed < opts.max_removals:
-        if ctx.reached(*ctx.measure(model)):
-            return model, "target_reached"
-        if ctx.out_of_time():
-            return model, "time_budget"
-        ctx.reporter.check_cancel()
+        if goals.reached(run.measure(model)):
+            return model, state, StopReason.TARGET_REACHED
+        if spec.out_of_time():
+            return model, state, StopReason.TIME_BUDGET
+        run.reporter.check_cancel()
         live = [c for c in candidates if c.name not in essential]
         if not live:
-            return model, "no_removable_blocks"
+            return model, state, StopReason.NO_REMOVABLE_BLOCKS
         started = time.monotonic()
-        scores = block_divergence(model, {c.name: c.shortcut for c in live}, ctx.calib, ctx.device,
+        scores = block_divergence(model, {c.name: c.shortcut for c in live}, spec.calib, spec.device,
                                   opts.batch_size)
         choice = None
         for block in sorted(live, key=lambda c: scores[c.name]):
@@ -240,45 +260,45 @@ def remove_layers(ctx: RunContext, model: nn.Module,
                 continue
             trial = copy.deepcopy(model)
             remove_block(trial, block)
-            if ctx.overshoots(*ctx.measure(trial)):
+            if goals.overshoots(run.measure(trial)):
                 essential.add(block.name)  # too big to remove; it only gets bigger relative to the rest
                 continue
             choice = block, trial
             break
         if choice is None:
-            return model, "no_removable_blocks"
+            return model, state, StopReason.NO_REMOVABLE_BLOCKS
         block, trial = choice
-        ctx.recover(trial, model)
-        accuracy = ctx.accuracy(trial)
-        accepted = ctx.within_budget(accuracy)
-        width = _width_alternative(ctx, model, ctx.measure(trial)) \
+        state = run.recover(state, trial, model)
+        accuracy = spec.accuracy(trial)
+        accepted = goals.within_budget(accuracy)
+        width = _width_alternative(run, model, run.measure(trial)) \
             if accepted and opts.layers_must_beat_width and "filters" in opts.stages else None
-        width_wins = False
-        comparison: dict[str, float | str] = {}
+        comparison = None
         if width is not None:
-            ctx.recover(width[0], model)
-            width_accuracy = ctx.accuracy(width[0])
-            drift, width_drift = ctx.drift(trial), ctx.drift(width[0])
-            comparison = {"drift": round(drift, 6), "width_drift": round(width_drift, 6),
-                          "width_accuracy": round(width_accuracy, 6), "width_units_removed": width[1]}
-            width_wins = ctx.within_budget(width_accuracy) and width_drift < drift
-            if width_wins:
-                comparison["declined"] = "pruning width to the same size did better"
-        macs, params = ctx.measure(trial)
-        ctx.record("layers", macs, params, accuracy, time.monotonic() - started, accepted and not width_wins,
-                   block=block.name, divergence=round(scores[block.name], 6), **comparison)
+            state = run.recover(state, width[0], model)
+            width_accuracy = spec.accuracy(width[0])
+            drift, width_drift = spec.drift(trial), spec.drift(width[0])
+            wins = goals.within_budget(width_accuracy) and width_drift < drift
+            comparison = WidthComparison(
+                drift=round(drift, 6), width_drift=round(width_drift, 6), width_accuracy=round(width_accuracy, 6),
+                width_units_removed=width[1], declined="pruning width to the same size did better" if wins else None)
+        width_wins = comparison is not None and comparison.declined is not None
+        state = run.record(state, StepStage.LAYERS, run.measure(trial), accuracy, time.monotonic() - started,
+                           accepted and not width_wins, block=block.name, divergence=round(scores[block.name], 6),
+                           comparison=comparison)
         if not accepted:
             essential.add(block.name)
             continue
         if width_wins:
             # Stage 1 goes on from here: the width candidate is as big as the block, which can
             # overshoot the target that Stage 1's own steps stop at
-            return model, "width_beats_layers"
+            return model, state, StopReason.WIDTH_BEATS_LAYERS
         model = trial
         candidates.remove(block)
         removed += 1
-        on_removed(block, scores[block.name])
-    return model, "max_removals"
+        state = dataclasses.replace(state, removed=(
+            *state.removed, RemovedBlock(name=block.name, kind=block.kind, divergence=round(scores[block.name], 6))))
+    return model, state, StopReason.MAX_REMOVALS
 
 
 def last_layer_of_its_stack(model: nn.Module, block: BlockCandidate) -> bool:
@@ -290,18 +310,19 @@ def last_layer_of_its_stack(model: nn.Module, block: BlockCandidate) -> bool:
     return sum(not isinstance(layer, SkippedLayer) for layer in stack.children()) <= 1
 
 
-def _width_alternative(ctx: RunContext, model: nn.Module, size: tuple[int, int]) -> tuple[nn.Module, int] | None:
+def _width_alternative(run: Run, model: nn.Module, size: Size) -> tuple[nn.Module, int] | None:
     """One Stage 1 step from `model` that is no larger than `size` (a block removal's result), with the
     fewest units removed, to compare the removal with; None when width alone cannot get there."""
-    graph = build_graph(model, ctx.example)
-    groups = group_candidates(ctx, model, graph)
+    goals = run.spec.goals
+    graph = build_graph(model, run.spec.example)
+    groups = group_candidates(run.spec, run.cache, model, graph)
     capacity = sum(g.capacity for g in groups)
     if capacity == 0:
         return None
-    scores = _group_scores(ctx, model, graph, groups)
-    full = _pruned_copy(ctx, model, groups, scores, capacity)
-    if not ctx.no_larger(*ctx.measure(full[0]), than=size):
+    scoring = _group_scores(run, model, graph, groups)
+    full = _pruned_copy(run, model, groups, scoring, capacity)
+    if not goals.no_larger(run.measure(full[0]), than=size):
         return None
     # a few units more than the block's size are as good a comparison, and save tries
-    return _smallest_step(ctx, model, groups, scores, full, capacity,
-                          lambda trial: ctx.no_larger(*ctx.measure(trial), than=size), slack=0.02)[0]
+    return _smallest_step(run, model, groups, scoring, full, capacity,
+                          lambda trial: goals.no_larger(run.measure(trial), than=size), slack=0.02)[0]

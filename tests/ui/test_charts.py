@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from api.ui.charts import _ticks, blocks_chart, channels_chart, charts, divergence_chart, trajectory_chart
-from core import CompressOptions, Target, compress, load_npz
 from core.intake.model_io import load_model
+from core.intake.npz import load_npz
+from core.options import CompressOptions, Target
+from core.run.pipeline import compress
 
 SVG = "{http://www.w3.org/2000/svg}"
 

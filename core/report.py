@@ -1,0 +1,285 @@
+"""What a run reports: report.json (`Report`), the preflight (`PreflightReport`) and their parts.
+
+The JSON shapes are what stored jobs and the UI read: keys and value shapes are those of the
+dicts these models replaced, and keys that only some runs have are left out of the JSON when a
+run does not set them.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, computed_field, model_serializer
+
+from core.options import CompressOptions, Target
+
+# ONNX Runtime latency by batch size ("batch_1", "batch_32"), in milliseconds.
+Latency = dict[str, float]
+AccuracyMetric = Literal["top1", "top1_agreement_with_original"]
+
+
+class StopReason(StrEnum):
+    """Why a stage, and so the run, stopped."""
+
+    TARGET_REACHED = "target_reached"
+    ACCURACY_BUDGET = "accuracy_budget"
+    MAX_STEPS = "max_steps"
+    NOTHING_LEFT_TO_PRUNE = "nothing_left_to_prune"
+    NO_REMOVABLE_BLOCKS = "no_removable_blocks"
+    MAX_REMOVALS = "max_removals"
+    WIDTH_BEATS_LAYERS = "width_beats_layers"
+    TIME_BUDGET = "time_budget"
+
+    @property
+    def explanation(self) -> str:
+        """The reason in words, for the message of a run that missed its target."""
+        return _EXPLANATIONS[self]
+
+
+_EXPLANATIONS = {
+    StopReason.TARGET_REACHED: "the size target was reached",
+    StopReason.ACCURACY_BUDGET:
+        "the next step would have dropped accuracy past max_accuracy_drop (it was rolled back)",
+    StopReason.MAX_STEPS: "Stage 1 used all its steps (raise max_steps or p0)",
+    StopReason.NOTHING_LEFT_TO_PRUNE: "every layer is at its minimum width (lower min_width_fraction)",
+    StopReason.NO_REMOVABLE_BLOCKS: "no further block can be removed within the budget",
+    StopReason.MAX_REMOVALS: "Stage 2 removed max_removals blocks",
+    StopReason.WIDTH_BEATS_LAYERS: "removing the next block did worse than pruning width to the same size",
+    StopReason.TIME_BUDGET: "the time budget ran out",
+}
+
+
+class StepStage(StrEnum):
+    """The stage a step belongs to: Stage 1 prunes width, Stage 2 removes blocks."""
+
+    FILTERS = "filters"
+    LAYERS = "layers"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class StepRecord(_Frozen):
+    """One pruning step, accepted or rolled back, with the model's size and accuracy after it."""
+
+    stage: StepStage
+    step: int
+    macs: int
+    params: int
+    accuracy: float
+    seconds: float
+    accepted: bool
+    # Stage 1
+    units_removed: int | None = None
+    # Stage 2: the block tried, and its comparison with pruning width to the same size
+    block: str | None = None
+    divergence: float | None = None
+    drift: float | None = None
+    width_drift: float | None = None
+    width_accuracy: float | None = None
+    width_units_removed: int | None = None
+    declined: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_other_stages_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # no field a step has is ever None, so None means the step does not have it
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class WidthComparison(_Frozen):
+    """A Stage 2 removal against one Stage 1 step to the same size (CompressOptions.layers_must_beat_width):
+    both candidates' drift from the original and the width candidate's accuracy and units removed."""
+
+    drift: float
+    width_drift: float
+    width_accuracy: float
+    width_units_removed: int
+    declined: str | None = None  # why the removal was declined, when the width candidate did better
+
+
+class LayerRow(_Frozen):
+    """A Conv/Linear layer of the original model: its output width before and after (0 when its
+    block was removed), and its divergence on the original model (None when it was not scored)."""
+
+    name: str
+    channels_before: int
+    channels_after: int
+    divergence: float | None
+
+
+class HeadRow(_Frozen):
+    """A recognised attention module's heads before and after (0 when its layer was removed)."""
+
+    name: str
+    heads_before: int
+    heads_after: int
+
+
+class RemovedBlock(_Frozen):
+    """A block Stage 2 removed, and its divergence when it was chosen."""
+
+    name: str
+    kind: str
+    divergence: float
+
+
+class ReportHeadline(_Frozen):
+    """The numbers a job keeps next to its status, from its report."""
+
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    macs_reduction: float
+    params_reduction: float
+    accuracy_metric: AccuracyMetric
+    accuracy_before: float
+    accuracy_after: float
+    latency_ms_before: Latency
+    latency_ms_after: Latency
+    onnx_max_abs_diff: float
+    target_met: bool
+    stop_reason: StopReason
+    message: str
+    removed_blocks: int
+    device: str
+    seconds: float
+    pt2_error: str | None
+
+
+_UPLOAD_KEYS = ("input_format", "hf_pretrained", "hf_pretrained_error")
+
+
+class _FromUpload(_Frozen):
+    """A report that core.intake completes for uploaded files: its keys about the upload
+    (input_format, and hf_pretrained* for Hugging Face uploads) are in the JSON only when set,
+    as for a model handed to compress directly they never were."""
+
+    @model_serializer(mode="wrap")
+    def _without_unset_upload_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items()
+                if key not in _UPLOAD_KEYS or key in self.model_fields_set}
+
+
+class Report(_FromUpload):
+    """report.json: the model before and after, every step, and why the run stopped."""
+
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    macs_reduction: float
+    params_reduction: float
+    accuracy_metric: AccuracyMetric
+    accuracy_before: float
+    accuracy_after: float
+    eval_samples: int
+    latency_ms_before: Latency
+    latency_ms_after: Latency
+    onnx_max_abs_diff: float
+    onnx_max_abs_diff_before: float
+    onnx_bytes_before: int
+    onnx_bytes_after: int
+    pt2_error: str | None
+    blocks: list[RemovedBlock]
+    layers: list[LayerRow]
+    attention_heads: list[HeadRow]
+    steps: list[StepRecord]
+    target: Target
+    target_met: bool
+    reachable_reduction: dict[str, float]
+    stop_reason: StopReason
+    message: str
+    notes: list[str]
+    device: str
+    options: CompressOptions
+    seconds: float
+    input_format: str | None = None
+    # the model back in Hugging Face format: its file name, or why it could not be written
+    hf_pretrained: str | None = None
+    hf_pretrained_error: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def removed_blocks(self) -> list[str]:
+        """The names in `blocks`; a key of its own in report.json (after the others), which readers use."""
+        return [block.name for block in self.blocks]
+
+    def headline(self) -> ReportHeadline:
+        return ReportHeadline(
+            macs_before=self.macs_before, macs_after=self.macs_after,
+            params_before=self.params_before, params_after=self.params_after,
+            macs_reduction=self.macs_reduction, params_reduction=self.params_reduction,
+            accuracy_metric=self.accuracy_metric,
+            accuracy_before=self.accuracy_before, accuracy_after=self.accuracy_after,
+            latency_ms_before=self.latency_ms_before, latency_ms_after=self.latency_ms_after,
+            onnx_max_abs_diff=self.onnx_max_abs_diff, target_met=self.target_met, stop_reason=self.stop_reason,
+            message=self.message, removed_blocks=len(self.blocks), device=self.device, seconds=self.seconds,
+            pt2_error=self.pt2_error,
+        )
+
+    def write(self, path: Path) -> None:
+        path.write_text(to_json(self))
+
+
+class GroupRow(_Frozen):
+    """A prunable channel or head group: its width and the width it may not go below."""
+
+    name: str
+    width: int
+    min_width: int
+
+
+class NotPrunableRow(_Frozen):
+    """A layer with weights whose output width stays as it is, and why."""
+
+    name: str
+    type: str
+    reason: str
+
+
+class BlockRow(_Frozen):
+    name: str
+    kind: str
+
+
+class Estimate(_Frozen):
+    """A job's time in seconds, from one training and inference step measured on `measured_on`."""
+
+    cpu: float
+    gpu: float
+    measured_on: str
+    steps: int
+    train_step_s: float
+
+
+class PreflightReport(_FromUpload):
+    """What a compression job would face (core.preflight): sizes, what can be pruned, what can be reached."""
+
+    macs: int
+    params: int
+    num_classes: int
+    input_shape: list[int]
+    input_dtype: str
+    samples: int
+    labeled: bool | None  # None without data
+    prunable_groups: list[GroupRow]
+    not_prunable: list[NotPrunableRow]
+    blocks: list[BlockRow]
+    reachable_reduction: dict[str, float]
+    target: Target | None
+    feasible: bool | None  # None without a target
+    problems: list[str]
+    estimate_seconds: Estimate
+    notes: list[str]
+    seconds: float
+    input_format: str | None = None
+
+
+def to_json(report: BaseModel) -> str:
+    """A report as indented JSON, as report.json has always been written (json.dumps's formatting)."""
+    return json.dumps(report.model_dump(mode="json"), indent=2)
