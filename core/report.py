@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, computed_field, model_serializer
 
-from core.options import CompressOptions, Target
+from core.options import CompressOptions, Stage, Target
 
 # ONNX Runtime latency by batch size ("batch_1", "batch_32"), in milliseconds.
 Latency = dict[str, float]
@@ -52,13 +52,6 @@ _EXPLANATIONS = {
 }
 
 
-class StepStage(StrEnum):
-    """The stage a step belongs to: Stage 1 prunes width, Stage 2 removes blocks."""
-
-    FILTERS = "filters"
-    LAYERS = "layers"
-
-
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -66,7 +59,7 @@ class _Frozen(BaseModel):
 class StepRecord(_Frozen):
     """One pruning step, accepted or rolled back, with the model's size and accuracy after it."""
 
-    stage: StepStage
+    stage: Stage  # Stage 1 (filters) prunes width, Stage 2 (layers) removes blocks
     step: int
     macs: int
     params: int
@@ -84,8 +77,10 @@ class StepRecord(_Frozen):
     width_units_removed: int | None = None
     declined: str | None = None
 
+    # No return annotation: pydantic would document the annotated type (a bare object) in OpenAPI
+    # instead of the model's fields.
     @model_serializer(mode="wrap")
-    def _without_other_stages_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _without_other_stages_fields(self, handler: SerializerFunctionWrapHandler):
         # no field a step has is ever None, so None means the step does not have it
         return {key: value for key, value in handler(self).items() if value is not None}
 
@@ -159,8 +154,8 @@ class _FromUpload(_Frozen):
     (input_format, and hf_pretrained* for Hugging Face uploads) are in the JSON only when set,
     as for a model handed to compress directly they never were."""
 
-    @model_serializer(mode="wrap")
-    def _without_unset_upload_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    @model_serializer(mode="wrap")  # no return annotation, as in StepRecord: OpenAPI documents the fields
+    def _without_unset_upload_keys(self, handler: SerializerFunctionWrapHandler):
         return {key: value for key, value in handler(self).items()
                 if key not in _UPLOAD_KEYS or key in self.model_fields_set}
 
@@ -210,17 +205,8 @@ class Report(_FromUpload):
         return [block.name for block in self.blocks]
 
     def headline(self) -> ReportHeadline:
-        return ReportHeadline(
-            macs_before=self.macs_before, macs_after=self.macs_after,
-            params_before=self.params_before, params_after=self.params_after,
-            macs_reduction=self.macs_reduction, params_reduction=self.params_reduction,
-            accuracy_metric=self.accuracy_metric,
-            accuracy_before=self.accuracy_before, accuracy_after=self.accuracy_after,
-            latency_ms_before=self.latency_ms_before, latency_ms_after=self.latency_ms_after,
-            onnx_max_abs_diff=self.onnx_max_abs_diff, target_met=self.target_met, stop_reason=self.stop_reason,
-            message=self.message, removed_blocks=len(self.blocks), device=self.device, seconds=self.seconds,
-            pt2_error=self.pt2_error,
-        )
+        shared = set(ReportHeadline.model_fields) - {"removed_blocks"}
+        return ReportHeadline(**{name: getattr(self, name) for name in shared}, removed_blocks=len(self.blocks))
 
     def write(self, path: Path) -> None:
         path.write_text(to_json(self))

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, field_validator
 
+from core.report import ReportHeadline
 from domain.clock import aware
 from domain.models import Job
 from domain.states import JobStatus
@@ -46,7 +47,7 @@ class JobOut(BaseModel):
     cancel_requested: bool
     progress: ProgressOut
     error: ErrorOut | None
-    metrics: dict[str, Any] | None
+    metrics: ReportHeadline | None  # the report's headline numbers, once the job succeeded
     artifacts: list[ArtifactOut]
     config: dict[str, Any]
 
@@ -63,7 +64,8 @@ def job_out(job: Job, base_url: str) -> JobOut:
         id=job.id, status=JobStatus(job.status), queue=job.queue, created_at=job.created_at,
         updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
         max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
-        progress=ProgressOut(**(job.progress or {})), metrics=job.metrics, config=job.config,
+        progress=ProgressOut(**(job.progress or {})), config=job.config,
+        metrics=ReportHeadline.model_validate(job.metrics) if job.metrics else None,
         error=ErrorOut.model_validate(job.error) if job.error else None,
         artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
                                url=f"{base}/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts],

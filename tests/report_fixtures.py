@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.options import CompressOptions, Target
-from core.report import HeadRow, LayerRow, RemovedBlock, Report, StepRecord, StepStage, StopReason, WidthComparison
+from core.options import CompressOptions, Stage, Target
+from core.report import HeadRow, LayerRow, RemovedBlock, Report, StepRecord, StopReason, WidthComparison
 
 LATENCY = {"batch_1": 1.0, "batch_32": 4.0}
 
@@ -15,11 +15,11 @@ def sample_steps() -> list[StepRecord]:
     comparison = WidthComparison(drift=0.02, width_drift=0.01, width_accuracy=0.97, width_units_removed=16,
                                  declined="pruning width to the same size did better")
     return [
-        StepRecord(stage=StepStage.FILTERS, step=1, macs=3_000_000, params=80_000, accuracy=0.985, seconds=1.5,
+        StepRecord(stage=Stage.FILTERS, step=1, macs=3_000_000, params=80_000, accuracy=0.985, seconds=1.5,
                    accepted=True, units_removed=24),
-        StepRecord(stage=StepStage.LAYERS, step=2, macs=2_000_000, params=50_000, accuracy=0.98, seconds=2.0,
+        StepRecord(stage=Stage.LAYERS, step=2, macs=2_000_000, params=50_000, accuracy=0.98, seconds=2.0,
                    accepted=True, block="blocks.1", divergence=0.125),
-        StepRecord(stage=StepStage.LAYERS, step=3, macs=1_500_000, params=40_000, accuracy=0.95, seconds=2.5,
+        StepRecord(stage=Stage.LAYERS, step=3, macs=1_500_000, params=40_000, accuracy=0.95, seconds=2.5,
                    accepted=False, block="blocks.2", divergence=0.25, **comparison.model_dump()),
     ]
 

@@ -9,7 +9,7 @@ import torch
 from core.data import Dataset
 from core.graph.attention import AttentionSite
 from core.importance.statistics import linear_input_stats
-from core.options import CompressOptions, Target
+from core.options import Allocation, CompressOptions, Target
 from core.run.allocation import drift_per_size
 from core.run.stages import _group_scores, allocates_by_drift, group_candidates
 from core.surgery.apply import apply_plan
@@ -53,8 +53,8 @@ def test_auto_allocation_measures_drift_where_heads_compete_with_channels():
     bert = group_candidates(run.spec, run.cache, model, build_graph(model, run.spec.example))
     channels = two_paths_run(TwoPaths(), options)[2]
     assert any(isinstance(g.group, AttentionSite) for g in bert)
-    assert allocates_by_drift("auto", bert) and not allocates_by_drift("auto", channels)
-    assert allocates_by_drift("drift", channels) and not allocates_by_drift("scores", bert)
+    assert allocates_by_drift(Allocation.AUTO, bert) and not allocates_by_drift(Allocation.AUTO, channels)
+    assert allocates_by_drift(Allocation.DRIFT, channels) and not allocates_by_drift(Allocation.SCORES, bert)
 
 
 def _cut_error(fit: bool, compensate: bool = True) -> float:

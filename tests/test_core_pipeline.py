@@ -14,8 +14,8 @@ from torch import nn
 from core.data import Dataset
 from core.errors import Cancelled, TargetUnreachableError
 from core.measure.size import count_macs_params
-from core.options import CompressOptions, Target
-from core.report import Report, StepStage, StopReason
+from core.options import CompressOptions, Stage, Target
+from core.report import Report, StopReason
 from core.run.pipeline import compress
 from tests.test_report import REPORT_JSON_KEYS
 
@@ -74,7 +74,7 @@ def test_stage_two_removes_a_residual_block(digits_model, digits_arrays, tmp_pat
     for name in removed:
         assert not isinstance(result.model.get_submodule(name), type(digits_model.get_submodule(name)))
     assert result.report.macs_after < result.report.macs_before
-    assert all(step.stage == StepStage.LAYERS for step in result.report.steps)
+    assert all(step.stage == Stage.LAYERS for step in result.report.steps)
 
 
 @pytest.mark.parametrize("layers_win", [True, False])
@@ -93,17 +93,17 @@ def test_stage_two_keeps_a_block_only_when_it_beats_width_to_the_same_size(
                       CompressOptions(**FAST), tmp_path)
     report = result.report
     stages = [step.stage for step in report.steps]
-    compared = report.steps[stages.index(StepStage.LAYERS)]
+    compared = report.steps[stages.index(Stage.LAYERS)]
     assert (compared.drift, compared.width_drift) == ((0.0, 1.0) if layers_win else (1.0, 0.0))
     assert compared.width_units_removed is not None and compared.width_units_removed > 0
     if layers_win:
         assert report.removed_blocks
     else:
-        assert report.removed_blocks == [] and stages.count(StepStage.LAYERS) == 1
+        assert report.removed_blocks == [] and stages.count(Stage.LAYERS) == 1
         assert not compared.accepted and compared.declined and "width" in compared.declined
         # Stage 1 finishes the target from the model the removal was tried on
-        after = stages[stages.index(StepStage.LAYERS) + 1:]
-        assert after and set(after) == {StepStage.FILTERS}
+        after = stages[stages.index(Stage.LAYERS) + 1:]
+        assert after and set(after) == {Stage.FILTERS}
         assert all(isinstance(block, BasicBlock) for block in result.model.blocks)
     assert report.target_met
 

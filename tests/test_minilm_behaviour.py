@@ -8,8 +8,7 @@ import torch
 from benchmarks.minilm_rotten_tomatoes import WORD_EMBEDDINGS, encoder_params, onnx_top1
 from core.intake.files import compress_files, open_data
 from core.intake.model_io import open_model
-from core.options import CompressOptions, IntakeOptions, Target
-from core.report import StepStage
+from core.options import CompressOptions, IntakeOptions, Stage, Target
 
 pytest_plugins = ["tests.minilm_fixtures"]
 
@@ -43,7 +42,7 @@ def test_forty_percent_of_the_encoder_within_two_points(minilm_files, tmp_path, 
     report = result.report
     assert report.target_met
     assert 1 - encoder_params(result.model) / encoder_before >= 0.37
-    tried = [step for step in report.steps if step.stage == StepStage.LAYERS]
+    tried = [step for step in report.steps if step.stage == Stage.LAYERS]
     assert tried and (tried[0].block or "").startswith("model.bert.encoder.layer."), "Stage 2 tried an encoder layer"
     if not layers_must_beat_width:
         assert report.blocks and report.blocks[0].kind == "layer", "Stage 2 removed an encoder layer"

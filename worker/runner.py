@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from domain.config import JobConfig, intake_options
 from domain.db import session_scope
 from domain.models import Artifact, Job
 from domain.queue import JobQueue
+from domain.read_model import ErrorOut, ProgressOut
 from domain.settings import Settings
 from domain.states import JobStatus
 from domain.storage import Storage, file_digest
@@ -32,13 +34,21 @@ from worker.notify import fire
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("macs_before", "macs_after", "params_before", "params_after", "macs_reduction", "params_reduction",
-            "accuracy_metric", "accuracy_before", "accuracy_after", "latency_ms_before", "latency_ms_after",
-            "onnx_max_abs_diff", "target_met", "stop_reason", "message", "removed_blocks", "device", "seconds",
-            "pt2_error")
 
 
-def claim(settings: Settings, job_id: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Claim:
+    """What one attempt needs of its job row, read when the attempt claimed it."""
+
+    attempt: int
+    max_attempts: int
+    config: dict[str, Any]  # JobConfig as stored; validated inside the attempt, where a failure is retried
+    model_key: str
+    data_key: str
+    queue: str
+
+
+def claim(settings: Settings, job_id: str) -> Claim | None:
     """Move a queued job to running and count the attempt; None when there is nothing to run
     (another delivery of the same message got it, it was cancelled, or it is out of attempts)."""
     with session_scope(settings.database) as session:
@@ -56,60 +66,56 @@ def claim(settings: Settings, job_id: str) -> dict[str, Any] | None:
             progress={"stage": "starting", "message": f"Attempt {job.attempts + 1} of {job.max_attempts}"})
         if not claimed:
             return None
-        return {"attempt": job.attempts + 1, "max_attempts": job.max_attempts, "config": job.config,
-                "model_key": job.model_key, "data_key": job.data_key, "queue": job.queue}
+        return Claim(attempt=job.attempts + 1, max_attempts=job.max_attempts, config=job.config,
+                     model_key=job.model_key, data_key=job.data_key, queue=job.queue)
 
 
 def run(settings: Settings, storage: Storage, queue: JobQueue, job_id: str) -> None:
     claimed = claim(settings, job_id)
     if claimed is None:
         return
-    if claimed["attempt"] == 1:
+    if claimed.attempt == 1:
         fire(settings, queue, job_id, "job.started")
     try:
         with Lease(settings, job_id) as lease, tempfile.TemporaryDirectory(prefix=f"job-{job_id}-") as scratch:
-            result = _compress(settings, storage, claimed, Path(scratch), lease)
-            _store_artifacts(settings, storage, job_id, claimed["config"], result)
+            config = JobConfig.model_validate(claimed.config)
+            result = _compress(settings, storage, claimed, config, Path(scratch), lease)
+            _store_artifacts(settings, storage, job_id, config, result)
     except Cancelled:
         _finish(settings, storage, queue, job_id, JobStatus.CANCELLED, "job.cancelled")
     except UserError as err:
-        _fail(settings, storage, queue, job_id, {"code": err.code, "message": err.message, "hint": err.hint})
+        _fail(settings, storage, queue, job_id, ErrorOut(code=err.code, message=err.message, hint=err.hint))
     except SoftTimeLimitExceeded:
-        _fail(settings, storage, queue, job_id, {
-            "code": "time_limit", "message": f"The job ran past the {settings.soft_time_limit_s} s limit.",
-            "hint": "Set method.time_budget_s below the limit, or lower the recovery budget."})
+        _fail(settings, storage, queue, job_id, ErrorOut(
+            code="time_limit", message=f"The job ran past the {settings.soft_time_limit_s} s limit.",
+            hint="Set method.time_budget_s below the limit, or lower the recovery budget."))
     except ExportError as exc:
         # deterministic for a given model: another attempt would fail the same way
-        _fail(settings, storage, queue, job_id, {
-            "code": "export_failed", "message": f"Export failed: {exc}",
-            "hint": "The pruned model uses an operator the exporter cannot handle."})
+        _fail(settings, storage, queue, job_id, ErrorOut(
+            code="export_failed", message=f"Export failed: {exc}",
+            hint="The pruned model uses an operator the exporter cannot handle."))
     except Exception as exc:  # infrastructure (storage, database, ...) or a bug: worth another attempt
-        log.exception("job %s attempt %s failed", job_id, claimed["attempt"])
+        log.exception("job %s attempt %s failed", job_id, claimed.attempt)
         _retry_or_fail(settings, storage, queue, job_id, claimed, exc)
     else:
-        metrics = {key: result.report.get(key) for key in HEADLINE}
-        metrics["removed_blocks"] = len(metrics["removed_blocks"] or [])
-        _finish(settings, storage, queue, job_id, JobStatus.SUCCEEDED, "job.succeeded", metrics=metrics,
-                progress={"stage": "done", "step": 1, "total_steps": 1, "fraction": 1.0,
-                          "message": result.report.get("message")})
+        done = ProgressOut(stage="done", step=1, total_steps=1, fraction=1.0, message=result.report.message)
+        _finish(settings, storage, queue, job_id, JobStatus.SUCCEEDED, "job.succeeded",
+                metrics=result.report.headline().model_dump(mode="json"), progress=done.model_dump(mode="json"))
 
 
-def _compress(settings: Settings, storage: Storage, claimed: dict[str, Any], scratch: Path, lease: Lease) -> Result:
-    config = JobConfig.model_validate(claimed["config"])
-    inputs = {}
-    for name in ("model_key", "data_key"):
-        key = claimed[name]
-        inputs[name] = scratch / key.rsplit("/", 1)[-1]
-        storage.get_file(key, inputs[name])
-    return compress_files(inputs["model_key"], inputs["data_key"], config.target_core(), config.options_core(),
+def _compress(settings: Settings, storage: Storage, claimed: Claim, config: JobConfig, scratch: Path,
+              lease: Lease) -> Result:
+    model, data = (scratch / key.rsplit("/", 1)[-1] for key in (claimed.model_key, claimed.data_key))
+    storage.get_file(claimed.model_key, model)
+    storage.get_file(claimed.data_key, data)
+    return compress_files(model, data, config.target_core(), config.options_core(),
                           intake_options(settings, config), scratch / "out", progress=lease.progress,
                           should_cancel=lease.should_cancel)
 
 
-def _store_artifacts(settings: Settings, storage: Storage, job_id: str, config: dict[str, Any],
-                     result: Result) -> None:
+def _store_artifacts(settings: Settings, storage: Storage, job_id: str, config: JobConfig, result: Result) -> None:
     # model_hf.zip: a Hugging Face upload back in its own format, when its config can describe it
-    wanted = {f"model.{fmt}" for fmt in config.get("export", ["onnx", "pt2"])} | {"report.json", "model_hf.zip"}
+    wanted = {f"model.{fmt}" for fmt in config.export} | {"report.json", "model_hf.zip"}
     rows = []
     for name, path in sorted(result.artifacts.items()):
         if name not in wanted:
@@ -137,8 +143,8 @@ def _finish(settings: Settings, storage: Storage, queue: JobQueue, job_id: str, 
     fire(settings, queue, job_id, event)
 
 
-def _fail(settings: Settings, storage: Storage, queue: JobQueue, job_id: str, error: dict[str, Any]) -> None:
-    _finish(settings, storage, queue, job_id, JobStatus.FAILED, "job.failed", error=error)
+def _fail(settings: Settings, storage: Storage, queue: JobQueue, job_id: str, error: ErrorOut) -> None:
+    _finish(settings, storage, queue, job_id, JobStatus.FAILED, "job.failed", error=error.model_dump(mode="json"))
 
 
 def _drop_artifacts(settings: Settings, storage: Storage, job_id: str) -> None:
@@ -148,17 +154,17 @@ def _drop_artifacts(settings: Settings, storage: Storage, job_id: str) -> None:
     storage.delete_prefix(f"jobs/{job_id}/artifacts")
 
 
-def _retry_or_fail(settings: Settings, storage: Storage, queue: JobQueue, job_id: str, claimed: dict[str, Any],
+def _retry_or_fail(settings: Settings, storage: Storage, queue: JobQueue, job_id: str, claimed: Claim,
                    exc: Exception) -> None:
     detail = "".join(traceback.format_exception_only(exc)).strip()
-    if claimed["attempt"] >= claimed["max_attempts"]:
-        _fail(settings, storage, queue, job_id, {
-            "code": "internal_error", "message": f"The job failed {claimed['attempt']} times; last error: {detail}",
-            "hint": "Ask the operator to check the worker logs."})
+    if claimed.attempt >= claimed.max_attempts:
+        _fail(settings, storage, queue, job_id, ErrorOut(
+            code="internal_error", message=f"The job failed {claimed.attempt} times; last error: {detail}",
+            hint="Ask the operator to check the worker logs."))
         return
     with session_scope(settings.database) as session:
         requeued = states.transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING},
                                      progress={"stage": "queued", "message": f"Retrying after: {detail}"})
     if requeued:
-        backoff = settings.retry_backoff_s * 2 ** (claimed["attempt"] - 1)
-        queue.enqueue_job(job_id, claimed["queue"], countdown=backoff)
+        backoff = settings.retry_backoff_s * 2 ** (claimed.attempt - 1)
+        queue.enqueue_job(job_id, claimed.queue, countdown=backoff)

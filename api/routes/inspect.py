@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -17,6 +16,7 @@ from api.schemas import InspectConfig
 from api.services.intake import preflight
 from api.services.jobs import parse_config, scratch_root
 from api.services.uploads import receive_form
+from core import PreflightReport
 from domain.read_model import ErrorOut
 
 router = APIRouter(prefix="/v1", tags=["inspect"], responses={422: {"model": ErrorOut}, 401: {"model": ErrorOut}})
@@ -28,8 +28,9 @@ _UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-
                    "config": {"type": "string", "description": "InspectConfig as JSON"}}}}}}}
 
 
-@router.post("/inspect", openapi_extra=_UPLOAD_SCHEMA, summary="Preflight a model (and data) without running a job")
-async def inspect(request: Request, settings: SettingsDep, _tenant: CallerDep) -> dict[str, Any]:
+@router.post("/inspect", response_model=PreflightReport, openapi_extra=_UPLOAD_SCHEMA,
+             summary="Preflight a model (and data) without running a job")
+async def inspect(request: Request, settings: SettingsDep, _tenant: CallerDep) -> PreflightReport:
     scratch = tempfile.mkdtemp(prefix="inspect-", dir=scratch_root(settings))
     try:
         form = await receive_form(request, Path(scratch), {"model", "data"},

@@ -12,6 +12,7 @@ from api.auth import CallerDep
 from api.deps import QueueDep, SessionDep, SettingsDep, StorageDep
 from api.schemas import JobList, WebhookDeliveryList, WebhookDeliveryOut
 from api.services import events, jobs
+from core import Report
 from domain.config import JobConfig
 from domain.read_model import ErrorOut, JobOut, job_out
 from domain.states import JobStatus
@@ -91,6 +92,12 @@ def artifact(job_id: str, name: str, session: SessionDep, storage: StorageDep, t
     return StreamingResponse(storage.iter_bytes(found.storage_key), media_type=media, headers={
         "Content-Length": str(found.size), "ETag": f'"{found.sha256}"', "Repr-Digest": f"sha-256=:{digest}:",
         "X-Checksum-Sha256": found.sha256, "Content-Disposition": f'attachment; filename="{found.name}"'})
+
+
+@router.get("/{job_id}/report", response_model=Report, summary="The job's report (report.json), typed",
+            description="404 until the job has succeeded.")
+def report(job_id: str, session: SessionDep, storage: StorageDep, tenant: CallerDep) -> Report:
+    return jobs.get_report(session, storage, tenant, job_id)
 
 
 @router.get("/{job_id}/webhooks", response_model=WebhookDeliveryList, summary="Webhook delivery attempts")

@@ -6,8 +6,7 @@ through the REST endpoints, with the sign-in cookie as the credential.
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Request
@@ -21,6 +20,7 @@ from api.services import jobs
 from api.services.tenants import tenant_for_key
 from api.ui.charts import charts
 from api.ui.render import error_page, page
+from core import Report
 from domain import states
 from domain.models import Tenant
 from domain.read_model import job_out
@@ -128,10 +128,9 @@ def job_page(request: Request, job_id: str, session: SessionDep, settings: Setti
                 charts=charts(report) if report else [], terminal=job.status in states.TERMINAL)
 
 
-def _report(session: Session, storage: Storage, tenant: Tenant, job_id: str) -> dict[str, Any] | None:
+def _report(session: Session, storage: Storage, tenant: Tenant, job_id: str) -> Report | None:
     """None when the job has no report.json: the page still shows the job and whatever artifacts it has."""
     try:
-        artifact = jobs.get_artifact(session, tenant, job_id, "report.json")
+        return jobs.get_report(session, storage, tenant, job_id)
     except ApiError:
         return None
-    return json.loads(b"".join(storage.iter_bytes(artifact.storage_key)))

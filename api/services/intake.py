@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 from pathlib import Path
-from typing import Any
 
 from api.errors import ApiError
 from api.schemas import InspectConfig
-from core import UserError
+from core import PreflightReport, UserError
 from core.intake.files import inspect_files
 from domain.config import JobConfig, intake_options
 from domain.settings import Settings
@@ -20,7 +19,7 @@ from domain.settings import Settings
 _TRACING = threading.Lock()
 
 
-def preflight(settings: Settings, config: JobConfig | InspectConfig, model: Path, data: Path | None) -> dict[str, Any]:
+def preflight(settings: Settings, config: JobConfig | InspectConfig, model: Path, data: Path | None) -> PreflightReport:
     """core's preflight; a UserError becomes a 422 that says what to fix.
 
     It runs on the API's CPU: a job asking for CUDA is checked here and run on a GPU worker."""
@@ -32,10 +31,9 @@ def preflight(settings: Settings, config: JobConfig | InspectConfig, model: Path
         raise ApiError.from_user_error(err) from err
 
 
-def require_feasible(report: dict[str, Any]) -> None:
-    if report.get("feasible") is not False:  # None: no target given, nothing to be feasible for
+def require_feasible(report: PreflightReport) -> None:
+    if report.feasible is not False:  # None: no target given, nothing to be feasible for
         return
-    problems = [str(problem.get("message", problem)) if isinstance(problem, dict) else str(problem)
-                for problem in report.get("problems", [])]
-    raise ApiError(422, "preflight_failed", "The preflight check failed: " + " ".join(problems or ["no details"]),
+    problems = " ".join(report.problems or ["no details"])
+    raise ApiError(422, "preflight_failed", f"The preflight check failed: {problems}",
                    "POST the same files to /v1/inspect for the full preflight report.")

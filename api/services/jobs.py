@@ -21,7 +21,7 @@ from api.errors import ApiError, describe_validation, not_found
 from api.schemas import InspectConfig, JobList
 from api.services.intake import preflight, require_feasible
 from api.services.uploads import receive_form
-from core import UserError
+from core import Report, UserError
 from domain import states
 from domain.config import JobConfig
 from domain.models import Artifact, Job, Tenant, WebhookDelivery, new_id
@@ -198,6 +198,12 @@ def get_artifact(session: Session, tenant: Tenant, job_id: str, name: str) -> Ar
     if found is None:
         raise not_found("Artifact")
     return found
+
+
+def get_report(session: Session, storage: Storage, tenant: Tenant, job_id: str) -> Report:
+    """The job's report.json as the typed report core wrote; 404 until the job has one."""
+    artifact = get_artifact(session, tenant, job_id, "report.json")
+    return Report.model_validate_json(b"".join(storage.iter_bytes(artifact.storage_key)))
 
 
 def webhook_deliveries(session: Session, tenant: Tenant, job_id: str) -> list[WebhookDelivery]:

@@ -1,4 +1,4 @@
-"""report.json as inline SVG charts, rendered on the server: no script, no network, and every
+"""The report as inline SVG charts, rendered on the server: no script, no network, and every
 series tells itself apart by shape or text too, not by colour alone.
 
 Every string from the report (layer and block names come from the user's model) is escaped here,
@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from html import escape
-from typing import Any
+
+from core.options import Stage
+from core.report import LayerRow, Report
 
 WIDTH = 640
 LABEL_W = 170  # room for layer names left of the bars
@@ -27,25 +29,25 @@ class Chart:
     svg: str
 
 
-def charts(report: dict[str, Any]) -> list[Chart]:
+def charts(report: Report) -> list[Chart]:
     return [
-        Chart("channels", "Channels per layer, before and after", channels_chart(report.get("layers") or [])),
-        Chart("divergence", "Divergence per layer", divergence_chart(report.get("layers") or [])),
+        Chart("channels", "Channels per layer, before and after", channels_chart(report.layers)),
+        Chart("divergence", "Divergence per layer", divergence_chart(report.layers)),
         Chart("trajectory", "Accuracy against MACs, step by step", trajectory_chart(report)),
         Chart("blocks", "Blocks tried by Stage 2", blocks_chart(report)),
     ]
 
 
-def channels_chart(layers: list[dict[str, Any]]) -> str:
+def channels_chart(layers: list[LayerRow]) -> str:
     if not layers:
         return _message("The report lists no layers.")
-    top = max(max(row["channels_before"], row["channels_after"]) for row in layers) or 1
+    top = max(max(row.channels_before, row.channels_after) for row in layers) or 1
     scale = (WIDTH - LABEL_W - VALUE_W) / top
     parts = _legend([("before", BEFORE, "rect"), ("after", AFTER, "rect")])
     for i, row in enumerate(layers):
         y = TOP + i * ROW_H
-        before, after = row["channels_before"], row["channels_after"]
-        parts.append(_label(row["name"], y + ROW_H / 2))
+        before, after = row.channels_before, row.channels_after
+        parts.append(_label(row.name, y + ROW_H / 2))
         parts.append(_rect(LABEL_W, y + 2, before * scale, 8, BEFORE))
         parts.append(_rect(LABEL_W, y + 11, after * scale, 8, AFTER))
         text = f"{before} → removed" if after == 0 else f"{before} → {after}"
@@ -53,61 +55,58 @@ def channels_chart(layers: list[dict[str, Any]]) -> str:
     return _svg(TOP + len(layers) * ROW_H + 4, "Output channels of each layer before and after pruning", parts)
 
 
-def divergence_chart(layers: list[dict[str, Any]]) -> str:
-    rows = [row for row in layers if row.get("divergence") is not None]
+def divergence_chart(layers: list[LayerRow]) -> str:
+    rows = [(row, row.divergence) for row in layers if row.divergence is not None]
     if not rows:
         return _message("The report has no per-layer divergence.")
-    top = max(row["divergence"] for row in rows) or 1.0
+    top = max(divergence for _, divergence in rows) or 1.0
     scale = (WIDTH - LABEL_W - VALUE_W) / top
     parts = _legend([("pruned", ACCENT, "rect"), ("kept at full width", KEPT, "rect")])
-    for i, row in enumerate(rows):
+    for i, (row, divergence) in enumerate(rows):
         y = TOP + i * ROW_H
-        pruned = row["channels_after"] < row["channels_before"]
-        parts.append(_label(row["name"], y + ROW_H / 2))
-        parts.append(_rect(LABEL_W, y + 4, row["divergence"] * scale, ROW_H - 8, ACCENT if pruned else KEPT))
-        parts.append(_text(LABEL_W + row["divergence"] * scale + 4, y + ROW_H / 2, f"{row['divergence']:.3g}"))
+        pruned = row.channels_after < row.channels_before
+        parts.append(_label(row.name, y + ROW_H / 2))
+        parts.append(_rect(LABEL_W, y + 4, divergence * scale, ROW_H - 8, ACCENT if pruned else KEPT))
+        parts.append(_text(LABEL_W + divergence * scale + 4, y + ROW_H / 2, f"{divergence:.3g}"))
     return _svg(TOP + len(rows) * ROW_H + 4, "Flow divergence of each layer of the original model", parts)
 
 
-def blocks_chart(report: dict[str, Any]) -> str:
+def blocks_chart(report: Report) -> str:
     """Every block Stage 2 tried, in order, with its divergence and what became of it: removed, or
     kept because pruning width to the same size did better or because accuracy fell past the budget."""
-    steps = report.get("steps") or []
-    kinds = {block["name"]: block.get("kind", "block") for block in report.get("blocks") or []}
-    tried = [step for step in steps if step.get("stage") == "layers" and step.get("block")]
+    kinds = {block.name: block.kind for block in report.blocks}
+    tried = [(step, step.block) for step in report.steps if step.stage == Stage.LAYERS and step.block]
     if not tried:
         return _message("Stage 2 tried no residual blocks.")
-    top = max(step.get("divergence") or 0.0 for step in tried) or 1.0
+    top = max(step.divergence or 0.0 for step, _ in tried) or 1.0
     scale = (WIDTH - LABEL_W - VALUE_W) / top
     parts = _legend([("removed", ACCENT, "rect"), ("kept", KEPT, "rect")])
-    for i, step in enumerate(tried):
+    for i, (step, name) in enumerate(tried):
         y = TOP + i * ROW_H
-        value = step.get("divergence") or 0.0
-        name = step["block"]
-        if step["accepted"]:
+        value = step.divergence or 0.0
+        if step.accepted:
             outcome = "removed"
-        elif step.get("declined"):
+        elif step.declined:
             outcome = "kept: width did better"
         else:
             outcome = "kept: over the budget"
         parts.append(_label(f"{name} ({kinds.get(name, 'block')})", y + ROW_H / 2))
-        parts.append(_rect(LABEL_W, y + 4, value * scale, ROW_H - 8, ACCENT if step["accepted"] else KEPT))
+        parts.append(_rect(LABEL_W, y + 4, value * scale, ROW_H - 8, ACCENT if step.accepted else KEPT))
         parts.append(_text(LABEL_W + value * scale + 4, y + ROW_H / 2, f"{value:.3g} {outcome}"))
     return _svg(TOP + len(tried) * ROW_H + 4, "Blocks Stage 2 tried, in order, with their divergence and outcome",
                 parts)
 
 
-def trajectory_chart(report: dict[str, Any]) -> str:
+def trajectory_chart(report: Report) -> str:
     """The original model, each step (rolled-back ones apart from the path) and the final model
     after the last recovery, with the accuracy floor the budget allows as a dashed line."""
-    steps = report.get("steps") or []
-    start = (report["macs_before"], report["accuracy_before"])
-    final = (report["macs_after"], report["accuracy_after"])
-    drop = (report.get("target") or {}).get("max_accuracy_drop")
-    floor = start[1] - drop if drop is not None else None
-    points = [start, final] + [(step["macs"], step["accuracy"]) for step in steps]
+    steps = report.steps
+    start = (report.macs_before, report.accuracy_before)
+    final = (report.macs_after, report.accuracy_after)
+    floor = start[1] - report.target.max_accuracy_drop
+    points = [start, final] + [(step.macs, step.accuracy) for step in steps]
     xs = [x for x, _ in points]
-    ys = [y for _, y in points] + ([floor] if floor is not None else [])
+    ys = [y for _, y in points] + [floor]
     x_ticks, y_ticks = _ticks(0, max(xs)), _ticks(min(ys), max(ys))
     left, right, top, bottom, height = 60, WIDTH - 20, TOP + 10, 300 - 40, 300
 
@@ -118,7 +117,7 @@ def trajectory_chart(report: dict[str, Any]) -> str:
         return bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)
 
     entries = [("accepted step", AFTER, "circle"), ("rolled back", BAD, "ring"), ("final", ACCENT, "diamond")]
-    parts = _legend(entries + ([("accuracy budget", BAD, "dash")] if floor is not None else []))
+    parts = _legend(entries + [("accuracy budget", BAD, "dash")])
     for x in x_ticks:
         parts.append(f'<line x1="{px(x):.1f}" y1="{top}" x2="{px(x):.1f}" y2="{bottom}" stroke="#e5e7eb"/>')
         parts.append(_text(px(x), bottom + 16, _si(x), anchor="middle"))
@@ -127,19 +126,18 @@ def trajectory_chart(report: dict[str, Any]) -> str:
         parts.append(_text(left - 6, py(y), f"{y:.3g}", anchor="end"))
     parts.append(_text((left + right) / 2, height - 6, "MACs", anchor="middle"))
     parts.append(_text(12, (top + bottom) / 2, "accuracy", anchor="middle", rotate=True))
-    if floor is not None:
-        parts.append(f'<line x1="{left}" y1="{py(floor):.1f}" x2="{right}" y2="{py(floor):.1f}" stroke="{BAD}" '
-                     'stroke-dasharray="5 4"/>')
-    path = [start] + [(step["macs"], step["accuracy"]) for step in steps if step["accepted"]]
+    parts.append(f'<line x1="{left}" y1="{py(floor):.1f}" x2="{right}" y2="{py(floor):.1f}" stroke="{BAD}" '
+                 'stroke-dasharray="5 4"/>')
+    path = [start] + [(step.macs, step.accuracy) for step in steps if step.accepted]
     coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in path)
     parts.append(f'<polyline points="{coords}" fill="none" stroke="{AFTER}" stroke-width="2"/>')
     parts.append(_marker("circle", px(start[0]), py(start[1]), AFTER, "original model"))
     for step in steps:
-        name = f"step {step['step']} ({step['stage']}): {_si(step['macs'])} MACs, accuracy {step['accuracy']:.4f}"
-        if step["accepted"]:
-            parts.append(_marker("circle", px(step["macs"]), py(step["accuracy"]), AFTER, name))
+        name = f"step {step.step} ({step.stage}): {_si(step.macs)} MACs, accuracy {step.accuracy:.4f}"
+        if step.accepted:
+            parts.append(_marker("circle", px(step.macs), py(step.accuracy), AFTER, name))
         else:
-            parts.append(_marker("ring", px(step["macs"]), py(step["accuracy"]), BAD, name + ", rolled back"))
+            parts.append(_marker("ring", px(step.macs), py(step.accuracy), BAD, name + ", rolled back"))
     parts.append(_marker("diamond", px(final[0]), py(final[1]), ACCENT,
                          f"final model after recovery: {_si(final[0])} MACs, accuracy {final[1]:.4f}"))
     return _svg(height, "Accuracy against MACs over the pruning steps", parts)

@@ -13,10 +13,10 @@ from torch import nn
 from core.data import Dataset
 from core.measure.accuracy import drift, top1
 from core.measure.size import count_macs_params
-from core.options import CompressOptions
+from core.options import CompressOptions, Stage
 from core.progress import Reporter
 from core.recovery.distill import iterations_for, recover
-from core.report import RemovedBlock, StepRecord, StepStage, WidthComparison
+from core.report import RemovedBlock, StepRecord, WidthComparison
 from core.run.goals import Goals, Size
 from core.surgery.units import UnitKey
 
@@ -133,7 +133,7 @@ class Run:
         )
         return state
 
-    def record(self, state: StageState, stage: StepStage, size: Size, accuracy: float, seconds: float,
+    def record(self, state: StageState, stage: Stage, size: Size, accuracy: float, seconds: float,
                accepted: bool, *, units_removed: int | None = None, block: str | None = None,
                divergence: float | None = None, comparison: WidthComparison | None = None) -> StageState:
         """The state with this step's record added; the step is reported as progress."""

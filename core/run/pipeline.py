@@ -22,7 +22,7 @@ from core.graph.tracing import forward_once
 from core.importance.divergence import filter_divergence
 from core.measure.accuracy import all_logits
 from core.measure.latency import ort_latency_ms
-from core.options import CompressOptions, Target
+from core.options import CompressOptions, Stage, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery.features import pick_feature_points
 from core.report import HeadRow, Latency, LayerRow, Report, StopReason
@@ -89,13 +89,13 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
 def reachable_reduction(inputs: RunInputs, cache: RunCache, original: Size, model: nn.Module) -> dict[str, float]:
     """Largest reduction from the `original` size the minimum-width rules (and block removal) allow."""
     floor = copy.deepcopy(model)
-    if "filters" in inputs.options.stages:
+    if Stage.FILTERS in inputs.options.stages:
         graph = build_graph(floor, inputs.example)
         groups = group_candidates(inputs, cache, floor, graph)
         scores = [torch.zeros(g.width) for g in groups]
         plan = make_plan(groups, scores, sum(g.capacity for g in groups), inputs.options.round_to)
         apply_plan(floor, inputs.example, plan)
-    if "layers" in inputs.options.stages:
+    if Stage.LAYERS in inputs.options.stages:
         for block in find_blocks(floor, inputs.example):
             if not last_layer_of_its_stack(floor, block):
                 remove_block(floor, block)
@@ -334,7 +334,7 @@ def _run_stages(run: Run, model: nn.Module) -> tuple[nn.Module, StageState, list
     opts = run.spec.options
     state = StageState()
     reasons = []
-    filters, layers = "filters" in opts.stages, "layers" in opts.stages
+    filters, layers = Stage.FILTERS in opts.stages, Stage.LAYERS in opts.stages
     if filters:
         model, state, reason = prune_filters(run, model, state, share=opts.filter_share if layers else 1.0)
         reasons.append(reason)

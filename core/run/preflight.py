@@ -18,7 +18,7 @@ from core.data import Dataset
 from core.graph.attention import AttentionSite
 from core.graph.blocks import find_blocks
 from core.graph.tracing import logits_of
-from core.options import CompressOptions, Target
+from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
 from core.recovery.distill import iterations_for
 from core.report import BlockRow, Estimate, GroupRow, NotPrunableRow, PreflightReport
@@ -44,7 +44,7 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
     original = cache.measure(model, inputs.example)
     graph = build_graph(model, inputs.example)
     groups = group_candidates(inputs, cache, model, graph)
-    blocks = find_blocks(model, inputs.example) if "layers" in options.stages else []
+    blocks = find_blocks(model, inputs.example) if Stage.LAYERS in options.stages else []
     reachable = reachable_reduction(inputs, cache, original, model)
     problems = _problems(target, reachable, options, groups, blocks)
     with torch.no_grad():
@@ -115,8 +115,8 @@ def _estimate(inputs: RunInputs, model: nn.Module, target: Target | None, n_bloc
     passes = -(-len(inputs.calib) // opts.batch_size) + -(-len(inputs.evaluation) // opts.batch_size)
     per_step = passes * infer_s + per_recovery
     goal = 0.5 if target is None else max(target.macs_reduction or 0.0, target.params_reduction or 0.0)
-    steps = (_filter_steps(opts, goal) if "filters" in opts.stages else 0) + (
-        min(n_blocks, opts.max_removals) if "layers" in opts.stages else 0)
+    steps = (_filter_steps(opts, goal) if Stage.FILTERS in opts.stages else 0) + (
+        min(n_blocks, opts.max_removals) if Stage.LAYERS in opts.stages else 0)
     final = iterations_for(len(inputs.recovery), opts.batch_size, opts.final_recovery_epochs,
                            opts.final_recovery_iterations) * (train_s + infer_s)
     total = steps * per_step + final
@@ -133,7 +133,7 @@ def _estimate(inputs: RunInputs, model: nn.Module, target: Target | None, n_bloc
 def _filter_steps(opts: CompressOptions, goal: float) -> int:
     """Stage 1 steps the schedule needs to remove `goal` of the MACs, taking MACs to fall with the
     square of the kept width (both sides of most layers shrink)."""
-    share = goal * (opts.filter_share if "layers" in opts.stages else 1.0)
+    share = goal * (opts.filter_share if Stage.LAYERS in opts.stages else 1.0)
     kept = 1.0
     for t in range(opts.max_steps):
         kept *= 1.0 - opts.p0 * (1 + t / opts.max_steps) ** opts.alpha

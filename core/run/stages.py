@@ -26,7 +26,8 @@ from core.importance.divergence import (
 )
 from core.importance.heads import head_divergence, head_taylor, head_weight_norms
 from core.importance.statistics import InputStats, linear_input_stats
-from core.report import RemovedBlock, StepStage, StopReason, WidthComparison
+from core.options import Allocation, Criterion, GroupScores, Stage
+from core.report import RemovedBlock, StopReason, WidthComparison
 from core.run.allocation import drift_per_size
 from core.run.context import Run, RunCache, RunInputs, StageState
 from core.run.goals import Size
@@ -88,9 +89,9 @@ def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups:
     criterion = spec.options.criterion
     batch = spec.options.batch_size
     sites = [g.group for g in groups if isinstance(g.group, AttentionSite)]
-    layer_sum = spec.options.group_scores == "layer_sum"
+    layer_sum = spec.options.group_scores == GroupScores.LAYER_SUM
     means: Means = {}
-    if criterion == "divergence":
+    if criterion == Criterion.DIVERGENCE:
         compensate = spec.options.mean_compensation
         fit = compensate and spec.options.least_squares_compensation
         layer_means: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = {} if compensate else None
@@ -114,7 +115,7 @@ def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups:
         if layer_sum:
             heads = {name: s / (s.mean() + 1e-12) for name, s in heads.items()}
     else:
-        if criterion == "taylor":
+        if criterion == Criterion.TAYLOR:
             labels = spec.recovery.y[: len(spec.calib)] if spec.recovery.y is not None else None
             taylor_gradients(model, spec.calib, labels, spec.device, batch)
         channels = baseline_scorer(criterion)
@@ -123,23 +124,24 @@ def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups:
     def score(group: object) -> torch.Tensor | None:
         return heads.get(group.name) if isinstance(group, AttentionSite) else channels(group)
 
-    scores = score_groups(groups, score, normalise=not (criterion == "divergence" and layer_sum))
+    scores = score_groups(groups, score, normalise=not (criterion == Criterion.DIVERGENCE and layer_sum))
     model.zero_grad(set_to_none=True)  # Taylor's gradients
-    if criterion == "divergence" and allocates_by_drift(spec.options.allocation, groups):
+    if criterion == Criterion.DIVERGENCE and allocates_by_drift(spec.options.allocation, groups):
         scores = drift_per_size(run, model, groups, scores, means)
     return Scoring(scores, means)
 
 
-def allocates_by_drift(allocation: str, groups: list[PrunableGroup]) -> bool:
+def allocates_by_drift(allocation: Allocation, groups: list[PrunableGroup]) -> bool:
     """Whether Stage 1 ranks `groups` by measured drift (CompressOptions.allocation): with "auto",
     when attention heads compete with channels."""
-    return allocation == "drift" or (allocation == "auto" and any(isinstance(g.group, AttentionSite) for g in groups))
+    heads_compete = any(isinstance(g.group, AttentionSite) for g in groups)
+    return allocation == Allocation.DRIFT or (allocation == Allocation.AUTO and heads_compete)
 
 
-def _baseline_head_scores(criterion: str, model: nn.Module, site: AttentionSite) -> torch.Tensor:
-    if criterion == "l2":
+def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: AttentionSite) -> torch.Tensor:
+    if criterion == Criterion.L2:
         return head_weight_norms(model, site)
-    if criterion == "taylor":
+    if criterion == Criterion.TAYLOR:
         return head_taylor(model, site)
     return torch.rand(site.num_heads(model))
 
@@ -224,7 +226,7 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
         state = run.recover(state, candidate, model)
         accuracy = spec.accuracy(candidate)
         accepted = goals.within_budget(accuracy)
-        state = run.record(state, StepStage.FILTERS, run.measure(candidate), accuracy, time.monotonic() - started,
+        state = run.record(state, Stage.FILTERS, run.measure(candidate), accuracy, time.monotonic() - started,
                            accepted, units_removed=removed)
         if not accepted:
             return model, state, StopReason.ACCURACY_BUDGET
@@ -272,7 +274,7 @@ def remove_layers(run: Run, model: nn.Module, state: StageState) -> tuple[nn.Mod
         accuracy = spec.accuracy(trial)
         accepted = goals.within_budget(accuracy)
         width = _width_alternative(run, model, run.measure(trial)) \
-            if accepted and opts.layers_must_beat_width and "filters" in opts.stages else None
+            if accepted and opts.layers_must_beat_width and Stage.FILTERS in opts.stages else None
         comparison = None
         if width is not None:
             state = run.recover(state, width[0], model)
@@ -283,7 +285,7 @@ def remove_layers(run: Run, model: nn.Module, state: StageState) -> tuple[nn.Mod
                 drift=round(drift, 6), width_drift=round(width_drift, 6), width_accuracy=round(width_accuracy, 6),
                 width_units_removed=width[1], declined="pruning width to the same size did better" if wins else None)
         width_wins = comparison is not None and comparison.declined is not None
-        state = run.record(state, StepStage.LAYERS, run.measure(trial), accuracy, time.monotonic() - started,
+        state = run.record(state, Stage.LAYERS, run.measure(trial), accuracy, time.monotonic() - started,
                            accepted and not width_wins, block=block.name, divergence=round(scores[block.name], 6),
                            comparison=comparison)
         if not accepted:

@@ -32,8 +32,24 @@ def test_health_and_docs(client: Any) -> None:
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
     assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/inspect"} <= set(paths)
+    openapi = client.get("/openapi.json").json()
+    paths = openapi["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/inspect", "/v1/jobs/{job_id}/report"} <= set(paths)
+
+
+def test_openapi_documents_the_typed_report(client: Any) -> None:
+    openapi = client.get("/openapi.json").json()
+
+    def returns(path: str, method: str) -> str:
+        return openapi["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+
+    assert returns("/v1/jobs/{job_id}/report", "get").endswith("/Report")
+    assert returns("/v1/inspect", "post").endswith("/PreflightReport")
+    schemas = openapi["components"]["schemas"]
+    assert {"StepRecord", "LayerRow", "HeadRow", "RemovedBlock", "StopReason", "ReportHeadline"} <= set(schemas)
+    assert schemas["StepRecord"]["properties"]["stage"]["$ref"].endswith("/Stage")
+    metrics = schemas["JobOut"]["properties"]["metrics"]["anyOf"]
+    assert any(option.get("$ref", "").endswith("/ReportHeadline") for option in metrics)
 
 
 def test_the_app_uses_the_broker_its_settings_name(settings: Settings, keys: dict[str, str],
@@ -208,4 +224,4 @@ def test_concurrent_preflights_in_one_process_do_not_interfere(settings: Any, di
     config = InspectConfig(architecture="idap:digits", target={"macs_reduction": 0.5})
     with ThreadPoolExecutor(3) as pool:
         reports = list(pool.map(lambda _: preflight(settings, config, model, data), range(6)))
-    assert [report["feasible"] for report in reports] == [True] * 6
+    assert [report.feasible for report in reports] == [True] * 6

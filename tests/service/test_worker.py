@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
 from api.app import create_app
+from core.report import Report
 from domain.db import session_scope
 from domain.models import Job
 from domain.queue import CeleryQueue
@@ -76,6 +77,11 @@ def test_job_runs_end_to_end(client: TestClient, keys: dict[str, str], digits: t
         assert logits.shape == (8, 10)
         report = client.get(f"/v1/jobs/{job_id}/artifacts/report.json", headers=auth(keys["a"])).json()
         assert report["macs_after"] == job["metrics"]["macs_after"]
+        # the typed report: what core wrote, served as the schema OpenAPI documents; the job's metrics are its headline
+        typed = client.get(f"/v1/jobs/{job_id}/report", headers=auth(keys["a"]))
+        assert typed.status_code == 200 and typed.json() == report
+        assert Report.model_validate(typed.json()).headline().model_dump(mode="json") == job["metrics"]
+        assert client.get(f"/v1/jobs/{job_id}/report", headers=auth(keys["b"])).status_code == 404
         assert client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx", headers=auth(keys["b"])).status_code == 404
         assert client.get(f"/v1/jobs/{job_id}/artifacts/../x", headers=auth(keys["a"])).status_code == 404
 

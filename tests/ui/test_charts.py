@@ -1,33 +1,32 @@
-"""charts.py on a real report.json from a small digits run: well-formed SVG with one mark per
-layer, step and block, names escaped, and a message where there is nothing to draw."""
+"""charts.py on the typed report of a small digits run, read back from its report.json: well-formed SVG
+with one mark per layer, step and block, names escaped, and a message where there is nothing to draw."""
 
 from __future__ import annotations
 
-import copy
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from api.ui.charts import _ticks, blocks_chart, channels_chart, charts, divergence_chart, trajectory_chart
 from core.intake.model_io import load_model
 from core.intake.npz import load_npz
-from core.options import CompressOptions, Target
+from core.options import CompressOptions, Stage, Target
+from core.report import LayerRow, RemovedBlock, Report, StepRecord
 from core.run.pipeline import compress
+from tests.report_fixtures import sample_report
 
 SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.fixture(scope="module")
-def report(digits_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def report(digits_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Report:
     model, data = digits_files
     out = tmp_path_factory.mktemp("report")
     # a target the tiny budget cannot reach keeps it pruning: several steps, some rolled back
     compress(load_model(model), load_npz(data), Target(macs_reduction=0.6, max_accuracy_drop=0.01),
              CompressOptions(recovery_iterations=1, final_recovery_iterations=1), out)
-    return json.loads((out / "report.json").read_text())
+    return Report.model_validate_json((out / "report.json").read_text())
 
 
 def parse(svg: str) -> ET.Element:
@@ -41,34 +40,34 @@ def texts(root: ET.Element) -> list[str]:
     return [(node.text or "") + "".join(child.tail or "" for child in node) for node in root.iter(f"{SVG}text")]
 
 
-def test_every_chart_of_a_real_report_is_well_formed_svg(report: dict[str, Any]) -> None:
+def test_every_chart_of_a_real_report_is_well_formed_svg(report: Report) -> None:
     rendered = charts(report)
     assert [chart.key for chart in rendered] == ["channels", "divergence", "trajectory", "blocks"]
     for chart in rendered:
         parse(chart.svg)
 
 
-def test_channels_chart_has_two_bars_and_the_widths_per_layer(report: dict[str, Any]) -> None:
-    root = parse(channels_chart(report["layers"]))
+def test_channels_chart_has_two_bars_and_the_widths_per_layer(report: Report) -> None:
+    root = parse(channels_chart(report.layers))
     legend = 2
-    assert len(root.findall(f"{SVG}rect")) == legend + 2 * len(report["layers"])
+    assert len(root.findall(f"{SVG}rect")) == legend + 2 * len(report.layers)
     labels = texts(root)
-    for layer in report["layers"]:
-        assert layer["name"] in labels
-        after = "removed" if layer["channels_after"] == 0 else str(layer["channels_after"])
-        assert f"{layer['channels_before']} → {after}" in labels
+    for layer in report.layers:
+        assert layer.name in labels
+        after = "removed" if layer.channels_after == 0 else str(layer.channels_after)
+        assert f"{layer.channels_before} → {after}" in labels
 
 
-def test_divergence_chart_has_a_bar_per_layer_with_a_divergence(report: dict[str, Any]) -> None:
-    scored = [layer for layer in report["layers"] if layer["divergence"] is not None]
+def test_divergence_chart_has_a_bar_per_layer_with_a_divergence(report: Report) -> None:
+    scored = [layer.divergence for layer in report.layers if layer.divergence is not None]
     assert scored
-    root = parse(divergence_chart(report["layers"]))
+    root = parse(divergence_chart(report.layers))
     assert len(root.findall(f"{SVG}rect")) == 2 + len(scored)
-    assert f"{scored[0]['divergence']:.3g}" in texts(root)
+    assert f"{scored[0]:.3g}" in texts(root)
 
 
-def test_trajectory_marks_every_step_and_the_final_model(report: dict[str, Any]) -> None:
-    steps = report["steps"]
+def test_trajectory_marks_every_step_and_the_final_model(report: Report) -> None:
+    steps = report.steps
     assert steps, "the run should have taken steps"
     root = parse(trajectory_chart(report))
     circles = root.findall(f"{SVG}circle")
@@ -76,7 +75,7 @@ def test_trajectory_marks_every_step_and_the_final_model(report: dict[str, Any])
     # the original model, one mark per step, and the legend's circle and ring
     assert len(circles) == legend + 1 + len(steps)
     rolled_back = [c for c in circles[legend:] if c.get("fill") == "white"]
-    assert len(rolled_back) == sum(not step["accepted"] for step in steps)
+    assert len(rolled_back) == sum(not step.accepted for step in steps)
     titles = ["".join(node.itertext()) for node in root.iter(f"{SVG}title")]
     assert any(title.startswith("final model") for title in titles)
     assert root.find(f"{SVG}polyline") is not None
@@ -84,27 +83,31 @@ def test_trajectory_marks_every_step_and_the_final_model(report: dict[str, Any])
     assert any(line.get("stroke-dasharray") for line in root.iter(f"{SVG}line"))
 
 
-def test_blocks_chart_shows_every_block_stage_two_tried_and_its_outcome(report: dict[str, Any]) -> None:
-    tried = [step for step in report["steps"] if step["stage"] == "layers"]
+def test_blocks_chart_shows_every_block_stage_two_tried_and_its_outcome(report: Report) -> None:
+    tried = [step for step in report.steps if step.stage == Stage.LAYERS]
     assert tried, "the fixture's run reaches Stage 2"
     root = parse(blocks_chart(report))
     labels = texts(root)[2::2]  # after the two legend entries: one label and one value per block
-    assert [label.split(" ")[0] for label in labels] == [step["block"] for step in tried]
-    synthetic = {"blocks": [{"name": "layer2.0", "kind": "projection", "divergence": 0.5}], "steps": [
-        {"stage": "layers", "block": "layer2.0", "divergence": 0.5, "accepted": True},
-        {"stage": "layers", "block": "layer1.1", "divergence": 0.25, "accepted": False, "declined": "width"},
-        {"stage": "filters", "accepted": True},
-        {"stage": "layers", "block": "layer1.0", "divergence": None, "accepted": False}]}
+    assert [label.split(" ")[0] for label in labels] == [step.block for step in tried]
+
+    def step(stage: Stage, accepted: bool, **fields: object) -> StepRecord:
+        return StepRecord.model_validate({"stage": stage, "step": 1, "macs": 1, "params": 1, "accuracy": 0.5,
+                                          "seconds": 1.0, "accepted": accepted, **fields})
+
+    synthetic = sample_report(blocks=[RemovedBlock(name="layer2.0", kind="projection", divergence=0.5)], steps=[
+        step(Stage.LAYERS, True, block="layer2.0", divergence=0.5),
+        step(Stage.LAYERS, False, block="layer1.1", divergence=0.25, declined="width"),
+        step(Stage.FILTERS, True),
+        step(Stage.LAYERS, False, block="layer1.0")])
     root = parse(blocks_chart(synthetic))
     assert texts(root)[2:] == ["layer2.0 (projection)", "0.5 removed", "layer1.1 (block)",
                                "0.25 kept: width did better", "layer1.0 (block)", "0 kept: over the budget"]
-    assert "Stage 2 tried no residual blocks." in texts(parse(blocks_chart({"steps": []})))
+    assert "Stage 2 tried no residual blocks." in texts(parse(blocks_chart(sample_report(steps=[]))))
 
 
-def test_names_from_the_model_are_escaped(report: dict[str, Any]) -> None:
-    hostile = copy.deepcopy(report)
-    hostile["layers"][0]["name"] = '<script>alert("x")</script>&'
-    svg = channels_chart(hostile["layers"])
+def test_names_from_the_model_are_escaped(report: Report) -> None:
+    hostile = [report.layers[0].model_copy(update={"name": '<script>alert("x")</script>&'})]
+    svg = channels_chart(hostile)
     assert "<script>" not in svg
     root = parse(svg)
     assert any(title.text and title.text.startswith("<script>") for title in root.iter(f"{SVG}title"))
@@ -112,9 +115,9 @@ def test_names_from_the_model_are_escaped(report: dict[str, Any]) -> None:
 
 def test_empty_reports_draw_a_message() -> None:
     assert "no layers" in channels_chart([])
-    assert "no per-layer divergence" in divergence_chart([{"name": "fc", "channels_before": 10, "channels_after": 10,
-                                                           "divergence": None}])
-    one_point = {"macs_before": 100, "macs_after": 100, "accuracy_before": 0.5, "accuracy_after": 0.5, "steps": []}
+    assert "no per-layer divergence" in divergence_chart(
+        [LayerRow(name="fc", channels_before=10, channels_after=10, divergence=None)])
+    one_point = sample_report(macs_before=100, macs_after=100, accuracy_before=0.5, accuracy_after=0.5, steps=[])
     parse(trajectory_chart(one_point))
 
 
