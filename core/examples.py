@@ -118,6 +118,6 @@ def make_digits_example(out_dir: Path, seed: int = 0, epochs: int = DEFAULT_EPOC
     model, x, y = train_digits_model(seed, epochs)
     model_path, data_path = out_dir / "model.pt", out_dir / "data.npz"
     torch.save(model, model_path)
-    save_model(model, model_path.with_suffix(".safetensors"))
+    save_model(model, str(model_path.with_suffix(".safetensors")))
     np.savez(data_path, x=x, y=y)
     return model_path, data_path

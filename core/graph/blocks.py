@@ -55,7 +55,7 @@ def _output_add(graph: fx.Graph, root: fx.GraphModule) -> fx.Node | None:
         if node.op == "call_method" and node.target in ("add", "add_"):
             return node
         passes = (
-            (node.op == "call_module" and isinstance(root.get_submodule(node.target), _PASS_THROUGH_MODULES))
+            (node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), _PASS_THROUGH_MODULES))
             or (node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS)
             or (node.op == "call_method" and node.target in ("relu", "relu_"))
         )
@@ -97,12 +97,14 @@ def _projection_of(node: fx.Node, x: fx.Node) -> str | None:
     chain downsample.0 -> downsample.1; the projection is their common parent.
     """
     targets = []
-    while isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
-        targets.append(str(node.target))
-        node = node.args[0]
-        if node is x:
+    current: fx.node.Argument = node  # walks up the chain: any argument of the last node seen
+    while isinstance(current, fx.Node) and current.op == "call_module" and len(current.args) == 1 \
+            and not current.kwargs:
+        targets.append(str(current.target))
+        current = current.args[0]
+        if current is x:
             break
-    if node is not x or not targets:
+    if current is not x or not targets:
         return None
     if len(targets) == 1:
         return targets[0]

@@ -22,6 +22,8 @@ _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 # What the planner asks of a criterion: one score per channel of a dependency group (None when it
 # cannot score the group), the torch-pruning importance interface that DivergenceScorer also follows.
 GroupScorer = Callable[[tp.dependency.Group], torch.Tensor | None]
+# The layers whose output units filter divergence scores.
+ScoredLayer = nn.modules.conv._ConvNd | nn.Linear
 
 
 def _follower_norms(graph: tp.DependencyGraph, layer: nn.Module) -> nn.Module:
@@ -71,8 +73,8 @@ def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: torch.T
     graphs put reshapes and matmul nodes between the two). Only for such a pair is the mean output
     of a removed unit exact to fold into the consumer's bias (see `compensate_linear`)."""
     linears = [m for m in graph.module2node if isinstance(m, nn.Linear)]
-    produced: dict[nn.Module, torch.Tensor] = {}
-    consumed: dict[nn.Module, torch.Tensor] = {}
+    produced: dict[nn.Linear, torch.Tensor] = {}  # filled by the hooks on `linears`
+    consumed: dict[nn.Linear, torch.Tensor] = {}
     handles = []
     for layer in linears:
 
@@ -98,7 +100,7 @@ def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: torch.T
     finally:
         for handle in handles:
             handle.remove()
-    pairs = {}
+    pairs: dict[nn.Module, nn.Linear] = {}
     for layer, out in produced.items():
         matches = [m for m, seen in consumed.items() if m is not layer and m.bias is not None
                    and seen.shape == out.shape and torch.allclose(seen, out, rtol=1e-5, atol=1e-6)]
@@ -128,15 +130,16 @@ def filter_divergence(
     layers = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     consumers = direct_consumers(model, graph, calib[:2].to(device)) if means_out is not None else {}
     centre = set(consumers)
-    sums: dict[nn.Module, list[torch.Tensor]] = {}
+    # filled by the hooks for `layers`
+    sums: dict[ScoredLayer, list[torch.Tensor]] = {}
     moments = {layer: InputMoments(with_cov) for layer in centre}
-    squares: dict[nn.Module, list[torch.Tensor]] = {}
-    positions: dict[nn.Module, int] = {}
-    sizes: dict[nn.Module, int] = {}
+    squares: dict[ScoredLayer, list[torch.Tensor]] = {}
+    positions: dict[ScoredLayer, int] = {}
+    sizes: dict[ScoredLayer, int] = {}
     tokens: dict[str, torch.Tensor | None] = {"mask": None}  # of the batch being run
     handles = []
 
-    def hook_for(layer: nn.Module, channel_dim: int, activation: Callable[[torch.Tensor], torch.Tensor]):
+    def hook_for(layer: ScoredLayer, channel_dim: int, activation: Callable[[torch.Tensor], torch.Tensor]):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             if not isinstance(output, torch.Tensor):
                 return
@@ -158,7 +161,7 @@ def filter_divergence(
         handles.append(source.register_forward_hook(hook_for(layer, 1 if is_conv else -1, activation)))
     run_calibration(model, calib, device, batch_size, handles, tokens)
 
-    scores = {}
+    scores: dict[nn.Module, torch.Tensor] = {}
     for layer, parts in squares.items():
         sq = torch.cat(parts)  # samples x units
         if layer in centre:
@@ -166,7 +169,8 @@ def filter_divergence(
             mean = s1.sum(0) / (len(s1) * positions[layer])
             # Σ_t (a_t − μ)² = Σ a_t² − 2μ Σ a_t + T μ², per sample
             sq = (sq - 2 * mean * s1 + positions[layer] * mean.pow(2)).clamp_min(0)
-            means_out[layer] = (consumers[layer], moments[layer].stats())  # type: ignore[index]
+            assert means_out is not None  # `centre` is empty without it
+            means_out[layer] = (consumers[layer], moments[layer].stats())
         total = sq.sqrt().sum(0)
         weight = layer.weight.detach().float()
         if isinstance(layer, nn.modules.conv._ConvNd) and getattr(layer, "transposed", False):

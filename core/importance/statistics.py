@@ -102,7 +102,7 @@ def linear_input_stats(model: nn.Module, calib: torch.Tensor, device: torch.devi
     last: dict[str, tuple[torch.Tensor, int] | None] = {"read": None}
     tokens: dict[str, torch.Tensor | None] = {"mask": None}
 
-    def hook(module: nn.Module, inputs: tuple) -> None:
+    def hook(module: nn.Linear, inputs: tuple) -> None:  # registered on `linears` only
         if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != module.in_features:
             return
         x = inputs[0]

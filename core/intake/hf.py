@@ -8,7 +8,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from core.graph.attention import find_sites
 from core.graph.blocks import SkippedLayer
 from core.intake.loaded import LoadedModel
 
+if TYPE_CHECKING:  # imported when a directory is loaded, after HF_HUB_OFFLINE is set
+    from transformers import PreTrainedModel
+
 _TASKS = ("ForSequenceClassification", "ForImageClassification")
 _DIR_HINT = "Zip the directory written by model.save_pretrained(dir, safe_serialization=True) (and the tokenizer's)."
 
@@ -27,7 +30,7 @@ class TextClassifier(nn.Module):
     """Token ids in, logits out. The attention mask is derived from the padding token, so the
     pruned model (and its ONNX export) takes one input, as the calibration data stores it."""
 
-    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
+    def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
         super().__init__()
         self.model = model
         self.pad_token_id = pad_token_id
@@ -38,7 +41,7 @@ class TextClassifier(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
@@ -116,6 +119,9 @@ def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example:
     """Write the pruned model as a zipped save_pretrained directory (the upload format) when its
     config can describe it, after checking that from_pretrained rebuilds the same outputs.
     Returns None on success, or why the config cannot describe the pruned model."""
+    if not isinstance(wrapper, (TextClassifier, ImageClassifier)):
+        raise TypeError(f"save_pretrained_zip takes the TextClassifier or ImageClassifier of a Hugging Face "
+                        f"model (load_hf_directory), not {type(wrapper).__name__}.")
     model = copy.deepcopy(wrapper.model).cpu().eval()
     reason = _describe_in_config(model)
     if reason is not None:
@@ -142,7 +148,7 @@ def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example:
     return None
 
 
-def _describe_in_config(model: nn.Module) -> str | None:
+def _describe_in_config(model: PreTrainedModel) -> str | None:
     """Update `model.config` to the pruned shape, or say which pruned shape it cannot hold."""
     config = model.config
     for stack in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:

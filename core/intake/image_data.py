@@ -63,9 +63,9 @@ def _hidden(name: str) -> bool:
 def _decode(archive: zipfile.ZipFile, info: zipfile.ZipInfo, channels: int, side: int,
             intake: IntakeOptions) -> np.ndarray:
     try:
-        with archive.open(info) as handle, Image.open(handle) as image:
-            image.load()
-            image = image.convert("L" if channels == 1 else "RGB").resize((side, side), Image.Resampling.BILINEAR)
+        with archive.open(info) as handle, Image.open(handle) as opened:
+            opened.load()
+            image = opened.convert("L" if channels == 1 else "RGB").resize((side, side), Image.Resampling.BILINEAR)
     except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as exc:
         raise DataError(f"{info.filename} cannot be read as an image ({exc.__class__.__name__}).",
                         hint="Remove or re-save the file as PNG or JPEG.", code="unreadable_image") from exc

@@ -255,9 +255,10 @@ def _example_input(proto: onnx.ModelProto, spec: OnnxSpec) -> torch.Tensor | Non
     shape = [dim.dim_value if dim.HasField("dim_value") else None for dim in dims]
     if not shape or None in shape[1:]:
         return None
-    shape[0] = shape[0] or 2
+    # past the check only the batch axis may be dynamic (None); it takes 2, the rest are all sizes
+    sizes = [shape[0] or 2] + [size for size in shape[1:] if size is not None]
     dtype = getattr(torch, spec.input_dtypes[value.name])
-    return torch.zeros(shape, dtype=dtype)
+    return torch.zeros(sizes, dtype=dtype)
 
 
 def _constant_reshapes(module: fx.GraphModule) -> list[fx.Node]:

@@ -112,6 +112,8 @@ def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Mod
         consumer = model.get_submodule(entry[0])
         # only when the group removes the same input columns as output units (no index remapping)
         if removed_inputs.get(consumer) == sorted(idxs):
+            # removed_inputs holds only modules that torch-pruning's Linear pruner handles: nn.Linear
+            assert isinstance(consumer, nn.Linear)
             compensate_linear(consumer, list(idxs), entry[1])
             made_up.add(consumer)
     for reader, columns in removed_inputs.items():

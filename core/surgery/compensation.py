@@ -28,7 +28,7 @@ def compensate_linear(consumer: nn.Linear, columns: list[int], stats: InputStats
     w_removed = weight[:, removed.to(weight.device)].double()
     mean = stats.mean.double()
     if stats.cov is None or len(removed) == weight.shape[1]:
-        consumer.bias += (w_removed @ mean[removed].to(weight.device)).to(consumer.bias)
+        consumer.bias.add_((w_removed @ mean[removed].to(weight.device)).to(consumer.bias))
         return
     mask = torch.ones(weight.shape[1], dtype=torch.bool)
     mask[removed] = False
@@ -41,4 +41,4 @@ def compensate_linear(consumer: nn.Linear, columns: list[int], stats: InputStats
     coef = torch.linalg.solve(cov_kk, cov[kept][:, removed]).to(weight.device)
     weight[:, kept.to(weight.device)] += (w_removed @ coef.T).to(weight)
     offset = mean[removed].to(weight.device) - coef.T @ mean[kept].to(weight.device)
-    consumer.bias += (w_removed @ offset).to(consumer.bias)
+    consumer.bias.add_((w_removed @ offset).to(consumer.bias))

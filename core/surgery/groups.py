@@ -17,6 +17,7 @@ from torch import nn
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
+from core.graph.attention import AttentionSite
 from core.surgery.units import UnitKey, UnitKind
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -34,7 +35,7 @@ class PrunableGroup:
     attention module (`group` is then its AttentionSite); `width` counts one channel group."""
 
     key: UnitKey
-    group: tp.dependency.Group
+    group: tp.dependency.Group | AttentionSite
     width: int
     ch_groups: int
     min_width: int

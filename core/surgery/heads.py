@@ -20,13 +20,17 @@ def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], stats:
     count = site.num_heads(model)
     keep_heads = [h for h in range(count) if h not in set(heads)]
     out = model.get_submodule(site.out)
+    # find_sites records a site only when its q/k/v and output projections are all nn.Linear
+    assert isinstance(out, nn.Linear)
     if stats is not None and out.bias is not None:
         compensate_linear(out, [h * site.head_dim + i for h in heads for i in range(site.head_dim)], stats)
+    query = module.get_submodule(site.qkv[0])
+    assert isinstance(query, nn.Linear)  # as above
     keep = torch.tensor([h * site.head_dim + i for h in keep_heads for i in range(site.head_dim)],
-                        device=module.get_submodule(site.qkv[0]).weight.device)
+                        device=query.weight.device)
     for attr in site.qkv:
         _keep_rows(getattr(module, attr), keep)
-    _keep_columns(model.get_submodule(site.out), keep)
+    _keep_columns(out, keep)  # still the module at site.out: compensation changes its parameters in place
     setattr(module, site.count_attr, len(keep_heads))
     if site.size_attr is not None:
         setattr(module, site.size_attr, len(keep_heads) * site.head_dim)
