@@ -112,7 +112,7 @@ def split(n_train: int, n_eval: int, seed: int) -> tuple[tuple[list[str], list[i
 
 
 def write_jsonl(path: Path, texts: Sequence[str], labels: Sequence[int]) -> Path:
-    """The `.jsonl` text format core.text_data reads: one {"text": ..., "label": ...} per line."""
+    """The `.jsonl` text format core.intake.text_data reads: one {"text": ..., "label": ...} per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = (json.dumps({"text": text, "label": int(label)}, ensure_ascii=False) for text, label in zip(texts, labels))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -132,7 +132,7 @@ def minilm_classifier(num_labels: int = 2, seed: int = 0) -> tuple[Any, Any]:
         torch.manual_seed(seed)
         model = transformers.BertForSequenceClassification.from_pretrained(
             root, num_labels=num_labels, local_files_only=True,
-            # the checkpoint is a bare BertModel; naming the task makes the saved config loadable by core.hf
+            # the checkpoint is a bare BertModel; naming the task makes the saved config loadable by core.intake.hf
             architectures=["BertForSequenceClassification"],
             **(names if num_labels == len(LABELS) else {}),
         )
@@ -210,7 +210,7 @@ def finetuned_minilm(cache_dir: Path, n_train: int, epochs: int = 2, max_length:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         folder = Path(scratch) / ARCHIVE_ROOT
-        # transformers 5 always writes model.safetensors (no pickle), the only weights core.hf loads
+        # transformers 5 always writes model.safetensors (no pickle), the only weights core.intake.hf loads
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         if not (folder / "model.safetensors").is_file():

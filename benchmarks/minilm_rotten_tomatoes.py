@@ -1,7 +1,7 @@
 """MiniLM on Rotten Tomatoes: IDAP++ against torch-pruning's l2 / taylor criteria at equal parameter cuts.
 
 A pretrained 6-layer MiniLM (all-MiniLM-L6-v2) is fine-tuned on fresh/rotten critic snippets and
-uploaded to `core.intake.compress_files` as a zipped Hugging Face directory with a `.jsonl` of
+uploaded to `core.intake.files.compress_files` as a zipped Hugging Face directory with a `.jsonl` of
 training snippets, exactly as a user would. Every method gets the same options (schedule,
 recovery budget, seed, data); only the criterion and the stages differ. Accuracy is measured
 here, with ONNX Runtime on each run's `model.onnx`, on held-out snippets no run has seen;
@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 CACHE_DIR = HERE / "cache"
 RESULTS_PATH = HERE / "results" / "minilm_rotten_tomatoes.json"
 EXIT_MISSING_PACKAGES = 2
-ENCODER = "model.bert.encoder"  # in core.hf's TextClassifier wrapper
+ENCODER = "model.bert.encoder"  # in core.intake.hf's TextClassifier wrapper
 
 # name -> (criterion, stages, label). Baselines are width criteria, so they run Stage 1 only.
 METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {

@@ -244,7 +244,7 @@ class Estimate(_Frozen):
 
 
 class PreflightReport(_FromUpload):
-    """What a compression job would face (core.preflight): sizes, what can be pruned, what can be reached."""
+    """What a compression job would face (core.run.preflight): sizes, what can be pruned, what can be reached."""
 
     macs: int
     params: int
