@@ -122,8 +122,8 @@ class RemovedBlock(_Frozen):
     divergence: float
 
 
-class ReportHeadline(_Frozen):
-    """The numbers a job keeps next to its status, from its report."""
+class _BeforeAndAfter(_Frozen):
+    """The model's size and accuracy before and after: the first keys of a report and of its headline."""
 
     macs_before: int
     macs_after: int
@@ -134,6 +134,11 @@ class ReportHeadline(_Frozen):
     accuracy_metric: AccuracyMetric
     accuracy_before: float
     accuracy_after: float
+
+
+class ReportHeadline(_BeforeAndAfter):
+    """The numbers a job keeps next to its status, from its report."""
+
     latency_ms_before: Latency
     latency_ms_after: Latency
     onnx_max_abs_diff: float
@@ -160,18 +165,9 @@ class _FromUpload(_Frozen):
                 if key not in _UPLOAD_KEYS or key in self.model_fields_set}
 
 
-class Report(_FromUpload):
+class Report(_FromUpload, _BeforeAndAfter):
     """report.json: the model before and after, every step, and why the run stopped."""
 
-    macs_before: int
-    macs_after: int
-    params_before: int
-    params_after: int
-    macs_reduction: float
-    params_reduction: float
-    accuracy_metric: AccuracyMetric
-    accuracy_before: float
-    accuracy_after: float
     eval_samples: int
     latency_ms_before: Latency
     latency_ms_after: Latency
