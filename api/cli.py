@@ -73,12 +73,10 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # The worker subprocess reads the same settings from the environment.
-    for name, value in (("IDAP_HOST", args.host), ("IDAP_PORT", args.port), ("IDAP_DATA_DIR", args.data_dir)):
-        if value is not None:
-            os.environ[name] = str(Path(value).resolve()) if name == "IDAP_DATA_DIR" else str(value)
-    get_settings.cache_clear()
-    settings = get_settings()
+    data_dir = Path(args.data_dir).resolve() if args.data_dir is not None else None
+    given: dict[str, Any] = {"host": args.host, "port": args.port, "data_dir": data_dir}
+    # the flags win over the IDAP_* environment, which supplies everything else
+    settings = Settings(**{name: value for name, value in given.items() if value is not None})
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     import uvicorn
@@ -92,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         _first_start(settings)
         # One worker takes every queue: on a single machine, the CPU/GPU split has nowhere to route to.
         queues = f"{settings.cpu_queue},{settings.gpu_queue},{settings.webhook_queue}"
-        worker = subprocess.Popen(worker_argv(settings, queues, 1, "prefork"))
+        worker = subprocess.Popen(worker_argv(settings, queues, 1, "prefork"), env=settings.child_environment())
     # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting through SystemExit
     # (not the default handler's instant death) runs the finally below that stops the worker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

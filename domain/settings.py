@@ -7,6 +7,7 @@ artifact storage, all under `data_dir`, so `idap serve` needs no external server
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -83,6 +84,22 @@ class Settings(BaseSettings):
         if self.require_auth is not None:
             return self.require_auth
         return not _is_loopback(self.host)
+
+    def environment(self) -> dict[str, str]:
+        """The `IDAP_*` variables that give another process these settings (a worker started by
+        `idap serve`, by a test or by an operator's script): every field, as pydantic-settings reads it."""
+        variables = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is not None:
+                text = json.dumps(value) if isinstance(value, list | bool) else str(value)
+                variables[f"IDAP_{name.upper()}"] = text
+        return variables
+
+    def child_environment(self) -> dict[str, str]:
+        """This process's environment for a child process, with these settings in place of any `IDAP_*`
+        variable it has (an unset field must not come back from the parent's environment)."""
+        inherited = {name: value for name, value in os.environ.items() if not name.startswith("IDAP_")}
+        return inherited | self.environment()
 
     def queue_for(self, device: str) -> str:
         if device == "cpu":

@@ -3,7 +3,6 @@ and a real Celery worker process. Each pytest process gets its own database and 
 
 from __future__ import annotations
 
-import os
 import secrets
 import tempfile
 from collections.abc import Iterator
@@ -14,31 +13,32 @@ import psycopg
 import pytest
 import redis
 
+from domain.settings import Settings
+from tests.service.helpers import start_worker, stop_worker
+
 RUN = secrets.token_hex(4)
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 DB_NAME = f"idap_test_{RUN}"
-# Set before anything reads the settings (they are cached per process, and the worker inherits them).
-os.environ.update({
-    "IDAP_DATA_DIR": tempfile.mkdtemp(prefix=f"idap-service-{RUN}-"),
-    "IDAP_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{DB_NAME}",
-    "IDAP_BROKER_URL": "redis://127.0.0.1:6379/11",
-    "IDAP_CPU_QUEUE": f"test-{RUN}-cpu",
-    "IDAP_GPU_QUEUE": f"test-{RUN}-gpu",
-    "IDAP_WEBHOOK_QUEUE": f"test-{RUN}-webhooks",
-    "IDAP_WEBHOOK_ALLOW_PRIVATE": "true",
-    "IDAP_WEBHOOK_RETRY_SCHEDULE_S": "[0.5, 0.5]",
-    "IDAP_WEBHOOK_TIMEOUT_S": "5",
-    "IDAP_HEARTBEAT_INTERVAL_S": "0.5",
-    "IDAP_STALE_AFTER_S": "3",
-    "IDAP_REAPER_INTERVAL_S": "1",
-    "IDAP_RETRY_BACKOFF_S": "0.5",
-    "IDAP_PROGRESS_INTERVAL_S": "0.2",
-    "IDAP_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
-    "IDAP_REQUIRE_AUTH": "true",
-})
-
-from domain.settings import Settings, get_settings  # noqa: E402  (reads the environment set above)
-from tests.service.helpers import start_worker, stop_worker  # noqa: E402
+# One settings object for the whole run, passed to what needs it (the app, the worker process through
+# Settings.child_environment): no IDAP_* variable is set in this process.
+SETTINGS = Settings(
+    data_dir=Path(tempfile.mkdtemp(prefix=f"idap-service-{RUN}-")),
+    database_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{DB_NAME}",
+    broker_url="redis://127.0.0.1:6379/11",
+    cpu_queue=f"test-{RUN}-cpu",
+    gpu_queue=f"test-{RUN}-gpu",
+    webhook_queue=f"test-{RUN}-webhooks",
+    webhook_allow_private=True,
+    webhook_retry_schedule_s=[0.5, 0.5],
+    webhook_timeout_s=5,
+    heartbeat_interval_s=0.5,
+    stale_after_s=3,
+    reaper_interval_s=1,
+    retry_backoff_s=0.5,
+    progress_interval_s=0.2,
+    max_upload_bytes=2 * 1024 * 1024,
+    require_auth=True,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,20 +47,20 @@ def database() -> Iterator[str]:
 
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{DB_NAME}"')
-    url = get_settings().database
+    url = SETTINGS.database
     upgrade(url)
     yield url
     get_engine(url).dispose()
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-    broker = redis.Redis.from_url(os.environ["IDAP_BROKER_URL"])
+    broker = redis.Redis.from_url(SETTINGS.broker)
     for key in broker.scan_iter(f"*test-{RUN}-*"):
         broker.delete(key)
 
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    return get_settings()
+    return SETTINGS
 
 
 @pytest.fixture(scope="session")

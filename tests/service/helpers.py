@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -26,7 +25,8 @@ def start_worker(settings: Settings, log: Path, queues: str | None = None) -> su
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1", "-Q", queues,
          "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+        cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        env=settings.child_environment() | {"OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 60
     while b"ready." not in log.read_bytes():
         if process.poll() is not None or time.monotonic() > deadline:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +52,10 @@ def test_openapi_documents_the_typed_report(client: Any) -> None:
 
 
 def test_the_app_uses_the_broker_its_settings_name(settings: Settings, keys: dict[str, str],
-                                                   digits: tuple[Path, Path]) -> None:
+                                                   digits: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The environment names a working broker; only the Settings object passed in names one nobody listens on."""
     unreachable = "redis://127.0.0.1:1/0"
-    assert os.environ["IDAP_BROKER_URL"] != unreachable
+    monkeypatch.setenv("IDAP_BROKER_URL", settings.broker)
     with TestClient(create_app(settings.model_copy(update={"broker_url": unreachable}))) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503, ready.text

@@ -16,7 +16,7 @@ from domain.clock import utcnow
 from domain.db import get_engine, session_scope, upgrade
 from domain.models import Base, Job
 from domain.queue import CeleryQueue
-from domain.settings import Settings, get_settings
+from domain.settings import Settings
 from domain.states import JobStatus
 from domain.storage import S3Storage, file_digest, open_storage
 from worker.lease import reap_stale_jobs
@@ -41,18 +41,18 @@ def test_migrations_match_the_models_on_sqlite(tmp_path: Path) -> None:
     assert_schema_matches_models(url)
 
 
-def _job(database: str, **fields: object) -> str:
-    with session_scope(database) as session:
+def _job(settings: Settings, **fields: object) -> str:
+    with session_scope(settings.database) as session:
         tenant, _ = get_or_create_tenant(session, "state-tests")
         # the GPU queue: no test worker consumes it, so a requeued job stays put
-        job = Job(tenant_id=tenant.id, queue=get_settings().gpu_queue, config={}, model_key="k", data_key="k",
+        job = Job(tenant_id=tenant.id, queue=settings.gpu_queue, config={}, model_key="k", data_key="k",
                   max_attempts=2, **fields)
         session.add(job)
     return job.id
 
 
-def test_transitions_are_checked_in_one_place(database: str) -> None:
-    job_id = _job(database)
+def test_transitions_are_checked_in_one_place(database: str, settings: Settings) -> None:
+    job_id = _job(settings)
     with session_scope(database) as session:
         assert not states.transition(session, job_id, JobStatus.SUCCEEDED), "queued cannot jump to succeeded"
         assert states.transition(session, job_id, JobStatus.RUNNING)
@@ -65,9 +65,9 @@ def test_transitions_are_checked_in_one_place(database: str) -> None:
 
 def test_reaper_requeues_a_lost_job_and_fails_a_poison_one(database: str, settings: Settings) -> None:
     stale = utcnow() - timedelta(seconds=settings.stale_after_s * 10)
-    lost = _job(database, status=JobStatus.RUNNING, attempts=1, heartbeat_at=stale)
-    poison = _job(database, status=JobStatus.RUNNING, attempts=2, heartbeat_at=stale)
-    alive = _job(database, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow())
+    lost = _job(settings, status=JobStatus.RUNNING, attempts=1, heartbeat_at=stale)
+    poison = _job(settings, status=JobStatus.RUNNING, attempts=2, heartbeat_at=stale)
+    alive = _job(settings, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow())
     failed = reap_stale_jobs(settings, CeleryQueue(settings))
     assert poison in failed and lost not in failed
     with session_scope(database) as session:

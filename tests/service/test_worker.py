@@ -126,11 +126,9 @@ def test_a_job_whose_worker_dies_is_retried(keys: dict[str, str], digits: tuple[
                                             tmp_path: Path) -> None:
     """kill -9 the worker mid-job: another worker takes the job over as attempt 2 and finishes it."""
     own = settings.model_copy(update={"cpu_queue": settings.cpu_queue + "-kill"})
-    env = os.environ.copy()
-    os.environ["IDAP_CPU_QUEUE"] = own.cpu_queue
+    first = second = None
     try:
         first = start_worker(own, tmp_path / "first.log")
-        second = None
         with TestClient(create_app(own)) as client:
             job_id = submit(client, keys["a"], digits, SLOW_RECOVERY).json()["id"]
             wait_for(client, keys["a"], job_id, lambda job: job["progress"]["stage"] not in ("queued", "starting")
@@ -142,8 +140,6 @@ def test_a_job_whose_worker_dies_is_retried(keys: dict[str, str], digits: tuple[
         assert job["status"] == "succeeded", job
         assert job["attempts"] == 2
     finally:
-        os.environ.clear()
-        os.environ.update(env)
         for process in (first, second):
             if process is not None:
                 stop_worker(process)
