@@ -4,7 +4,7 @@ every trace and every export feeds the model."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -101,10 +101,6 @@ class Inputs:
         """ONNX Runtime feeds by input name."""
         return {name: t.detach().cpu().numpy() for name, t in self.tensors.items()}
 
-    def renamed(self, names: list[str]) -> Inputs:
-        """The same tensors, in order, under `names` (an exported model's input names)."""
-        return Inputs(dict(zip(names, self.tensors.values(), strict=True)), self.positional)
-
     def bind(self, model: nn.Module) -> Inputs:
         """These inputs named and ordered as `model.forward` takes them; raises DataError for an input
         the model requires that the data lacks, or an array the model has no parameter for."""
@@ -120,16 +116,15 @@ class Inputs:
         missing = [name for name in required if name not in tensors]
         extra = [] if open_ended else [name for name in tensors if name not in names]
         if missing or extra:
-            problem = (f"the model requires {', '.join(missing)}" if missing else "") + \
-                      ("; " if missing and extra else "") + \
-                      (f"the model has no input named {', '.join(extra)}" if extra else "")
-            raise DataError(f"The data's arrays do not match the model's inputs: {problem} "
+            problems = ([f"the model requires {', '.join(missing)}"] if missing else []) + \
+                       ([f"the model has no input named {', '.join(extra)}"] if extra else [])
+            raise DataError(f"The data's arrays do not match the model's inputs: {'; '.join(problems)} "
                             f"(found: {', '.join(tensors)}; expected: {_expected(names, required)}).",
                             hint=_HINT, code="missing_input" if missing else "unexpected_input")
         order = [name for name in names if name in tensors] + [name for name in tensors if name not in names]
         return Inputs({name: tensors[name] for name in order})
 
-    def _map(self, fn: Any) -> Inputs:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
         return Inputs({name: fn(t) for name, t in self.tensors.items()}, self.positional)
 
 
