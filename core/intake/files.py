@@ -24,8 +24,8 @@ from core.report import PreflightReport
 from core.run.pipeline import Result, prune_and_export, write_report
 from core.run.preflight import preflight
 
-_DATA_HINT = ("Upload an .npz (x, optional y), a zip of class folders of images, or for text models "
-              "a .jsonl/.csv with text and label columns.")
+_DATA_HINT = ("Upload an .npz (x, or one array per model input by name; optional y), a zip of class folders of "
+              "images, or for text models a .jsonl/.csv with text and label columns.")
 
 
 def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
