@@ -37,6 +37,7 @@ from benchmarks.cli_types import floats, method_list
 from core.data import Dataset
 from core.examples import BasicBlock
 from core.export.artifacts import export_onnx
+from core.inputs import Inputs
 from core.measure.latency import ort_latency_ms
 from core.options import CompressOptions, Target
 from core.progress import ProgressEvent, ProgressFn
@@ -262,7 +263,7 @@ def compression_data(data: Splits, settings: Settings) -> Dataset:
     """A fixed random subset of the train split (compress holds out eval_fraction of it itself)."""
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(settings.seed))
     index = order[: settings.train_samples]
-    return Dataset(data.x_train[index].contiguous(), data.y_train[index].contiguous())
+    return Dataset(Inputs.single(data.x_train[index].contiguous()), data.y_train[index].contiguous())
 
 
 def _progress(prefix: str) -> ProgressFn:
@@ -322,7 +323,7 @@ def run_one(model: nn.Module, method: str, level: float, settings: Settings, dat
     return row
 
 
-def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, rounds: int,
+def interleaved_latency(paths: dict[str, Path], sample: Inputs, rounds: int,
                         runs: int) -> dict[str, dict[str, float]]:
     """ORT latency per ONNX file: the minimum over rounds of each round's median, models alternating.
 
@@ -345,10 +346,10 @@ def add_interleaved_latency(rows: list[dict[str, Any]], model: nn.Module, sample
                             out_root: Path, settings: Settings) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     original = out_root / "original.onnx"
-    export_onnx(model, sample, original)
+    export_onnx(model, Inputs.single(sample), original)
     paths = {"original": original} | {f"{r['method']}@{r['level']:g}": Path(r["onnx"]) for r in _ok(rows)}
     log(f"Re-measuring ORT latency of {len(paths)} models in {settings.latency_rounds} interleaved rounds")
-    latency = interleaved_latency(paths, sample.numpy(), settings.latency_rounds, settings.latency_round_runs)
+    latency = interleaved_latency(paths, Inputs.single(sample), settings.latency_rounds, settings.latency_round_runs)
     before = latency["original"]
     for row in _ok(rows):
         after = latency[f"{row['method']}@{row['level']:g}"]

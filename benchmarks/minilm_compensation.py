@@ -29,6 +29,7 @@ from torch import nn
 from benchmarks import minilm
 from benchmarks.minilm_rotten_tomatoes import CACHE_DIR, Settings
 from core.importance.statistics import InputMoments, InputStats, real_tokens, token_rows
+from core.inputs import Inputs
 from core.intake.hf import TextClassifier
 from core.surgery import compensation
 from core.surgery.compensation import compensate_linear
@@ -45,7 +46,7 @@ def consumer_inputs(model: TextClassifier, x: torch.Tensor, layer: nn.Linear) ->
         with torch.no_grad():
             for batch in x.split(64):
                 model(batch)
-                seen[-1] = token_rows(seen[-1], real_tokens(model, batch))
+                seen[-1] = token_rows(seen[-1], real_tokens(model, Inputs({"input_ids": batch})))
     finally:
         handle.remove()
     return torch.cat(seen)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ids(texts: list[str]) -> torch.Tensor:
         records = [{"text": text} for text in texts[: args.samples]]
-        return tokenize(records, loaded.tokenizer, "text", "label", intake.max_length, None).x
+        return tokenize(records, loaded.tokenizer, "text", "label", intake.max_length, None).inputs.tensors["input_ids"]
 
     calib_ids, unseen_ids = ids(train_texts), ids(eval_texts)
     methods = ["none", "mean", *(f"ridge={r:g}" for r in RIDGES)]

@@ -33,6 +33,7 @@ from benchmarks.cli_types import floats, method_list, option_override
 from benchmarks.fashion_mnist import environment, log
 from core.data import Dataset
 from core.export.artifacts import export_onnx
+from core.inputs import Inputs as ModelInputs
 from core.intake.files import compress_files, open_data
 from core.intake.loaded import LoadedModel
 from core.intake.model_io import open_model
@@ -155,13 +156,15 @@ def architecture(module: nn.Module) -> dict[str, Any]:
     return {"hidden": bert.embeddings.word_embeddings.embedding_dim, "layers": layers}
 
 
-def latency_samples(tokenizer: Any, texts: Sequence[str], lengths: Sequence[int]) -> dict[int, np.ndarray]:
-    """One row of real token ids per sequence length, with no padding (snippets joined until long enough)."""
+def latency_samples(tokenizer: Any, texts: Sequence[str], lengths: Sequence[int]) -> dict[int, ModelInputs]:
+    """One row of real tokens per sequence length (ids and every other array the tokenizer makes), with
+    no padding (snippets joined until long enough)."""
     joined = " ".join(texts)
     samples = {}
     for length in lengths:
-        ids = tokenizer([joined], truncation=True, max_length=length, padding="max_length")["input_ids"]
-        samples[length] = np.asarray(ids, dtype=np.int64)
+        encoded = tokenizer([joined], truncation=True, max_length=length, padding="max_length")
+        samples[length] = ModelInputs({name: torch.tensor(values, dtype=torch.int64)
+                                       for name, values in encoded.items()})
     return samples
 
 
@@ -173,15 +176,16 @@ def onnx_top1(path: Path, data: Dataset, batch_size: int = 64) -> float:
     options.log_severity_level = 3
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = data.x.numpy()
-    predicted = np.concatenate([session.run(None, {name: x[i: i + batch_size]})[0].argmax(1)
-                                for i in range(0, len(x), batch_size)])
+    arrays = data.inputs.numpy()
+    names = [declared.name for declared in session.get_inputs()]
+    predicted = np.concatenate([
+        session.run(None, {name: arrays[name][i: i + batch_size] for name in names})[0].argmax(1)
+        for i in range(0, len(data), batch_size)])
     assert data.y is not None
     return float((predicted == data.y.numpy()).mean())
 
 
-def interleaved_latency(paths: dict[str, Path], samples: dict[int, np.ndarray], batches: tuple[int, ...],
+def interleaved_latency(paths: dict[str, Path], samples: dict[int, ModelInputs], batches: tuple[int, ...],
                         rounds: int, runs: int) -> dict[str, dict[str, float]]:
     """ORT latency per model as {"seq_64_batch_1": ms, ...}: the minimum over rounds of each round's
     median, the models alternating within a round so that all see the same load on a shared machine
@@ -208,7 +212,7 @@ class Inputs:
     original: LoadedModel
     eval_data: Dataset
     eval_texts: list[str]
-    example: torch.Tensor  # one row of `max_length` token ids, for MACs
+    example: ModelInputs  # one row of `max_length` tokens, for MACs
 
 
 def _progress(prefix: str) -> ProgressFn:
@@ -283,8 +287,7 @@ def prepare_inputs(settings: Settings, cache_dir: Path, work_dir: Path) -> tuple
     intake = IntakeOptions(max_length=settings.max_length)
     original = open_model(model_zip, intake)
     eval_data = open_data(eval_jsonl, original, intake)
-    example = torch.from_numpy(latency_samples(original.tokenizer, eval_texts, [settings.max_length])
-                               [settings.max_length])
+    example = latency_samples(original.tokenizer, eval_texts, [settings.max_length])[settings.max_length]
     return Inputs(model_zip, train_jsonl, original, eval_data, eval_texts, example), finetune
 
 
@@ -296,7 +299,7 @@ def run(settings: Settings, cache_dir: Path, out: Path) -> dict[str, Any]:
     inputs, finetune = prepare_inputs(settings, cache_dir, runs_dir)
     module = inputs.original.module
     original_onnx = runs_dir / "original.onnx"
-    export_onnx(module, inputs.example, original_onnx, inputs.original.onnx_spec)
+    export_onnx(module, inputs.example, original_onnx)
     macs, params = count_macs_params(module, inputs.example)
     before = {"accuracy": onnx_top1(original_onnx, inputs.eval_data), "params": params,
               "encoder_params": encoder_params(module), "macs": macs, "architecture": architecture(module)}

@@ -5,6 +5,7 @@ Pure PyTorch + torch-pruning + ONNX; no web, database or queue imports.
 
 from core.data import Dataset
 from core.errors import Cancelled, UserError
+from core.inputs import Inputs
 from core.intake.npz import load_npz
 from core.options import CompressOptions, Target
 from core.progress import ProgressEvent
@@ -15,6 +16,7 @@ __all__ = [
     "Cancelled",
     "CompressOptions",
     "Dataset",
+    "Inputs",
     "PreflightReport",
     "ProgressEvent",
     "Report",

@@ -69,8 +69,8 @@ def _add_inputs(parser: argparse.ArgumentParser, data_required: bool) -> None:
     parser.add_argument("--weights", metavar="FILE",
                         help=".safetensors weights for a package.module:factory MODEL")
     parser.add_argument("--data", type=Path, required=data_required, metavar="FILE",
-                        help=".npz (x, optional y), zip of class folders of images, or .jsonl/.csv text "
-                        "(text, label) for models with a tokenizer")
+                        help=".npz (x, or one array per model input by name; optional y), zip of class folders "
+                        "of images, or .jsonl/.csv text (text, label) for models with a tokenizer")
     intake = IntakeOptions()
     parser.add_argument("--image-size", type=int, metavar="N",
                         help="side of image-folder images after resizing (default: the model's, else 224)")

@@ -3,7 +3,7 @@ split, and batches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -11,24 +11,29 @@ from torch import nn
 
 from core.errors import DataError
 from core.graph.tracing import logits_of
+from core.inputs import Inputs
 
 
 @dataclass
 class Dataset:
-    """Inputs `x` (float32, N×…) and optional integer labels `y` (N)."""
+    """The model's inputs (N samples each) and optional integer labels `y` (N)."""
 
-    x: torch.Tensor
+    inputs: Inputs
     y: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.inputs)
 
     @property
     def labeled(self) -> bool:
         return self.y is not None
 
     def subset(self, index: torch.Tensor) -> Dataset:
-        return Dataset(self.x[index], None if self.y is None else self.y[index])
+        return Dataset(self.inputs[index], None if self.y is None else self.y[index])
+
+    def bound(self, model: nn.Module) -> Dataset:
+        """The same data with its inputs named as `model.forward` takes them (Inputs.bind)."""
+        return Dataset(self.inputs.bind(model), self.y)
 
 
 def split(data: Dataset, eval_fraction: float, seed: int, min_eval: int = 1) -> tuple[Dataset, Dataset]:
@@ -39,25 +44,35 @@ def split(data: Dataset, eval_fraction: float, seed: int, min_eval: int = 1) -> 
     return data.subset(order[n_eval:]), data.subset(order[:n_eval])
 
 
-def batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """`x` in consecutive slices of `batch_size` samples (the last one shorter)."""
-    for i in range(0, len(x), batch_size):
-        yield x[i : i + batch_size]
+def batches(inputs: Inputs, batch_size: int) -> Iterator[Inputs]:
+    """`inputs` in consecutive slices of `batch_size` samples (the last one shorter)."""
+    for i in range(0, len(inputs), batch_size):
+        yield inputs[i : i + batch_size]
 
 
 @torch.no_grad()
 def check_against_model(model: nn.Module, data: Dataset, device: torch.device) -> int:
-    """Run one small batch; return the number of classes the model outputs."""
-    sample = data.x[: min(2, len(data))].to(device)
+    """Run one small batch of `data` (bound to `model`); return the number of classes the model outputs."""
+    sample = data.inputs[: min(2, len(data))].to(device)
+    handles = [m.register_forward_pre_hook(_integer_ids(sample)) for m in model.modules()
+               if isinstance(m, nn.Embedding)]
     try:
-        out = logits_of(model(sample))
+        out = logits_of(sample.call(model))
+    except DataError:
+        raise
     except Exception as exc:  # the model decides what it accepts; any failure is the data's shape
+        signature = sample.signature
+        shapes = str(signature[0].shape) if len(signature) == 1 else \
+            ", ".join(f"{s.name} {s.shape}" for s in signature)
         raise DataError(
-            f"The model rejects inputs of shape {tuple(data.x.shape[1:])} (per sample): "
+            f"The model rejects inputs of shape {shapes} (per sample): "
             f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "),
-            hint="Store x with the shape the model was trained on, samples on the first axis.",
+            hint="Store the inputs with the shape the model was trained on, samples on the first axis.",
             code="data_shape_mismatch",
         ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
     if out.ndim != 2:
         raise DataError(
             f"The model's output has shape {tuple(out.shape)}; a classifier output N×classes is needed.",
@@ -71,3 +86,17 @@ def check_against_model(model: nn.Module, data: Dataset, device: torch.device) -
             code="labels_out_of_range",
         )
     return num_classes
+
+
+def _integer_ids(sample: Inputs) -> Callable[[nn.Module, tuple], None]:
+    """A pre-hook for embeddings: float values looked up as ids are token ids stored as floats."""
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            floats = [s.name for s in sample.signature if s.dtype.is_floating_point]
+            raise DataError(
+                f"The model looks up {', '.join(floats) or 'an input'} in an embedding, but the data holds "
+                f"floats ({', '.join(s.dtype_name for s in sample.signature if s.name in floats)}).",
+                hint="Store token ids as integers (int64).", code="float_token_ids")
+
+    return hook

@@ -239,13 +239,22 @@ class Estimate(_Frozen):
     train_step_s: float
 
 
+class InputSignature(_Frozen):
+    """One input of the model: its name, dtype and per-sample shape."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
 class PreflightReport(_FromUpload):
     """What a compression job would face (core.run.preflight): sizes, what can be pruned, what can be reached."""
 
     macs: int
     params: int
     num_classes: int
-    input_shape: list[int]
+    inputs: list[InputSignature]
+    input_shape: list[int]  # of the first input, as a single-input model's page shows it
     input_dtype: str
     samples: int
     labeled: bool | None  # None without data

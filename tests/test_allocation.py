@@ -9,6 +9,7 @@ import torch
 from core.data import Dataset
 from core.graph.attention import AttentionSite
 from core.importance.statistics import linear_input_stats
+from core.inputs import Inputs
 from core.options import Allocation, CompressOptions, Target
 from core.run.allocation import drift_per_size
 from core.run.stages import _group_scores, allocates_by_drift, group_candidates
@@ -48,8 +49,8 @@ def test_a_group_that_cannot_be_cut_ranks_last():
 
 def test_auto_allocation_measures_drift_where_heads_compete_with_channels():
     options = CompressOptions(device="cpu", round_to=None)
-    model, run = prepared_run(small_bert(), Dataset(tokens(), torch.arange(48) % 3), Target(params_reduction=0.5),
-                              options)
+    model, run = prepared_run(small_bert(), Dataset(Inputs.single(tokens()), torch.arange(48) % 3),
+                              Target(params_reduction=0.5), options)
     bert = group_candidates(run.spec, run.cache, model, build_graph(model, run.spec.example))
     channels = two_paths_run(TwoPaths(), options)[2]
     assert any(isinstance(g.group, AttentionSite) for g in bert)
@@ -68,10 +69,10 @@ def _cut_error(fit: bool, compensate: bool = True) -> float:
                               mean_compensation=compensate, least_squares_compensation=fit)
     model, run, groups, graph = two_paths_run(model, options)
     means = _group_scores(run, model, graph, groups).means
-    before = model(run.spec.calib).detach()
+    before = run.spec.calib.call(model).detach()
     apply_plan(model, run.spec.example, {UnitKey(UnitKind.CHANNELS, "wide"): [3]}, means)
     assert model.wide.out_features == 31
-    return float((model(run.spec.calib).detach() - before).norm() / before.norm())
+    return float((run.spec.calib.call(model).detach() - before).norm() / before.norm())
 
 
 def test_readers_of_a_removed_channel_refit_on_the_channels_they_keep():
@@ -91,13 +92,14 @@ def test_readers_of_one_tensor_share_statistics_of_its_real_tokens():
     with torch.no_grad():
         model(x)
     handle.remove()
-    stats = linear_input_stats(model, x, torch.device("cpu"), 16, with_cov=True)
+    stats = linear_input_stats(model, Inputs({"input_ids": x}), torch.device("cpu"), 16, with_cov=True)
     assert stats[attention.query] is stats[attention.key] is stats[attention.value]
     assert stats[attention.query] is not stats[model.model.bert.encoder.layer[0].intermediate.dense]
     rows = seen["hidden"][real].double()
     assert torch.allclose(stats[attention.query].mean, rows.mean(0).float(), atol=1e-5)
     assert torch.allclose(stats[attention.query].cov.double(), torch.cov(rows.T, correction=0), atol=1e-5)
-    assert linear_input_stats(model, x, torch.device("cpu"), 16, with_cov=False)[attention.query].cov is None
+    without_cov = linear_input_stats(model, Inputs({"input_ids": x}), torch.device("cpu"), 16, with_cov=False)
+    assert without_cov[attention.query].cov is None
 
 
 def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
@@ -115,8 +117,8 @@ def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
 
     monkeypatch.setattr(allocation, "_probe", recorded)
     options = CompressOptions(device="cpu", round_to=None, calibration_samples=128)
-    model, run = prepared_run(small_bert(), Dataset(tokens(), torch.arange(48) % 3), Target(params_reduction=0.5),
-                              options)
+    model, run = prepared_run(small_bert(), Dataset(Inputs.single(tokens()), torch.arange(48) % 3),
+                              Target(params_reduction=0.5), options)
     groups = group_candidates(run.spec, run.cache, model, build_graph(model, run.spec.example))
     _group_scores(run, model, build_graph(model, run.spec.example), groups)
     assert len(probes) == len(groups)

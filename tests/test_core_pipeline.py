@@ -13,6 +13,7 @@ from torch import nn
 
 from core.data import Dataset
 from core.errors import Cancelled, TargetUnreachableError
+from core.inputs import Inputs
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, Stage, Target
 from core.report import Report, StopReason
@@ -31,7 +32,7 @@ RECOVERED = dict(recovery_iterations=80, final_recovery_iterations=120, latency_
 
 def _data(arrays: tuple[np.ndarray, np.ndarray], labeled: bool = True) -> Dataset:
     x, y = arrays
-    return Dataset(torch.from_numpy(x), torch.from_numpy(y) if labeled else None)
+    return Dataset(Inputs.single(torch.from_numpy(x)), torch.from_numpy(y) if labeled else None)
 
 
 def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, tmp_path: Path) -> None:
@@ -43,7 +44,7 @@ def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, 
     assert report.target_met and abs(report.macs_reduction - 0.5) <= 0.03
     assert report.options.lr == 1e-3  # the method's rate for a CNN (transformers get 1e-4)
     assert report.accuracy_before - report.accuracy_after <= 0.01
-    example = torch.from_numpy(digits_arrays[0][:2])
+    example = Inputs.single(torch.from_numpy(digits_arrays[0][:2]))
     assert count_macs_params(result.model, example) == (report.macs_after, report.params_after)
     written = json.loads((tmp_path / "report.json").read_text())
     assert set(written) == REPORT_JSON_KEYS and written["macs_after"] == report.macs_after

@@ -15,6 +15,7 @@ from core.errors import ExportError
 from core.export.artifacts import export_onnx, verify_onnx
 from core.graph.blocks import find_blocks, remove_block
 from core.importance.divergence import DivergenceScorer, block_divergence, filter_divergence
+from core.inputs import Inputs
 from core.progress import Reporter
 from core.recovery.distill import recover
 from core.recovery.features import pick_feature_points
@@ -33,15 +34,15 @@ def test_dead_filter_scores_lowest_and_goes_first(digits_model, digits_arrays) -
     with torch.no_grad():
         conv.weight[5].zero_()
     x = _x(digits_arrays)
-    graph = build_graph(digits_model, x[:2])
-    scores = filter_divergence(digits_model, graph, x, torch.device("cpu"), 64)
+    graph = build_graph(digits_model, Inputs.single(x[:2]))
+    scores = filter_divergence(digits_model, graph, Inputs.single(x), torch.device("cpu"), 64)
     assert int(scores[conv].argmin()) == 5 and float(scores[conv][5]) == 0.0
 
     groups = prunable_groups(graph, digits_model, [digits_model.fc], {}, 0.125, 1)
     normalised = score_groups(groups, DivergenceScorer(scores))
     plan = make_plan(groups, normalised, 1, None)
     assert plan == {UnitKey(UnitKind.CHANNELS, "blocks.0.conv1"): [5]}
-    apply_plan(digits_model, x[:2], plan)
+    apply_plan(digits_model, Inputs.single(x[:2]), plan)
     assert digits_model.blocks[0].conv1.out_channels == 31
     assert digits_model.blocks[0].bn1.num_features == 31
     assert digits_model.blocks[0].conv2.in_channels == 31
@@ -50,14 +51,14 @@ def test_dead_filter_scores_lowest_and_goes_first(digits_model, digits_arrays) -
 
 def test_plan_respects_minimum_width_and_round_to(digits_model, digits_arrays) -> None:
     x = _x(digits_arrays)
-    graph = build_graph(digits_model, x[:2])
+    graph = build_graph(digits_model, Inputs.single(x[:2]))
     widths: dict[UnitKey, int] = {}
     groups = prunable_groups(graph, digits_model, [digits_model.fc], widths, 0.25, 1)
     scores = [torch.rand(g.width) for g in groups]
     plan = make_plan(groups, scores, 10_000, round_to=8)
-    apply_plan(digits_model, x[:2], plan)
-    for group in prunable_groups(build_graph(digits_model, x[:2]), digits_model, [digits_model.fc], widths,
-                                 0.25, 1):
+    apply_plan(digits_model, Inputs.single(x[:2]), plan)
+    for group in prunable_groups(build_graph(digits_model, Inputs.single(x[:2])), digits_model, [digits_model.fc],
+                                 widths, 0.25, 1):
         assert group.width >= widths[group.key] // 4
         assert group.width % 8 == 0
     assert digits_model.fc.out_features == 10
@@ -68,32 +69,32 @@ def test_block_that_passes_its_input_through_has_zero_divergence(digits_model, d
     with torch.no_grad():
         bn.weight.zero_()
         bn.bias.zero_()
-    candidates = find_blocks(digits_model, _x(digits_arrays)[:2])
-    scores = block_divergence(digits_model, {c.name: c.shortcut for c in candidates}, _x(digits_arrays),
+    candidates = find_blocks(digits_model, Inputs.single(_x(digits_arrays)[:2]))
+    scores = block_divergence(digits_model, {c.name: c.shortcut for c in candidates}, Inputs.single(_x(digits_arrays)),
                               torch.device("cpu"), 64)
     assert min(scores, key=scores.get) == "blocks.1"
     assert scores["blocks.1"] < 1e-6 < min(v for k, v in scores.items() if k != "blocks.1")
 
 
 def test_blocks_found_with_identity_and_projection_shortcuts(digits_model, digits_arrays) -> None:
-    found = {c.name: c.shortcut for c in find_blocks(digits_model, _x(digits_arrays)[:2])}
+    found = {c.name: c.shortcut for c in find_blocks(digits_model, Inputs.single(_x(digits_arrays)[:2]))}
     assert found == {"blocks.0": None, "blocks.1": None, "blocks.2": "downsample", "blocks.3": None}
     resnet = torchvision.models.resnet18(num_classes=10).eval()
-    kinds = [c.kind for c in find_blocks(resnet, torch.randn(2, 3, 64, 64))]
+    kinds = [c.kind for c in find_blocks(resnet, Inputs.single(torch.randn(2, 3, 64, 64)))]
     assert kinds.count("identity") == 5 and kinds.count("projection") == 3
     # a RegNet stage with one block looks residual as a whole too; the block is listed once
     regnet = torchvision.models.regnet_y_400mf(num_classes=10).eval()
-    names = [c.name for c in find_blocks(regnet, torch.randn(2, 3, 32, 32))]
+    names = [c.name for c in find_blocks(regnet, Inputs.single(torch.randn(2, 3, 32, 32)))]
     assert "trunk_output.block1.block1-0" in names and "trunk_output.block1" not in names
     assert len(names) == 16
 
 
 def test_removing_blocks_keeps_the_model_running(digits_model, digits_arrays) -> None:
     x = _x(digits_arrays)
-    for candidate in find_blocks(digits_model, x[:2]):
+    for candidate in find_blocks(digits_model, Inputs.single(x[:2])):
         remove_block(digits_model, candidate)
     assert digits_model(x).shape == (256, 10)
-    assert not find_blocks(digits_model, x[:2])
+    assert not find_blocks(digits_model, Inputs.single(x[:2]))
 
 
 def test_unlabeled_recovery_pulls_student_towards_teacher(digits_model, digits_arrays) -> None:
@@ -108,7 +109,8 @@ def test_unlabeled_recovery_pulls_student_towards_teacher(digits_model, digits_a
             return float((student(x).softmax(1) - digits_model(x).softmax(1)).abs().sum(1).mean())
 
     before = gap()
-    recover(student, digits_model, Dataset(x, None), pick_feature_points(digits_model, x[:2]), 60,
+    recover(student, digits_model, Dataset(Inputs.single(x), None),
+            pick_feature_points(digits_model, Inputs.single(x[:2])), 60,
             device=torch.device("cpu"), batch_size=64, lr=1e-3, weight_decay=1e-4, temperature=3.0,
             kd_weight=1.0, feature_weight=0.5, seed=0, reporter=Reporter(None, None))
     assert gap() < before / 2
@@ -124,8 +126,8 @@ def test_labelled_recovery_also_matches_the_teachers_soft_outputs(digits_model, 
 
     def gap_after(kd_weight: float) -> float:
         student = copy.deepcopy(noisy)
-        recover(student, digits_model, Dataset(x, y), [], 40, device=torch.device("cpu"), batch_size=64, lr=1e-3,
-                weight_decay=1e-4, temperature=3.0, kd_weight=kd_weight, feature_weight=0.0, seed=0,
+        recover(student, digits_model, Dataset(Inputs.single(x), y), [], 40, device=torch.device("cpu"), batch_size=64,
+                lr=1e-3, weight_decay=1e-4, temperature=3.0, kd_weight=kd_weight, feature_weight=0.0, seed=0,
                 reporter=Reporter(None, None))
         with torch.no_grad():
             return float((student(x).softmax(1) - digits_model(x).softmax(1)).abs().sum(1).mean())
@@ -135,25 +137,26 @@ def test_labelled_recovery_also_matches_the_teachers_soft_outputs(digits_model, 
 
 
 def test_feature_points_span_the_depth(digits_model, digits_arrays) -> None:
-    assert pick_feature_points(digits_model, _x(digits_arrays)[:2]) == ["blocks.0", "blocks.2", "blocks.3"]
+    points = pick_feature_points(digits_model, Inputs.single(_x(digits_arrays)[:2]))
+    assert points == ["blocks.0", "blocks.2", "blocks.3"]
 
 
 def test_onnx_verification_catches_a_model_that_disagrees(digits_model, digits_arrays, tmp_path: Path) -> None:
     x = _x(digits_arrays)
     path = tmp_path / "m.onnx"
-    export_onnx(digits_model, x[:2], path)
-    assert verify_onnx(digits_model, path, x) < 1e-4
+    export_onnx(digits_model, Inputs.single(x[:2]), path)
+    assert verify_onnx(digits_model, path, Inputs.single(x)) < 1e-4
     other = copy.deepcopy(digits_model)
     with torch.no_grad():
         other.fc.bias.add_(1.0)
     with pytest.raises(ExportError, match="disagrees"):
-        verify_onnx(other, path, x)
+        verify_onnx(other, path, Inputs.single(x))
 
 
 def test_drift_is_zero_for_the_original_and_grows_with_damage(digits_model, digits_arrays) -> None:
     from core.measure.accuracy import all_logits, drift
 
-    x = _x(digits_arrays)[:200]
+    x = Inputs.single(_x(digits_arrays)[:200])
     cpu = torch.device("cpu")
     reference = all_logits(digits_model, x, cpu)
     assert drift(digits_model, x, cpu, reference) == pytest.approx(0.0, abs=1e-6)

@@ -86,10 +86,11 @@ def test_image_folder_reads_classes_in_name_order_resized_and_normalised(tmp_pat
     images = write_image_zip(tmp_path / "pets.zip", classes=("zebra", "ant"), per_class=3, side=20, root="")
     loaded = open_model(write_digits_like_weights(tmp_path), IntakeOptions(architecture="idap:digits"))
     data = open_data(images, loaded, IntakeOptions(image_size=8, mean=(0.5,), std=(0.25,)))
-    assert data.x.shape == (6, 1, 8, 8) and data.x.dtype == torch.float32
+    x = data.inputs.tensors["x"]
+    assert x.shape == (6, 1, 8, 8) and x.dtype == torch.float32
     # ant sorts before zebra: classes are numbered in name order, like torchvision's ImageFolder
     assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
-    assert float(data.x.min()) >= -2.0 - 1e-6 and float(data.x.max()) <= 2.0 + 1e-6
+    assert float(x.min()) >= -2.0 - 1e-6 and float(x.max()) <= 2.0 + 1e-6
 
 
 def test_hf_bert_zip_with_jsonl_text_through_the_cli(bert_zip, tmp_path, capsys):
@@ -112,10 +113,12 @@ def test_hf_bert_zip_with_jsonl_text_through_the_cli(bert_zip, tmp_path, capsys)
     report = json.loads((out / "report.json").read_text())
     # 32-wide layers pruned in steps of 8 cannot land closer than this
     assert report["target_met"] and 0.27 <= report["params_reduction"] <= 0.4
-    # the export keeps the text interface: int64 input_ids with dynamic batch and sequence axes
+    # the export keeps the text interface: every int64 array the tokenizer makes, with dynamic batch and
+    # sequence axes
     for shape in ((1, 7), (3, 12)):
         ids = np.random.default_rng(0).integers(5, 20, size=shape).astype(np.int64)
-        (logits,) = _ort_outputs(out / "model.onnx", {"input_ids": ids})
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        (logits,) = _ort_outputs(out / "model.onnx", feed)
         assert logits.shape == (shape[0], 2)
 
 
@@ -247,7 +250,7 @@ def test_text_without_a_text_column(bert_zip, tmp_path):
     loaded = open_model(bert_zip, SERVICE)
     _raises("missing_text_column", "no 'text' column (found: label, review)", open_data, path, loaded, SERVICE)
     data = open_data(path, loaded, IntakeOptions(text_column="review"))
-    assert data.x.dtype == torch.int64 and data.y.tolist() == [1, 0]
+    assert data.inputs.tensors["input_ids"].dtype == torch.int64 and data.y.tolist() == [1, 0]
 
 
 def test_text_labels_by_name_and_unknown_names(bert_zip, tmp_path):

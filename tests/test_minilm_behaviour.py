@@ -48,6 +48,6 @@ def test_forty_percent_of_the_encoder_within_two_points(minilm_files, tmp_path, 
         assert report.blocks and report.blocks[0].kind == "layer", "Stage 2 removed an encoder layer"
     unseen = open_data(minilm_files.eval_jsonl, original, intake)
     with torch.no_grad():
-        before = float((original.module(unseen.x).argmax(1) == unseen.y).float().mean())
+        before = float((unseen.inputs.bind(original.module).call(original.module).argmax(1) == unseen.y).float().mean())
     after = onnx_top1(tmp_path / "model.onnx", unseen)
     assert before - after <= 0.02, (before, after)

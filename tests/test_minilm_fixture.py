@@ -57,15 +57,18 @@ def test_write_jsonl_is_the_text_format_core_reads(tmp_path: Path) -> None:
 def test_finetuned_minilm_loads_as_an_upload_and_beats_chance(minilm_files: MiniLMFiles) -> None:
     loaded = open_model(minilm_files.model_zip, IntakeOptions())
     assert loaded.format == "hf" and loaded.label_names == list(minilm.LABELS)
-    # core.intake.hf's wrapper takes the token ids alone and derives the attention mask from padding
-    assert loaded.example is not None and loaded.example.dtype == torch.int64
+    # core.intake.hf's wrapper takes every array the tokenizer makes
+    assert loaded.example is not None and {s.dtype for s in loaded.example.signature} == {torch.int64}
 
     intake = IntakeOptions(max_length=minilm_files.max_length)
     train = open_data(minilm_files.train_jsonl, loaded, intake)
-    assert train.x.dtype == torch.int64 and train.x.shape[1] <= minilm_files.max_length
+    ids = train.inputs.tensors["input_ids"]
+    assert ids.dtype == torch.int64 and ids.shape[1] <= minilm_files.max_length
     assert len(train) == minilm_files.n_train and train.y is not None and int(train.y.sum()) == len(train) // 2
 
     held_out = open_data(minilm_files.eval_jsonl, loaded, intake)
-    assert held_out.x.dtype == torch.int64 and held_out.y is not None and len(held_out) == minilm_files.n_eval
-    accuracy = float((predict(loaded.module, held_out.x, torch.device("cpu")) == held_out.y).float().mean())
+    ids = held_out.inputs.tensors["input_ids"]
+    assert ids.dtype == torch.int64 and held_out.y is not None and len(held_out) == minilm_files.n_eval
+    predicted = predict(loaded.module, held_out.bound(loaded.module).inputs, torch.device("cpu"))
+    accuracy = float((predicted == held_out.y).float().mean())
     assert accuracy > 0.65, accuracy

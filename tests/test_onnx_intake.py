@@ -16,6 +16,7 @@ from torch import nn
 
 from core.data import Dataset
 from core.errors import InputFileError
+from core.inputs import Inputs
 from core.intake.onnx_io import check_conversion, load_onnx
 from core.options import CompressOptions, Target
 from core.report import Report
@@ -76,8 +77,8 @@ def _round_trip(path: Path, x: torch.Tensor, out: Path, stages: tuple[str, ...] 
     with torch.no_grad():
         labels = loaded.module(x).argmax(1)
     options = CompressOptions(**{**OPTIONS.__dict__, "stages": stages})
-    result = compress(loaded.module, Dataset(x, labels), Target(macs_reduction=0.5, max_accuracy_drop=1.0), options,
-                      out, onnx_spec=loaded.spec)
+    target = Target(macs_reduction=0.5, max_accuracy_drop=1.0)
+    result = compress(loaded.module, Dataset(Inputs.single(x), labels), target, options, out, onnx_spec=loaded.spec)
     report = result.report
     assert report.target_met, report.message
     assert abs(report.macs_reduction - 0.5) <= 0.03 or report.macs_reduction >= 0.47, report.macs_reduction

@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from core.data import Dataset
+from core.inputs import Inputs
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, Target
 from core.run.pipeline import compress
@@ -30,12 +31,13 @@ def _check(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).eval()
     x = torch.randn(20, 3, 32, 32)
-    result = compress(model, Dataset(x), Target(macs_reduction=0.5, max_accuracy_drop=1.0), OPTIONS, tmp_path)
+    result = compress(model, Dataset(Inputs.single(x)), Target(macs_reduction=0.5, max_accuracy_drop=1.0), OPTIONS,
+                      tmp_path)
     report = result.report
     assert report.target_met, report.message
     assert abs(report.macs_reduction - 0.5) <= 0.03, report.macs_reduction
     pruned = result.model.eval()
-    assert count_macs_params(pruned, x[:1])[0] == report.macs_after
+    assert count_macs_params(pruned, Inputs.single(x[:1]))[0] == report.macs_after
 
     with torch.no_grad():
         expected = pruned(x).numpy()

@@ -19,6 +19,7 @@ from torch import nn
 from core.data import Dataset
 from core.graph.attention import SelfAttention, convert_multihead_attention, find_sites
 from core.importance.heads import head_divergence
+from core.inputs import Inputs
 from core.intake.files import compress_files, open_data
 from core.intake.model_io import open_model
 from core.options import CompressOptions, IntakeOptions, Target
@@ -62,6 +63,11 @@ def tokens(n: int = 48, length: int = 10, seed: int = 0) -> torch.Tensor:
     return x
 
 
+def as_ids(x: torch.Tensor) -> Inputs:
+    """Token ids as the input of a TextClassifier (its attention mask derived from the padding)."""
+    return Inputs({"input_ids": x})
+
+
 def kept_heads(original: nn.Module, pruned: nn.Module, layer: int) -> list[int]:
     """Which original heads a pruned layer still has, matched by their query rows (valid while the
     hidden size is not pruned and nothing was fine-tuned)."""
@@ -84,7 +90,7 @@ def test_dead_heads_score_lowest_and_removing_them_changes_nothing():
     plant_dead_heads(model)
     sites, _ = find_sites(model)
     x = tokens()
-    scores = head_divergence(model, sites, x, torch.device("cpu"), 16)
+    scores = head_divergence(model, sites, as_ids(x), torch.device("cpu"), 16)
     assert sorted(scores[sites[0].name].argsort()[:2].tolist()) == DEAD[0]
     assert float(scores[sites[0].name][DEAD[0]].max()) == 0.0 and float(scores[sites[1].name].min()) > 0
     with torch.no_grad():
@@ -119,10 +125,11 @@ def test_constant_units_score_zero_and_their_mean_moves_into_the_next_bias():
     sites, _ = find_sites(model)
     x = tokens()
     head_means: dict[str, torch.Tensor] = {}
-    heads = head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_means)[sites[0].name]
+    heads = head_divergence(model, sites, as_ids(x), torch.device("cpu"), 16, means_out=head_means)[sites[0].name]
     assert float(heads[head]) < 1e-3 * float(heads.median())
     layer_means: dict[nn.Module, tuple[nn.Linear, torch.Tensor]] = {}
-    neurons = filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_means)
+    neurons = filter_divergence(model, build_graph(model, as_ids(x[:2])), as_ids(x), torch.device("cpu"), 16,
+                                means_out=layer_means)
     assert float(neurons[mlp][neuron]) == 0.0 and float(neurons[mlp].sort().values[1]) > 0
     names = {module: name for name, module in model.named_modules()}
     # the MLP's down projection reads the GELU of its up projection directly: the only pairs are
@@ -136,8 +143,8 @@ def test_constant_units_score_zero_and_their_mean_moves_into_the_next_bias():
     with torch.no_grad():
         before = model(x)
     plain, compensated = copy.deepcopy(model), copy.deepcopy(model)
-    apply_plan(plain, x[:2], plan)
-    apply_plan(compensated, x[:2], plan, means)
+    apply_plan(plain, as_ids(x[:2]), plan)
+    apply_plan(compensated, as_ids(x[:2]), plan, means)
     with torch.no_grad():
         assert (plain(x) - before).abs().max() > 1e-4, "without compensation the constant outputs are lost"
         assert torch.allclose(compensated(x), before, atol=1e-5)
@@ -150,9 +157,9 @@ def test_residual_stream_channels_weigh_every_layer_that_writes_them():
 
     model = small_bert()
     x = tokens()
-    graph = build_graph(model, x[:2])
+    graph = build_graph(model, as_ids(x[:2]))
     groups = prunable_groups(graph, model, [], {}, 0.125, 1)
-    layer_scores = filter_divergence(model, graph, x, torch.device("cpu"), 16)
+    layer_scores = filter_divergence(model, graph, as_ids(x), torch.device("cpu"), 16)
     by_root = {g.key.name: g for g in groups}
     hidden = by_root["model.bert.encoder.layer.1.output.dense"]  # the residual stream's group
     mlp = by_root["model.bert.encoder.layer.0.intermediate.dense"]
@@ -167,7 +174,7 @@ def test_residual_stream_channels_weigh_every_layer_that_writes_them():
 def test_compress_removes_the_planted_dead_heads_first(tmp_path):
     model = small_bert()
     plant_dead_heads(model)
-    data = Dataset(tokens(64), torch.arange(64) % 3)
+    data = Dataset(Inputs.single(tokens(64)), torch.arange(64) % 3)
     # no fine-tuning, so the surviving heads keep their exact weights and can be told apart
     options = CompressOptions(stages=("filters",), recovery_iterations=0, final_recovery_iterations=0,
                               latency_runs=1, batch_size=16, p0=0.02, round_to=None, seed=0)
@@ -186,7 +193,7 @@ def test_stage_two_leaves_at_least_one_encoder_layer(tmp_path):
 
     model = small_bert(layers=2)
     x = tokens(64)
-    first, second = find_blocks(model, x[:2])
+    first, second = find_blocks(model, as_ids(x[:2]))
     assert not last_layer_of_its_stack(model, first) and not last_layer_of_its_stack(model, second)
     emptied = copy.deepcopy(model)
     remove_block(emptied, first)
@@ -196,8 +203,8 @@ def test_stage_two_leaves_at_least_one_encoder_layer(tmp_path):
     layer = sum(p.numel() for p in model.model.bert.encoder.layer[0].parameters())
     target = Target(params_reduction=1.97 * layer / total, max_accuracy_drop=1.0)
     with pytest.raises(TargetUnreachableError, match="out of reach"):
-        compress(model, Dataset(x, torch.arange(64) % 3), target, dataclasses.replace(FAST, stages=("layers",)),
-                 tmp_path)
+        compress(model, Dataset(Inputs.single(x), torch.arange(64) % 3), target,
+                 dataclasses.replace(FAST, stages=("layers",)), tmp_path)
 
 
 def test_bert_zip_layers_removed_and_save_pretrained_round_trip(tmp_path):
@@ -214,18 +221,22 @@ def test_bert_zip_layers_removed_and_save_pretrained_round_trip(tmp_path):
     # the saved directory is an upload again: it loads through intake and computes what the pruned model does
     reloaded = open_model(tmp_path / "out" / "model_hf.zip", IntakeOptions())
     assert reloaded.module.model.config.num_hidden_layers == 4 - len(report.blocks)
-    ids = torch.tensor(open_model(bert, IntakeOptions()).tokenizer(["good film", "the plot was dull"],
-                                                                    padding=True)["input_ids"])
+    encoded = open_model(bert, IntakeOptions()).tokenizer(["good film", "the plot was dull"], padding=True)
+    ids = Inputs({name: torch.tensor(values) for name, values in encoded.items()}).bind(result.model)
     with torch.no_grad():
-        assert torch.allclose(reloaded.module(ids), result.model(ids), atol=1e-4)
+        expected = ids.call(result.model)
+        assert torch.allclose(ids.call(reloaded.module), expected, atol=1e-4)
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run(None, {"input_ids": ids.numpy()})
-    assert np.allclose(onnx_logits, result.model(ids).detach().numpy(), atol=1e-4)
+    # every array the tokenizer makes is an input of the export, by name
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    (onnx_logits,) = session.run(None, ids.numpy())
+    assert np.allclose(onnx_logits, expected.numpy(), atol=1e-4)
     # the .pt2 too takes any sequence length, not only the calibration data's
-    assert ids.shape[1] != open_data(text, reloaded, IntakeOptions()).x.shape[1]
+    assert len(ids.signature[0].shape) == 1
+    assert ids.signature[0].shape != open_data(text, reloaded, IntakeOptions()).inputs.signature[0].shape
     exported = torch.export.load(str(tmp_path / "out" / "model.pt2")).module()
     with torch.no_grad():
-        assert torch.allclose(exported(ids), result.model(ids), atol=1e-4)
+        assert torch.allclose(exported(*ids.tensors.values()), expected, atol=1e-4)
 
 
 def test_save_pretrained_says_why_when_the_config_cannot_describe_the_result(tmp_path):
@@ -234,7 +245,7 @@ def test_save_pretrained_says_why_when_the_config_cannot_describe_the_result(tmp
     model = small_bert()
     sites, _ = find_sites(model)
     remove_heads(model, sites[0], [0])  # layer 0 keeps 7 heads, layer 1 keeps 8
-    reason = save_pretrained_zip(model, None, tmp_path / "m.zip", tokens(4))
+    reason = save_pretrained_zip(model, None, tmp_path / "m.zip", as_ids(tokens(4)))
     assert "different numbers of attention heads (7, 8)" in reason
     assert not (tmp_path / "m.zip").exists()
 
@@ -246,7 +257,7 @@ def test_multihead_attention_is_swapped_for_an_equivalent_module():
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
-    assert convert_multihead_attention(model, x) == []
+    assert convert_multihead_attention(model, Inputs.single(x)) == []
     assert all(isinstance(layer.self_attention, SelfAttention) for layer in model.encoder.layers)
     with torch.no_grad():
         assert torch.allclose(model(x), before, atol=1e-5)
@@ -296,8 +307,8 @@ def test_unrecognised_attention_is_reported_and_the_rest_is_pruned(tmp_path):
     torch.manual_seed(0)
     model = PackedNet().eval()
     x = torch.rand(48, 5, 6)
-    result = compress(model, Dataset(x, torch.arange(48) % 4), Target(macs_reduction=0.4, max_accuracy_drop=1.0),
-                      FAST, tmp_path)
+    result = compress(model, Dataset(Inputs.single(x), torch.arange(48) % 4),
+                      Target(macs_reduction=0.4, max_accuracy_drop=1.0), FAST, tmp_path)
     note = next(n for n in result.report.notes if "not recognise" in n)
     assert "blocks.0.attn (PackedAttention)" in note
     assert result.report.macs_reduction >= 0.37
@@ -361,7 +372,8 @@ def test_vision_transformers_compress_to_half_the_macs(name, tmp_path):
         y = model(x).argmax(1)
     # channel counts in steps of 8 are too coarse to land within 3 points on 64-wide test models
     options = dataclasses.replace(FAST, round_to=None if side < 224 else 8)
-    result = compress(model, Dataset(x, y), Target(macs_reduction=0.5, max_accuracy_drop=1.0), options, tmp_path)
+    result = compress(model, Dataset(Inputs.single(x), y), Target(macs_reduction=0.5, max_accuracy_drop=1.0), options,
+                      tmp_path)
     report = result.report
     assert report.macs_reduction == pytest.approx(0.5, abs=0.03)
     assert report.pt2_error is None and report.onnx_max_abs_diff < 1e-3
@@ -404,7 +416,7 @@ def test_transformer_layers_are_candidates_as_a_whole():
     from core.graph.blocks import find_blocks
 
     model = nn.Sequential(nn.Linear(6, 32), nn.Sequential(StageOfBlocks(32), StageOfBlocks(32)))
-    blocks = find_blocks(model.eval(), torch.rand(2, 5, 6))
+    blocks = find_blocks(model.eval(), Inputs.single(torch.rand(2, 5, 6)).bind(model))
     assert [(b.name, b.kind) for b in blocks] == [("1.0", "layer"), ("1.1", "layer")]
 
 
@@ -419,8 +431,9 @@ def compensation_stats(model: nn.Module, x: torch.Tensor, fit: bool) -> dict:
     names = {module: name for name, module in model.named_modules()}
     head_stats: dict = {}
     layer_stats: dict = {}
-    head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=fit)
-    filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
+    head_divergence(model, sites, as_ids(x), torch.device("cpu"), 16, means_out=head_stats, with_cov=fit)
+    filter_divergence(model, build_graph(model, as_ids(x[:2])), as_ids(x), torch.device("cpu"), 16,
+                      means_out=layer_stats,
                       with_cov=fit)
     return {UnitKey(UnitKind.CHANNELS, names[m]): (names[c], s) for m, (c, s) in layer_stats.items()} | {
         UnitKey(UnitKind.HEADS, site.name): (site.out, head_stats[site.name]) for site in sites}
@@ -461,7 +474,7 @@ def test_least_squares_compensation_makes_up_for_a_duplicated_head_and_neuron():
     errors: dict[bool, list[float]] = {}
     for fit in (False, True):
         pruned = copy.deepcopy(model)
-        apply_plan(pruned, x[:2], plan, compensation_stats(model, x, fit))
+        apply_plan(pruned, as_ids(x[:2]), plan, compensation_stats(model, x, fit))
         errors[fit] = [float((a - b).abs().mean()) for a, b in zip(consumer_outputs(pruned), before, strict=True)]
     for fitted, mean_only in zip(errors[True], errors[False], strict=True):
         assert fitted < 0.2 * mean_only
@@ -490,8 +503,9 @@ def test_compensation_statistics_leave_out_padding_positions():
         handle.remove()
     head_stats: dict = {}
     layer_stats: dict = {}
-    head_divergence(model, sites, x, torch.device("cpu"), 16, means_out=head_stats, with_cov=True)
-    filter_divergence(model, build_graph(model, x[:2]), x, torch.device("cpu"), 16, means_out=layer_stats,
+    head_divergence(model, sites, as_ids(x), torch.device("cpu"), 16, means_out=head_stats, with_cov=True)
+    filter_divergence(model, build_graph(model, as_ids(x[:2])), as_ids(x), torch.device("cpu"), 16,
+                      means_out=layer_stats,
                       with_cov=True)
     for stats, inputs in ((head_stats[sites[0].name], seen["heads"]), (layer_stats[layer.intermediate.dense][1],
                                                                        seen["mlp"])):
@@ -513,10 +527,10 @@ def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mea
     means = compensation_stats(model, x, fit=True)
     by_site = {site.name: site for site in sites}
     mlp = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.intermediate.dense")
-    units_only = _mean_only_where_inputs_change(model, x[:2], {mlp: [3]}, means, by_site)
+    units_only = _mean_only_where_inputs_change(model, as_ids(x[:2]), {mlp: [3]}, means, by_site)
     assert all(stats.cov is not None for _, stats in units_only.values())
     residual = {mlp: [3], UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.1.output.dense"): [0, 1]}
-    with_residual = _mean_only_where_inputs_change(model, x[:2], residual, means, by_site)
+    with_residual = _mean_only_where_inputs_change(model, as_ids(x[:2]), residual, means, by_site)
     encoder = [key for key in means if ".encoder." in key.name]
     assert len(encoder) == 4  # two MLPs and two attention modules
     for key in encoder:
@@ -524,5 +538,5 @@ def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mea
         assert torch.equal(with_residual[key][1].mean, means[key][1].mean)
     # head-size channels cut under layer 0's output projection undo the fit of its heads only
     value = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.attention.self.value")
-    head_size = _mean_only_where_inputs_change(model, x[:2], {value: [0]}, means, by_site)
+    head_size = _mean_only_where_inputs_change(model, as_ids(x[:2]), {value: [0]}, means, by_site)
     assert [key for key in encoder if head_size[key][1].cov is None] == [UnitKey(UnitKind.HEADS, sites[0].name)]

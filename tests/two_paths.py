@@ -9,6 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 from core.data import Dataset
+from core.inputs import Inputs
 from core.options import CompressOptions, Target
 from core.progress import Reporter
 from core.run.context import Run, RunCache
@@ -48,7 +49,7 @@ def two_paths_run(model: nn.Module, options: CompressOptions
     its prunable groups and dependency graph."""
     torch.manual_seed(1)
     x = torch.randn(256, 8)
-    data = Dataset(x, model(x).argmax(1).detach())
+    data = Dataset(Inputs.single(x), model(x).argmax(1).detach())
     model, run = prepared_run(model, data, Target(params_reduction=0.5), options)
     graph = build_graph(model, run.spec.example)
     return model, run, group_candidates(run.spec, run.cache, model, graph), graph

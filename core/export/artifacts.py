@@ -12,36 +12,43 @@ import torch
 from torch import nn
 
 from core.errors import ExportError
-from core.export.spec import ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
+from core.export.spec import ONNX_RELATIVE_TOLERANCE, OnnxSpec, ort_feed
 from core.graph.tracing import logits_of
+from core.inputs import Inputs
 
 
-class _LogitsOnly(nn.Module):
-    """Exports only the logits of models that return tuples or output objects."""
+class _Exportable(nn.Module):
+    """The model as exported: its inputs taken positionally in the interface's order (what both
+    exporters trace), each cast to the dtype the model takes where the interface declares another
+    (an ONNX upload's), and only the logits out of models that return tuples or output objects."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, example: Inputs) -> None:
         super().__init__()
         self.model = model
+        self.names = example.names
+        self.positional = example.positional
+        self.dtypes = [s.dtype for s in example.signature]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(x))
-
-
-class _CastInput(nn.Module):
-    """Takes inputs in the dtype the original ONNX model declared and feeds the model its own dtype."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model = model
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.dtype))
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        cast = [arg if arg.dtype == dtype else arg.to(dtype) for arg, dtype in zip(args, self.dtypes, strict=True)]
+        # not through Inputs, whose check of the batch sizes would fix the traced batch axis
+        output = self.model(*cast) if self.positional else self.model(**dict(zip(self.names, cast, strict=True)))
+        return logits_of(output)
 
 
-def _exportable(model: nn.Module) -> nn.Module:
+def _exportable(model: nn.Module, example: Inputs) -> _Exportable:
     """A CPU copy: exporting must not move the caller's model off its device."""
-    return _LogitsOnly(copy.deepcopy(model).cpu()).eval()
+    return _Exportable(copy.deepcopy(model).cpu(), example).eval()
+
+
+def _spec_for(example: Inputs, spec: OnnxSpec | None) -> OnnxSpec:
+    return spec or OnnxSpec.of(example.signature)
+
+
+def _declared(example: Inputs, spec: OnnxSpec) -> tuple[torch.Tensor, ...]:
+    """The example's tensors on the CPU in the dtypes `spec` declares, in the interface's order."""
+    return tuple(t.cpu().to(getattr(torch, spec.input_dtypes.get(name, str(t.dtype).removeprefix("torch."))))
+                 for name, t in zip(spec.input_names, example.tensors.values(), strict=True))
 
 
 def _dims(axes: dict[int, str]) -> dict[int, torch.export.Dim]:
@@ -54,33 +61,30 @@ def _dims(axes: dict[int, str]) -> dict[int, torch.export.Dim]:
     return {axis: by_name[name] for axis, name in axes.items()}
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSpec | None = None) -> None:
-    """ONNX with the names, input dtype and dynamic axes of `spec` (default: input "input",
-    output "logits", dynamic batch). The TorchScript-based exporter is tried first (fast,
-    robust with dynamic axes); the dynamo exporter is the fallback."""
-    spec = spec or OnnxSpec()
-    input_name, output_name = spec.input_names[0], spec.output_names[0]
-    wrapped = _exportable(model)
-    example = example.cpu()
-    dtype = getattr(torch, spec.input_dtypes.get(input_name, "float32"))
-    if dtype != example.dtype:
-        wrapped, example = _CastInput(wrapped, example.dtype), example.to(dtype)
+def export_onnx(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | None = None) -> None:
+    """ONNX with the names, input dtypes and dynamic axes of `spec` (default: those the example's
+    inputs call for, OnnxSpec.of). The TorchScript-based exporter is tried first (fast, robust
+    with dynamic axes); the dynamo exporter is the fallback."""
+    spec = _spec_for(example, spec)
+    wrapped = _exportable(model, example)
+    args = _declared(example, spec)
+    output_name = spec.output_names[0]
+    axes = {name: spec.axes_of(name) for name in [*spec.input_names, output_name]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapped, (example,), str(path), dynamo=False, opset_version=17,
-                input_names=[input_name], output_names=[output_name],
-                dynamic_axes={input_name: spec.axes_of(input_name), output_name: spec.axes_of(output_name)},
+                wrapped, args, str(path), dynamo=False, opset_version=17,
+                input_names=spec.input_names, output_names=[output_name], dynamic_axes=axes,
             )
     except Exception as legacy_error:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    wrapped, (example,), str(path), dynamo=True, verbose=False,
-                    input_names=[input_name], output_names=[output_name],
-                    dynamic_shapes={"x": _dims(spec.axes_of(input_name))},
+                    wrapped, args, str(path), dynamo=True, verbose=False,
+                    input_names=spec.input_names, output_names=[output_name],
+                    dynamic_shapes=(tuple(_dims(spec.axes_of(name)) for name in spec.input_names),),
                 )
         except Exception as dynamo_error:
             raise ExportError(
@@ -90,16 +94,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxS
 
 
 @torch.no_grad()
-def verify_onnx(model: nn.Module, path: Path, inputs: torch.Tensor) -> float:
+def verify_onnx(model: nn.Module, path: Path, inputs: Inputs) -> float:
     """Max abs difference between PyTorch and ONNX Runtime on real inputs; raises past 1e-3 relative."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    declared = session.get_inputs()[0]
-    # the export may take another dtype than the data (the original ONNX model's); both sides see the same values
-    feed = inputs.cpu().numpy().astype(onnx_input_dtype(declared.type))
-    reference = _exportable(model)(torch.from_numpy(feed).to(inputs.dtype)).numpy()
-    got = session.run(None, {declared.name: feed})[0]
+    # the export may take other dtypes than the data (the original ONNX model's); both sides see the same values
+    feed = ort_feed(session.get_inputs(), inputs)
+    reference = _exportable(model, inputs)(*(torch.from_numpy(array) for array in feed.values())).numpy()
+    got = session.run(None, feed)[0]
     if got.shape != reference.shape:
         raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {reference.shape}.")
     max_abs = float(np.abs(got - reference).max())
@@ -113,31 +116,31 @@ def verify_onnx(model: nn.Module, path: Path, inputs: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def export_pt2(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSpec | None = None) -> str | None:
-    """Write a torch.export archive, dynamic along the axes `spec` declares for the input (the
+def export_pt2(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | None = None) -> str | None:
+    """Write a torch.export archive, dynamic along the axes `spec` declares for each input (the
     batch; a text model's sequence) where the model allows, and check it reloads to the same outputs.
 
     Returns None on success, or the reason torch.export could not capture the model
     (the other artifacts are still produced).
     """
-    spec = spec or OnnxSpec()
-    wrapped = _exportable(model)
-    example = example.cpu()
-    axes = spec.axes_of(spec.input_names[0])
+    spec = _spec_for(example, spec)
+    wrapped = _exportable(model, example)
+    args = _declared(example, spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # AUTO lets torch.export find each axis's range (a text model's sequence is bounded by its
             # position table) and keep an axis static where the model fixes it
-            dynamic = {axis: torch.export.Dim.AUTO for axis in axes}
-            program = torch.export.export(wrapped, (example,), dynamic_shapes={"x": dynamic})
+            dynamic = tuple({axis: torch.export.Dim.AUTO for axis in spec.axes_of(name)} for name in spec.input_names)
+            # one entry, the tuple of *args: _Exportable takes the inputs positionally
+            program = torch.export.export(wrapped, args, dynamic_shapes=(dynamic,))
             torch.export.save(program, str(path))
             reloaded = torch.export.load(str(path)).module()
-        diff = float((reloaded(example) - wrapped(example)).abs().max())
+        diff = float((reloaded(*args) - wrapped(*args)).abs().max())
     except Exception as exc:  # torch.export's failure modes are many; the reason goes in the report
         path.unlink(missing_ok=True)
         return f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    if diff > 1e-4 * (float(wrapped(example).abs().max()) or 1.0):
+    if diff > 1e-4 * (float(wrapped(*args).abs().max()) or 1.0):
         path.unlink(missing_ok=True)
         return f"reloaded .pt2 differs from the model (max abs diff {diff:.3g})"
     return None

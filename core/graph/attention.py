@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.graph.tracing import logits_of
+from core.inputs import Inputs
 
 _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
 _HEAD_COUNT = ("num_attention_heads", "num_heads", "n_heads")
@@ -97,14 +98,14 @@ def holds_attention(module: nn.Module) -> bool:
                for m in module.modules())
 
 
-def convert_multihead_attention(model: nn.Module, example: torch.Tensor) -> list[str]:
+def convert_multihead_attention(model: nn.Module, example: Inputs) -> list[str]:
     """Swap each nn.MultiheadAttention for SelfAttention where the model's outputs stay the same
     (self-attention without masks); the others stay, their heads unpruned."""
     mhas = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if not mhas:
         return []
     with torch.no_grad():
-        reference = logits_of(model.eval()(example))
+        reference = logits_of(example.call(model.eval()))
     kept = []
     for name in mhas:
         parent_name, _, child = name.rpartition(".")
@@ -115,7 +116,7 @@ def convert_multihead_attention(model: nn.Module, example: torch.Tensor) -> list
             continue
         setattr(parent, child, SelfAttention.from_multihead(original))
         with torch.no_grad():
-            same = torch.allclose(logits_of(model(example)), reference, rtol=1e-4, atol=1e-5)
+            same = torch.allclose(logits_of(example.call(model)), reference, rtol=1e-4, atol=1e-5)
         if not same:  # cross-attention or masks: the swap would change the model
             setattr(parent, child, original)
             kept.append(name)

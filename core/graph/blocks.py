@@ -17,6 +17,7 @@ from torch import nn
 
 from core.graph.attention import holds_attention
 from core.graph.tracing import ContainerCall, containers_called_once
+from core.inputs import Inputs
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Identity, nn.Dropout)
@@ -114,7 +115,7 @@ def _projection_of(node: fx.Node, x: fx.Node) -> str | None:
     return parents[0]
 
 
-def find_blocks(model: nn.Module, example: torch.Tensor) -> list[BlockCandidate]:
+def find_blocks(model: nn.Module, example: Inputs) -> list[BlockCandidate]:
     """Residual blocks and transformer layers, in execution order, that can be replaced without
     breaking shapes."""
     calls = containers_called_once(model, example)

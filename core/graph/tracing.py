@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from core.inputs import Inputs
+
 
 @dataclass(frozen=True)
 class ContainerCall:
@@ -18,7 +20,7 @@ class ContainerCall:
     output_shape: torch.Size | None  # when the output is a tensor
 
 
-def containers_called_once(model: nn.Module, example: torch.Tensor) -> list[ContainerCall]:
+def containers_called_once(model: nn.Module, example: Inputs) -> list[ContainerCall]:
     """Submodules that have children and ran exactly once, in execution order.
 
     A module that runs twice is shared between places, so it can be neither a removable
@@ -43,12 +45,12 @@ def containers_called_once(model: nn.Module, example: torch.Tensor) -> list[Cont
     return [records[0] for records in calls.values() if len(records) == 1]
 
 
-def forward_once(model: nn.Module, example: torch.Tensor, handles: list[RemovableHandle]) -> None:
+def forward_once(model: nn.Module, example: Inputs, handles: list[RemovableHandle]) -> None:
     """One eval-mode, no-grad forward pass for the hooks in `handles`, which are removed after."""
     model.eval()
     try:
         with torch.no_grad():
-            model(example)
+            example.call(model)
     finally:
         for handle in handles:
             handle.remove()

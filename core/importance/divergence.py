@@ -15,6 +15,7 @@ from torch import nn
 from core.data import batches
 from core.graph.tracing import logits_of
 from core.importance.statistics import InputMoments, InputStats, run_calibration, token_rows
+from core.inputs import Inputs
 from core.options import Criterion
 
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
@@ -67,7 +68,7 @@ def _consumer_activation(graph: tp.DependencyGraph, source: nn.Module) -> Callab
 
 
 @torch.no_grad()
-def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: torch.Tensor) -> dict[nn.Module, nn.Linear]:
+def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: Inputs) -> dict[nn.Module, nn.Linear]:
     """Linear layers whose output, after the activation that follows them, is exactly the input of
     one other Linear (with a bias), checked on `batch` (an architecture-independent test: traced
     graphs put reshapes and matmul nodes between the two). Only for such a pair is the mean output
@@ -96,7 +97,7 @@ def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: torch.T
         handles.append(layer.register_forward_hook(post))
     model.eval()
     try:
-        model(batch)
+        batch.call(model)
     finally:
         for handle in handles:
             handle.remove()
@@ -113,7 +114,7 @@ def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: torch.T
 def filter_divergence(
     model: nn.Module,
     graph: tp.DependencyGraph,
-    calib: torch.Tensor,
+    calib: Inputs,
     device: torch.device,
     batch_size: int,
     means_out: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = None,
@@ -212,13 +213,13 @@ class DivergenceScorer:
         return total if self.layer_sum else total / count
 
 
-def taylor_gradients(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor | None,
+def taylor_gradients(model: nn.Module, calib: Inputs, labels: torch.Tensor | None,
                      device: torch.device, batch_size: int) -> None:
     """Accumulate weight gradients on the calibration set for first-order Taylor importance."""
     model.eval()
     model.zero_grad(set_to_none=True)
     for i, batch in enumerate(batches(calib, batch_size)):
-        logits = logits_of(model(batch.to(device)))
+        logits = logits_of(batch.to(device).call(model))
         target = labels[i * batch_size : i * batch_size + len(batch)].to(device) if labels is not None \
             else logits.argmax(1).detach()
         nn.functional.cross_entropy(logits, target, reduction="sum").backward()
@@ -239,7 +240,7 @@ def baseline_scorer(criterion: Criterion) -> GroupScorer:
 def block_divergence(
     model: nn.Module,
     blocks: dict[str, str | None],
-    calib: torch.Tensor,
+    calib: Inputs,
     device: torch.device,
     batch_size: int,
     eps: float = 1e-8,
@@ -277,7 +278,7 @@ def block_divergence(
     model.eval()
     try:
         for batch in batches(calib, batch_size):
-            model(batch.to(device))
+            batch.to(device).call(model)
     finally:
         for handle in handles:
             handle.remove()

@@ -8,10 +8,11 @@ from torch import nn
 
 from core.graph.attention import AttentionSite
 from core.importance.statistics import InputMoments, InputStats, run_calibration, token_rows
+from core.inputs import Inputs
 
 
 @torch.no_grad()
-def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: torch.Tensor, device: torch.device,
+def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: Inputs, device: torch.device,
                     batch_size: int, means_out: dict[str, InputStats] | None = None,
                     with_cov: bool = False) -> dict[str, torch.Tensor]:
     """s_h = (1/n)‖O_h‖_F · (‖W_Q^h‖_F + ‖W_K^h‖_F + ‖W_V^h‖_F), averaged over the calibration samples;

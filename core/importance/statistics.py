@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from core.data import batches
+from core.inputs import Inputs
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,21 @@ class InputMoments:
         return InputStats(mean.float().cpu(), None if cov is None else cov.float().cpu())
 
 
-def real_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
-    """Which (sample, position) entries of a batch of token ids are not padding, for a model that
-    names its padding token (core.intake.hf.TextClassifier); None for any other input."""
+def real_tokens(model: nn.Module, batch: Inputs) -> torch.Tensor | None:
+    """Which (sample, position) entries of a batch of token ids are not padding: those its attention
+    mask keeps, or without a mask those that are not the padding token of a model that names one
+    (core.intake.hf.TextClassifier); None for any other input."""
+    mask = batch.tensors.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask != 0
     pad = getattr(model, "pad_token_id", None)
-    if pad is None or batch.dim() != 2 or batch.dtype.is_floating_point:
+    ids = batch.first
+    if pad is None or ids.dim() != 2 or ids.dtype.is_floating_point:
         return None
-    return batch != pad
+    return ids != pad
 
 
-def run_calibration(model: nn.Module, calib: torch.Tensor, device: torch.device, batch_size: int,
+def run_calibration(model: nn.Module, calib: Inputs, device: torch.device, batch_size: int,
                     handles: list, tokens: dict[str, torch.Tensor | None]) -> None:
     """Run the calibration batches through `model` in eval mode for its hooks, with `tokens["mask"]`
     set to each batch's real tokens (`real_tokens`), then remove the hooks (`handles`)."""
@@ -65,7 +71,7 @@ def run_calibration(model: nn.Module, calib: torch.Tensor, device: torch.device,
         for batch in batches(calib, batch_size):
             batch = batch.to(device)
             tokens["mask"] = real_tokens(model, batch)
-            model(batch)
+            batch.call(model)
     finally:
         for handle in handles:
             handle.remove()
@@ -86,7 +92,7 @@ MAX_FIT_INPUTS = 4096
 
 
 @torch.no_grad()
-def linear_input_stats(model: nn.Module, calib: torch.Tensor, device: torch.device, batch_size: int,
+def linear_input_stats(model: nn.Module, calib: Inputs, device: torch.device, batch_size: int,
                        with_cov: bool, known: dict[nn.Linear, InputStats] | None = None
                        ) -> dict[nn.Linear, InputStats]:
     """Statistics of every Linear's inputs on the calibration data (real tokens only): what a Linear

@@ -10,6 +10,7 @@ import torch
 
 from core.data import Dataset
 from core.errors import DataError
+from core.inputs import Inputs
 from core.intake.archives import holds_only_arrays, is_zip, open_zip
 from core.intake.hf import save_pretrained_zip
 from core.intake.image_data import load_image_folder_zip
@@ -23,8 +24,8 @@ from core.report import PreflightReport
 from core.run.pipeline import Result, prune_and_export, write_report
 from core.run.preflight import preflight
 
-_DATA_HINT = ("Upload an .npz (x, optional y), a zip of class folders of images, or for text models "
-              "a .jsonl/.csv with text and label columns.")
+_DATA_HINT = ("Upload an .npz (x, or one array per model input by name; optional y), a zip of class folders of "
+              "images, or for text models a .jsonl/.csv with text and label columns.")
 
 
 def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
@@ -43,8 +44,6 @@ def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
     if len(data) > intake.max_samples:
         raise DataError(f"The data holds {len(data)} samples; at most {intake.max_samples} are accepted.",
                         hint="Upload a random subset.", code="too_many_samples")
-    if model.example is not None and not model.example.is_floating_point() and data.x.is_floating_point():
-        data = Dataset(data.x.long(), data.y)  # token ids saved as floats in an .npz
     return data
 
 
@@ -55,7 +54,7 @@ def _is_npz(path: Path) -> bool:
 
 
 def _image_folder(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
-    example = model.example
+    example = None if model.example is None else model.example.first
     if example is not None and example.ndim == 4:
         channels, side = int(example.shape[1]), int(example.shape[-1])
     else:
@@ -86,7 +85,7 @@ def compress_files(model_path: Path | str, data_path: Path, target: Target, opti
 def _save_pretrained(result: Result, model: LoadedModel, data: Dataset, out_dir: Path) -> Result:
     """A Hugging Face upload also comes back in its own format, when the config can describe it."""
     path = out_dir / "model_hf.zip"
-    reason = save_pretrained_zip(result.model, model.tokenizer, path, data.x[:4])
+    reason = save_pretrained_zip(result.model, model.tokenizer, path, data.bound(result.model).inputs[:4])
     report = result.report.model_copy(update={"hf_pretrained": None if reason else path.name,
                                               "hf_pretrained_error": reason})
     artifacts = result.artifacts | ({} if reason else {path.name: path})
@@ -98,7 +97,8 @@ def _check_onnx_conversion(model: LoadedModel, model_path: Path | str, data: Dat
     if model.format == "onnx" and model.onnx_spec is not None:  # an ONNX upload always has its spec
         from core.intake.onnx_io import OnnxModel, check_conversion
 
-        check_conversion(OnnxModel(model.module, model.onnx_spec, model.notes), Path(model_path), data.x[:32])
+        converted = OnnxModel(model.module, model.onnx_spec, model.notes)
+        check_conversion(converted, Path(model_path), data.inputs.first[:32])
 
 
 def inspect_files(model_path: Path | str, data_path: Path | None, target: Target | None,
@@ -119,6 +119,6 @@ def inspect_files(model_path: Path | str, data_path: Path | None, target: Target
     return report.model_copy(update={"input_format": model.format, "notes": model.notes + report.notes})
 
 
-def _synthetic(example: torch.Tensor) -> Dataset:
+def _synthetic(example: Inputs) -> Dataset:
     """Unlabelled inputs shaped like the format's example, for sizing a model without data."""
-    return Dataset(example.repeat(4, *([1] * (example.ndim - 1))))
+    return Dataset(example[torch.arange(4 * len(example)) % len(example)])

@@ -17,6 +17,7 @@ from core.errors import InputFileError, first_line
 from core.export.spec import OnnxSpec
 from core.graph.attention import find_sites
 from core.graph.blocks import SkippedLayer
+from core.inputs import Inputs
 from core.intake.loaded import LoadedModel
 
 if TYPE_CHECKING:  # imported when a directory is loaded, after HF_HUB_OFFLINE is set
@@ -27,17 +28,20 @@ _DIR_HINT = "Zip the directory written by model.save_pretrained(dir, safe_serial
 
 
 class TextClassifier(nn.Module):
-    """Token ids in, logits out. The attention mask is derived from the padding token, so the
-    pruned model (and its ONNX export) takes one input, as the calibration data stores it."""
+    """Token ids, and the attention mask and token types the tokenizer made, in; logits out.
+    Without a mask (token ids alone in an .npz) it is derived from the padding token."""
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
         super().__init__()
         self.model = model
         self.pad_token_id = pad_token_id
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = (input_ids != self.pad_token_id).long()
-        return self.model(input_ids=input_ids, attention_mask=mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        mask = (input_ids != self.pad_token_id).long() if attention_mask is None else attention_mask
+        # passed only when given: not every architecture takes token types
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=mask, **types).logits
 
 
 class ImageClassifier(nn.Module):
@@ -70,20 +74,17 @@ def load_hf_directory(root: Path) -> LoadedModel:
     if task_class.__name__.endswith("ForSequenceClassification"):
         tokenizer = _tokenizer(root, transformers)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        example = torch.tensor(tokenizer(["a short example", "another"], padding="max_length", max_length=16,
-                                         truncation=True)["input_ids"])
-        spec = OnnxSpec(input_names=["input_ids"], output_names=["logits"],
-                        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}},
-                        input_dtypes={"input_ids": "int64"})
-        return LoadedModel(TextClassifier(model, pad), "hf", example=example, tokenizer=tokenizer,
-                           onnx_spec=spec, label_names=labels)
+        encoded = tokenizer(["a short example", "another"], padding="max_length", max_length=16, truncation=True)
+        # the export's interface follows the data's inputs (OnnxSpec.of): every array the tokenizer makes
+        example = Inputs({name: torch.tensor(values, dtype=torch.int64) for name, values in encoded.items()})
+        return LoadedModel(TextClassifier(model, pad), "hf", example=example, tokenizer=tokenizer, label_names=labels)
     side = int(getattr(config, "image_size", 224))
     channels = int(getattr(config, "num_channels", 3))
     spec = OnnxSpec(input_names=["pixel_values"], output_names=["logits"],
                     dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
                     input_dtypes={"pixel_values": "float32"})
-    return LoadedModel(ImageClassifier(model), "hf", example=torch.rand(2, channels, side, side), onnx_spec=spec,
-                       label_names=labels)
+    return LoadedModel(ImageClassifier(model), "hf", example=Inputs.single(torch.rand(2, channels, side, side)),
+                       onnx_spec=spec, label_names=labels)
 
 
 def _config(root: Path, transformers: Any) -> Any:
@@ -115,7 +116,7 @@ def _tokenizer(root: Path, transformers: Any) -> Any:
                              code="hf_tokenizer_missing") from exc
 
 
-def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example: torch.Tensor) -> str | None:
+def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example: Inputs) -> str | None:
     """Write the pruned model as a zipped save_pretrained directory (the upload format) when its
     config can describe it, after checking that from_pretrained rebuilds the same outputs.
     Returns None on success, or why the config cannot describe the pruned model."""
@@ -138,7 +139,7 @@ def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example:
         rebuilt = copy.deepcopy(wrapper).cpu().eval()
         rebuilt.model = reloaded
         with torch.no_grad():
-            expected, got = wrapper.cpu().eval()(example), rebuilt(example)
+            expected, got = example.call(wrapper.cpu().eval()), example.call(rebuilt)
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
             return "the model rebuilt from the config computes different outputs (a pruned width the config " \
                    "does not describe)"

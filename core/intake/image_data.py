@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.data import Dataset
 from core.errors import DataError
+from core.inputs import Inputs
 from core.intake.archives import ZipLimits, open_zip, safe_members
 from core.options import IntakeOptions
 
@@ -35,7 +36,7 @@ def load_image_folder_zip(path: Path, intake: IntakeOptions, channels: int, side
         # ZipExtFile never yields more than a member's declared size, which safe_members bounded.
         x = np.stack([_decode(archive, info, channels, side, intake) for _, info in members])
     y = np.array([classes.index(label) for label, _ in members], dtype=np.int64)
-    return Dataset(torch.from_numpy(x), torch.from_numpy(y))
+    return Dataset(Inputs.single(torch.from_numpy(x)), torch.from_numpy(y))
 
 
 def _image_members(archive: zipfile.ZipFile, limits: ZipLimits) -> list[tuple[str, zipfile.ZipInfo]]:

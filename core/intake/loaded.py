@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from core.export.spec import OnnxSpec
+from core.inputs import Inputs
 
 
 @dataclass
@@ -18,7 +18,7 @@ class LoadedModel:
     module: nn.Module
     format: str  # onnx | safetensors | hf | pickle | factory
     # One input batch the model accepts (two samples), when the format says what inputs look like.
-    example: torch.Tensor | None = None
+    example: Inputs | None = None
     tokenizer: Any = None
     onnx_spec: OnnxSpec | None = None  # of an ONNX upload: the export keeps its names and axes
     label_names: list[str] | None = None

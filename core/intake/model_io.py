@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from core.errors import InputFileError, OptionsError, first_line
+from core.inputs import Inputs
 from core.intake import architectures
 from core.intake.archives import ZipLimits, extract, holds_only_arrays, is_zip, open_zip
 from core.intake.hf import load_hf_directory
@@ -124,7 +125,8 @@ def _load_onnx(path: Path, intake: IntakeOptions) -> LoadedModel:
     from core.intake.onnx_io import load_onnx
 
     converted = load_onnx(path)
-    return LoadedModel(converted.module, "onnx", example=converted.example, onnx_spec=converted.spec,
+    example = None if converted.example is None else Inputs.single(converted.example)
+    return LoadedModel(converted.module, "onnx", example=example, onnx_spec=converted.spec,
                        notes=list(converted.notes))
 
 
@@ -137,7 +139,7 @@ def _load_weights(path: Path, intake: IntakeOptions) -> LoadedModel:
     arch = architectures.parse(intake.architecture)
     model = architectures.build(arch)
     _load_safetensors(model, path, f"the architecture {arch}")
-    return LoadedModel(model, "safetensors", example=architectures.example_input(arch, model))
+    return LoadedModel(model, "safetensors", example=Inputs.single(architectures.example_input(arch, model)))
 
 
 def _load_hf_zip(path: Path, intake: IntakeOptions) -> LoadedModel:

@@ -13,6 +13,7 @@ import torch
 
 from core.data import Dataset
 from core.errors import DataError
+from core.inputs import Inputs
 
 _HINT = 'One record per sample: {"text": "...", "label": 1} per line (.jsonl) or a CSV with text,label columns.'
 
@@ -63,11 +64,12 @@ def tokenize(records: list[dict[str, Any]], tokenizer: Any, text_column: str, la
                         code="missing_text_column")
     texts = [str(record.get(text_column) or "") for record in records]
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length)
-    x = torch.tensor(encoded["input_ids"], dtype=torch.int64)
+    # every array the tokenizer makes (ids, attention mask, token types) is an input of the model
+    inputs = Inputs({name: torch.tensor(values, dtype=torch.int64) for name, values in encoded.items()})
     has_labels = label_column in columns
     y = torch.tensor([_label(r.get(label_column), label_names, i) for i, r in enumerate(records)]) if has_labels \
         else None
-    return Dataset(x, y)
+    return Dataset(inputs, y)
 
 
 def _label(value: Any, names: list[str] | None, index: int) -> int:

@@ -5,22 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.data import Dataset
+from core.data import Dataset, batches
 from core.graph.tracing import logits_of
+from core.inputs import Inputs
 
 
 @torch.no_grad()
-def all_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def all_logits(model: nn.Module, x: Inputs, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     model.eval()
-    return torch.cat([logits_of(model(x[i : i + batch_size].to(device))).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat([logits_of(batch.to(device).call(model)).float().cpu() for batch in batches(x, batch_size)])
 
 
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def predict(model: nn.Module, x: Inputs, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     return all_logits(model, x, device, batch_size).argmax(1)
 
 
-def drift(model: nn.Module, x: torch.Tensor, device: torch.device, reference: torch.Tensor) -> float:
+def drift(model: nn.Module, x: Inputs, device: torch.device, reference: torch.Tensor) -> float:
     """Mean KL divergence of `model`'s outputs on `x` from the `reference` logits (the original
     model's): how far a pruned candidate has moved from the function it should keep. Unlike top-1
     or the loss against labels, it still separates two candidates on samples the original has
@@ -41,4 +41,4 @@ def top1(model: nn.Module, data: Dataset, device: torch.device, reference: torch
     target = data.y if data.y is not None else reference
     if target is None:
         raise ValueError("Unlabeled data needs the original model's predictions as reference.")
-    return float((predict(model, data.x, device) == target).float().mean())
+    return float((predict(model, data.inputs, device) == target).float().mean())

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.export.spec import onnx_input_dtype
+from core.export.spec import ort_feed
+from core.inputs import Inputs
 
 
 def ort_latency_ms(
-    onnx_path: Path, sample: np.ndarray, batches: tuple[int, ...], runs: int
+    onnx_path: Path, sample: Inputs, batches: tuple[int, ...], runs: int
 ) -> dict[str, float]:
     """Median ONNX Runtime CPU latency per batch size, after a warm-up run.
 
@@ -26,12 +27,10 @@ def ort_latency_ms(
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    declared = session.get_inputs()[0]
-    name = declared.name
-    sample = sample.astype(onnx_input_dtype(declared.type))
+    first = ort_feed(session.get_inputs(), sample[:1])
     result: dict[str, float] = {}
     for batch in batches:
-        feed = {name: np.repeat(sample[:1], batch, axis=0)}
+        feed = {name: np.repeat(array, batch, axis=0) for name, array in first.items()}
         session.run(None, feed)
         times = []
         for _ in range(runs):

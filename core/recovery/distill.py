@@ -66,10 +66,10 @@ def recover(
         for _ in range(iterations):
             reporter.check_cancel()
             index = next(batches)
-            x = data.x[index].to(device)
+            x = data.inputs[index].to(device)
             with torch.no_grad():
-                t_logits = logits_of(teacher(x))
-            s_logits = logits_of(student(x))
+                t_logits = logits_of(x.call(teacher))
+            s_logits = logits_of(x.call(student))
             soft = nn.functional.kl_div(
                 nn.functional.log_softmax(s_logits / temperature, dim=1),
                 nn.functional.log_softmax(t_logits / temperature, dim=1),

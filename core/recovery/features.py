@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from core.graph.tracing import containers_called_once
+from core.inputs import Inputs
 
 
-def pick_feature_points(model: nn.Module, example: torch.Tensor, count: int = 3) -> list[str]:
+def pick_feature_points(model: nn.Module, example: Inputs, count: int = 3) -> list[str]:
     """Names of ~`count` modules at early/middle/late depth whose outputs are feature maps.
 
     Takes the shallowest nesting level that has enough containers called once with a

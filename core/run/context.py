@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from core.data import Dataset
+from core.inputs import Inputs
 from core.measure.accuracy import drift, top1
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, Stage
@@ -28,10 +29,10 @@ class RunInputs:
 
     options: CompressOptions
     device: torch.device
-    example: torch.Tensor  # two samples on `device`, for tracing and MACs
+    example: Inputs  # two samples on `device`, for tracing and MACs
     recovery: Dataset
     evaluation: Dataset
-    calib: torch.Tensor
+    calib: Inputs
     reference: torch.Tensor | None  # original predictions on the evaluation split
     reference_logits: torch.Tensor  # original logits on the evaluation split
     feature_points: list[str]
@@ -50,7 +51,7 @@ class RunInputs:
 
     def drift(self, model: nn.Module) -> float:
         """How far `model`'s outputs on the evaluation split drift from the original's (metrics.drift)."""
-        return drift(model, self.evaluation.x, self.device, self.reference_logits)
+        return drift(model, self.evaluation.inputs, self.device, self.reference_logits)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class RunCache:
     cuttable: dict[UnitKey, bool] = field(default_factory=dict)
     original_widths: dict[UnitKey, int] = field(default_factory=dict)
 
-    def measure(self, model: nn.Module, example: torch.Tensor) -> Size:
+    def measure(self, model: nn.Module, example: Inputs) -> Size:
         """MACs and params of `model` on `example`."""
         signature = tuple((name, tuple(p.shape)) for name, p in model.named_parameters()) + tuple(
             (name, type(m).__name__) for name, m in model.named_modules()

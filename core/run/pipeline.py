@@ -20,6 +20,7 @@ from core.graph.attention import convert_multihead_attention, find_sites, holds_
 from core.graph.blocks import find_blocks, remove_block
 from core.graph.tracing import forward_once
 from core.importance.divergence import filter_divergence
+from core.inputs import Inputs
 from core.measure.accuracy import all_logits
 from core.measure.latency import ort_latency_ms
 from core.options import CompressOptions, Stage, Target
@@ -74,7 +75,7 @@ def _attention_notes(model: nn.Module) -> list[str]:
             f"({shown}); the widths around them (MLP, hidden size) are pruned."]
 
 
-def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+def _output_layers(model: nn.Module, example: Inputs) -> list[str]:
     """The last Conv/Linear executed produces the logits; its outputs are the classes, never pruned."""
     executed: list[str] = []
     handles = [
@@ -151,11 +152,11 @@ def _head_table(original: nn.Module, pruned: nn.Module) -> list[HeadRow]:
             for site in find_sites(original)[0]]
 
 
-def _onnx_metrics(model: nn.Module, example: torch.Tensor, path: Path, verify_on: torch.Tensor,
+def _onnx_metrics(model: nn.Module, example: Inputs, path: Path, verify_on: Inputs,
                   opts: CompressOptions, spec: OnnxSpec | None) -> tuple[float, Latency]:
     export_onnx(model, example, path, spec)
     diff = verify_onnx(model, path, verify_on)
-    latency = ort_latency_ms(path, example.cpu().numpy(), (1, opts.latency_batch), opts.latency_runs)
+    latency = ort_latency_ms(path, example, (1, opts.latency_batch), opts.latency_runs)
     return diff, latency
 
 
@@ -228,9 +229,9 @@ def prune_and_export(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path, pt2_path = out / "model.onnx", out / "model.pt2"
-    diff_after, latency_after = _onnx_metrics(model, spec.example.cpu(), onnx_path, spec.evaluation.x[:64], opts,
-                                              onnx_spec)
-    pt2_error = export_pt2(model, spec.example.cpu(), pt2_path, onnx_spec)
+    example = spec.example.to("cpu")
+    diff_after, latency_after = _onnx_metrics(model, example, onnx_path, spec.evaluation.inputs[:64], opts, onnx_spec)
+    pt2_error = export_pt2(model, example, pt2_path, onnx_spec)
     artifacts = {"model.onnx": onnx_path} | ({} if pt2_error else {"model.pt2": pt2_path})
 
     reduction = goals.reductions(size)
@@ -270,8 +271,9 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     device = resolve_device(opts.device)
     model = copy.deepcopy(model).to(device).eval()
     notes = _drop_training_only_heads(model)
+    data = data.bound(model)
     check_against_model(model, data, device)
-    notes += convert_multihead_attention(model, data.x[:2].to(device)) + _attention_notes(model)
+    notes += convert_multihead_attention(model, data.inputs[:2].to(device)) + _attention_notes(model)
     if opts.lr is None:
         opts = dataclasses.replace(opts, lr=TRANSFORMER_LR if holds_attention(model) else DEFAULT_LR)
     unknown = [name for name in opts.ignored_layers if name not in dict(model.named_modules())]
@@ -280,11 +282,11 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
                            hint="Use module names as printed by model.named_modules().")
     # the held-out split is at least one batch where the data allows, so accuracy is not a coin flip
     recovery, evaluation = split(data, opts.eval_fraction, opts.seed, min_eval=min(opts.batch_size, len(data) // 2))
-    example = data.x[:2].to(device)
-    reference_logits = all_logits(model, evaluation.x, device)
+    example = data.inputs[:2].to(device)
+    reference_logits = all_logits(model, evaluation.inputs, device)
     inputs = RunInputs(
         options=opts, device=device, example=example,
-        recovery=recovery, evaluation=evaluation, calib=recovery.x[: opts.calibration_samples],
+        recovery=recovery, evaluation=evaluation, calib=recovery.inputs[: opts.calibration_samples],
         reference=None if evaluation.labeled else reference_logits.argmax(1),
         reference_logits=reference_logits,
         feature_points=pick_feature_points(model, example),
@@ -320,7 +322,8 @@ def _baseline(run: Run, original: nn.Module, onnx_spec: OnnxSpec | None) -> _Ori
                                spec.options.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "original.onnx"
-        diff, latency = _onnx_metrics(original, spec.example, path, spec.evaluation.x[:64], spec.options, onnx_spec)
+        diff, latency = _onnx_metrics(original, spec.example, path, spec.evaluation.inputs[:64], spec.options,
+                                      onnx_spec)
         size = path.stat().st_size
     macs, params = goals.original
     run.reporter.emit("baseline", 1, 1, 0.05,

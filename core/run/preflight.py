@@ -21,7 +21,7 @@ from core.graph.tracing import logits_of
 from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
 from core.recovery.distill import iterations_for
-from core.report import BlockRow, Estimate, GroupRow, NotPrunableRow, PreflightReport
+from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, PreflightReport
 from core.run.context import RunCache, RunInputs
 from core.run.pipeline import _prepare, out_of_reach, reachable_reduction
 from core.run.stages import group_candidates
@@ -47,14 +47,16 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
     blocks = find_blocks(model, inputs.example) if Stage.LAYERS in options.stages else []
     reachable = reachable_reduction(inputs, cache, original, model)
     problems = _problems(target, reachable, options, groups, blocks)
+    signature = [InputSignature(name=s.name, dtype=s.dtype_name, shape=list(s.shape)) for s in inputs.example.signature]
     with torch.no_grad():
-        num_classes = int(logits_of(model(inputs.example)).shape[1])
+        num_classes = int(logits_of(inputs.example.call(model)).shape[1])
     return PreflightReport(
         macs=original.macs,
         params=original.params,
         num_classes=num_classes,
-        input_shape=list(data.x.shape[1:]),
-        input_dtype=str(data.x.dtype).removeprefix("torch."),
+        inputs=signature,
+        input_shape=list(signature[0].shape),
+        input_dtype=signature[0].dtype,
         samples=len(data) if has_data else 0,
         labeled=data.labeled if has_data else None,
         prunable_groups=[GroupRow(name=str(g.key), width=g.width, min_width=g.min_width) for g in groups],
@@ -144,18 +146,18 @@ def _filter_steps(opts: CompressOptions, goal: float) -> int:
 
 def _step_seconds(inputs: RunInputs, model: nn.Module) -> tuple[float, float]:
     student = copy.deepcopy(model).train()
-    batch = inputs.recovery.x[: inputs.options.batch_size].to(inputs.device)
+    batch = inputs.recovery.inputs[: inputs.options.batch_size].to(inputs.device)
     parameters = [p for p in student.parameters() if p.is_floating_point()]
     timings = []
     for _ in range(2):  # the first step pays for allocation and kernel selection
         begin = time.perf_counter()
-        logits_of(student(batch)).float().logsumexp(1).mean().backward()
+        logits_of(batch.call(student)).float().logsumexp(1).mean().backward()
         for p in parameters:
             p.grad = None
         timings.append(time.perf_counter() - begin)
     model.eval()
     with torch.no_grad():
         begin = time.perf_counter()
-        model(batch)
+        batch.call(model)
         infer = time.perf_counter() - begin
     return timings[-1], infer

@@ -11,6 +11,7 @@ from torch import nn
 
 from core.graph.attention import AttentionSite, find_sites
 from core.importance.statistics import InputStats
+from core.inputs import Inputs
 from core.surgery.compensation import compensate_linear
 from core.surgery.groups import PrunableGroup, build_graph
 from core.surgery.heads import remove_heads
@@ -19,7 +20,7 @@ from core.surgery.units import Means, Plan, UnitKey, UnitKind
 _IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 
-def survives_channel_cut(model: nn.Module, example: torch.Tensor, group: PrunableGroup) -> bool:
+def survives_channel_cut(model: nn.Module, example: Inputs, group: PrunableGroup) -> bool:
     """Whether `model` still runs with one channel of `group` removed (checked on a copy).
 
     A reshape into fixed-size parts (attention heads: view(batch, seq, -1, head_dim)) accepts
@@ -29,13 +30,13 @@ def survives_channel_cut(model: nn.Module, example: torch.Tensor, group: Prunabl
     try:
         apply_plan(candidate, example, {group.key: [g * group.width for g in range(group.ch_groups)]})
         with torch.no_grad():
-            candidate(example)
+            example.call(candidate)
     except Exception:  # any failure means this group cannot be cut channel by channel
         return False
     return True
 
 
-def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan, means: Means | None = None) -> None:
+def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | None = None) -> None:
     """Remove the planned heads, then the planned channels, in place (BN, consumers and residual
     partners follow). Heads go first: removing them leaves every channel index of the plan valid.
 
@@ -66,7 +67,7 @@ def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan, means: Means
             group.prune()
 
 
-def _mean_only_where_inputs_change(model: nn.Module, example: torch.Tensor, channels: Plan, means: Means,
+def _mean_only_where_inputs_change(model: nn.Module, example: Inputs, channels: Plan, means: Means,
                                    sites: dict[str, AttentionSite]) -> Means:
     """`means` without the covariance for units whose fit this plan undoes: the least-squares fit
     predicts removed units from the kept inputs as they were, so it no longer holds when the units'

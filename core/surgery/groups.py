@@ -11,13 +11,13 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from core.graph.attention import AttentionSite
+from core.inputs import Inputs
 from core.surgery.units import UnitKey, UnitKind
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -68,9 +68,9 @@ def _tolerate_unsized_reshapes() -> None:
     index_mapping.update_reshape_index_mapping = guarded
 
 
-def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example: Inputs) -> tp.DependencyGraph:
     _tolerate_unsized_reshapes()
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example.example_inputs)
 
 
 def _channel_groups(graph: tp.DependencyGraph, group: tp.dependency.Group) -> int:

@@ -9,6 +9,7 @@ from torch import nn
 
 from core.graph.attention import AttentionSite
 from core.importance.statistics import InputStats
+from core.inputs import Inputs
 from core.surgery.compensation import compensate_linear
 
 
@@ -48,7 +49,7 @@ def _keep_columns(linear: nn.Linear, keep: torch.Tensor) -> None:
     linear.in_features = len(keep)
 
 
-def removable(model: nn.Module, site: AttentionSite, example: torch.Tensor) -> bool:
+def removable(model: nn.Module, site: AttentionSite, example: Inputs) -> bool:
     """Whether the model still runs with one head of `site` removed (checked on a copy): the
     module's forward may use attributes this code does not know about."""
     if site.num_heads(model) < 2:
@@ -57,7 +58,7 @@ def removable(model: nn.Module, site: AttentionSite, example: torch.Tensor) -> b
     try:
         remove_heads(trial, site, [0])
         with torch.no_grad():
-            trial.eval()(example)
+            example.call(trial.eval())
     except Exception:  # any failure means the module cannot lose heads this way
         return False
     return True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -224,3 +226,38 @@ def test_concurrent_preflights_in_one_process_do_not_interfere(settings: Any, di
     with ThreadPoolExecutor(3) as pool:
         reports = list(pool.map(lambda _: preflight(settings, config, model, data), range(6)))
     assert [report.feasible for report in reports] == [True] * 6
+
+
+def _token_npz(**arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_named_inputs_are_reported_and_arrays_that_do_not_match_are_a_422(client: Any, keys: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    from tests.intake_fixtures import write_bert_zip
+
+    model = write_bert_zip(tmp_path)
+    ids = np.random.default_rng(0).integers(5, 20, size=(8, 10)).astype(np.int64)
+    mask = np.ones_like(ids)
+    config = {"target": {"params_reduction": 0.3}}
+
+    def post(path: str, data: bytes) -> Any:
+        return client.post(path, headers=auth(keys["a"]), data={"config": json.dumps(config)},
+                           files={"model": ("bert.zip", model.read_bytes()), "data": ("tokens.npz", data)})
+
+    response = post("/v1/inspect", _token_npz(input_ids=ids, attention_mask=mask, y=np.arange(8) % 2))
+    assert response.status_code == 200, response.text
+    assert response.json()["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [10]},
+                                         {"name": "attention_mask", "dtype": "int64", "shape": [10]}]
+    bad = {
+        "missing_input": _token_npz(attention_mask=mask),
+        "unexpected_input": _token_npz(input_ids=ids, pixel_values=mask),
+        "inputs_length_mismatch": _token_npz(input_ids=ids, attention_mask=mask[:6]),
+        "float_token_ids": _token_npz(input_ids=ids.astype(np.float32)),
+    }
+    for code, data in bad.items():
+        for path in ("/v1/inspect", "/v1/jobs"):
+            error = error_of(post(path, data), 422)
+            assert error["code"] == code and error["hint"], (path, error)

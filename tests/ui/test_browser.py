@@ -167,6 +167,8 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     expect(page.locator("#pf-feasible")).to_have_text("feasible")
     assert page.inner_text("#pf-groups") == "6" and page.inner_text("#pf-not-count") == "1"
     assert "on a GPU" in page.inner_text("#pf-estimate")
+    # every input by name, per-sample shape and dtype (the digits model takes one, x)
+    assert page.inner_text("#pf-input").startswith("x 1×8×8 float32, 10 classes")
     page.focus("#macs")  # the slider by keyboard: 50 % down to 30 %
     for _ in range(4):
         page.keyboard.press("ArrowLeft")

@@ -272,7 +272,9 @@ function cell(row, text) {
 function showPreflight(report) {
   $("pf-macs").textContent = count.format(report.macs);
   $("pf-params").textContent = count.format(report.params);
-  $("pf-input").textContent = report.input_shape.join("×") + " " + report.input_dtype + ", " + report.num_classes + " classes"
+  // every input the model takes, by name: token ids and their attention mask, or an image and its features
+  const inputs = report.inputs.map((input) => input.name + " " + input.shape.join("×") + " " + input.dtype).join("; ");
+  $("pf-input").textContent = inputs + ", " + report.num_classes + " classes"
     + (report.samples ? ", " + report.samples + " samples" : "");
   $("pf-groups").textContent = String(report.prunable_groups.length);
   $("pf-blocks").textContent = String(report.blocks.length);
