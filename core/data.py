@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.errors import DataError
-from core.graph.tracing import logits_of
+from core.graph.outputs import named_outputs, select_output
 
 
 @dataclass
@@ -46,11 +46,12 @@ def batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 @torch.no_grad()
-def check_against_model(model: nn.Module, data: Dataset, device: torch.device) -> int:
-    """Run one small batch; return the number of classes the model outputs."""
+def check_against_model(model: nn.Module, data: Dataset, device: torch.device, output: str | None) -> int:
+    """Run one small batch; return the number of classes the model's `output` (see
+    core.graph.outputs.select_output) holds."""
     sample = data.x[: min(2, len(data))].to(device)
     try:
-        out = logits_of(model(sample))
+        result = model(sample)
     except Exception as exc:  # the model decides what it accepts; any failure is the data's shape
         raise DataError(
             f"The model rejects inputs of shape {tuple(data.x.shape[1:])} (per sample): "
@@ -58,10 +59,15 @@ def check_against_model(model: nn.Module, data: Dataset, device: torch.device) -
             hint="Store x with the shape the model was trained on, samples on the first axis.",
             code="data_shape_mismatch",
         ) from exc
+    out = select_output(result, output)
     if out.ndim != 2:
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in named_outputs(result).items())
         raise DataError(
-            f"The model's output has shape {tuple(out.shape)}; a classifier output N×classes is needed.",
-            hint="Compress a classification model, or wrap the model so it returns logits.",
+            f"The model's {'output ' + repr(output) if output else 'first output'} has shape {tuple(out.shape)}; "
+            f"a classifier output N×classes is needed (the model's outputs: {shapes}).",
+            hint="Name the output that holds the class logits with --output (config output), or compress a "
+                 "classification model.",
+            code="output_not_logits",
         )
     num_classes = int(out.shape[1])
     if data.y is not None and int(data.y.max()) >= num_classes:

@@ -224,6 +224,13 @@ class NotPrunableRow(_Frozen):
     reason: str
 
 
+class OutputRow(_Frozen):
+    """One of the model's outputs (flattened: see core.graph.outputs.named_outputs) and its per-sample shape."""
+
+    name: str
+    shape: list[int]
+
+
 class BlockRow(_Frozen):
     name: str
     kind: str
@@ -245,6 +252,7 @@ class PreflightReport(_FromUpload):
     macs: int
     params: int
     num_classes: int
+    outputs: list[OutputRow]  # every output, kept as it is in the pruned model; the logits are one of them
     input_shape: list[int]
     input_dtype: str
     samples: int

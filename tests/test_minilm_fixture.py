@@ -67,5 +67,5 @@ def test_finetuned_minilm_loads_as_an_upload_and_beats_chance(minilm_files: Mini
 
     held_out = open_data(minilm_files.eval_jsonl, loaded, intake)
     assert held_out.x.dtype == torch.int64 and held_out.y is not None and len(held_out) == minilm_files.n_eval
-    accuracy = float((predict(loaded.module, held_out.x, torch.device("cpu")) == held_out.y).float().mean())
+    accuracy = float((predict(loaded.module, held_out.x, torch.device("cpu"), None) == held_out.y).float().mean())
     assert accuracy > 0.65, accuracy

@@ -13,18 +13,19 @@ from torch import nn
 
 from core.errors import ExportError
 from core.export.spec import ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
-from core.graph.tracing import logits_of
+from core.graph.outputs import named_outputs
 
 
-class _LogitsOnly(nn.Module):
-    """Exports only the logits of models that return tuples or output objects."""
+class _Flattened(nn.Module):
+    """Every output of the model as a flat tuple, in the order of core.graph.outputs.named_outputs: ONNX
+    has named outputs, not nested ones, and a model's outputs are all part of its interface."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(named_outputs(self.model(x)).values())
 
 
 class _CastInput(nn.Module):
@@ -39,9 +40,25 @@ class _CastInput(nn.Module):
         return self.model(x.to(self.dtype))
 
 
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """Exporting must not move the caller's model off its device."""
+    return copy.deepcopy(model).cpu().eval()
+
+
 def _exportable(model: nn.Module) -> nn.Module:
-    """A CPU copy: exporting must not move the caller's model off its device."""
-    return _LogitsOnly(copy.deepcopy(model).cpu()).eval()
+    return _Flattened(_cpu_copy(model)).eval()
+
+
+@torch.no_grad()
+def _output_names(model: nn.Module, example: torch.Tensor, spec: OnnxSpec | None) -> list[str]:
+    """The ONNX names of the model's outputs: an ONNX upload's own, else their names in the model's output."""
+    names = list(named_outputs(model(example)))
+    if spec is None:
+        return names
+    if len(spec.output_names) != len(names):
+        raise ExportError(f"The model has {len(names)} outputs where its ONNX interface declares "
+                          f"{len(spec.output_names)} ({', '.join(spec.output_names)}).")
+    return spec.output_names
 
 
 def _dims(axes: dict[int, str]) -> dict[int, torch.export.Dim]:
@@ -55,13 +72,16 @@ def _dims(axes: dict[int, str]) -> dict[int, torch.export.Dim]:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSpec | None = None) -> None:
-    """ONNX with the names, input dtype and dynamic axes of `spec` (default: input "input",
-    output "logits", dynamic batch). The TorchScript-based exporter is tried first (fast,
-    robust with dynamic axes); the dynamo exporter is the fallback."""
-    spec = spec or OnnxSpec()
-    input_name, output_name = spec.input_names[0], spec.output_names[0]
-    wrapped = _exportable(model)
+    """ONNX with the names, input dtype and dynamic axes of `spec` (default: input "input", dynamic
+    batch), and every output of the model (named as in `spec`, else as core.graph.outputs names them).
+    The TorchScript-based exporter is tried first (fast, robust with dynamic axes); the dynamo
+    exporter is the fallback."""
     example = example.cpu()
+    copied = _cpu_copy(model)
+    output_names = _output_names(copied, example, spec)
+    wrapped: nn.Module = _Flattened(copied).eval()
+    spec = spec or OnnxSpec()
+    input_name = spec.input_names[0]
     dtype = getattr(torch, spec.input_dtypes.get(input_name, "float32"))
     if dtype != example.dtype:
         wrapped, example = _CastInput(wrapped, example.dtype), example.to(dtype)
@@ -70,8 +90,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxS
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapped, (example,), str(path), dynamo=False, opset_version=17,
-                input_names=[input_name], output_names=[output_name],
-                dynamic_axes={input_name: spec.axes_of(input_name), output_name: spec.axes_of(output_name)},
+                input_names=[input_name], output_names=output_names,
+                dynamic_axes={name: spec.axes_of(name) for name in [input_name, *output_names]},
             )
     except Exception as legacy_error:
         try:
@@ -79,7 +99,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxS
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapped, (example,), str(path), dynamo=True, verbose=False,
-                    input_names=[input_name], output_names=[output_name],
+                    input_names=[input_name], output_names=output_names,
                     dynamic_shapes={"x": _dims(spec.axes_of(input_name))},
                 )
         except Exception as dynamo_error:
@@ -98,15 +118,25 @@ def verify_onnx(model: nn.Module, path: Path, inputs: torch.Tensor) -> float:
     declared = session.get_inputs()[0]
     # the export may take another dtype than the data (the original ONNX model's); both sides see the same values
     feed = inputs.cpu().numpy().astype(onnx_input_dtype(declared.type))
-    reference = _exportable(model)(torch.from_numpy(feed).to(inputs.dtype)).numpy()
-    got = session.run(None, {declared.name: feed})[0]
-    if got.shape != reference.shape:
-        raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {reference.shape}.")
+    references = [output.numpy() for output in _exportable(model)(torch.from_numpy(feed).to(inputs.dtype))]
+    results = session.run(None, {declared.name: feed})
+    if len(results) != len(references):
+        raise ExportError(f"The ONNX model has {len(results)} outputs where PyTorch has {len(references)}.")
+    max_abs = 0.0
+    for name, got, reference in zip((value.name for value in session.get_outputs()), results, references):
+        if got.shape != reference.shape:
+            raise ExportError(f"ONNX output {name!r} has shape {got.shape} where PyTorch gives {reference.shape}.")
+        max_abs = max(max_abs, _relative_check(name, got, reference))
+    return max_abs
+
+
+def _relative_check(name: str, got: np.ndarray, reference: np.ndarray) -> float:
+    """The max abs difference of one output; raises past ONNX_RELATIVE_TOLERANCE of the output's scale."""
     max_abs = float(np.abs(got - reference).max())
     scale = float(np.abs(reference).max()) or 1.0
     if max_abs / scale > ONNX_RELATIVE_TOLERANCE:
         raise ExportError(
-            f"ONNX Runtime disagrees with PyTorch: max abs diff {max_abs:.3g} "
+            f"ONNX Runtime disagrees with PyTorch on {name!r}: max abs diff {max_abs:.3g} "
             f"({max_abs / scale:.3g} relative, limit {ONNX_RELATIVE_TOLERANCE})."
         )
     return max_abs
@@ -114,14 +144,15 @@ def verify_onnx(model: nn.Module, path: Path, inputs: torch.Tensor) -> float:
 
 @torch.no_grad()
 def export_pt2(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSpec | None = None) -> str | None:
-    """Write a torch.export archive, dynamic along the axes `spec` declares for the input (the
-    batch; a text model's sequence) where the model allows, and check it reloads to the same outputs.
+    """Write a torch.export archive of the model as it is (its outputs in their own structure), dynamic
+    along the axes `spec` declares for the input (the batch; a text model's sequence) where the model
+    allows, and check it reloads to the same outputs.
 
     Returns None on success, or the reason torch.export could not capture the model
     (the other artifacts are still produced).
     """
     spec = spec or OnnxSpec()
-    wrapped = _exportable(model)
+    copied = _cpu_copy(model)
     example = example.cpu()
     axes = spec.axes_of(spec.input_names[0])
     try:
@@ -130,14 +161,16 @@ def export_pt2(model: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSp
             # AUTO lets torch.export find each axis's range (a text model's sequence is bounded by its
             # position table) and keep an axis static where the model fixes it
             dynamic = {axis: torch.export.Dim.AUTO for axis in axes}
-            program = torch.export.export(wrapped, (example,), dynamic_shapes={"x": dynamic})
+            program = torch.export.export(copied, (example,), dynamic_shapes=(dynamic,))
             torch.export.save(program, str(path))
             reloaded = torch.export.load(str(path)).module()
-        diff = float((reloaded(example) - wrapped(example)).abs().max())
+        expected = named_outputs(copied(example))
+        got = named_outputs(reloaded(example))
+        diff = max(float((got[name] - value).abs().max()) for name, value in expected.items())
     except Exception as exc:  # torch.export's failure modes are many; the reason goes in the report
         path.unlink(missing_ok=True)
         return f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    if diff > 1e-4 * (float(wrapped(example).abs().max()) or 1.0):
+    if diff > 1e-4 * (max(float(value.abs().max()) for value in expected.values()) or 1.0):
         path.unlink(missing_ok=True)
         return f"reloaded .pt2 differs from the model (max abs diff {diff:.3g})"
     return None

@@ -18,6 +18,7 @@ from core.export.artifacts import export_onnx, export_pt2, verify_onnx
 from core.export.spec import OnnxSpec
 from core.graph.attention import convert_multihead_attention, find_sites, holds_attention
 from core.graph.blocks import find_blocks, remove_block
+from core.graph.outputs import named_outputs
 from core.graph.tracing import forward_once
 from core.importance.divergence import filter_divergence
 from core.measure.accuracy import all_logits
@@ -84,6 +85,11 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     ]
     forward_once(model, example, handles)
     return executed[-1:]
+
+
+@torch.no_grad()
+def _output_names(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
+    return tuple(named_outputs(model.eval()(example)))
 
 
 def reachable_reduction(inputs: RunInputs, cache: RunCache, original: Size, model: nn.Module) -> dict[str, float]:
@@ -270,7 +276,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     device = resolve_device(opts.device)
     model = copy.deepcopy(model).to(device).eval()
     notes = _drop_training_only_heads(model)
-    check_against_model(model, data, device)
+    check_against_model(model, data, device, opts.output)
     notes += convert_multihead_attention(model, data.x[:2].to(device)) + _attention_notes(model)
     if opts.lr is None:
         opts = dataclasses.replace(opts, lr=TRANSFORMER_LR if holds_attention(model) else DEFAULT_LR)
@@ -281,7 +287,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     # the held-out split is at least one batch where the data allows, so accuracy is not a coin flip
     recovery, evaluation = split(data, opts.eval_fraction, opts.seed, min_eval=min(opts.batch_size, len(data) // 2))
     example = data.x[:2].to(device)
-    reference_logits = all_logits(model, evaluation.x, device)
+    reference_logits = all_logits(model, evaluation.x, device, opts.output)
     inputs = RunInputs(
         options=opts, device=device, example=example,
         recovery=recovery, evaluation=evaluation, calib=recovery.x[: opts.calibration_samples],
@@ -289,6 +295,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         reference_logits=reference_logits,
         feature_points=pick_feature_points(model, example),
         ignored=_output_layers(model, example) + list(opts.ignored_layers),
+        outputs=_output_names(model, example),
     )
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
     return model, inputs, notes

@@ -274,6 +274,7 @@ function showPreflight(report) {
   $("pf-params").textContent = count.format(report.params);
   $("pf-input").textContent = report.input_shape.join("×") + " " + report.input_dtype + ", " + report.num_classes + " classes"
     + (report.samples ? ", " + report.samples + " samples" : "");
+  $("pf-outputs").textContent = report.outputs.map((output) => output.name + " " + output.shape.join("×")).join(", ");
   $("pf-groups").textContent = String(report.prunable_groups.length);
   $("pf-blocks").textContent = String(report.blocks.length);
   $("pf-reachable").textContent = "MACs −" + pct(report.reachable_reduction.macs) + ", params −" + pct(report.reachable_reduction.params);
