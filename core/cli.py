@@ -68,6 +68,9 @@ def _add_inputs(parser: argparse.ArgumentParser, data_required: bool) -> None:
                         help="architecture of .safetensors weights: torchvision:NAME(num_classes=N) or idap:digits")
     parser.add_argument("--weights", metavar="FILE",
                         help=".safetensors weights for a package.module:factory MODEL")
+    parser.add_argument("--output", metavar="NAME",
+                        help="the model output that holds the class logits, for a model with several (a dict key, "
+                        "or output_N for a tuple's Nth); default: the first, or a ModelOutput's logits")
     parser.add_argument("--data", type=Path, required=data_required, metavar="FILE",
                         help=".npz (x, or one array per model input by name; optional y), zip of class folders "
                         "of images, or .jsonl/.csv text (text, label) for models with a tokenizer")
@@ -189,7 +192,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     target = None
     if args.macs_reduction is not None or args.params_reduction is not None:
         target = Target(args.macs_reduction, args.params_reduction, args.max_accuracy_drop)
-    options = CompressOptions(stages=parse_stages(args.stages), device=args.device)
+    options = CompressOptions(stages=parse_stages(args.stages), device=args.device, output=args.output)
     intake = _intake(args)
     weights = None if args.weights is None else Path(args.weights)
     report = inspect_files(_model_spec(args, intake), args.data, target, options, intake, weights=weights)
@@ -233,6 +236,7 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
         min_width_fraction=args.min_width_fraction,
         round_to=args.round_to,
         ignored_layers=tuple(args.ignore_layer),
+        output=args.output,
         recovery_epochs=defaults.recovery_epochs if args.recovery_epochs is None else args.recovery_epochs,
         recovery_iterations=args.recovery_iterations,
         final_recovery_epochs=args.final_recovery_epochs,

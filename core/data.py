@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.errors import DataError
-from core.graph.tracing import logits_of
+from core.graph.outputs import named_outputs, select_output
 from core.inputs import Inputs
 
 
@@ -51,13 +51,14 @@ def batches(inputs: Inputs, batch_size: int) -> Iterator[Inputs]:
 
 
 @torch.no_grad()
-def check_against_model(model: nn.Module, data: Dataset, device: torch.device) -> int:
-    """Run one small batch of `data` (bound to `model`); return the number of classes the model outputs."""
+def check_against_model(model: nn.Module, data: Dataset, device: torch.device, output: str | None) -> int:
+    """Run one small batch of `data` (bound to `model`); return the number of classes the model's
+    `output` (see core.graph.outputs.select_output) holds."""
     sample = data.inputs[: min(2, len(data))].to(device)
     handles = [m.register_forward_pre_hook(_integer_ids(sample)) for m in model.modules()
                if isinstance(m, nn.Embedding)]
     try:
-        out = logits_of(sample.call(model))
+        result = sample.call(model)
     except DataError:
         raise
     except Exception as exc:  # the model decides what it accepts; any failure is the data's shape
@@ -73,10 +74,15 @@ def check_against_model(model: nn.Module, data: Dataset, device: torch.device) -
     finally:
         for handle in handles:
             handle.remove()
+    out = select_output(result, output)
     if out.ndim != 2:
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in named_outputs(result).items())
         raise DataError(
-            f"The model's output has shape {tuple(out.shape)}; a classifier output N×classes is needed.",
-            hint="Compress a classification model, or wrap the model so it returns logits.",
+            f"The model's {'output ' + repr(output) if output else 'first output'} has shape {tuple(out.shape)}; "
+            f"a classifier output N×classes is needed (the model's outputs: {shapes}).",
+            hint="Name the output that holds the class logits with --output (config output), or compress a "
+                 "classification model.",
+            code="output_not_logits",
         )
     num_classes = int(out.shape[1])
     if data.y is not None and int(data.y.max()) >= num_classes:

@@ -147,6 +147,10 @@ class CompressOptions:
     # than a 32-wide one in our measurements, so widths stay multiples of 8 by default (1 = off).
     round_to: int | None = 8
     ignored_layers: tuple[str, ...] = ()
+    # The output that holds the class logits, by its name in core.graph.outputs.named_outputs (a dict
+    # key, "output_1" for a tuple's second item); None: the first output (a ModelOutput's logits). Every
+    # output keeps its shape and is exported; this one is what accuracy and distillation are measured on.
+    output: str | None = None
     # Stage 2
     max_removals: int = 8
     # Stage 2 keeps a block removal only when its outputs on the held-out split drift less (KL)
@@ -223,6 +227,7 @@ class CompressOptions:
             (self.latency_runs >= 1, "latency_runs must be >= 1"),
             (self.latency_batch >= 1, "latency_batch must be >= 1"),
             (self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s must be > 0"),
+            (self.output is None or self.output.strip() != "", "output must name one of the model's outputs"),
         ]
         for ok, message in checks:
             if not ok:

@@ -224,6 +224,13 @@ class NotPrunableRow(_Frozen):
     reason: str
 
 
+class OutputRow(_Frozen):
+    """One of the model's outputs (flattened: see core.graph.outputs.named_outputs) and its per-sample shape."""
+
+    name: str
+    shape: list[int]
+
+
 class BlockRow(_Frozen):
     name: str
     kind: str
@@ -254,6 +261,7 @@ class PreflightReport(_FromUpload):
     params: int
     num_classes: int
     inputs: list[InputSignature]
+    outputs: list[OutputRow]  # every output, kept as it is in the pruned model; the logits are one of them
     input_shape: list[int]  # of the first input, as a single-input model's page shows it
     input_dtype: str
     samples: int

@@ -81,6 +81,10 @@ class InputHints(_Strict):
     text_column: str = Field(default=_INTAKE.text_column, min_length=1, max_length=200)
     label_column: str = Field(default=_INTAKE.label_column, min_length=1, max_length=200)
     max_length: int = Field(default=_INTAKE.max_length, ge=2, le=4096, description="tokens per text sample")
+    output: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description='the model output that holds the class logits, for a model with several: a dict key, or '
+        '"output_N" for the Nth of a tuple; default: the first (a ModelOutput\'s logits)')
 
 
 class JobConfig(InputHints):
@@ -111,7 +115,7 @@ class JobConfig(InputHints):
             recovery["recovery_epochs"] = _DEFAULTS.recovery_epochs
         method = self.method.model_dump()
         method["ignored_layers"] = tuple(method["ignored_layers"])
-        return CompressOptions(stages=tuple(self.stages), device=self.device, **recovery, **method)
+        return CompressOptions(stages=tuple(self.stages), device=self.device, output=self.output, **recovery, **method)
 
 
 def intake_options(settings: Settings, hints: InputHints) -> IntakeOptions:

@@ -69,6 +69,6 @@ def test_finetuned_minilm_loads_as_an_upload_and_beats_chance(minilm_files: Mini
     held_out = open_data(minilm_files.eval_jsonl, loaded, intake)
     ids = held_out.inputs.tensors["input_ids"]
     assert ids.dtype == torch.int64 and held_out.y is not None and len(held_out) == minilm_files.n_eval
-    predicted = predict(loaded.module, held_out.bound(loaded.module).inputs, torch.device("cpu"))
+    predicted = predict(loaded.module, held_out.bound(loaded.module).inputs, torch.device("cpu"), None)
     accuracy = float((predicted == held_out.y).float().mean())
     assert accuracy > 0.65, accuracy

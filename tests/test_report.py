@@ -21,7 +21,8 @@ UPLOAD_KEYS = {"input_format"}
 HF_KEYS = {"hf_pretrained", "hf_pretrained_error"}
 STEP_KEYS = {"stage", "step", "macs", "params", "accuracy", "seconds", "accepted"}
 PREFLIGHT_JSON_KEYS = {
-    "macs", "params", "num_classes", "inputs", "input_shape", "input_dtype", "samples", "labeled", "prunable_groups",
+    "macs", "params", "num_classes", "inputs", "outputs", "input_shape", "input_dtype", "samples", "labeled",
+    "prunable_groups",
     "not_prunable", "blocks", "reachable_reduction", "target", "feasible", "problems", "estimate_seconds", "notes",
     "seconds",
 }
@@ -94,7 +95,8 @@ def test_a_step_without_other_stages_fields_round_trips() -> None:
 def test_preflight_json_has_todays_keys() -> None:
     report = PreflightReport(
         macs=1000, params=200, num_classes=10, inputs=[InputSignature(name="x", dtype="float32", shape=[1, 8, 8])],
-        input_shape=[1, 8, 8], input_dtype="float32", samples=0, labeled=None,
+        outputs=[{"name": "logits", "shape": [10]}], input_shape=[1, 8, 8], input_dtype="float32", samples=0,
+        labeled=None,
         prunable_groups=[{"name": "stem", "width": 32, "min_width": 4}],
         not_prunable=[{"name": "fc", "type": "Linear", "reason": "output layer (its outputs are classes)"}],
         blocks=[{"name": "blocks.0", "kind": "residual"}], reachable_reduction={"macs": 0.9, "params": 0.9},

@@ -13,14 +13,16 @@ from torch import nn
 
 from core.errors import ExportError
 from core.export.spec import ONNX_RELATIVE_TOLERANCE, OnnxSpec, ort_feed
-from core.graph.tracing import logits_of
+from core.graph.outputs import named_outputs
 from core.inputs import Inputs
 
 
 class _Exportable(nn.Module):
     """The model as exported: its inputs taken positionally in the interface's order (what both
     exporters trace), each cast to the dtype the model takes where the interface declares another
-    (an ONNX upload's), and only the logits out of models that return tuples or output objects."""
+    (an ONNX upload's), and every output: the one tensor of a single-output model, else a flat tuple in
+    the order of core.graph.outputs.named_outputs (ONNX has named outputs, not nested ones, and a
+    model's outputs are all part of its interface)."""
 
     def __init__(self, model: nn.Module, example: Inputs) -> None:
         super().__init__()
@@ -29,11 +31,12 @@ class _Exportable(nn.Module):
         self.positional = example.positional
         self.dtypes = [s.dtype for s in example.signature]
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         cast = [arg if arg.dtype == dtype else arg.to(dtype) for arg, dtype in zip(args, self.dtypes, strict=True)]
         # not through Inputs, whose check of the batch sizes would fix the traced batch axis
         output = self.model(*cast) if self.positional else self.model(**dict(zip(self.names, cast, strict=True)))
-        return logits_of(output)
+        flat = tuple(named_outputs(output).values())
+        return flat[0] if len(flat) == 1 else flat
 
 
 def _exportable(model: nn.Module, example: Inputs) -> _Exportable:
@@ -51,6 +54,18 @@ def _declared(example: Inputs, spec: OnnxSpec) -> tuple[torch.Tensor, ...]:
                  for name, t in zip(spec.input_names, example.tensors.values(), strict=True))
 
 
+@torch.no_grad()
+def _output_names(wrapped: _Exportable, example: Inputs, spec: OnnxSpec | None) -> list[str]:
+    """The ONNX names of the model's outputs: an ONNX upload's own, else their names in the model's output."""
+    names = list(named_outputs(example.to("cpu").call(wrapped.model)))
+    if spec is None:
+        return names
+    if len(spec.output_names) != len(names):
+        raise ExportError(f"The model has {len(names)} outputs where its ONNX interface declares "
+                          f"{len(spec.output_names)} ({', '.join(spec.output_names)}).")
+    return spec.output_names
+
+
 def _dims(axes: dict[int, str]) -> dict[int, torch.export.Dim]:
     """torch.export dims for the dynamo exporter; one Dim per name, so equal names stay equal."""
     by_name: dict[str, torch.export.Dim] = {}
@@ -63,19 +78,20 @@ def _dims(axes: dict[int, str]) -> dict[int, torch.export.Dim]:
 
 def export_onnx(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | None = None) -> None:
     """ONNX with the names, input dtypes and dynamic axes of `spec` (default: those the example's
-    inputs call for, OnnxSpec.of). The TorchScript-based exporter is tried first (fast, robust
+    inputs call for, OnnxSpec.of), and every output of the model (named as in `spec`, else as
+    core.graph.outputs names them). The TorchScript-based exporter is tried first (fast, robust
     with dynamic axes); the dynamo exporter is the fallback."""
-    spec = _spec_for(example, spec)
     wrapped = _exportable(model, example)
+    output_names = _output_names(wrapped, example, spec)
+    spec = _spec_for(example, spec)
     args = _declared(example, spec)
-    output_name = spec.output_names[0]
-    axes = {name: spec.axes_of(name) for name in [*spec.input_names, output_name]}
+    axes = {name: spec.axes_of(name) for name in [*spec.input_names, *output_names]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapped, args, str(path), dynamo=False, opset_version=17,
-                input_names=spec.input_names, output_names=[output_name], dynamic_axes=axes,
+                input_names=spec.input_names, output_names=output_names, dynamic_axes=axes,
             )
     except Exception as legacy_error:
         try:
@@ -83,7 +99,7 @@ def export_onnx(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | 
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapped, args, str(path), dynamo=True, verbose=False,
-                    input_names=spec.input_names, output_names=[output_name],
+                    input_names=spec.input_names, output_names=output_names,
                     dynamic_shapes=(tuple(_dims(spec.axes_of(name)) for name in spec.input_names),),
                 )
         except Exception as dynamo_error:
@@ -101,15 +117,26 @@ def verify_onnx(model: nn.Module, path: Path, inputs: Inputs) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # the export may take other dtypes than the data (the original ONNX model's); both sides see the same values
     feed = ort_feed(session.get_inputs(), inputs)
-    reference = _exportable(model, inputs)(*(torch.from_numpy(array) for array in feed.values())).numpy()
-    got = session.run(None, feed)[0]
-    if got.shape != reference.shape:
-        raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {reference.shape}.")
+    exported = _exportable(model, inputs)(*(torch.from_numpy(array) for array in feed.values()))
+    references = [output.numpy() for output in named_outputs(exported).values()]
+    results = session.run(None, feed)
+    if len(results) != len(references):
+        raise ExportError(f"The ONNX model has {len(results)} outputs where PyTorch has {len(references)}.")
+    max_abs = 0.0
+    for name, got, reference in zip((value.name for value in session.get_outputs()), results, references):
+        if got.shape != reference.shape:
+            raise ExportError(f"ONNX output {name!r} has shape {got.shape} where PyTorch gives {reference.shape}.")
+        max_abs = max(max_abs, _relative_check(name, got, reference))
+    return max_abs
+
+
+def _relative_check(name: str, got: np.ndarray, reference: np.ndarray) -> float:
+    """The max abs difference of one output; raises past ONNX_RELATIVE_TOLERANCE of the output's scale."""
     max_abs = float(np.abs(got - reference).max())
     scale = float(np.abs(reference).max()) or 1.0
     if max_abs / scale > ONNX_RELATIVE_TOLERANCE:
         raise ExportError(
-            f"ONNX Runtime disagrees with PyTorch: max abs diff {max_abs:.3g} "
+            f"ONNX Runtime disagrees with PyTorch on {name!r}: max abs diff {max_abs:.3g} "
             f"({max_abs / scale:.3g} relative, limit {ONNX_RELATIVE_TOLERANCE})."
         )
     return max_abs
@@ -117,8 +144,9 @@ def verify_onnx(model: nn.Module, path: Path, inputs: Inputs) -> float:
 
 @torch.no_grad()
 def export_pt2(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | None = None) -> str | None:
-    """Write a torch.export archive, dynamic along the axes `spec` declares for each input (the
-    batch; a text model's sequence) where the model allows, and check it reloads to the same outputs.
+    """Write a torch.export archive (every output, as _Exportable returns them), dynamic along the
+    axes `spec` declares for each input (the batch; a text model's sequence) where the model allows,
+    and check it reloads to the same outputs.
 
     Returns None on success, or the reason torch.export could not capture the model
     (the other artifacts are still produced).
@@ -136,11 +164,13 @@ def export_pt2(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | N
             program = torch.export.export(wrapped, args, dynamic_shapes=(dynamic,))
             torch.export.save(program, str(path))
             reloaded = torch.export.load(str(path)).module()
-        diff = float((reloaded(*args) - wrapped(*args)).abs().max())
+        expected = list(named_outputs(wrapped(*args)).values())
+        got = named_outputs(reloaded(*args)).values()
+        diff = max(float((value - reference).abs().max()) for value, reference in zip(got, expected, strict=True))
     except Exception as exc:  # torch.export's failure modes are many; the reason goes in the report
         path.unlink(missing_ok=True)
         return f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    if diff > 1e-4 * (float(wrapped(*args).abs().max()) or 1.0):
+    if diff > 1e-4 * (max(float(value.abs().max()) for value in expected) or 1.0):
         path.unlink(missing_ok=True)
         return f"reloaded .pt2 differs from the model (max abs diff {diff:.3g})"
     return None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.graph.tracing import logits_of
+from core.graph.outputs import named_outputs
 from core.inputs import Inputs
 
 _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
@@ -98,6 +98,11 @@ def holds_attention(module: nn.Module) -> bool:
                for m in module.modules())
 
 
+def _same_outputs(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> bool:
+    return got.keys() == reference.keys() and all(
+        torch.allclose(got[name], reference[name], rtol=1e-4, atol=1e-5) for name in reference)
+
+
 def convert_multihead_attention(model: nn.Module, example: Inputs) -> list[str]:
     """Swap each nn.MultiheadAttention for SelfAttention where the model's outputs stay the same
     (self-attention without masks); the others stay, their heads unpruned."""
@@ -105,7 +110,7 @@ def convert_multihead_attention(model: nn.Module, example: Inputs) -> list[str]:
     if not mhas:
         return []
     with torch.no_grad():
-        reference = logits_of(example.call(model.eval()))
+        reference = named_outputs(example.call(model.eval()))
     kept = []
     for name in mhas:
         parent_name, _, child = name.rpartition(".")
@@ -116,7 +121,7 @@ def convert_multihead_attention(model: nn.Module, example: Inputs) -> list[str]:
             continue
         setattr(parent, child, SelfAttention.from_multihead(original))
         with torch.no_grad():
-            same = torch.allclose(logits_of(example.call(model)), reference, rtol=1e-4, atol=1e-5)
+            same = _same_outputs(named_outputs(example.call(model)), reference)
         if not same:  # cross-attention or masks: the swap would change the model
             setattr(parent, child, original)
             kept.append(name)

@@ -1,10 +1,8 @@
-"""Forward passes: which container modules ran, in order, with their shapes, and the logits a
-model's output holds."""
+"""Forward passes: which container modules ran, in order, with their shapes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -54,14 +52,3 @@ def forward_once(model: nn.Module, example: Inputs, handles: list[RemovableHandl
     finally:
         for handle in handles:
             handle.remove()
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The classification logits of a model output (tensor, tuple, or an object with .logits)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"Cannot find logits in a model output of type {type(output).__name__}.")

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from core.data import batches
-from core.graph.tracing import logits_of
+from core.graph.outputs import select_output
 from core.importance.statistics import InputMoments, InputStats, run_calibration, token_rows
 from core.inputs import Inputs
 from core.options import Criterion
@@ -214,12 +214,12 @@ class DivergenceScorer:
 
 
 def taylor_gradients(model: nn.Module, calib: Inputs, labels: torch.Tensor | None,
-                     device: torch.device, batch_size: int) -> None:
+                     device: torch.device, batch_size: int, output: str | None) -> None:
     """Accumulate weight gradients on the calibration set for first-order Taylor importance."""
     model.eval()
     model.zero_grad(set_to_none=True)
     for i, batch in enumerate(batches(calib, batch_size)):
-        logits = logits_of(batch.to(device).call(model))
+        logits = select_output(batch.to(device).call(model), output)
         target = labels[i * batch_size : i * batch_size + len(batch)].to(device) if labels is not None \
             else logits.argmax(1).detach()
         nn.functional.cross_entropy(logits, target, reduction="sum").backward()

@@ -20,7 +20,7 @@ from torch import nn
 
 from core.errors import DataError, InputFileError, first_line
 from core.export.spec import BATCH_AXIS_NAME, ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
-from core.graph.tracing import logits_of
+from core.graph.outputs import named_outputs
 
 _REEXPORT_HINT = (
     "Re-export the model with torch.onnx.export(model, example, 'model.onnx', input_names=['input'], "
@@ -169,9 +169,6 @@ def _spec_of(proto: onnx.ModelProto, path: Path) -> tuple[OnnxSpec, list[str]]:
             hint="Export the model with one image/feature tensor as its only input.", code="unsupported_onnx_inputs",
         )
     notes = []
-    if len(outputs) > 1:
-        notes.append(f"The model has {len(outputs)} outputs; only the first, {outputs[0].name!r}, is pruned for "
-                     "and exported.")
     (tensor_input,) = inputs
     if 0 not in _dynamic_axes(tensor_input):
         notes.append(f"Input {tensor_input.name!r} has a fixed batch size; the pruned model takes any batch size.")
@@ -336,8 +333,18 @@ def check_conversion(model: OnnxModel, onnx_path: Path, sample: torch.Tensor) ->
     Raises InputFileError (code onnx_conversion_mismatch) past ONNX_RELATIVE_TOLERANCE relative.
     """
     expected = _run_original(model.spec, Path(onnx_path), sample)
-    got = logits_of(model.module.eval()(sample.cpu())).numpy()
-    name = model.spec.output_names[0]
+    converted = list(named_outputs(model.module.eval()(sample.cpu())).values())
+    if len(converted) != len(expected):
+        raise InputFileError(
+            f"The converted model has {len(converted)} outputs where the ONNX model has {len(expected)}.",
+            hint=_REEXPORT_HINT, code="onnx_conversion_mismatch",
+        )
+    return max(_agreement(name, output.numpy(), reference)
+               for name, output, reference in zip(model.spec.output_names, converted, expected))
+
+
+def _agreement(name: str, got: np.ndarray, expected: np.ndarray) -> float:
+    """Max abs difference of one output; raises past ONNX_RELATIVE_TOLERANCE of its scale."""
     if got.shape != expected.shape:
         raise InputFileError(
             f"The converted model outputs shape {got.shape} where ONNX Runtime gives {expected.shape} for {name!r}.",
@@ -355,7 +362,8 @@ def check_conversion(model: OnnxModel, onnx_path: Path, sample: torch.Tensor) ->
     return max_abs
 
 
-def _run_original(spec: OnnxSpec, onnx_path: Path, sample: torch.Tensor) -> np.ndarray:
+def _run_original(spec: OnnxSpec, onnx_path: Path, sample: torch.Tensor) -> list[np.ndarray]:
+    """Every output of the ONNX model on `sample`, in the graph's order."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -370,8 +378,9 @@ def _run_original(spec: OnnxSpec, onnx_path: Path, sample: torch.Tensor) -> np.n
     # a model exported at a fixed batch size runs on the sample in slices of that size
     step = declared.shape[0] if declared.shape and isinstance(declared.shape[0], int) else len(feed)
     try:
-        return np.concatenate([session.run([spec.output_names[0]], {declared.name: feed[i : i + step]})[0]
-                               for i in range(0, len(feed), step)])
+        slices = [session.run(spec.output_names, {declared.name: feed[i : i + step]})
+                  for i in range(0, len(feed), step)]
+        return [np.concatenate(parts) for parts in zip(*slices)]
     except Exception as exc:  # wrong rank, shape or size for this model
         raise DataError(
             f"The ONNX model rejects inputs of shape {tuple(sample.shape[1:])} (per sample); it declares "

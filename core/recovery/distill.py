@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.data import Dataset
-from core.graph.tracing import logits_of
+from core.graph.outputs import select_output
 from core.progress import Reporter
 from core.recovery.features import FeatureTap, feature_loss
 
@@ -43,6 +43,7 @@ def recover(
     feature_weight: float,
     seed: int,
     reporter: Reporter,
+    output: str | None,
 ) -> None:
     """Fine-tune `student` in place for `iterations` steps.
 
@@ -68,8 +69,8 @@ def recover(
             index = next(batches)
             x = data.inputs[index].to(device)
             with torch.no_grad():
-                t_logits = logits_of(x.call(teacher))
-            s_logits = logits_of(x.call(student))
+                t_logits = select_output(x.call(teacher), output)
+            s_logits = select_output(x.call(student), output)
             soft = nn.functional.kl_div(
                 nn.functional.log_softmax(s_logits / temperature, dim=1),
                 nn.functional.log_softmax(t_logits / temperature, dim=1),

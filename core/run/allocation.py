@@ -53,7 +53,7 @@ def drift_per_size(run: Run, model: nn.Module, groups: list[PrunableGroup], scor
     unit, or one round_to block), compensated with `means` as the step would be. A group no probe
     can cut scores infinite."""
     x = run.spec.calib[:PROBE_SAMPLES]
-    reference = all_logits(model, x, run.spec.device)
+    reference = all_logits(model, x, run.spec.device, run.spec.options.output)
     size = run.measure(model)
     out = []
     for group, unit_scores in zip(groups, scores):
@@ -65,7 +65,7 @@ def drift_per_size(run: Run, model: nn.Module, groups: list[PrunableGroup], scor
         if wanted > len(probe.units):
             probe = _probe(run, model, size, group, unit_scores, means, wanted) or probe
         # floored, so that a probe below measurement keeps its units' order by score
-        drift = max(kl_from(reference, all_logits(probe.model, x, run.spec.device)), MIN_DRIFT)
+        drift = max(kl_from(reference, all_logits(probe.model, x, run.spec.device, run.spec.options.output)), MIN_DRIFT)
         taken = unit_scores[probe.units].clamp(min=0.0)
         # a unit's share of the probe's drift follows its score; an all-zero probe shares it evenly
         weights = unit_scores.clamp(min=0.0) + 1e-12

@@ -37,6 +37,7 @@ class RunInputs:
     reference_logits: torch.Tensor  # original logits on the evaluation split
     feature_points: list[str]
     ignored: list[str]
+    outputs: tuple[str, ...]  # the model's outputs by name (core.graph.outputs), every one kept as it is
 
     @property
     def lr(self) -> float:
@@ -47,11 +48,11 @@ class RunInputs:
 
     def accuracy(self, model: nn.Module) -> float:
         """Top-1 on the evaluation split (agreement with the original's predictions when unlabeled)."""
-        return top1(model, self.evaluation, self.device, self.reference)
+        return top1(model, self.evaluation, self.device, self.reference, self.options.output)
 
     def drift(self, model: nn.Module) -> float:
         """How far `model`'s outputs on the evaluation split drift from the original's (metrics.drift)."""
-        return drift(model, self.evaluation.inputs, self.device, self.reference_logits)
+        return drift(model, self.evaluation.inputs, self.device, self.reference_logits, self.options.output)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class Run:
             iterations_for(len(self.spec.recovery), opts.batch_size, epochs, iterations),
             device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
             temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
-            seed=opts.seed + state.recoveries, reporter=self.reporter,
+            seed=opts.seed + state.recoveries, reporter=self.reporter, output=opts.output,
         )
         return state
 

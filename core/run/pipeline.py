@@ -18,6 +18,7 @@ from core.export.artifacts import export_onnx, export_pt2, verify_onnx
 from core.export.spec import OnnxSpec
 from core.graph.attention import convert_multihead_attention, find_sites, holds_attention
 from core.graph.blocks import find_blocks, remove_block
+from core.graph.outputs import named_outputs
 from core.graph.tracing import forward_once
 from core.importance.divergence import filter_divergence
 from core.inputs import Inputs
@@ -85,6 +86,11 @@ def _output_layers(model: nn.Module, example: Inputs) -> list[str]:
     ]
     forward_once(model, example, handles)
     return executed[-1:]
+
+
+@torch.no_grad()
+def _output_names(model: nn.Module, example: Inputs) -> tuple[str, ...]:
+    return tuple(named_outputs(example.call(model.eval())))
 
 
 def reachable_reduction(inputs: RunInputs, cache: RunCache, original: Size, model: nn.Module) -> dict[str, float]:
@@ -272,7 +278,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     model = copy.deepcopy(model).to(device).eval()
     notes = _drop_training_only_heads(model)
     data = data.bound(model)
-    check_against_model(model, data, device)
+    check_against_model(model, data, device, opts.output)
     notes += convert_multihead_attention(model, data.inputs[:2].to(device)) + _attention_notes(model)
     if opts.lr is None:
         opts = dataclasses.replace(opts, lr=TRANSFORMER_LR if holds_attention(model) else DEFAULT_LR)
@@ -283,7 +289,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     # the held-out split is at least one batch where the data allows, so accuracy is not a coin flip
     recovery, evaluation = split(data, opts.eval_fraction, opts.seed, min_eval=min(opts.batch_size, len(data) // 2))
     example = data.inputs[:2].to(device)
-    reference_logits = all_logits(model, evaluation.inputs, device)
+    reference_logits = all_logits(model, evaluation.inputs, device, opts.output)
     inputs = RunInputs(
         options=opts, device=device, example=example,
         recovery=recovery, evaluation=evaluation, calib=recovery.inputs[: opts.calibration_samples],
@@ -291,6 +297,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         reference_logits=reference_logits,
         feature_points=pick_feature_points(model, example),
         ignored=_output_layers(model, example) + list(opts.ignored_layers),
+        outputs=_output_names(model, example),
     )
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
     return model, inputs, notes

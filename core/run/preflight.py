@@ -17,11 +17,11 @@ from torch import nn
 from core.data import Dataset
 from core.graph.attention import AttentionSite
 from core.graph.blocks import find_blocks
-from core.graph.tracing import logits_of
+from core.graph.outputs import named_outputs, select_output
 from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
 from core.recovery.distill import iterations_for
-from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, PreflightReport
+from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, OutputRow, PreflightReport
 from core.run.context import RunCache, RunInputs
 from core.run.pipeline import _prepare, out_of_reach, reachable_reduction
 from core.run.stages import group_candidates
@@ -49,12 +49,14 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
     problems = _problems(target, reachable, options, groups, blocks)
     signature = [InputSignature(name=s.name, dtype=s.dtype_name, shape=list(s.shape)) for s in inputs.example.signature]
     with torch.no_grad():
-        num_classes = int(logits_of(inputs.example.call(model)).shape[1])
+        outputs = inputs.example.call(model)
+    num_classes = int(select_output(outputs, options.output).shape[1])
     return PreflightReport(
         macs=original.macs,
         params=original.params,
         num_classes=num_classes,
         inputs=signature,
+        outputs=[OutputRow(name=name, shape=list(tensor.shape[1:])) for name, tensor in named_outputs(outputs).items()],
         input_shape=list(signature[0].shape),
         input_dtype=signature[0].dtype,
         samples=len(data) if has_data else 0,
@@ -151,7 +153,7 @@ def _step_seconds(inputs: RunInputs, model: nn.Module) -> tuple[float, float]:
     timings = []
     for _ in range(2):  # the first step pays for allocation and kernel selection
         begin = time.perf_counter()
-        logits_of(batch.call(student)).float().logsumexp(1).mean().backward()
+        select_output(batch.call(student), inputs.options.output).float().logsumexp(1).mean().backward()
         for p in parameters:
             p.grad = None
         timings.append(time.perf_counter() - begin)

@@ -50,8 +50,9 @@ def group_candidates(inputs: RunInputs, cache: RunCache, model: nn.Module,
             cache.cuttable[group.key] = survives_channel_cut(model, inputs.example, group)
         return cache.cuttable[group.key]
 
+    # one output is the logits, whose layer is ignored; where there are more, any group may reach one
     groups = prunable_groups(graph, model, ignored, cache.original_widths, opts.min_width_fraction,
-                             opts.min_channels, survives)
+                             opts.min_channels, survives, check_every_group=len(inputs.outputs) > 1)
     return groups + _head_groups(inputs, cache, model)
 
 
@@ -117,7 +118,7 @@ def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups:
     else:
         if criterion == Criterion.TAYLOR:
             labels = spec.recovery.y[: len(spec.calib)] if spec.recovery.y is not None else None
-            taylor_gradients(model, spec.calib, labels, spec.device, batch)
+            taylor_gradients(model, spec.calib, labels, spec.device, batch, spec.options.output)
         channels = baseline_scorer(criterion)
         heads = {site.name: _baseline_head_scores(criterion, model, site) for site in sites}
 

@@ -184,13 +184,15 @@ def prunable_groups(
     min_width_fraction: float,
     min_channels: int,
     survives: Callable[[PrunableGroup], bool] | None = None,
+    check_every_group: bool = False,
 ) -> list[PrunableGroup]:
     """All groups the planner may shrink, with their minimum widths.
 
     `original_widths` (group key -> width before any pruning) is filled on first sight,
     so the minimum stays relative to the unpruned network across steps. Groups whose
-    channels pass through a reshape are kept only if `survives` says the model still runs
-    with one of their channels removed.
+    channels pass through a reshape (with `check_every_group`, all groups) are kept only if
+    `survives` says the model still runs, its outputs unchanged in shape, with one of their
+    channels removed.
     """
     names = {module: name for name, module in model.named_modules()}
     ignored_modules = [m for layer in ignored for m in layer.modules()]
@@ -209,7 +211,8 @@ def prunable_groups(
         original = original_widths.setdefault(key, width)
         minimum = min(width, max(min_channels, math.ceil(original * min_width_fraction)))
         candidate = PrunableGroup(key, group, width, ch_groups, minimum)
-        if survives is not None and _passes_reshape(group) and not survives(candidate):
+        checked = check_every_group or _passes_reshape(group)
+        if survives is not None and checked and not survives(candidate):
             continue
         result.append(candidate)
     return result

@@ -166,6 +166,7 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     expect(page.locator("#pf-macs")).to_have_text("4.51M")
     expect(page.locator("#pf-feasible")).to_have_text("feasible")
     assert page.inner_text("#pf-groups") == "6" and page.inner_text("#pf-not-count") == "1"
+    assert page.inner_text("#pf-outputs") == "logits 10"
     assert "on a GPU" in page.inner_text("#pf-estimate")
     # every input by name, per-sample shape and dtype (the digits model takes one, x)
     assert page.inner_text("#pf-input").startswith("x 1×8×8 float32, 10 classes")

@@ -276,6 +276,7 @@ function showPreflight(report) {
   const inputs = report.inputs.map((input) => input.name + " " + input.shape.join("×") + " " + input.dtype).join("; ");
   $("pf-input").textContent = inputs + ", " + report.num_classes + " classes"
     + (report.samples ? ", " + report.samples + " samples" : "");
+  $("pf-outputs").textContent = report.outputs.map((output) => output.name + " " + output.shape.join("×")).join(", ");
   $("pf-groups").textContent = String(report.prunable_groups.length);
   $("pf-blocks").textContent = String(report.blocks.length);
   $("pf-reachable").textContent = "MACs −" + pct(report.reachable_reduction.macs) + ", params −" + pct(report.reachable_reduction.params);
