@@ -73,7 +73,7 @@ def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _round_trip(path: Path, x: torch.Tensor, out: Path, stages: tuple[str, ...] = ("filters",)) -> Report:
     """load -> check -> compress -> the written model.onnx keeps the interface and runs at batch 1 and 3."""
     loaded = load_onnx(path)
-    assert check_conversion(loaded, path, x[:4]) < 1e-4
+    assert check_conversion(loaded, path, loaded.bind(Inputs.single(x[:4]))) < 1e-4
     with torch.no_grad():
         labels = loaded.module(x).argmax(1)
     options = CompressOptions(**{**OPTIONS.__dict__, "stages": stages})
@@ -208,21 +208,41 @@ def test_external_data_beside_the_model_is_loaded(tmp_path: Path) -> None:
     loaded = load_onnx(path)
     x = torch.ones(3, 4)
     assert torch.equal(loaded.module(x), torch.full((3, 4), 8.0))
-    assert check_conversion(loaded, path, x) == 0.0
+    assert check_conversion(loaded, path, loaded.bind(Inputs.single(x))) == 0.0
 
 
-def test_several_inputs_are_refused(tmp_path: Path) -> None:
+def test_inputs_with_names_python_cannot_take_are_bound_by_their_onnx_names(tmp_path: Path) -> None:
+    """onnx2torch numbers its forward parameters; they take the ONNX names, made into identifiers."""
+    names = ["input", "input.1", "class"]
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["y"])], "g",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4]) for name in ("a", "b")],
+        [helper.make_node("Sub", ["input", "input.1"], ["d"]), helper.make_node("Mul", ["d", "class"], ["y"])], "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4]) for name in names],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
-    _fails(_save(graph, tmp_path / "two.onnx"), "unsupported_onnx_inputs", "2 inputs")
+    path = _save(graph, tmp_path / "three.onnx")
+    loaded = load_onnx(path)
+    assert loaded.spec.input_names == names
+    assert loaded.parameters == {"input": "input", "input.1": "input_1_", "class": "_class"}
+    assert loaded.example is not None and loaded.example.names == ["input", "input_1_", "_class"]
+    a, b, c = (torch.randn(3, 4) for _ in names)
+    bound = loaded.bind(Inputs({"class": c, "input.1": b, "input": a}))
+    assert torch.allclose(bound.call(loaded.module), (a - b) * c)
+    assert check_conversion(loaded, path, bound) < 1e-5
+
+
+def test_inputs_that_are_not_tensors_are_refused(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("SequenceAt", ["s", "i"], ["y"])], "g",
+        [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("i", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    _fails(_save(graph, tmp_path / "sequence.onnx"), "unsupported_onnx_inputs", "not tensors (s)")
 
 
 def test_check_conversion_reports_a_mismatch(small_onnx: Path) -> None:
     loaded = load_onnx(small_onnx)
-    x = torch.randn(4, 3, 16, 16)
+    x = loaded.bind(Inputs.single(torch.randn(4, 3, 16, 16)))
     assert check_conversion(loaded, small_onnx, x) < 1e-4
     with torch.no_grad():
         loaded.module.get_submodule("fc/Gemm").bias.add_(1.0)
