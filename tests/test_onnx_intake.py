@@ -240,6 +240,31 @@ def test_inputs_that_are_not_tensors_are_refused(tmp_path: Path) -> None:
     _fails(_save(graph, tmp_path / "sequence.onnx"), "unsupported_onnx_inputs", "not tensors (s)")
 
 
+def test_transformer_export_ops_convert_exactly(tmp_path: Path) -> None:
+    """What BERT's export needs beyond onnx2torch: GreaterOrEqual at opset 16+, Flatten over every axis
+    (the mask's Flatten(axis=2) of [batch, sequence]), and MatMul + Add by constants as a prunable Linear."""
+    weight, bias = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 7, "w"), \
+        numpy_helper.from_array(np.array([0.5, -1.0, 2.0], np.float32), "b")
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"]),
+         helper.make_node("GreaterOrEqual", ["x", "zero"], ["positive"]),
+         helper.make_node("Flatten", ["positive"], ["flat"], axis=3)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 3]),
+         helper.make_tensor_value_info("flat", TensorProto.BOOL, [None, 1])],
+        initializer=[weight, bias, zero],
+    )
+    path = _save(graph, tmp_path / "ops.onnx")
+    loaded = load_onnx(path)
+    linears = [m for m in loaded.module.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1 and linears[0].bias is not None
+    x = torch.randn(5, 7, 4)
+    assert check_conversion(loaded, path, loaded.bind(Inputs.single(x))) < 1e-5
+    y, flat = loaded.module(x)
+    assert y.shape == (5, 7, 3) and flat.shape == (5 * 7 * 4, 1) and flat.squeeze(1).equal((x >= 0).flatten())
+
+
 def test_check_conversion_reports_a_mismatch(small_onnx: Path) -> None:
     loaded = load_onnx(small_onnx)
     x = loaded.bind(Inputs.single(torch.randn(4, 3, 16, 16)))

@@ -25,6 +25,7 @@ from core.errors import DataError, InputFileError, first_line
 from core.export.spec import BATCH_AXIS_NAME, ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
 from core.graph.outputs import named_outputs
 from core.inputs import Inputs
+from core.intake.onnx_ops import linear_layers, register_converters
 
 _REEXPORT_HINT = (
     "Re-export the model with torch.onnx.export(model, example, 'model.onnx', input_names=['input'], "
@@ -57,8 +58,10 @@ def load_onnx(path: Path) -> OnnxModel:
     _check(proto, path)
     spec, notes = _spec_of(proto, path)
     proto = _slim(proto, notes)
+    register_converters()
     _require_converters(proto, path)
     module = _convert(proto, path)
+    linear_layers(module)
     parameters = _name_parameters(module, spec.input_names)
     reshapes = _constant_reshapes(module)
     example = _example_inputs(proto, spec, parameters)
@@ -398,8 +401,10 @@ def _agreement(name: str, got: np.ndarray, expected: np.ndarray) -> float:
             f"The converted model outputs shape {got.shape} where ONNX Runtime gives {expected.shape} for {name!r}.",
             hint=_REEXPORT_HINT, code="onnx_conversion_mismatch",
         )
-    max_abs = float(np.abs(got - expected).max())
-    scale = float(np.abs(expected).max()) or 1.0
+    # as float64: outputs may be integers or booleans (a mask), which numpy does not subtract
+    got, expected = got.astype(np.float64), expected.astype(np.float64)
+    max_abs = float(np.abs(got - expected).max(initial=0.0))
+    scale = float(np.abs(expected).max(initial=0.0)) or 1.0
     if max_abs / scale > ONNX_RELATIVE_TOLERANCE:
         raise InputFileError(
             f"The PyTorch conversion of the ONNX model disagrees with ONNX Runtime on {name!r}: max abs diff "
