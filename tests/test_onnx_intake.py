@@ -240,6 +240,15 @@ def test_inputs_that_are_not_tensors_are_refused(tmp_path: Path) -> None:
     _fails(_save(graph, tmp_path / "sequence.onnx"), "unsupported_onnx_inputs", "not tensors (s)")
 
 
+def test_an_input_no_output_depends_on_is_refused(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["a"], ["y"])], "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4]) for name in ("a", "spare")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    _fails(_save(graph, tmp_path / "spare.onnx"), "unused_onnx_inputs", "spare")
+
+
 def test_transformer_export_ops_convert_exactly(tmp_path: Path) -> None:
     """What BERT's export needs beyond onnx2torch: GreaterOrEqual at opset 16+, Flatten over every axis
     (the mask's Flatten(axis=2) of [batch, sequence]), and MatMul + Add by constants as a prunable Linear."""

@@ -57,11 +57,15 @@ def load_onnx(path: Path) -> OnnxModel:
     _load_external_data(proto, path)
     _check(proto, path)
     spec, notes = _spec_of(proto, path)
-    proto = _slim(proto, notes)
+    slimmed = _slim(proto, notes)
+    _require_used_inputs(proto, slimmed, path)
+    proto = slimmed
     register_converters()
     _require_converters(proto, path)
     module = _convert(proto, path)
     linear_layers(module)
+    # the module takes the inputs in the converted graph's order, which the export must follow
+    spec.input_names = [value.name for value in _graph_inputs(proto)]
     parameters = _name_parameters(module, spec.input_names)
     reshapes = _constant_reshapes(module)
     example = _example_inputs(proto, spec, parameters)
@@ -220,6 +224,19 @@ def _slim(proto: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
         notes.append("onnxslim could not simplify the graph; converted it as is.")
         return proto
     return slimmed
+
+
+def _require_used_inputs(original: onnx.ModelProto, slimmed: onnx.ModelProto, path: Path) -> None:
+    """onnxslim drops inputs no output depends on, and so does torch.onnx.export: the pruned model
+    could not keep such an input of the interface."""
+    kept = {value.name for value in _graph_inputs(slimmed)}
+    unused = [value.name for value in _graph_inputs(original) if value.name not in kept]
+    if unused:
+        raise InputFileError(
+            f"{path.name} declares input(s) {', '.join(unused)} that none of its outputs depend on; the pruned "
+            "model could not keep them.", hint="Export the model without the inputs it does not use.",
+            code="unused_onnx_inputs",
+        )
 
 
 def _require_converters(proto: onnx.ModelProto, path: Path) -> None:
