@@ -146,3 +146,16 @@ def test_arrays_that_do_not_match_the_onnx_inputs_are_refused(upload, tmp_path, 
     assert exit_code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: ") and words[0] in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_float_input_with_a_dynamic_second_axis_needs_the_data(tmp_path):
+    """No size can be chosen for it (a sequence length is only assumed for integer ids and masks)."""
+    path = tmp_path / "series.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Linear(6, 2), (torch.randn(1, 5, 6),), str(path), dynamo=False, opset_version=17,
+                          input_names=["series"], output_names=["logits"],
+                          dynamic_axes={"series": {0: "batch", 1: "time"}, "logits": {0: "batch", 1: "time"}})
+    with pytest.raises(UserError) as info:
+        inspect_files(path, None, None, FAST, IntakeOptions())
+    assert info.value.code == "data_required"

@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from core.intake.files import compress_files
+from core.intake.files import compress_files, inspect_files
 from core.options import CompressOptions, IntakeOptions, Target
+from core.report import InputSignature
 from tests.multi_input_models import LENGTH, Tokens, token_task
 
 transformers = pytest.importorskip("transformers")
@@ -73,6 +74,10 @@ def _accuracy(session: ort.InferenceSession, tokens: Tokens) -> float:
 
 def test_bert_onnx_with_three_inputs_is_pruned_and_keeps_its_interface(upload, tmp_path):
     model, data = upload
+    # without data the preflight sizes it on ids, masks of ones and types of a sequence of 8
+    without_data = inspect_files(model, None, None, FAST, IntakeOptions())
+    assert without_data.inputs == [InputSignature(name=name, dtype="int64", shape=[8]) for name in NAMES]
+
     result = compress_files(model, data, Target(params_reduction=0.3, max_accuracy_drop=BUDGET), FAST,
                             IntakeOptions(), tmp_path / "out")
     report = result.report
