@@ -3,7 +3,7 @@ split, and batches."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +31,9 @@ class Dataset:
     def subset(self, index: torch.Tensor) -> Dataset:
         return Dataset(self.inputs[index], None if self.y is None else self.y[index])
 
-    def bound(self, model: nn.Module) -> Dataset:
+    def bound(self, model: nn.Module, aliases: Mapping[str, str] | None = None) -> Dataset:
         """The same data with its inputs named as `model.forward` takes them (Inputs.bind)."""
-        return Dataset(self.inputs.bind(model), self.y)
+        return Dataset(self.inputs.bind(model, aliases), self.y)
 
 
 def split(data: Dataset, eval_fraction: float, seed: int, min_eval: int = 1) -> tuple[Dataset, Dataset]:

@@ -101,13 +101,21 @@ class Inputs:
         """ONNX Runtime feeds by input name."""
         return {name: t.detach().cpu().numpy() for name, t in self.tensors.items()}
 
-    def bind(self, model: nn.Module) -> Inputs:
+    def bind(self, model: nn.Module, aliases: Mapping[str, str] | None = None) -> Inputs:
         """These inputs named and ordered as `model.forward` takes them; raises DataError for an input
-        the model requires that the data lacks, or an array the model has no parameter for."""
+        the model requires that the data lacks, or an array the model has no parameter for.
+
+        `aliases` maps the names the data uses to the parameters they feed (an ONNX upload's input
+        names to its converted module's); the data and the errors speak of the inputs by those names.
+        """
         params = _forward_parameters(model)
         if params is None:
             return Inputs(self.tensors, positional=True)
-        names, required, open_ended = params
+        aliases = aliases or {}
+        public = {parameter: name for name, parameter in aliases.items()}
+        parameters, required_parameters, open_ended = params
+        names = [public.get(p, p) for p in parameters]
+        required = [public.get(p, p) for p in required_parameters]
         tensors = dict(self.tensors)
         if list(tensors) == [UNNAMED] and UNNAMED not in names:
             candidates = required or names
@@ -122,7 +130,7 @@ class Inputs:
                             f"(found: {', '.join(tensors)}; expected: {_expected(names, required)}).",
                             hint=_HINT, code="missing_input" if missing else "unexpected_input")
         order = [name for name in names if name in tensors] + [name for name in tensors if name not in names]
-        return Inputs({name: tensors[name] for name in order})
+        return Inputs({aliases.get(name, name): tensors[name] for name in order})
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
         return Inputs({name: fn(t) for name, t in self.tensors.items()}, self.positional)

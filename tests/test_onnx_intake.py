@@ -73,7 +73,7 @@ def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _round_trip(path: Path, x: torch.Tensor, out: Path, stages: tuple[str, ...] = ("filters",)) -> Report:
     """load -> check -> compress -> the written model.onnx keeps the interface and runs at batch 1 and 3."""
     loaded = load_onnx(path)
-    assert check_conversion(loaded, path, x[:4]) < 1e-4
+    assert check_conversion(loaded, path, loaded.bind(Inputs.single(x[:4]))) < 1e-4
     with torch.no_grad():
         labels = loaded.module(x).argmax(1)
     options = CompressOptions(**{**OPTIONS.__dict__, "stages": stages})
@@ -208,21 +208,75 @@ def test_external_data_beside_the_model_is_loaded(tmp_path: Path) -> None:
     loaded = load_onnx(path)
     x = torch.ones(3, 4)
     assert torch.equal(loaded.module(x), torch.full((3, 4), 8.0))
-    assert check_conversion(loaded, path, x) == 0.0
+    assert check_conversion(loaded, path, loaded.bind(Inputs.single(x))) == 0.0
 
 
-def test_several_inputs_are_refused(tmp_path: Path) -> None:
+def test_inputs_with_names_python_cannot_take_are_bound_by_their_onnx_names(tmp_path: Path) -> None:
+    """onnx2torch numbers its forward parameters; they take the ONNX names, made into identifiers."""
+    names = ["input", "input.1", "class"]
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["y"])], "g",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4]) for name in ("a", "b")],
+        [helper.make_node("Sub", ["input", "input.1"], ["d"]), helper.make_node("Mul", ["d", "class"], ["y"])], "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4]) for name in names],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
-    _fails(_save(graph, tmp_path / "two.onnx"), "unsupported_onnx_inputs", "2 inputs")
+    path = _save(graph, tmp_path / "three.onnx")
+    loaded = load_onnx(path)
+    assert loaded.spec.input_names == names
+    assert loaded.parameters == {"input": "input", "input.1": "input_1_", "class": "_class"}
+    assert loaded.example is not None and loaded.example.names == ["input", "input_1_", "_class"]
+    a, b, c = (torch.randn(3, 4) for _ in names)
+    bound = loaded.bind(Inputs({"class": c, "input.1": b, "input": a}))
+    assert torch.allclose(bound.call(loaded.module), (a - b) * c)
+    assert check_conversion(loaded, path, bound) < 1e-5
+
+
+def test_inputs_that_are_not_tensors_are_refused(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("SequenceAt", ["s", "i"], ["y"])], "g",
+        [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("i", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    _fails(_save(graph, tmp_path / "sequence.onnx"), "unsupported_onnx_inputs", "not tensors (s)")
+
+
+def test_an_input_no_output_depends_on_is_refused(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["a"], ["y"])], "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4]) for name in ("a", "spare")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    _fails(_save(graph, tmp_path / "spare.onnx"), "unused_onnx_inputs", "spare")
+
+
+def test_transformer_export_ops_convert_exactly(tmp_path: Path) -> None:
+    """What BERT's export needs beyond onnx2torch: GreaterOrEqual at opset 16+, Flatten over every axis
+    (the mask's Flatten(axis=2) of [batch, sequence]), and MatMul + Add by constants as a prunable Linear."""
+    weight, bias = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 7, "w"), \
+        numpy_helper.from_array(np.array([0.5, -1.0, 2.0], np.float32), "b")
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"]),
+         helper.make_node("GreaterOrEqual", ["x", "zero"], ["positive"]),
+         helper.make_node("Flatten", ["positive"], ["flat"], axis=3)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 3]),
+         helper.make_tensor_value_info("flat", TensorProto.BOOL, [None, 1])],
+        initializer=[weight, bias, zero],
+    )
+    path = _save(graph, tmp_path / "ops.onnx")
+    loaded = load_onnx(path)
+    linears = [m for m in loaded.module.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1 and linears[0].bias is not None
+    x = torch.randn(5, 7, 4)
+    assert check_conversion(loaded, path, loaded.bind(Inputs.single(x))) < 1e-5
+    y, flat = loaded.module(x)
+    assert y.shape == (5, 7, 3) and flat.shape == (5 * 7 * 4, 1) and flat.squeeze(1).equal((x >= 0).flatten())
 
 
 def test_check_conversion_reports_a_mismatch(small_onnx: Path) -> None:
     loaded = load_onnx(small_onnx)
-    x = torch.randn(4, 3, 16, 16)
+    x = loaded.bind(Inputs.single(torch.randn(4, 3, 16, 16)))
     assert check_conversion(loaded, small_onnx, x) < 1e-4
     with torch.no_grad():
         loaded.module.get_submodule("fc/Gemm").bias.add_(1.0)

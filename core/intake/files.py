@@ -70,7 +70,7 @@ def compress_files(model_path: Path | str, data_path: Path, target: Target, opti
     input/output names, dtypes and dynamic axes."""
     intake.validate()
     model = open_model(model_path, intake, weights=weights)
-    data = open_data(Path(data_path), model, intake)
+    data = model.bind(open_data(Path(data_path), model, intake))
     _check_onnx_conversion(model, model_path, data)
     result = prune_and_export(model.module, data, target, options, out_dir, progress, should_cancel,
                               onnx_spec=model.onnx_spec)
@@ -93,12 +93,12 @@ def _save_pretrained(result: Result, model: LoadedModel, data: Dataset, out_dir:
 
 
 def _check_onnx_conversion(model: LoadedModel, model_path: Path | str, data: Dataset) -> None:
-    """The converted module must compute what ONNX Runtime computes, on the user's own inputs."""
+    """The converted module must compute what ONNX Runtime computes, on the user's own inputs (bound)."""
     if model.format == "onnx" and model.onnx_spec is not None:  # an ONNX upload always has its spec
         from core.intake.onnx_io import OnnxModel, check_conversion
 
-        converted = OnnxModel(model.module, model.onnx_spec, model.notes)
-        check_conversion(converted, Path(model_path), data.inputs.first[:32])
+        converted = OnnxModel(model.module, model.onnx_spec, model.notes, model.input_aliases)
+        check_conversion(converted, Path(model_path), data.inputs[:32])
 
 
 def inspect_files(model_path: Path | str, data_path: Path | None, target: Target | None,
@@ -106,7 +106,7 @@ def inspect_files(model_path: Path | str, data_path: Path | None, target: Target
     """The preflight report (see core.run.preflight) for files, without pruning anything."""
     intake.validate()
     model = open_model(model_path, intake, weights=weights)
-    data = None if data_path is None else open_data(Path(data_path), model, intake)
+    data = None if data_path is None else model.bind(open_data(Path(data_path), model, intake))
     has_data = data is not None
     if data is not None:
         _check_onnx_conversion(model, model_path, data)

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from core.data import Dataset
 from core.export.spec import OnnxSpec
 from core.inputs import Inputs
 
@@ -21,8 +22,14 @@ class LoadedModel:
     example: Inputs | None = None
     tokenizer: Any = None
     onnx_spec: OnnxSpec | None = None  # of an ONNX upload: the export keeps its names and axes
+    # the names the data calls the inputs -> the forward parameters they feed (an ONNX upload's input names)
+    input_aliases: dict[str, str] = field(default_factory=dict)
     label_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+
+    def bind(self, data: Dataset) -> Dataset:
+        """`data` named and ordered as the module takes it; DataError names the inputs as the data does."""
+        return data.bound(self.module, self.input_aliases)
 
     @property
     def input_channels(self) -> int | None:

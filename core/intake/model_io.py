@@ -125,9 +125,8 @@ def _load_onnx(path: Path, intake: IntakeOptions) -> LoadedModel:
     from core.intake.onnx_io import load_onnx
 
     converted = load_onnx(path)
-    example = None if converted.example is None else Inputs.single(converted.example)
-    return LoadedModel(converted.module, "onnx", example=example, onnx_spec=converted.spec,
-                       notes=list(converted.notes))
+    return LoadedModel(converted.module, "onnx", example=converted.example, onnx_spec=converted.spec,
+                       input_aliases=converted.parameters, notes=list(converted.notes))
 
 
 def _load_weights(path: Path, intake: IntakeOptions) -> LoadedModel:

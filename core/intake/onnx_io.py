@@ -1,12 +1,15 @@
 """ONNX in: reading an uploaded .onnx file safely and converting it to a prunable PyTorch module.
 
-The converted module is an onnx2torch fx.GraphModule; the pipeline prunes it like any other
-model, and `OnnxSpec` carries the original interface (names, dtype, dynamic axes) to the export.
+The converted module is an onnx2torch fx.GraphModule whose forward parameters are named after
+the ONNX inputs; the pipeline prunes it like any other model, and `OnnxSpec` carries the original
+interface (names, dtypes, dynamic axes of every input and output) to the export.
 """
 
 from __future__ import annotations
 
+import keyword
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -21,6 +24,8 @@ from torch import nn
 from core.errors import DataError, InputFileError, first_line
 from core.export.spec import BATCH_AXIS_NAME, ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
 from core.graph.outputs import named_outputs
+from core.inputs import Inputs
+from core.intake.onnx_ops import linear_layers, register_converters
 
 _REEXPORT_HINT = (
     "Re-export the model with torch.onnx.export(model, example, 'model.onnx', input_names=['input'], "
@@ -28,6 +33,8 @@ _REEXPORT_HINT = (
 )
 # Protobuf cannot hold more than 2 GiB; bigger models need external data, which uploads cannot carry.
 _MAX_PROTO_BYTES = 2**31 - 1
+# The sequence length of an example without data, for an integer input (token ids, a mask) whose second axis is dynamic
+_EXAMPLE_SEQUENCE = 8
 
 
 @dataclass
@@ -35,7 +42,12 @@ class OnnxModel:
     module: nn.Module  # eval mode, on the CPU
     spec: OnnxSpec
     notes: list[str]
-    example: torch.Tensor | None = None  # an input of the declared shape, when every axis is known
+    parameters: dict[str, str]  # ONNX input name -> the module's forward parameter it feeds
+    example: Inputs | None = None  # inputs of the declared shapes (bound), when every axis can be chosen
+
+    def bind(self, inputs: Inputs) -> Inputs:
+        """`inputs`, named like the ONNX inputs (a single one may be x), as the module takes them."""
+        return inputs.bind(self.module, self.parameters)
 
 
 def load_onnx(path: Path) -> OnnxModel:
@@ -45,19 +57,27 @@ def load_onnx(path: Path) -> OnnxModel:
     _load_external_data(proto, path)
     _check(proto, path)
     spec, notes = _spec_of(proto, path)
-    proto = _slim(proto, notes)
+    slimmed = _slim(proto, notes)
+    _require_used_inputs(proto, slimmed, path)
+    proto = slimmed
+    register_converters()
     _require_converters(proto, path)
     module = _convert(proto, path)
+    linear_layers(module)
+    # the module takes the inputs in the converted graph's order, which the export must follow
+    spec.input_names = [value.name for value in _graph_inputs(proto)]
+    parameters = _name_parameters(module, spec.input_names)
     reshapes = _constant_reshapes(module)
-    example = _example_input(proto, spec)
+    example = _example_inputs(proto, spec, parameters)
     if reshapes and example is not None:
         _generalise_constant_reshapes(module, reshapes, example, path)
     elif reshapes:
         notes.append(f"{len(reshapes)} reshape(s) to a constant shape were left as they are (the input has dynamic "
-                     "axes besides the batch); pruning the channels that reach them would break the model.")
+                     "axes besides the batch and a token sequence); pruning the channels that reach them would "
+                     "break the model.")
     # block removal looks for residual submodules; a converted graph is one flat module
     notes.append("Stage 2 (block removal) does not apply to models converted from ONNX; filters are pruned.")
-    return OnnxModel(module=module.eval(), spec=spec, notes=notes, example=example)
+    return OnnxModel(module=module.eval(), spec=spec, notes=notes, parameters=parameters, example=example)
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -160,24 +180,23 @@ def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def _spec_of(proto: onnx.ModelProto, path: Path) -> tuple[OnnxSpec, list[str]]:
-    """The interface to export the pruned model with, and notes on what cannot be kept."""
+    """The interface to export the pruned model with (every input and output), and notes on what cannot be kept."""
     inputs, outputs = _graph_inputs(proto), list(proto.graph.output)
-    if len(inputs) != 1 or not inputs[0].type.HasField("tensor_type"):
-        names = ", ".join(value.name for value in inputs) or "none"
-        raise InputFileError(
-            f"{path.name} takes {len(inputs)} inputs ({names}); a classifier with a single input tensor is needed.",
-            hint="Export the model with one image/feature tensor as its only input.", code="unsupported_onnx_inputs",
-        )
-    notes = []
-    (tensor_input,) = inputs
-    if 0 not in _dynamic_axes(tensor_input):
-        notes.append(f"Input {tensor_input.name!r} has a fixed batch size; the pruned model takes any batch size.")
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_input.type.tensor_type.elem_type)
+    others = [value.name for value in inputs if not value.type.HasField("tensor_type")]
+    if not inputs or others:
+        found = f"inputs that are not tensors ({', '.join(others)})" if others else "no inputs"
+        raise InputFileError(f"{path.name} takes {found}; a classifier takes one or more input tensors.",
+                             hint="Export the model with tensors (images, features, token ids) as its inputs.",
+                             code="unsupported_onnx_inputs")
+    fixed = [value.name for value in inputs if 0 not in _dynamic_axes(value)]
+    notes = [f"Input(s) {', '.join(map(repr, fixed))} have a fixed batch size; the pruned model takes any batch "
+             "size."] if fixed else []
     spec = OnnxSpec(
-        input_names=[tensor_input.name],
+        input_names=[value.name for value in inputs],
         output_names=[value.name for value in outputs],
-        dynamic_axes={value.name: _dynamic_axes(value) for value in [tensor_input, *outputs]},
-        input_dtypes={tensor_input.name: np.dtype(dtype).name},
+        dynamic_axes={value.name: _dynamic_axes(value) for value in [*inputs, *outputs]},
+        input_dtypes={value.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)).name
+                      for value in inputs},
     )
     return spec, notes
 
@@ -205,6 +224,19 @@ def _slim(proto: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
         notes.append("onnxslim could not simplify the graph; converted it as is.")
         return proto
     return slimmed
+
+
+def _require_used_inputs(original: onnx.ModelProto, slimmed: onnx.ModelProto, path: Path) -> None:
+    """onnxslim drops inputs no output depends on, and so does torch.onnx.export: the pruned model
+    could not keep such an input of the interface."""
+    kept = {value.name for value in _graph_inputs(slimmed)}
+    unused = [value.name for value in _graph_inputs(original) if value.name not in kept]
+    if unused:
+        raise InputFileError(
+            f"{path.name} declares input(s) {', '.join(unused)} that none of its outputs depend on; the pruned "
+            "model could not keep them.", hint="Export the model without the inputs it does not use.",
+            code="unused_onnx_inputs",
+        )
 
 
 def _require_converters(proto: onnx.ModelProto, path: Path) -> None:
@@ -245,17 +277,47 @@ def _convert(proto: onnx.ModelProto, path: Path) -> fx.GraphModule:
                              f"{first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed") from exc
 
 
-def _example_input(proto: onnx.ModelProto, spec: OnnxSpec) -> torch.Tensor | None:
-    """A zero input of the declared shape (batch 2 when dynamic), or None when other axes are dynamic."""
-    (value,) = _graph_inputs(proto)
-    dims = value.type.tensor_type.shape.dim
-    shape = [dim.dim_value if dim.HasField("dim_value") else None for dim in dims]
-    if not shape or None in shape[1:]:
-        return None
-    # past the check only the batch axis may be dynamic (None); it takes 2, the rest are all sizes
-    sizes = [shape[0] or 2] + [size for size in shape[1:] if size is not None]
-    dtype = getattr(torch, spec.input_dtypes[value.name])
-    return torch.zeros(sizes, dtype=dtype)
+def _name_parameters(module: fx.GraphModule, names: list[str]) -> dict[str, str]:
+    """Name the module's forward parameters (onnx2torch numbers them input_1, ...) after the ONNX inputs,
+    as far as Python allows; returns ONNX input name -> parameter name."""
+    placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
+    # a parameter must not shadow a name the generated code uses (another node, a global like torch)
+    used = set(re.findall(r"\w+", module.code)) | {"self"}
+    parameters: dict[str, str] = {}
+    for node, name in zip(placeholders, names, strict=True):
+        parameter = re.sub(r"\W", "_", name)
+        if not parameter or parameter[0].isdigit() or keyword.iskeyword(parameter):
+            parameter = "_" + parameter
+        while (parameter in used and parameter != node.name) or parameter in parameters.values():
+            parameter += "_"
+        # the generated forward takes the placeholder's target as its parameter
+        node.target = parameter
+        parameters[name] = parameter
+    module.recompile()
+    return parameters
+
+
+def _example_inputs(proto: onnx.ModelProto, spec: OnnxSpec, parameters: dict[str, str]) -> Inputs | None:
+    """Inputs of the declared shapes for sizing a model without data: zeros (ones for a mask), a dynamic
+    batch of 2, a dynamic sequence of _EXAMPLE_SEQUENCE for an integer input; None when another
+    axis is dynamic, since no size can be chosen for it."""
+    tensors = {}
+    for value in _graph_inputs(proto):
+        dtype = getattr(torch, spec.input_dtypes[value.name])
+        sizes = [_example_size(axis, dim, dtype) for axis, dim in enumerate(value.type.tensor_type.shape.dim)]
+        if not sizes or None in sizes:
+            return None
+        fill = torch.ones if "mask" in value.name.lower() else torch.zeros
+        tensors[parameters[value.name]] = fill([size for size in sizes if size is not None], dtype=dtype)
+    return Inputs(tensors)
+
+
+def _example_size(axis: int, dim: onnx.TensorShapeProto.Dimension, dtype: torch.dtype) -> int | None:
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    if axis == 0:
+        return 2
+    return _EXAMPLE_SEQUENCE if axis == 1 and not dtype.is_floating_point else None
 
 
 def _constant_reshapes(module: fx.GraphModule) -> list[fx.Node]:
@@ -267,7 +329,7 @@ def _constant_reshapes(module: fx.GraphModule) -> list[fx.Node]:
             and len(node.args) == 2 and getattr(node.args[1], "op", None) == "get_attr"]
 
 
-def _generalise_constant_reshapes(module: fx.GraphModule, reshapes: list[fx.Node], example: torch.Tensor,
+def _generalise_constant_reshapes(module: fx.GraphModule, reshapes: list[fx.Node], example: Inputs,
                                   path: Path) -> None:
     """Turn reshapes to constant shapes that flatten trailing axes into torch.flatten.
 
@@ -290,7 +352,7 @@ def _generalise_constant_reshapes(module: fx.GraphModule, reshapes: list[fx.Node
     module.recompile()
 
 
-def _shapes_at(module: fx.GraphModule, nodes: list[fx.Node], example: torch.Tensor,
+def _shapes_at(module: fx.GraphModule, nodes: list[fx.Node], example: Inputs,
                path: Path) -> dict[str, tuple[torch.Size, torch.Size]]:
     """Input and output shapes of each of the `nodes` (call_module), from one forward pass."""
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
@@ -303,10 +365,10 @@ def _shapes_at(module: fx.GraphModule, nodes: list[fx.Node], example: torch.Tens
     handles = [module.get_submodule(str(node.target)).register_forward_hook(record(node.name)) for node in nodes]
     try:
         with torch.no_grad():
-            module.eval()(example)
-    except Exception as exc:  # the converted graph fails on an input of its own declared shape
+            example.call(module.eval())
+    except Exception as exc:  # the converted graph fails on inputs of its own declared shapes
         raise InputFileError(
-            f"{path.name} converts to PyTorch but fails on an input of shape {tuple(example.shape)} "
+            f"{path.name} converts to PyTorch but fails on inputs of shapes {_shapes(example)} "
             f"({exc.__class__.__name__}: {first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed",
         ) from exc
     finally:
@@ -326,14 +388,20 @@ def _flatten_start(before: torch.Size, after: torch.Size) -> int | None:
     return start
 
 
+def _shapes(inputs: Inputs) -> str:
+    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in inputs.tensors.items())
+
+
 @torch.no_grad()
-def check_conversion(model: OnnxModel, onnx_path: Path, sample: torch.Tensor) -> float:
-    """Max abs difference between ONNX Runtime on the original file and the converted module on `sample`.
+def check_conversion(model: OnnxModel, onnx_path: Path, sample: Inputs) -> float:
+    """Max abs difference, over every output, between ONNX Runtime on the original file and the converted
+    module on `sample` (bound to the module: OnnxModel.bind).
 
     Raises InputFileError (code onnx_conversion_mismatch) past ONNX_RELATIVE_TOLERANCE relative.
     """
-    expected = _run_original(model.spec, Path(onnx_path), sample)
-    converted = list(named_outputs(model.module.eval()(sample.cpu())).values())
+    sample = sample.to("cpu")
+    expected = _run_original(model, Path(onnx_path), sample)
+    converted = list(named_outputs(sample.call(model.module.eval())).values())
     if len(converted) != len(expected):
         raise InputFileError(
             f"The converted model has {len(converted)} outputs where the ONNX model has {len(expected)}.",
@@ -350,8 +418,10 @@ def _agreement(name: str, got: np.ndarray, expected: np.ndarray) -> float:
             f"The converted model outputs shape {got.shape} where ONNX Runtime gives {expected.shape} for {name!r}.",
             hint=_REEXPORT_HINT, code="onnx_conversion_mismatch",
         )
-    max_abs = float(np.abs(got - expected).max())
-    scale = float(np.abs(expected).max()) or 1.0
+    # as float64: outputs may be integers or booleans (a mask), which numpy does not subtract
+    got, expected = got.astype(np.float64), expected.astype(np.float64)
+    max_abs = float(np.abs(got - expected).max(initial=0.0))
+    scale = float(np.abs(expected).max(initial=0.0)) or 1.0
     if max_abs / scale > ONNX_RELATIVE_TOLERANCE:
         raise InputFileError(
             f"The PyTorch conversion of the ONNX model disagrees with ONNX Runtime on {name!r}: max abs diff "
@@ -362,8 +432,8 @@ def _agreement(name: str, got: np.ndarray, expected: np.ndarray) -> float:
     return max_abs
 
 
-def _run_original(spec: OnnxSpec, onnx_path: Path, sample: torch.Tensor) -> list[np.ndarray]:
-    """Every output of the ONNX model on `sample`, in the graph's order."""
+def _run_original(model: OnnxModel, onnx_path: Path, sample: Inputs) -> list[np.ndarray]:
+    """Every output of the ONNX model on `sample` (fed by ONNX input name), in the graph's order."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -373,18 +443,22 @@ def _run_original(spec: OnnxSpec, onnx_path: Path, sample: torch.Tensor) -> list
     except Exception as exc:  # the file passed onnx.checker, but ORT can still refuse it
         raise InputFileError(f"ONNX Runtime cannot load {onnx_path.name}: {first_line(exc)}.",
                              hint=_REEXPORT_HINT, code="invalid_onnx") from exc
-    declared = session.get_inputs()[0]
-    feed = sample.cpu().numpy().astype(onnx_input_dtype(declared.type))
+    declared = {arg.name: arg for arg in session.get_inputs()}
+    feed = {name: sample.tensors[parameter].numpy().astype(onnx_input_dtype(declared[name].type))
+            for name, parameter in model.parameters.items()}
     # a model exported at a fixed batch size runs on the sample in slices of that size
-    step = declared.shape[0] if declared.shape and isinstance(declared.shape[0], int) else len(feed)
+    fixed = [arg.shape[0] for arg in declared.values() if arg.shape and isinstance(arg.shape[0], int)]
+    step = fixed[0] if fixed else len(sample)
     try:
-        slices = [session.run(spec.output_names, {declared.name: feed[i : i + step]})
-                  for i in range(0, len(feed), step)]
+        slices = [session.run(model.spec.output_names, {name: array[i : i + step] for name, array in feed.items()})
+                  for i in range(0, len(sample), step)]
         return [np.concatenate(parts) for parts in zip(*slices)]
     except Exception as exc:  # wrong rank, shape or size for this model
+        shapes = ", ".join(f"{name} {array.shape[1:]}" for name, array in feed.items())
+        expected = ", ".join(f"{name} {declared[name].shape}" for name in feed)
         raise DataError(
-            f"The ONNX model rejects inputs of shape {tuple(sample.shape[1:])} (per sample); it declares "
-            f"{declared.shape}: {first_line(exc)}.",
-            hint="Store x with the shape the model takes, samples on the first axis.", code="onnx_input_mismatch",
+            f"The ONNX model rejects inputs of shapes {shapes} (per sample); it declares {expected}: "
+            f"{first_line(exc)}.", hint="Store each input with the shape the model takes, samples on the first axis.",
+            code="onnx_input_mismatch",
         ) from exc
 

@@ -34,6 +34,7 @@ from core.run.stages import group_candidates, last_layer_of_its_stack, prune_fil
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
 from core.surgery.plan import make_plan
+from core.surgery.units import UnitKind
 
 
 @dataclass
@@ -65,6 +66,17 @@ def _drop_training_only_heads(model: nn.Module) -> list[str]:
 
 DEFAULT_LR = 1e-3
 TRANSFORMER_LR = 1e-4
+
+
+def _uncut_notes(cache: RunCache) -> list[str]:
+    """Channel groups left whole because removing one channel breaks the model or changes an output."""
+    uncut = [key.name for key, cuttable in cache.cuttable.items() if not cuttable and key.kind is UnitKind.CHANNELS]
+    if not uncut:
+        return []
+    shown = ", ".join(uncut[:6]) + (", ..." if len(uncut) > 6 else "")
+    return [f"{len(uncut)} channel group(s) were left unpruned: removing one of their channels breaks the model or "
+            f"changes an output's shape (a reshape into fixed-size attention heads or to a computed hidden size, "
+            f"an output's width): {shown}."]
 
 
 def _attention_notes(model: nn.Module) -> list[str]:
@@ -262,7 +274,7 @@ def prune_and_export(
         reachable_reduction={k: round(v, 4) for k, v in reachable.items()},
         stop_reason=stop_reason,
         message=_explain(stop_reason, met, reduction, target),
-        notes=notes,
+        notes=notes + _uncut_notes(cache),
         device=str(spec.device),
         options=spec.options,
         seconds=round(time.monotonic() - started, 3),
