@@ -54,7 +54,11 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "idap_stage1": ("divergence", ("filters",), "IDAP++ stage 1 only"),
     "l2": ("l2", ("filters",), "torch-pruning l2"),
     "taylor": ("taylor", ("filters",), "torch-pruning taylor"),
+    # The same fine-tuned model uploaded as its three-input ONNX export (input_ids, token_type_ids,
+    # attention_mask) with the same snippets tokenised into an .npz: the route a user of an exporter takes.
+    "idap_onnx": ("divergence", ("filters", "layers"), "IDAP++ from the ONNX export"),
 }
+ONNX_ROUTE = "idap_onnx"
 DEFAULT_METHODS = ("idap", "l2", "taylor")
 
 
@@ -168,6 +172,15 @@ def latency_samples(tokenizer: Any, texts: Sequence[str], lengths: Sequence[int]
     return samples
 
 
+def onnx_params(path: Path) -> int:
+    """Floating-point weights stored in an ONNX file (its float initializers), whichever route made it."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return sum(int(np.prod(t.dims)) for t in graph.initializer
+               if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f")
+
+
 def onnx_top1(path: Path, data: Dataset, batch_size: int = 64) -> float:
     """Top-1 of an exported model.onnx on token ids, single-threaded like the latency."""
     import onnxruntime as ort
@@ -209,6 +222,8 @@ class Inputs:
 
     model_zip: Path
     train_jsonl: Path
+    original_onnx: Path  # the fine-tuned model exported with every tokenizer input
+    train_npz: Path  # train_jsonl tokenised, one array per ONNX input, and labels
     original: LoadedModel
     eval_data: Dataset
     eval_texts: list[str]
@@ -231,17 +246,23 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
     row: dict[str, Any] = {"method": method, "label": label, "level": level, "criterion": criterion,
                            "stages": list(stages), "error": None}
     log(f"{name}: compressing")
-    target = Target(params_reduction=level * before["share"][settings.scope],
-                    max_accuracy_drop=settings.max_accuracy_drop)
+    # the converted ONNX graph holds the embedding tables as constants, which compress does not count
+    # as parameters: its target is scaled so that both routes remove the same number of parameters
+    share = before["share"][settings.scope] * (before["params"] / before["onnx_route_params"]
+                                               if method == ONNX_ROUTE else 1.0)
+    target = Target(params_reduction=level * share, max_accuracy_drop=settings.max_accuracy_drop)
+    model, data = (inputs.original_onnx, inputs.train_npz) if method == ONNX_ROUTE else \
+        (inputs.model_zip, inputs.train_jsonl)
     try:
-        result = compress_files(inputs.model_zip, inputs.train_jsonl, target, options_for(method, settings),
+        result = compress_files(model, data, target, options_for(method, settings),
                                 IntakeOptions(max_length=settings.max_length), out_root / f"{method}_{level:g}",
                                 progress=_progress(name))
         onnx_path = result.artifacts["model.onnx"]
         accuracy = onnx_top1(onnx_path, inputs.eval_data)
         macs, params = count_macs_params(result.model, inputs.example)
-        encoder = encoder_params(result.model)
-        shape = architecture(result.model)
+        # a converted ONNX graph has no BERT modules to count or describe
+        encoder = None if method == ONNX_ROUTE else encoder_params(result.model)
+        shape = None if method == ONNX_ROUTE else architecture(result.model)
     except Exception:
         row["error"] = traceback.format_exc()
         log(f"{name}: FAILED\n{row['error']}")
@@ -253,8 +274,12 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
         "heldout_accuracy_before": report.accuracy_before, "heldout_accuracy_after": report.accuracy_after,
         "params_before": before["params"], "params_after": params,
         "params_reduction": round(_reduction(before["params"], params), 4),
+        # what both routes can be compared on: the weights in the exported files
+        "onnx_params_before": before["onnx_params"], "onnx_params_after": onnx_params(onnx_path),
+        "onnx_params_reduction": round(_reduction(before["onnx_params"], onnx_params(onnx_path)), 4),
         "encoder_params_before": before["encoder_params"], "encoder_params_after": encoder,
-        "encoder_params_reduction": round(_reduction(before["encoder_params"], encoder), 4),
+        "encoder_params_reduction": None if encoder is None
+        else round(_reduction(before["encoder_params"], encoder), 4),
         "macs_before": before["macs"], "macs_after": macs, "macs_reduction": round(_reduction(before["macs"], macs), 4),
         "architecture_after": shape,
         "removed_blocks": report.removed_blocks,
@@ -266,8 +291,8 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
         "notes": report.notes, "onnx_max_abs_diff": report.onnx_max_abs_diff,
         "wall_s": report.seconds, "onnx": str(onnx_path),
     }
-    log(f"{name}: eval top-1 {accuracy:.4f} (drop {row['drop_points']:.2f} pts), params -{row['params_reduction']:.1%}"
-        f" (encoder -{row['encoder_params_reduction']:.1%}), MACs -{row['macs_reduction']:.1%}, {row['wall_s']:.0f} s")
+    log(f"{name}: eval top-1 {accuracy:.4f} (drop {row['drop_points']:.2f} pts), "
+        f"ONNX weights -{row['onnx_params_reduction']:.1%}, MACs -{row['macs_reduction']:.1%}, {row['wall_s']:.0f} s")
     return row
 
 
@@ -288,7 +313,14 @@ def prepare_inputs(settings: Settings, cache_dir: Path, work_dir: Path) -> tuple
     original = open_model(model_zip, intake)
     eval_data = open_data(eval_jsonl, original, intake)
     example = latency_samples(original.tokenizer, eval_texts, [settings.max_length])[settings.max_length]
-    return Inputs(model_zip, train_jsonl, original, eval_data, eval_texts, example), finetune
+    original_onnx = work_dir / "original.onnx"
+    export_onnx(original.module, example, original_onnx)
+    train = open_data(train_jsonl, original, intake)
+    train_npz = data_dir / "train.npz"
+    assert train.y is not None  # the snippets all have labels
+    np.savez(train_npz, labels=train.y.numpy(), **train.inputs.numpy())
+    return Inputs(model_zip, train_jsonl, original_onnx, train_npz, original, eval_data, eval_texts,
+                  example), finetune
 
 
 def run(settings: Settings, cache_dir: Path, out: Path) -> dict[str, Any]:
@@ -298,12 +330,14 @@ def run(settings: Settings, cache_dir: Path, out: Path) -> dict[str, Any]:
     runs_dir = out.parent / f"{out.stem}_runs"
     inputs, finetune = prepare_inputs(settings, cache_dir, runs_dir)
     module = inputs.original.module
-    original_onnx = runs_dir / "original.onnx"
-    export_onnx(module, inputs.example, original_onnx)
+    original_onnx = inputs.original_onnx
     macs, params = count_macs_params(module, inputs.example)
     before = {"accuracy": onnx_top1(original_onnx, inputs.eval_data), "params": params,
               "encoder_params": encoder_params(module), "macs": macs, "architecture": architecture(module)}
     before["share"] = {"model": 1.0, "encoder": before["encoder_params"] / params}
+    before["onnx_params"] = onnx_params(original_onnx)
+    converted = open_model(original_onnx, IntakeOptions()).module
+    before["onnx_route_params"] = sum(p.numel() for p in converted.parameters())
     log(f"Original: eval top-1 {before['accuracy']:.4f} on {len(inputs.eval_data)} snippets, "
         f"{params / 1e6:.2f} M params ({before['encoder_params'] / 1e6:.2f} M in the encoder)")
 
@@ -332,8 +366,10 @@ def run(settings: Settings, cache_dir: Path, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- output
 
 def _shape(row: dict[str, Any]) -> str:
-    """e.g. `h320, heads 12×6, mlp 1240/968/…` with removed layers as `-`."""
+    """e.g. `h320, heads 12×6, mlp 1240/968/…` with removed layers as `-`; "–" for a converted ONNX graph."""
     shape = row["architecture_after"]
+    if shape is None:
+        return "–"
     layers = shape["layers"]
     kept = [layer for layer in layers if layer is not None]
     heads = "/".join(str(layer["heads"]) if layer else "-" for layer in layers)
@@ -341,10 +377,14 @@ def _shape(row: dict[str, Any]) -> str:
     return f"h{shape['hidden']}, {len(kept)} layers, heads {heads}, mlp {mlp}"
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
 def markdown_table(rows: list[dict[str, Any]], settings: Settings) -> str:
     lat_keys = [f"seq_{length}_batch_{batch}" for length in settings.latency_seq_lengths
                 for batch in settings.latency_batches]
-    header = ["Method", "Level", "Acc before", "Acc after", "Drop (pts)", "Params red.", "Encoder params red.",
+    header = ["Method", "Level", "Acc before", "Acc after", "Drop (pts)", "ONNX weights red.", "Encoder params red.",
               "MACs red. (seq 64)", *[f"ORT {k.replace('_batch_', ' b').replace('seq_', 's')} ms" for k in lat_keys],
               "Shape after", "Steps", "Recovery its", "Stop", "Wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -357,9 +397,9 @@ def markdown_table(rows: list[dict[str, Any]], settings: Settings) -> str:
                        f"({-row['latency_reduction'][k]:+.0%})" for k in lat_keys]
             cells = [
                 row["label"], f"{row['level']:.0%}", f"{row['accuracy_before']:.2%}", f"{row['accuracy_after']:.2%}",
-                f"{row['drop_points']:.2f}", f"{row['params_reduction']:.1%}", f"{row['encoder_params_reduction']:.1%}",
-                f"{row['macs_reduction']:.1%}", *latency, _shape(row), str(row["steps"]),
-                str(row["recovery_iterations_total"]),
+                f"{row['drop_points']:.2f}", f"{row['onnx_params_reduction']:.1%}",
+                _percent(row["encoder_params_reduction"]), f"{row['macs_reduction']:.1%}", *latency, _shape(row),
+                str(row["steps"]), str(row["recovery_iterations_total"]),
                 row["stop_reason"] + ("" if row["target_met"] else " (target missed)"), f"{row['wall_s']:.0f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
