@@ -123,6 +123,24 @@ def test_quick_minilm_benchmark_at_encoder_scope_keeps_the_hidden_size(tmp_path:
     assert "shares of the encoder" in done.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(minilm.missing_packages() is not None, reason=str(minilm.missing_packages()))
+def test_quick_minilm_benchmark_onnx_route_removes_as_much_as_the_hugging_face_route(tmp_path: Path) -> None:
+    out = tmp_path / "minilm.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.minilm_rotten_tomatoes", "--quick", "--methods",
+                           "idap,idap_onnx", "--levels", "0.2", "--cache-dir", str(tmp_path / "cache"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    for row in rows.values():
+        assert row["error"] is None, row["error"]
+        assert row["target_met"] and 0.0 <= row["accuracy_after"] <= 1.0
+    # both routes remove the same share of the weights in their ONNX files (the ONNX route's target is scaled)
+    assert abs(rows["idap"]["onnx_params_reduction"] - rows["idap_onnx"]["onnx_params_reduction"]) < 0.03
+    assert rows["idap_onnx"]["onnx_params_reduction"] >= 0.17
+    assert "| IDAP++ from the ONNX export | 20% |" in done.stdout
+
+
 def test_compensation_benchmark_measures_real_tokens_and_orders_the_fits() -> None:
     from benchmarks.minilm_compensation import consumer_inputs, relative_error, removed_inputs
     from core.importance.statistics import InputMoments, InputStats
