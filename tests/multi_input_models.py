@@ -12,6 +12,8 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.nn import functional as F
 
+from core.graph.outputs import select_output
+
 VOCAB = 32
 POSITIVE = range(1, VOCAB // 2)  # tokens that count for class 1; the others count for class 0
 LENGTH = 12
@@ -56,22 +58,30 @@ def token_task(n: int, length: int = LENGTH, seed: int = 0) -> Tokens:
     return Tokens(ids, mask, labels)
 
 
-def trained_token_classifier(data: Tokens, steps: int = 300) -> TokenClassifier:
-    model = token_classifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    ids, mask = torch.from_numpy(data.input_ids), torch.from_numpy(data.attention_mask)
-    labels = torch.from_numpy(data.labels)
+def fit(model: nn.Module, inputs: dict[str, np.ndarray], labels: np.ndarray, steps: int = 300,
+        lr: float = 3e-3) -> nn.Module:
+    """`model` trained briefly with Adam on seeded random batches of 64 (inputs by name; the logits are its
+    output, or a ModelOutput's), returned in eval mode."""
+    tensors = {name: torch.from_numpy(array) for name, array in inputs.items()}
+    targets = torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        batch = torch.randint(0, len(labels), (64,), generator=generator)
-        loss = F.cross_entropy(model(ids[batch], mask[batch]), labels[batch])
+        batch = torch.randint(0, len(targets), (64,), generator=generator)
+        loss = F.cross_entropy(select_output(model(**{name: t[batch] for name, t in tensors.items()}), None),
+                               targets[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return model.eval()
 
 
-def write_token_files(directory: Path, n: int = 768) -> tuple[Path, Path, TokenClassifier]:
+def trained_token_classifier(data: Tokens, steps: int = 300) -> nn.Module:
+    return fit(token_classifier(), {"input_ids": data.input_ids, "attention_mask": data.attention_mask},
+               data.labels, steps)
+
+
+def write_token_files(directory: Path, n: int = 768) -> tuple[Path, Path, nn.Module]:
     """(weights.safetensors, data.npz with input_ids, attention_mask and labels, the trained model)."""
     data = token_task(n)
     model = trained_token_classifier(token_task(4096, seed=1))

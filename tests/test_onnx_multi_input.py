@@ -12,14 +12,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch.nn import functional as F
 
 from core import cli
 from core.errors import UserError
 from core.intake.files import compress_files, inspect_files
 from core.options import CompressOptions, IntakeOptions, Target
 from core.report import InputSignature
-from tests.multi_input_models import ImageAndFeatures
+from tests.multi_input_models import ImageAndFeatures, fit
 
 FAST = CompressOptions(recovery_iterations=20, final_recovery_iterations=60, latency_runs=1, batch_size=64, seed=0)
 BUDGET = 0.03
@@ -37,19 +36,12 @@ def _task(n: int, seed: int) -> dict[str, np.ndarray]:
     return {"image": image, "features": features, "labels": labels.astype(np.int64)}
 
 
-def _trained(steps: int = 300) -> ImageAndFeatures:
+def _trained(steps: int = 300) -> torch.nn.Module:
     torch.manual_seed(0)
     model = ImageAndFeatures()
-    data = {name: torch.from_numpy(array) for name, array in _task(4096, seed=1).items()}
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = torch.randint(0, len(data["labels"]), (64,), generator=generator)
-        loss = F.cross_entropy(model(data["image"][batch], data["features"][batch]), data["labels"][batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    data = _task(4096, seed=1)
+    labels = data.pop("labels")
+    return fit(model, data, labels, steps)
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch.nn import functional as F
 
 from core.intake.files import compress_files, inspect_files
 from core.options import CompressOptions, IntakeOptions, Target
 from core.report import InputSignature
-from tests.multi_input_models import LENGTH, Tokens, token_task
+from tests.multi_input_models import LENGTH, Tokens, fit, token_task
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,17 +36,8 @@ def _trained_bert(steps: int = 300) -> torch.nn.Module:
                                      attn_implementation="eager")
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
-    data = {name: torch.from_numpy(array) for name, array in _feed(token_task(4096, seed=1)).items()}
-    labels = torch.from_numpy(token_task(4096, seed=1).labels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = torch.randint(0, len(labels), (64,), generator=generator)
-        loss = F.cross_entropy(model(**{name: t[batch] for name, t in data.items()}).logits, labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    tokens = token_task(4096, seed=1)
+    return fit(model, _feed(tokens), tokens.labels, steps, lr=1e-3)
 
 
 @pytest.fixture(scope="module")
