@@ -13,7 +13,6 @@ _DEFAULTS = CompressOptions()
 _INTAKE = IntakeOptions()
 
 
-
 class ExportFormat(StrEnum):
     """The model artifacts a job can ask for (report.json always comes)."""
 

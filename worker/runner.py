@@ -35,7 +35,6 @@ from worker.notify import fire
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Claim:
     """What one attempt needs of its job row, read when the attempt claimed it."""

@@ -56,7 +56,6 @@ def planned_units(plan: Plan) -> int:
     return sum(len(idxs) for idxs in plan.values())
 
 
-
 def score_groups(groups: list[PrunableGroup], scorer: GroupScorer, normalise: bool = True) -> list[torch.Tensor]:
     """Per-channel scores for each group, averaged over channel groups, normalised by the group mean
     unless the scorer's are comparable across groups already (`normalise=False`).
