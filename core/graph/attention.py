@@ -6,7 +6,8 @@ count and head size, and one output projection that consumes the concatenated he
 Hugging Face's BERT/ViT/RoBERTa-style self-attention is recognised as it is;
 `nn.MultiheadAttention` used as self-attention is first swapped for `SelfAttention`, which
 computes the same thing with an explicit head size (MultiheadAttention derives the head size
-from the embedding size, so it cannot lose heads). Anything else named like attention is
+from the embedding size, so it cannot lose heads). Attention in a graph converted from ONNX is
+grouped into a `GraphAttention` at intake (core.intake.onnx_attention). Anything else named like attention is
 reported as not recognised, and only the widths around it are pruned.
 """
 
@@ -73,6 +74,20 @@ class SelfAttention(nn.Module):
                                              dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class GraphAttention(nn.Module):
+    """The projections of one attention module found in a graph converted from ONNX, held together so
+    that `find_sites` sees a site. The graph calls the projections itself and never this module; its
+    reshapes into heads take the head count from the width (core.intake.onnx_attention), so removing
+    whole heads needs only the projections cut."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, out_proj: nn.Linear, num_heads: int,
+                 head_dim: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out_proj = q, k, v, out_proj
+        self.num_heads = num_heads
+        self.head_dim = head_dim
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,8 @@ interface (names, dtypes, dynamic axes of every input and output) to the export.
 from __future__ import annotations
 
 import keyword
-import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -25,6 +24,8 @@ from core.errors import DataError, InputFileError, first_line
 from core.export.spec import BATCH_AXIS_NAME, ONNX_RELATIVE_TOLERANCE, OnnxSpec, onnx_input_dtype
 from core.graph.outputs import named_outputs
 from core.inputs import Inputs
+from core.intake.fx_shapes import Shapes, flatten_start, shapes_at
+from core.intake.onnx_attention import prunable_heads
 from core.intake.onnx_ops import linear_layers, register_converters
 
 _REEXPORT_HINT = (
@@ -33,8 +34,11 @@ _REEXPORT_HINT = (
 )
 # Protobuf cannot hold more than 2 GiB; bigger models need external data, which uploads cannot carry.
 _MAX_PROTO_BYTES = 2**31 - 1
-# The sequence length of an example without data, for an integer input (token ids, a mask) whose second axis is dynamic
-_EXAMPLE_SEQUENCE = 8
+# The batch and sequence length of an example without data: dynamic batch axes take the first, the
+# second axis of an integer input (token ids, a mask) the second
+_EXAMPLE_SIZES = (2, 8)
+# Other sizes, to tell a reshape that holds for any batch and sequence from one that holds for these
+_OTHER_SIZES = (3, 5)
 
 
 @dataclass
@@ -71,6 +75,11 @@ def load_onnx(path: Path) -> OnnxModel:
     example = _example_inputs(proto, spec, parameters)
     if reshapes and example is not None:
         _generalise_constant_reshapes(module, reshapes, example, path)
+    if example is not None:
+        other = _example_inputs(proto, spec, parameters, _OTHER_SIZES)
+        assert other is not None  # the same axes as the example's are dynamic
+        module, head_notes = prunable_heads(module, [example, other])
+        notes += head_notes
     elif reshapes:
         notes.append(f"{len(reshapes)} reshape(s) to a constant shape were left as they are (the input has dynamic "
                      "axes besides the batch and a token sequence); pruning the channels that reach them would "
@@ -297,27 +306,29 @@ def _name_parameters(module: fx.GraphModule, names: list[str]) -> dict[str, str]
     return parameters
 
 
-def _example_inputs(proto: onnx.ModelProto, spec: OnnxSpec, parameters: dict[str, str]) -> Inputs | None:
+def _example_inputs(proto: onnx.ModelProto, spec: OnnxSpec, parameters: dict[str, str],
+                    sizes: tuple[int, int] = _EXAMPLE_SIZES) -> Inputs | None:
     """Inputs of the declared shapes for sizing a model without data: zeros (ones for a mask), a dynamic
-    batch of 2, a dynamic sequence of _EXAMPLE_SEQUENCE for an integer input; None when another
+    batch and sequence of `sizes` (the sequence for an integer input only); None when another
     axis is dynamic, since no size can be chosen for it."""
     tensors = {}
     for value in _graph_inputs(proto):
         dtype = getattr(torch, spec.input_dtypes[value.name])
-        sizes = [_example_size(axis, dim, dtype) for axis, dim in enumerate(value.type.tensor_type.shape.dim)]
-        if not sizes or None in sizes:
+        shape = [_example_size(axis, dim, dtype, sizes) for axis, dim in enumerate(value.type.tensor_type.shape.dim)]
+        if not shape or None in shape:
             return None
         fill = torch.ones if "mask" in value.name.lower() else torch.zeros
-        tensors[parameters[value.name]] = fill([size for size in sizes if size is not None], dtype=dtype)
+        tensors[parameters[value.name]] = fill([size for size in shape if size is not None], dtype=dtype)
     return Inputs(tensors)
 
 
-def _example_size(axis: int, dim: onnx.TensorShapeProto.Dimension, dtype: torch.dtype) -> int | None:
+def _example_size(axis: int, dim: onnx.TensorShapeProto.Dimension, dtype: torch.dtype,
+                  sizes: tuple[int, int]) -> int | None:
     if dim.HasField("dim_value"):
         return dim.dim_value
     if axis == 0:
-        return 2
-    return _EXAMPLE_SEQUENCE if axis == 1 and not dtype.is_floating_point else None
+        return sizes[0]
+    return sizes[1] if axis == 1 and not dtype.is_floating_point else None
 
 
 def _constant_reshapes(module: fx.GraphModule) -> list[fx.Node]:
@@ -340,7 +351,7 @@ def _generalise_constant_reshapes(module: fx.GraphModule, reshapes: list[fx.Node
     """
     shapes = _shapes_at(module, reshapes, example, path)
     for node in reshapes:
-        start = _flatten_start(*shapes[node.name]) if node.name in shapes else None
+        start = flatten_start(*shapes[node.name]) if node.name in shapes else None
         if start is None:
             continue
         with module.graph.inserting_before(node):
@@ -352,40 +363,14 @@ def _generalise_constant_reshapes(module: fx.GraphModule, reshapes: list[fx.Node
     module.recompile()
 
 
-def _shapes_at(module: fx.GraphModule, nodes: list[fx.Node], example: Inputs,
-               path: Path) -> dict[str, tuple[torch.Size, torch.Size]]:
-    """Input and output shapes of each of the `nodes` (call_module), from one forward pass."""
-    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
-
-    def record(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
-        def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            shapes.setdefault(name, (inputs[0].shape, output.shape))
-        return hook
-
-    handles = [module.get_submodule(str(node.target)).register_forward_hook(record(node.name)) for node in nodes]
+def _shapes_at(module: fx.GraphModule, nodes: list[fx.Node], example: Inputs, path: Path) -> dict[str, Shapes]:
     try:
-        with torch.no_grad():
-            example.call(module.eval())
+        return shapes_at(module, nodes, example)
     except Exception as exc:  # the converted graph fails on inputs of its own declared shapes
         raise InputFileError(
             f"{path.name} converts to PyTorch but fails on inputs of shapes {_shapes(example)} "
             f"({exc.__class__.__name__}: {first_line(exc)}).", hint=_REEXPORT_HINT, code="onnx_conversion_failed",
         ) from exc
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
-
-
-def _flatten_start(before: torch.Size, after: torch.Size) -> int | None:
-    """k such that `after` is `before` with the axes from k on folded into one, or None."""
-    if len(after) > len(before):
-        return None
-    start = len(after) - 1
-    # the longest common prefix keeps channels apart when the trailing axes are 1 ([N, C, 1, 1] -> [N, C, 1])
-    if list(before[:start]) != list(after[:start]) or after[start] != math.prod(before[start:]):
-        return None
-    return start
 
 
 def _shapes(inputs: Inputs) -> str:
