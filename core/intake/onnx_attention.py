@@ -30,7 +30,7 @@ from core.intake.fx_shapes import Shapes, shape_free, shapes_at
 from core.surgery.heads import remove_heads
 
 # how far a projection may be from the matmul it feeds (reshape, transpose, scale) and the like
-_MAX_HOPS = 6
+_MAX_HOPS = 8
 _PROJECTIONS = ("q", "k", "v", "out_proj")
 
 
@@ -59,7 +59,9 @@ def prunable_heads(module: fx.GraphModule, examples: list[Inputs]) -> tuple[fx.G
             module = trial
         else:
             left += 1
-    notes = [f"{len(found) - left} attention module(s) of the ONNX graph can lose whole heads."]
+    notes = []
+    if left < len(found):
+        notes.append(f"{len(found) - left} attention module(s) of the ONNX graph can lose whole heads.")
     if left:
         notes.append(f"{left} attention module(s) of the ONNX graph keep all their heads: their reshapes into "
                      "heads could not be made independent of the head count; the widths around them are pruned.")

@@ -1,5 +1,6 @@
 """What onnx2torch lacks for transformer exports: converters for ops it knows under older opset
-versions only, a Flatten that follows ONNX on every axis, and Linear layers where it leaves a
+versions only, Gelu, Reshape with allowzero (as the dynamo exporter writes them), a Flatten that
+follows ONNX on every axis, and Linear layers where it leaves a
 MatMul by a constant weight (what torch.onnx makes of a Linear on 3-D inputs), which torch-pruning
 cannot prune."""
 
@@ -11,10 +12,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-# Comparisons whose schema changed in opset 16 only in the types it allows (bfloat16): the opset 12
-# converter computes the same thing. BERT's exported attention mask uses GreaterOrEqual.
-_SAME_SINCE = {("GreaterOrEqual", 16): 12, ("LessOrEqual", 16): 12}
-_FLATTEN_VERSIONS = (9, 11, 13)
+# Op versions whose schema changed only in the tensor types it allows (bfloat16, float8, int4), so the
+# converter of the earlier version computes the same thing. BERT's exported attention mask uses
+# GreaterOrEqual; torch.onnx's dynamo exporter writes opset 20, where Shape, Cast, Reshape and the
+# like have such newer versions.
+_SAME_SINCE = {
+    ("GreaterOrEqual", 16): 12, ("LessOrEqual", 16): 12,
+    ("Shape", 19): 15, ("Shape", 21): 15, ("Cast", 19): 13, ("Cast", 21): 13, 
+    ("IsNaN", 20): 13, ("Constant", 19): 13, ("Constant", 21): 13, ("ConstantOfShape", 20): 9,
+    ("ConstantOfShape", 21): 9, ("Identity", 19): 16, ("Identity", 21): 16, ("Unsqueeze", 21): 13,
+    ("Transpose", 21): 13,
+}
+_GELU_VERSIONS = (20,)
+_RESHAPE_VERSIONS = (14, 19, 21)
+_FLATTEN_VERSIONS = (9, 11, 13, 21)
 
 
 class Flatten(nn.Module):
@@ -47,6 +58,10 @@ def register_converters() -> None:
     for version in _FLATTEN_VERSIONS:
         # add_converter refuses to replace a converter; the registry is a plain dict
         _CONVERTER_REGISTRY[OperationDescription("", "Flatten", version)] = _convert_flatten
+    for version in _RESHAPE_VERSIONS:
+        _CONVERTER_REGISTRY[OperationDescription("", "Reshape", version)] = _convert_reshape
+    for version in _GELU_VERSIONS:
+        _CONVERTER_REGISTRY[OperationDescription("", "Gelu", version)] = _convert_gelu
 
 
 def _export_opset_visible() -> None:
@@ -69,6 +84,25 @@ def _convert_flatten(node: Any, graph: Any) -> Any:
     # a plain nn.Flatten where it is one: torch-pruning follows channels through it
     module = nn.Flatten(start_dim=1) if axis == 1 else Flatten(axis)
     return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node=node))
+
+
+def _convert_reshape(node: Any, graph: Any) -> Any:
+    """Reshape with or without allowzero (the dynamo exporter sets it): they differ only where the target
+    shape holds a 0, which a non-empty tensor never has under allowzero=1, since its size would not match."""
+    from onnx2torch.node_converters.reshape import OnnxReshape
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    return OperationConverterResult(torch_module=OnnxReshape(), onnx_mapping=onnx_mapping_from_node(node=node))
+
+
+def _convert_gelu(node: Any, graph: Any) -> Any:
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    approximate = node.attributes.get("approximate", "none")
+    if isinstance(approximate, bytes):
+        approximate = approximate.decode()
+    return OperationConverterResult(torch_module=nn.GELU(approximate=approximate),
+                                    onnx_mapping=onnx_mapping_from_node(node=node))
 
 
 def linear_layers(module: fx.GraphModule) -> None:
