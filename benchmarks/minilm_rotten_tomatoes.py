@@ -33,6 +33,7 @@ from benchmarks.cli_types import floats, method_list, option_override
 from benchmarks.fashion_mnist import environment, log
 from core.data import Dataset
 from core.export.artifacts import export_onnx
+from core.graph.attention import find_sites
 from core.inputs import Inputs as ModelInputs
 from core.intake.files import compress_files, open_data
 from core.intake.loaded import LoadedModel
@@ -160,6 +161,19 @@ def architecture(module: nn.Module) -> dict[str, Any]:
     return {"hidden": bert.embeddings.word_embeddings.embedding_dim, "layers": layers}
 
 
+def converted_architecture(module: nn.Module) -> dict[str, Any]:
+    """architecture() of a graph converted from ONNX: heads per attention site, in order, and the
+    width of each layer's intermediate MLP projection (the exporter's scope names the layer). The hidden
+    size is not pruned in a converted graph."""
+    sites = find_sites(module)[0]
+    intermediate = [linear.out_features for name, linear in module.named_modules()
+                    if isinstance(linear, nn.Linear) and "/intermediate/dense/" in name]
+    layers: list[dict[str, int] | None] = [
+        {"heads": site.num_heads(module), "qkv_width": site.num_heads(module) * site.head_dim, "intermediate": width}
+        for site, width in zip(sites, intermediate, strict=True)]
+    return {"hidden": sites[0].projections(module)[0].in_features if sites else None, "layers": layers}
+
+
 def latency_samples(tokenizer: Any, texts: Sequence[str], lengths: Sequence[int]) -> dict[int, ModelInputs]:
     """One row of real tokens per sequence length (ids and every other array the tokenizer makes), with
     no padding (snippets joined until long enough)."""
@@ -260,9 +274,9 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
         onnx_path = result.artifacts["model.onnx"]
         accuracy = onnx_top1(onnx_path, inputs.eval_data)
         macs, params = count_macs_params(result.model, inputs.example)
-        # a converted ONNX graph has no BERT modules to count or describe
+        # a converted ONNX graph has no BERT modules to count
         encoder = None if method == ONNX_ROUTE else encoder_params(result.model)
-        shape = None if method == ONNX_ROUTE else architecture(result.model)
+        shape = converted_architecture(result.model) if method == ONNX_ROUTE else architecture(result.model)
     except Exception:
         row["error"] = traceback.format_exc()
         log(f"{name}: FAILED\n{row['error']}")
@@ -366,7 +380,7 @@ def run(settings: Settings, cache_dir: Path, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- output
 
 def _shape(row: dict[str, Any]) -> str:
-    """e.g. `h320, heads 12×6, mlp 1240/968/…` with removed layers as `-`; "–" for a converted ONNX graph."""
+    """e.g. `h320, heads 12×6, mlp 1240/968/…` with removed layers as `-`."""
     shape = row["architecture_after"]
     if shape is None:
         return "–"
