@@ -18,7 +18,7 @@ DELIVER_WEBHOOK = "idap.deliver_webhook"
 
 class JobQueue(Protocol):
     def enqueue_job(self, job_id: str, queue: str, countdown: float | None = None) -> None: ...
-    def enqueue_webhook(self, payload: dict[str, Any], countdown: float) -> None: ...
+    def enqueue_webhook(self, payload: dict[str, Any], countdown: float | None = None) -> None: ...
     def ping(self) -> None:
         """Raise when the broker cannot be reached."""
 
@@ -65,7 +65,7 @@ class CeleryQueue:
     def enqueue_job(self, job_id: str, queue: str, countdown: float | None = None) -> None:
         self.app.send_task(RUN_JOB, args=[job_id], queue=queue, countdown=countdown)
 
-    def enqueue_webhook(self, payload: dict[str, Any], countdown: float) -> None:
+    def enqueue_webhook(self, payload: dict[str, Any], countdown: float | None = None) -> None:
         self.app.send_task(DELIVER_WEBHOOK, kwargs=payload, countdown=countdown)
 
     def ping(self) -> None:

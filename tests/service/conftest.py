@@ -65,11 +65,15 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real Celery worker process for the session; yields its log file."""
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = start_worker(settings, log)
-    yield log
-    stop_worker(process)
+    """Real Celery worker processes for the session, as `idap serve` runs them: one for jobs and one
+    for webhooks; yields the job worker's log file."""
+    logs = tmp_path_factory.mktemp("worker")
+    jobs = start_worker(settings, logs / "worker.log")
+    webhooks = start_worker(settings, logs / "webhooks.log", queues=settings.webhook_queue, pool="threads",
+                            concurrency=4)
+    yield logs / "worker.log"
+    stop_worker(jobs)
+    stop_worker(webhooks)
 
 
 @pytest.fixture(scope="session")
