@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,14 +57,24 @@ class Settings(BaseSettings):
     retry_backoff_s: float = 10.0
     soft_time_limit_s: int = 6 * 3600
     hard_time_limit_s: int = 6 * 3600 + 300
-    # A running job whose worker stopped heartbeating for stale_after_s is taken over by another worker.
-    heartbeat_interval_s: float = 5.0
-    stale_after_s: float = 60.0
-    reaper_interval_s: float = 30.0
+    # A running job whose worker stopped heartbeating for stale_after_s is taken over by another worker,
+    # found by a reaper that every worker runs each reaper_interval_s: a dead worker's job waits at most
+    # stale_after_s + reaper_interval_s, then resumes from its last checkpoint.
+    heartbeat_interval_s: float = 2.0
+    stale_after_s: float = 10.0
+    reaper_interval_s: float = 2.0
     progress_interval_s: float = 0.5
+    # Where a job's inputs are copied while it runs (job-<id>-* directories, removed on every exit
+    # path; those of dead processes are swept when a worker starts and before each job). None: the
+    # system's temporary directory.
+    scratch_dir: Path | None = None
+    # CUDA devices a job may ask for: those of workers seen in this many seconds.
+    device_report_ttl_s: float = 3600.0
     broker_visibility_timeout_s: int = 12 * 3600
 
     webhook_allow_private: bool = False
+    # webhook deliveries at a time on the webhook worker that `idap serve` starts beside the job worker
+    webhook_concurrency: int = 4
     webhook_timeout_s: float = 10.0
     webhook_retry_schedule_s: list[float] = [10, 60, 300, 1800, 7200]
 
@@ -78,6 +89,10 @@ class Settings(BaseSettings):
     @property
     def storage(self) -> str:
         return self.storage_url or str(self.data_dir / "artifacts")
+
+    @property
+    def scratch(self) -> Path:
+        return self.scratch_dir or Path(tempfile.gettempdir())
 
     @property
     def auth_required(self) -> bool:
