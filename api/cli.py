@@ -81,7 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
     given: dict[str, Any] = {"host": args.host, "port": args.port, "data_dir": data_dir}
     # the flags win over the IDAP_* environment, which supplies everything else
     settings = Settings(**{name: value for name, value in given.items() if value is not None})
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # the database, the broker's queue, uploads and artifacts: this user's only
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)
 
     import uvicorn
 

@@ -27,6 +27,7 @@ from domain.db import session_scope
 from domain.models import Artifact, Job
 from domain.queue import JobQueue
 from domain.read_model import ErrorOut, ProgressOut
+from domain.redact import without_paths
 from domain.settings import Settings
 from domain.states import JobStatus
 from domain.storage import Storage, file_digest
@@ -181,7 +182,7 @@ def _drop_artifacts(settings: Settings, storage: Storage, job_id: str) -> None:
 
 
 def _retry_or_fail(job: _Attempt, claimed: Claim, exc: Exception) -> None:
-    detail = "".join(traceback.format_exception_only(exc)).strip()
+    detail = without_paths("".join(traceback.format_exception_only(exc)).strip())
     if claimed.attempt >= claimed.max_attempts:
         job.fail(ErrorOut(code="internal_error",
                           message=f"The job failed {claimed.attempt} times; last error: {detail}",

@@ -38,6 +38,7 @@ SETTINGS = Settings(
     progress_interval_s=0.2,
     max_upload_bytes=2 * 1024 * 1024,
     require_auth=True,
+    metrics_token="metrics-token-of-the-tests",
 )
 
 
@@ -61,6 +62,15 @@ def database() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return SETTINGS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gpu_reported(database: str) -> None:
+    """A GPU worker's report of one CUDA device, so that jobs may ask for `cuda` (and park on the GPU
+    queue, which no test worker serves)."""
+    from domain.workers import report_worker
+
+    report_worker(SETTINGS, "gpu@reported-by-the-tests", [SETTINGS.gpu_queue], 1)
 
 
 @pytest.fixture(scope="session")

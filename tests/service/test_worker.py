@@ -108,7 +108,7 @@ def test_job_runs_end_to_end(client: TestClient, keys: dict[str, str], digits: t
         assert settings.webhook_retry_schedule_s[0] <= retry < settings.webhook_retry_schedule_s[0] + 2.5, retry
         assert when[("job.started", 2)] < datetime.fromisoformat(job["finished_at"])
 
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=auth(settings.metrics_token or "")).text
     assert 'idap_jobs{status="succeeded"}' in metrics and "idap_webhook_failures_total 1.0" in metrics
     assert "idap_job_duration_seconds_count" in metrics
 
