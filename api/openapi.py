@@ -18,7 +18,7 @@ ERROR_REF = "#/components/schemas/ErrorResponse"
 
 # status -> when it happens (the description in the document)
 _EVERYWHERE = {"500": "Internal error (the server failed; nothing about it is in the body)"}
-_KEYED = {"401": "No key, or a key that is not valid"}
+_KEYED = {"401": "No key, or a key that is not valid (for /metrics: not the metrics token)"}
 _CHECKED = {"422": "A parameter, header or body field is not valid; the message names it"}
 _FOUND = {"404": "No such job (or it belongs to another tenant), or no such artifact"}
 _UPLOADS = {
@@ -34,7 +34,7 @@ _LOOPBACK_ONLY = {"400": "The Host header is not a loopback name (the server run
 
 def _errors_of(path: str, operation: dict[str, Any], settings: Settings) -> dict[str, str]:
     errors = dict(_EVERYWHERE)
-    if path.startswith("/v1"):
+    if path.startswith("/v1") or (path == "/metrics" and settings.auth_required):
         errors |= _KEYED
     if operation.get("parameters") or operation.get("requestBody"):
         errors |= _CHECKED
