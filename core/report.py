@@ -278,8 +278,6 @@ class PreflightReport(_FromUpload):
     estimate_seconds: Estimate
     notes: list[str]
     seconds: float
-    # the run resumed from a checkpoint taken after this many steps (a service's worker died mid-run)
-    resumed_at_step: int | None = None
     input_format: str | None = None
 
 

@@ -72,3 +72,22 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
     torch.save({"format": 1, "checkpoint": "something else"}, path)
     with pytest.raises(ValueError, match="not a checkpoint"):
         load_checkpoint(path)
+
+
+def test_a_run_of_both_stages_resumes_in_a_later_phase(digits_model, digits_arrays, tmp_path: Path) -> None:
+    """Stage 1 to its share, Stage 2, Stage 1 again: a checkpoint past the first phase carries why
+    the phases before it stopped, and the resumed run skips them."""
+    target = Target(macs_reduction=0.5, max_accuracy_drop=1.0)
+    options = CompressOptions(layers_must_beat_width=False, **FAST)
+    saved: list[Checkpoint] = []
+    whole = compress(digits_model, _data(digits_arrays), target, options, tmp_path / "whole", checkpoint=saved.append)
+    later = [checkpoint for checkpoint in saved if checkpoint.phase > Phase.FILTERS]
+    assert later, whole.report.steps
+    resume = later[0]
+    assert len(resume.reasons) == resume.phase
+    events = []
+    resumed = compress(digits_model, _data(digits_arrays), target, options, tmp_path / "resumed",
+                       progress=events.append, resume=resume)
+    assert _sizes(resumed.report) == _sizes(whole.report)
+    assert resumed.report.stop_reason == whole.report.stop_reason
+    assert min(event.step for event in events if event.stage in ("filters", "layers")) == resume.steps + 1
