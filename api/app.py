@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from api import errors
+from api import errors, openapi
 from api.routes import health, inspect, jobs, ui
 from api.services.metrics import DatabaseCollector
 from api.ui.render import STATIC
@@ -18,8 +17,10 @@ from domain.storage import open_storage
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # the OpenAPI document and /docs are served by api.openapi (behind a key when keys are required)
     app = FastAPI(title="IDAP++ Compress", version="1", description="Structured pruning of neural networks as a "
-                  "service: submit a model and calibration data, get a smaller ONNX / .pt2 model and a report.")
+                  "service: submit a model and calibration data, get a smaller ONNX / .pt2 model and a report.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.storage = open_storage(settings.storage, settings.s3_endpoint_url)
     app.state.queue = CeleryQueue(settings)
@@ -28,8 +29,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.auth_required:
         # Without keys, a web page could reach this server through a DNS name rebound to 127.0.0.1;
         # answering only to loopback host names closes that door.
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]"])
+        app.add_middleware(errors.LoopbackHosts)
     errors.install(app)
+    openapi.install(app, settings)
     app.include_router(jobs.router)
     app.include_router(inspect.router)
     app.include_router(health.router)

@@ -11,6 +11,7 @@ Origin (or Referer) has to name this server. A Bearer header cannot be forged cr
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ from fastapi import Depends, Request
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from api.services.tenants import LOCAL_TENANT, get_or_create_tenant, tenant_for_key
+from domain.db import get_sessionmaker
 from domain.models import Tenant
 from domain.settings import Settings
 
@@ -86,3 +88,37 @@ def _caller_or_none(request: Request, session: SessionDep, settings: SettingsDep
 
 CallerDep = Annotated[Tenant, Depends(_caller)]
 OptionalCallerDep = Annotated[Tenant | None, Depends(_caller_or_none)]
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def has_metrics_token(request: Request, settings: Settings) -> bool:
+    token, expected = _bearer(request), settings.metrics_token
+    return bool(expected and token and hmac.compare_digest(token.encode(), expected.encode()))
+
+
+def require_metrics_token(request: Request, settings: SettingsDep) -> None:
+    """/metrics counts every tenant's jobs: with keys required, only the operator's metrics token sees them."""
+    if settings.auth_required and not has_metrics_token(request, settings):
+        raise ApiError(401, "unauthorized", "The metrics need the metrics token.",
+                       "Send `Authorization: Bearer <IDAP_METRICS_TOKEN>`; the operator sets IDAP_METRICS_TOKEN.",
+                       _CHALLENGE)
+
+
+def sees_internals(request: Request, settings: Settings) -> bool:
+    """Whether the caller may see how the service's parts are doing (/readyz's checks): anyone
+    without keys; with keys, the metrics token or any valid key (looked up only when one is sent,
+    and a database that cannot look it up answers no)."""
+    if not settings.auth_required or has_metrics_token(request, settings):
+        return True
+    key = _bearer(request) or request.cookies.get(COOKIE)
+    if not key:
+        return False
+    try:
+        with get_sessionmaker(settings.database)() as session:
+            return tenant_for_key(session, key) is not None
+    except Exception:  # the database is down: no key can be checked
+        return False

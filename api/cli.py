@@ -33,8 +33,10 @@ def register(commands: Any) -> None:
     create.add_argument("--tenant", required=True, metavar="NAME", help="created when it does not exist yet")
     create.set_defaults(func=_keys_create)
 
-    worker = commands.add_parser("worker", help="run a Celery worker for jobs and webhooks")
-    worker.add_argument("--queues", metavar="LIST", help="comma-separated (default: the cpu and webhook queues)")
+    worker = commands.add_parser("worker", help="run a Celery worker for jobs (or, with --queues webhooks, webhooks)")
+    worker.add_argument("--queues", metavar="LIST",
+                        help="comma-separated (default: the cpu queue; run another worker with --queues webhooks "
+                             "--pool threads --concurrency 8 for webhooks)")
     worker.add_argument("--concurrency", type=int, default=1, help="jobs at a time (default: %(default)s)")
     worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
                         help="(default: %(default)s; time limits need prefork)")
@@ -62,10 +64,12 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_argv(settings: Settings, queues: str | None, concurrency: int, pool: str) -> list[str]:
-    queues = queues or f"{settings.cpu_queue},{settings.webhook_queue}"
+def worker_argv(settings: Settings, queues: str | None, concurrency: int, pool: str,
+                name: str | None = None) -> list[str]:
+    queues = queues or settings.cpu_queue
+    named = [f"--hostname={name}@%h"] if name else []
     return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, f"--concurrency={concurrency}",
-            f"--pool={pool}", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
+            f"--pool={pool}", "--loglevel=INFO", "--without-gossip", "--without-mingle", *named]
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -77,7 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
     given: dict[str, Any] = {"host": args.host, "port": args.port, "data_dir": data_dir}
     # the flags win over the IDAP_* environment, which supplies everything else
     settings = Settings(**{name: value for name, value in given.items() if value is not None})
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # the database, the broker's queue, uploads and artifacts: this user's only
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)
 
     import uvicorn
 
@@ -85,19 +91,23 @@ def _serve(args: argparse.Namespace) -> int:
     from domain.db import upgrade
 
     upgrade(settings.database)
-    worker = None
+    workers = []
     if not args.no_worker:
         _first_start(settings)
-        # One worker takes every queue: on a single machine, the CPU/GPU split has nowhere to route to.
-        queues = f"{settings.cpu_queue},{settings.gpu_queue},{settings.webhook_queue}"
-        worker = subprocess.Popen(worker_argv(settings, queues, 1, "prefork"), env=settings.child_environment())
+        # One job worker takes both job queues: on a single machine, the CPU/GPU split has nowhere to
+        # route to. Webhooks get a worker of their own, so their retries keep to their schedule while a job runs.
+        environment = settings.child_environment()
+        jobs = f"{settings.cpu_queue},{settings.gpu_queue}"
+        workers = [subprocess.Popen(worker_argv(settings, jobs, 1, "prefork", "jobs"), env=environment),
+                   subprocess.Popen(worker_argv(settings, settings.webhook_queue, settings.webhook_concurrency,
+                                                "threads", "webhooks"), env=environment)]
     # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting through SystemExit
-    # (not the default handler's instant death) runs the finally below that stops the worker.
+    # (not the default handler's instant death) runs the finally below that stops the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     finally:
-        if worker is not None:
+        for worker in workers:
             _stop(worker)
     return 0
 

@@ -7,9 +7,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.errors import UserError
+from domain.read_model import ErrorOut
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorOut
 
 
 class ApiError(Exception):
@@ -28,7 +38,8 @@ def not_found(what: str = "Job") -> ApiError:
 
 
 def error_body(code: str, message: str, hint: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "hint": hint}}
+    """The one error shape; ErrorOut keeps server paths out of the message and the hint."""
+    return {"error": ErrorOut(code=code, message=message, hint=hint).model_dump()}
 
 
 def describe_validation(errors: list[Any]) -> str:
@@ -53,3 +64,34 @@ def install(app: FastAPI) -> None:
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the exception after this answer; the client learns nothing about it
+        return JSONResponse(error_body("internal_error", "The server failed to handle this request.",
+                                       "Try again; if it keeps failing, ask the operator to check the server log."),
+                            500)
+
+
+class LoopbackHosts:
+    """Answers only to loopback host names (localhost, 127.0.0.1, [::1]), any port; anything else is a
+    400 in the JSON error shape. Starlette's TrustedHostMiddleware answers in plain text and cannot
+    match an IPv6 literal with a port."""
+
+    ALLOWED = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = Headers(scope=scope).get("host", "")
+            name = host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name.lower() not in self.ALLOWED:
+                response = JSONResponse(error_body(
+                    "invalid_host", "This server answers only to loopback host names.",
+                    "Use http://127.0.0.1:PORT/ or http://localhost:PORT/; to serve other names, run with "
+                    "--host and API keys."), 400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -17,7 +17,7 @@ class InspectConfig(InputHints):
     """The `config` part of POST /v1/inspect: what the preflight needs, target optional."""
 
     target: TargetIn | None = None
-    stages: list[Stage] = Field(default_factory=lambda: list(Stage), min_length=1)
+    stages: list[Stage] = Field(default_factory=lambda: list(Stage), min_length=1, max_length=len(Stage))
     method: MethodIn = MethodIn()
 
     def target_core(self) -> Target | None:

@@ -189,6 +189,8 @@ class Report(_FromUpload, _BeforeAndAfter):
     device: str
     options: CompressOptions
     seconds: float
+    # the run resumed from a checkpoint taken after this many steps (a service's worker died mid-run)
+    resumed_at_step: int | None = None
     input_format: str | None = None
     # the model back in Hugging Face format: its file name, or why it could not be written
     hf_pretrained: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -20,9 +21,22 @@ class ExportFormat(StrEnum):
     PT2 = "pt2"
 
 
+# Every number has both bounds: a value no run could use (seed 2**70, a million epochs) is a 422
+# that names the field, never an overflow in the worker or the database.
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS = 1000.0
+MAX_ITERATIONS = 10_000_000
+MAX_BATCH = 65_536
+MAX_STEPS = 10_000
+MAX_TIME_BUDGET_S = 30 * 24 * 3600.0
+MAX_LAYERS = 10_000
+Name = Annotated[str, Field(min_length=1, max_length=300)]
+
+
 class _Strict(BaseModel):
-    # A misspelt option silently ignored would run a job the caller did not ask for.
-    model_config = ConfigDict(extra="forbid")
+    # A misspelt option silently ignored would run a job the caller did not ask for; NaN and
+    # infinities are refused as what they are ("Input should be a finite number"), not as out of range.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TargetIn(_Strict):
@@ -33,20 +47,20 @@ class TargetIn(_Strict):
 
 
 class RecoveryIn(_Strict):
-    recovery_epochs: float | None = Field(default=None, ge=0)
-    recovery_iterations: int | None = Field(default=None, ge=0)
-    final_recovery_epochs: float = Field(default=_DEFAULTS.final_recovery_epochs, ge=0)
-    final_recovery_iterations: int | None = Field(default=None, ge=0)
-    batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1)
-    lr: float | None = Field(default=None, gt=0, description="None: 1e-3, or 1e-4 for models with attention")
+    recovery_epochs: float | None = Field(default=None, ge=0, le=MAX_EPOCHS)
+    recovery_iterations: int | None = Field(default=None, ge=0, le=MAX_ITERATIONS)
+    final_recovery_epochs: float = Field(default=_DEFAULTS.final_recovery_epochs, ge=0, le=MAX_EPOCHS)
+    final_recovery_iterations: int | None = Field(default=None, ge=0, le=MAX_ITERATIONS)
+    batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1, le=MAX_BATCH)
+    lr: float | None = Field(default=None, gt=0, le=10, description="None: 1e-3, or 1e-4 for models with attention")
 
 
 class MethodIn(_Strict):
-    seed: int = _DEFAULTS.seed
-    round_to: int | None = Field(default=_DEFAULTS.round_to, ge=1)
+    seed: int = Field(default=_DEFAULTS.seed, ge=0, le=MAX_SEED)
+    round_to: int | None = Field(default=_DEFAULTS.round_to, ge=1, le=MAX_BATCH)
     min_width_fraction: float = Field(default=_DEFAULTS.min_width_fraction, gt=0, le=1)
-    max_steps: int = Field(default=_DEFAULTS.max_steps, ge=1)
-    max_removals: int = Field(default=_DEFAULTS.max_removals, ge=0)
+    max_steps: int = Field(default=_DEFAULTS.max_steps, ge=1, le=MAX_STEPS)
+    max_removals: int = Field(default=_DEFAULTS.max_removals, ge=0, le=MAX_STEPS)
     layers_must_beat_width: bool = Field(
         default=_DEFAULTS.layers_must_beat_width,
         description="Stage 2 keeps a block removal only if it beats pruning width to the same size")
@@ -62,9 +76,9 @@ class MethodIn(_Strict):
         default=_DEFAULTS.allocation,
         description="rank units across layers by measured drift per size removed, by their scores, "
                     "or auto (drift when attention heads are pruned)")
-    ignored_layers: list[str] = []
+    ignored_layers: list[Name] = Field(default=[], max_length=MAX_LAYERS)
     eval_fraction: float = Field(default=_DEFAULTS.eval_fraction, gt=0, lt=1, description="share of the data held out")
-    time_budget_s: float | None = Field(default=None, gt=0)
+    time_budget_s: float | None = Field(default=None, gt=0, le=MAX_TIME_BUDGET_S)
 
 
 class InputHints(_Strict):
@@ -75,8 +89,10 @@ class InputHints(_Strict):
         '"torchvision:resnet18(num_classes=10)"')
     image_size: int | None = Field(default=None, ge=8, le=8192,
                                    description="side of image-folder images after resizing")
-    mean: list[float] = Field(default_factory=lambda: list(_INTAKE.mean), min_length=1, max_length=3)
-    std: list[float] = Field(default_factory=lambda: list(_INTAKE.std), min_length=1, max_length=3)
+    mean: list[Annotated[float, Field(ge=-1e6, le=1e6)]] = Field(
+        default_factory=lambda: list(_INTAKE.mean), min_length=1, max_length=3)
+    std: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(
+        default_factory=lambda: list(_INTAKE.std), min_length=1, max_length=3)
     text_column: str = Field(default=_INTAKE.text_column, min_length=1, max_length=200)
     label_column: str = Field(default=_INTAKE.label_column, min_length=1, max_length=200)
     max_length: int = Field(default=_INTAKE.max_length, ge=2, le=4096, description="tokens per text sample")
@@ -90,11 +106,11 @@ class JobConfig(InputHints):
     """The `config` part of POST /v1/jobs."""
 
     target: TargetIn
-    stages: list[Stage] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1)
+    stages: list[Stage] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1, max_length=len(Stage))
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     recovery: RecoveryIn = RecoveryIn()
     method: MethodIn = MethodIn()
-    export: list[ExportFormat] = Field(default_factory=lambda: list(ExportFormat))
+    export: list[ExportFormat] = Field(default_factory=lambda: list(ExportFormat), max_length=len(ExportFormat))
     webhook_url: str | None = Field(default=None, max_length=2000)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 

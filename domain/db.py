@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -29,13 +30,21 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def private_sqlite_file(path: Path) -> None:
+    """Create the SQLite database file (and its directory) readable by this user only, or make it so:
+    it holds the tenants' webhook secrets. SQLite gives its -wal and -shm files the database's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite_file(Path(database))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

@@ -73,6 +73,13 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the process running the current attempt (host:pid), for operators and for the chaos tests
+    worker: Mapped[str | None] = mapped_column(String(200))
+    # the last accepted step's checkpoint (core.run.checkpoint) in storage; the digest is checked
+    # before a later attempt loads it
+    checkpoint_key: Mapped[str | None] = mapped_column(String(300))
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)
 
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Artifact.name")
@@ -119,3 +126,16 @@ class WebhookDelivery(Base):
     succeeded: Mapped[bool] = mapped_column(Boolean)
     will_retry: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Worker(Base):
+    """A worker process as it last reported itself: its queues and CUDA devices (what `device`
+    in a job config is checked against), and when it was last seen alive."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    cuda_devices: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

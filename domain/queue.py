@@ -6,10 +6,13 @@ from the `Settings` it is given, never at import time.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from celery import Celery
+from sqlalchemy import make_url
 
+from domain.db import private_sqlite_file
 from domain.settings import Settings
 
 RUN_JOB = "idap.run_job"
@@ -18,7 +21,7 @@ DELIVER_WEBHOOK = "idap.deliver_webhook"
 
 class JobQueue(Protocol):
     def enqueue_job(self, job_id: str, queue: str, countdown: float | None = None) -> None: ...
-    def enqueue_webhook(self, payload: dict[str, Any], countdown: float) -> None: ...
+    def enqueue_webhook(self, payload: dict[str, Any], countdown: float | None = None) -> None: ...
     def ping(self) -> None:
         """Raise when the broker cannot be reached."""
 
@@ -26,7 +29,7 @@ class JobQueue(Protocol):
 def celery_config(settings: Settings) -> dict[str, Any]:
     broker = settings.broker
     if broker.startswith("sqla+sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(Path(make_url(broker.removeprefix("sqla+")).database or settings.data_dir / "broker.db"))
     return {
         "broker_url": broker,
         "broker_connection_retry_on_startup": True,
@@ -65,7 +68,7 @@ class CeleryQueue:
     def enqueue_job(self, job_id: str, queue: str, countdown: float | None = None) -> None:
         self.app.send_task(RUN_JOB, args=[job_id], queue=queue, countdown=countdown)
 
-    def enqueue_webhook(self, payload: dict[str, Any], countdown: float) -> None:
+    def enqueue_webhook(self, payload: dict[str, Any], countdown: float | None = None) -> None:
         self.app.send_task(DELIVER_WEBHOOK, kwargs=payload, countdown=countdown)
 
     def ping(self) -> None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, field_validator
 from core.report import ReportHeadline
 from domain.clock import aware
 from domain.models import Job
+from domain.redact import without_paths
 from domain.states import JobStatus
 
 
@@ -25,6 +26,11 @@ class ErrorOut(BaseModel):
     code: str
     message: str
     hint: str | None = None
+
+    @field_validator("message", "hint")
+    @classmethod
+    def _no_paths(cls, value: str | None) -> str | None:
+        return None if value is None else without_paths(value)
 
 
 class ArtifactOut(BaseModel):

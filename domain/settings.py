@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,9 +37,12 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=0, le=65535)
     # None: keys are required exactly when the server listens beyond loopback.
     require_auth: bool | None = None
+    # With keys required, /metrics (every tenant's job counts) answers only to `Authorization: Bearer
+    # <metrics_token>`, and /readyz shows its checks only to it or to a valid API key. None: /metrics is closed.
+    metrics_token: str | None = None
     public_url: str | None = None
 
     max_upload_bytes: int = _INTAKE.max_file_bytes
@@ -52,19 +56,29 @@ class Settings(BaseSettings):
     webhook_queue: str = "webhooks"
     # "cpu" or "gpu": where jobs with device "auto" go.
     default_queue: str = "cpu"
-    max_attempts: int = 3
-    retry_backoff_s: float = 10.0
-    soft_time_limit_s: int = 6 * 3600
-    hard_time_limit_s: int = 6 * 3600 + 300
-    # A running job whose worker stopped heartbeating for stale_after_s is taken over by another worker.
-    heartbeat_interval_s: float = 5.0
-    stale_after_s: float = 60.0
-    reaper_interval_s: float = 30.0
-    progress_interval_s: float = 0.5
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_s: float = Field(default=10.0, ge=0)
+    soft_time_limit_s: int = Field(default=6 * 3600, ge=1)
+    hard_time_limit_s: int = Field(default=6 * 3600 + 300, ge=1)
+    # A running job whose worker stopped heartbeating for stale_after_s is taken over by another worker,
+    # found by a reaper that every worker runs each reaper_interval_s: a dead worker's job waits at most
+    # stale_after_s + reaper_interval_s, then resumes from its last checkpoint.
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    stale_after_s: float = Field(default=10.0, gt=0)
+    reaper_interval_s: float = Field(default=2.0, gt=0)
+    progress_interval_s: float = Field(default=0.5, ge=0)
+    # Where a job's inputs are copied while it runs (job-<id>-* directories, removed on every exit
+    # path; those of dead processes are swept when a worker starts and before each job). None: the
+    # system's temporary directory.
+    scratch_dir: Path | None = None
+    # CUDA devices a job may ask for: those of workers seen in this many seconds.
+    device_report_ttl_s: float = Field(default=3600.0, ge=0)
     broker_visibility_timeout_s: int = 12 * 3600
 
     webhook_allow_private: bool = False
-    webhook_timeout_s: float = 10.0
+    # webhook deliveries at a time on the webhook worker that `idap serve` starts beside the job worker
+    webhook_concurrency: int = Field(default=4, ge=1)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_retry_schedule_s: list[float] = [10, 60, 300, 1800, 7200]
 
     @property
@@ -78,6 +92,10 @@ class Settings(BaseSettings):
     @property
     def storage(self) -> str:
         return self.storage_url or str(self.data_dir / "artifacts")
+
+    @property
+    def scratch(self) -> Path:
+        return self.scratch_dir or Path(tempfile.gettempdir())
 
     @property
     def auth_required(self) -> bool:

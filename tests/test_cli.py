@@ -228,7 +228,8 @@ def test_garbage_model_in_a_real_process(digits_files, tmp_path):
 # --- output handling around a stand-in engine -------------------------------------------------
 
 
-def _exporting(model, data, target, options, out_dir, progress=None, should_cancel=None, onnx_spec=None):
+def _exporting(model, data, target, options, out_dir, progress=None, should_cancel=None, onnx_spec=None,
+               checkpoint=None, resume=None):
     """prune_and_export's stand-in: writes model.onnx and leaves report.json to intake, as the real one does."""
     (out_dir / "model.onnx").write_bytes(b"onnx")
     return Result(model=model, report=sample_report(), artifacts={"model.onnx": out_dir / "model.onnx"})
@@ -246,7 +247,8 @@ def test_force_replaces_previous_output(capsys, monkeypatch, digits_files, out):
 
 
 def test_interrupt_leaves_nothing(capsys, monkeypatch, digits_files, out):
-    def interrupted(model, data, target, options, out_dir, progress=None, should_cancel=None, onnx_spec=None):
+    def interrupted(model, data, target, options, out_dir, progress=None, should_cancel=None, onnx_spec=None,
+                    checkpoint=None, resume=None):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 

@@ -14,7 +14,7 @@ REPORT_JSON_KEYS = {
     "accuracy_metric", "accuracy_before", "accuracy_after", "eval_samples", "latency_ms_before", "latency_ms_after",
     "onnx_max_abs_diff", "onnx_max_abs_diff_before", "onnx_bytes_before", "onnx_bytes_after", "pt2_error",
     "removed_blocks", "blocks", "layers", "attention_heads", "steps", "target", "target_met", "reachable_reduction",
-    "stop_reason", "message", "notes", "device", "options", "seconds",
+    "stop_reason", "message", "notes", "device", "options", "seconds", "resumed_at_step",
 }
 # set by core.intake for uploads, and for Hugging Face uploads
 UPLOAD_KEYS = {"input_format"}

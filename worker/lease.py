@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -26,9 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class Lease:
-    def __init__(self, settings: Settings, job_id: str) -> None:
-        self.settings, self.job_id = settings, job_id
+    """One attempt's hold on its job: the row's attempt counter names the attempt that holds it. An
+    attempt taken over by another (its heartbeats were late, the reaper gave the job to another
+    worker) finds a higher counter, sets `lost` and stops at the next cancellation check."""
+
+    def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
+        self.settings, self.job_id, self.attempt = settings, job_id, attempt
         self.cancelled = threading.Event()
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
         self._last_write = 0.0
@@ -46,14 +52,18 @@ class Lease:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
                 with session_scope(self.settings.database) as session:
-                    session.execute(update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
-                                    .values(heartbeat_at=utcnow()))
-                    row = session.execute(select(Job.status, Job.cancel_requested)
+                    session.execute(update(Job).where(self._mine()).values(heartbeat_at=utcnow()))
+                    row = session.execute(select(Job.status, Job.cancel_requested, Job.attempts)
                                           .where(Job.id == self.job_id)).one_or_none()
-                if row is None or row.cancel_requested or row.status != JobStatus.RUNNING:
+                if row is None or row.attempts != self.attempt:
+                    self.lost.set()
+                if row is None or row.cancel_requested or row.status != JobStatus.RUNNING or self.lost.is_set():
                     self.cancelled.set()
             except Exception:  # a database blip must not kill the job; the next beat tries again
                 log.exception("heartbeat for job %s failed", self.job_id)
+
+    def _mine(self) -> Any:
+        return (Job.id == self.job_id) & (Job.status == JobStatus.RUNNING) & (Job.attempts == self.attempt)
 
     def should_cancel(self) -> bool:
         return self.cancelled.is_set()
@@ -67,8 +77,7 @@ class Lease:
         data = {"stage": event.stage, "step": event.step, "total_steps": event.total,
                 "fraction": round(event.fraction, 4), "message": event.message}
         with session_scope(self.settings.database) as session:
-            if rows_changed(session, update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
-                            .values(progress=data, updated_at=utcnow())):
+            if rows_changed(session, update(Job).where(self._mine()).values(progress=data, updated_at=utcnow())):
                 session.add(JobEvent(job_id=self.job_id, kind="progress", data=data))
 
 

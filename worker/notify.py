@@ -1,5 +1,6 @@
-"""Firing a job's webhook: the first attempt inline (so job.started is not stuck behind the job
-itself on a one-slot worker), retries as delayed tasks on the webhook queue."""
+"""Firing a job's webhook: every attempt is a task on the webhook queue, which its own worker
+serves (`idap serve` starts one beside the job worker), so a delivery or a retry never waits for a
+job to finish. Only when the broker cannot take the task is the first attempt made here."""
 
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ def fire(settings: Settings, queue: JobQueue, job_id: str, event_type: str) -> N
         event_id, body = new_event(event_type, job_out(job, base_url(settings)).model_dump(mode="json"))
         payload = {"job_id": job.id, "url": job.webhook_url, "event_type": event_type, "event_id": event_id,
                    "body": body, "attempt_no": 1}
-    deliver(settings, queue, payload, secret=tenant.webhook_secret)
+    try:
+        queue.enqueue_webhook(payload)
+    except Exception:  # the broker is down: one attempt now rather than none
+        log.exception("could not queue the %s webhook of job %s; delivering it here", event_type, job_id)
+        deliver(settings, queue, payload, secret=tenant.webhook_secret)
 
 
 def deliver(settings: Settings, queue: JobQueue, payload: dict[str, Any], secret: str | None = None) -> None:

@@ -7,15 +7,18 @@ import threading
 import time
 from typing import Any
 
+import torch
 from celery.signals import worker_ready
 
 from domain.queue import DELIVER_WEBHOOK, RUN_JOB
-from domain.settings import get_settings
+from domain.settings import Settings, get_settings
 from domain.storage import open_storage
-from worker import runner
+from domain.workers import report_worker
+from worker import checkpoints, runner
 from worker.app import celery_app, queue
 from worker.lease import reap_stale_jobs
 from worker.notify import deliver, fire
+from worker.scratch import sweep
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +34,26 @@ def deliver_webhook(**payload: Any) -> None:
     deliver(get_settings(), queue, payload)
 
 
-def _reaper() -> None:
-    settings = get_settings()
+def _reaper(settings: Settings, name: str, queues: list[str]) -> None:
+    """Each tick: report this worker (its devices, that it is alive), and take over the jobs of dead ones."""
+    storage = open_storage(settings.storage, settings.s3_endpoint_url)
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     while True:
-        time.sleep(settings.reaper_interval_s)
         try:
+            report_worker(settings, name, queues, devices)
             for job_id in reap_stale_jobs(settings, queue):
+                checkpoints.drop(settings, storage, job_id)
                 fire(settings, queue, job_id, "job.failed")
         except Exception:  # keep reaping after a database or broker blip
             log.exception("reaping stale jobs failed")
+        time.sleep(settings.reaper_interval_s)
 
 
 @worker_ready.connect
-def _start_reaper(**_kwargs: Any) -> None:
+def _start_reaper(sender: Any = None, **_kwargs: Any) -> None:
     # Every worker reaps, so a job whose worker died is picked up by whichever worker is still alive.
-    threading.Thread(target=_reaper, name="idap-reaper", daemon=True).start()
+    settings = get_settings()
+    sweep(settings.scratch)
+    name = getattr(sender, "hostname", None) or "worker"
+    queues = sorted(celery_app.amqp.queues.consume_from or [])
+    threading.Thread(target=_reaper, args=(settings, name, queues), name="idap-reaper", daemon=True).start()

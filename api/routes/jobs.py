@@ -77,7 +77,7 @@ def delete(job_id: str, session: SessionDep, storage: StorageDep, tenant: Caller
 @router.get("/{job_id}/events", summary="Progress and status changes as Server-Sent Events",
             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
 def job_events(job_id: str, session: SessionDep, settings: SettingsDep, tenant: CallerDep,
-               last_event_id: Annotated[int, Header()] = 0) -> StreamingResponse:
+               last_event_id: Annotated[int, Header(ge=0, le=2**62)] = 0) -> StreamingResponse:
     job = jobs.get_job(session, tenant, job_id)
     return StreamingResponse(events.stream(settings.database, job.id, last_event_id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

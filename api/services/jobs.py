@@ -31,6 +31,7 @@ from domain.settings import Settings
 from domain.states import JobStatus
 from domain.storage import Storage
 from domain.webhooks import WebhookUrlError, check_url
+from domain.workers import device_problem
 
 Config = TypeVar("Config", JobConfig, InspectConfig)
 
@@ -88,6 +89,7 @@ async def create_job(request: Request, session: Session, settings: Settings, sto
         earlier = _existing(session, tenant, config.idempotency_key)
         if earlier is not None:
             return earlier, False
+        require_device(session, settings, config.device)
         if config.webhook_url is not None:
             try:
                 await run_in_threadpool(check_url, config.webhook_url, settings.webhook_allow_private)
@@ -120,6 +122,13 @@ async def create_job(request: Request, session: Session, settings: Settings, sto
         return job, True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def require_device(session: Session, settings: Settings, device: str) -> None:
+    """A job asking for a CUDA device no worker has is refused now, not failed by a worker later."""
+    problem = device_problem(session, settings, device)
+    if problem is not None:
+        raise ApiError(422, "device_unavailable", problem, "Use device auto or cpu, or a CUDA device a worker has.")
 
 
 def scratch_root(settings: Settings) -> Path:

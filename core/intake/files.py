@@ -21,6 +21,7 @@ from core.intake.text_data import read_records, tokenize
 from core.options import CompressOptions, IntakeOptions, Target
 from core.progress import CancelFn, ProgressFn
 from core.report import PreflightReport
+from core.run.checkpoint import Checkpoint, CheckpointFn
 from core.run.pipeline import Result, prune_and_export, write_report
 from core.run.preflight import preflight
 
@@ -64,16 +65,17 @@ def _image_folder(path: Path, model: LoadedModel, intake: IntakeOptions) -> Data
 
 def compress_files(model_path: Path | str, data_path: Path, target: Target, options: CompressOptions,
                    intake: IntakeOptions, out_dir: Path, progress: ProgressFn | None = None,
-                   should_cancel: CancelFn | None = None, weights: Path | None = None) -> Result:
+                   should_cancel: CancelFn | None = None, weights: Path | None = None, *,
+                   checkpoint: CheckpointFn | None = None, resume: Checkpoint | None = None) -> Result:
     """Load the model (a file, or for the CLI package.module:factory with `weights`) and the data,
-    and compress; an ONNX upload is exported with its own
-    input/output names, dtypes and dynamic axes."""
+    and compress (saving and resuming from checkpoints as `compress` does); an ONNX upload is
+    exported with its own input/output names, dtypes and dynamic axes."""
     intake.validate()
     model = open_model(model_path, intake, weights=weights)
     data = model.bind(open_data(Path(data_path), model, intake))
     _check_onnx_conversion(model, model_path, data)
     result = prune_and_export(model.module, data, target, options, out_dir, progress, should_cancel,
-                              onnx_spec=model.onnx_spec)
+                              onnx_spec=model.onnx_spec, checkpoint=checkpoint, resume=resume)
     report = result.report.model_copy(update={"input_format": model.format,
                                               "notes": model.notes + result.report.notes})
     result = dataclasses.replace(result, report=report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,11 @@ class StageState:
     removed: tuple[RemovedBlock, ...] = ()
 
 
+# Called with the model of each accepted step, the state that records it, and (Stage 2) the blocks
+# found not removable so far: where a checkpoint is taken (core.run.checkpoint).
+AcceptFn = Callable[[nn.Module, StageState, frozenset[str]], None]
+
+
 @dataclass(frozen=True)
 class Run:
     """What every stage of a run works with: its description, its memos and its progress reporter."""
@@ -115,6 +121,12 @@ class Run:
     spec: RunSpec
     cache: RunCache
     reporter: Reporter
+    on_accept: AcceptFn | None = None
+
+    def accepted(self, model: nn.Module, state: StageState, essential: frozenset[str] = frozenset()) -> None:
+        """`model` was accepted as the step `state` ends with."""
+        if self.on_accept is not None:
+            self.on_accept(model, state, essential)
 
     def measure(self, model: nn.Module) -> Size:
         return self.cache.measure(model, self.spec.example)

@@ -28,6 +28,7 @@ from core.options import CompressOptions, Stage, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery.features import pick_feature_points
 from core.report import HeadRow, Latency, LayerRow, Report, StopReason
+from core.run.checkpoint import Checkpoint, CheckpointFn, Phase, Saver
 from core.run.context import Run, RunCache, RunInputs, RunSpec, StageState
 from core.run.goals import TARGET_TOLERANCE, Goals, Size, reductions
 from core.run.stages import group_candidates, last_layer_of_its_stack, prune_filters, remove_layers
@@ -49,7 +50,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise OptionsError("CUDA was requested but no CUDA device is available.", hint="Use --device cpu or auto.")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OptionsError(f"There is no CUDA device {device.index}: this machine has {torch.cuda.device_count()}.",
+                           hint=f"Use cuda:0 to cuda:{torch.cuda.device_count() - 1}, cuda, or auto.")
+    return device
 
 
 def _drop_training_only_heads(model: nn.Module) -> list[str]:
@@ -188,14 +193,19 @@ def compress(
     should_cancel: CancelFn | None = None,
     *,
     onnx_spec: OnnxSpec | None = None,
+    checkpoint: CheckpointFn | None = None,
+    resume: Checkpoint | None = None,
 ) -> Result:
     """Prune `model` towards `target` and write model.onnx, model.pt2 and report.json to `out_dir`.
 
     The caller's model is not modified. Raises UserError subclasses for problems the
     caller can fix, and Cancelled when `should_cancel()` turns True. `onnx_spec` gives the
     ONNX exports the names, dtype and dynamic axes of a model that came in as ONNX.
+    `checkpoint` is called after every accepted step (core.run.checkpoint); `resume`, one such
+    checkpoint of the same model, data, target and options, continues that run from its step.
     """
-    result = prune_and_export(model, data, target, options, out_dir, progress, should_cancel, onnx_spec=onnx_spec)
+    result = prune_and_export(model, data, target, options, out_dir, progress, should_cancel, onnx_spec=onnx_spec,
+                              checkpoint=checkpoint, resume=resume)
     return write_report(result, Path(out_dir))
 
 
@@ -216,6 +226,8 @@ def prune_and_export(
     should_cancel: CancelFn | None = None,
     *,
     onnx_spec: OnnxSpec | None = None,
+    checkpoint: CheckpointFn | None = None,
+    resume: Checkpoint | None = None,
 ) -> Result:
     """`compress` up to report.json, which it leaves to the caller (see write_report): core.intake
     adds what it knows about the upload to the report first."""
@@ -226,6 +238,11 @@ def prune_and_export(
     torch.manual_seed(opts.seed)
     reporter = Reporter(progress, should_cancel)
     model, inputs, notes = _prepare(model, data, opts, reporter)
+    if resume is not None and not resume.matches(inputs.options, target):
+        notes.append("A checkpoint of another target or other options was not used; the run started over.")
+        resume = None
+    if resume is not None:
+        started -= resume.elapsed  # the time budget counts the time spent before the checkpoint
     cache = RunCache()
     original_size = cache.measure(model, inputs.example)
     reachable = _check_reachable(inputs, cache, original_size, target, model)
@@ -233,8 +250,12 @@ def prune_and_export(
     spec, goals = run.spec, run.spec.goals
     original = copy.deepcopy(model)
     baseline = _baseline(run, original, onnx_spec)
+    if resume is not None:
+        model = _restore(run, resume)
+        notes.append(f"Resumed from a checkpoint taken after step {resume.steps}.")
+    saver = None if checkpoint is None else Saver(checkpoint, inputs.options, target, cache, started)
 
-    model, state, reasons = _run_stages(run, model)
+    model, state, reasons = _run_stages(run, model, saver, resume)
     accuracy, state = _final_recovery(run, state, model, original)
     size = run.measure(model)
     # a stage also reports target_reached when it stopped within tolerance just below the target
@@ -278,6 +299,7 @@ def prune_and_export(
         device=str(spec.device),
         options=spec.options,
         seconds=round(time.monotonic() - started, 3),
+        resumed_at_step=None if resume is None else resume.steps,
     )
     reporter.emit("done", 1, 1, 1.0, report.message, macs=size.macs, params=size.params, accuracy=accuracy)
     return Result(model=model, report=report, artifacts=artifacts)
@@ -351,21 +373,37 @@ def _baseline(run: Run, original: nn.Module, onnx_spec: OnnxSpec | None) -> _Ori
     return _OriginalNumbers({names[m]: float(s.mean()) for m, s in scores.items()}, diff, latency, size)
 
 
-def _run_stages(run: Run, model: nn.Module) -> tuple[nn.Module, StageState, list[StopReason]]:
-    """Stage 1 up to its share of the target, Stage 2, then Stage 1 again to close the gap."""
+def _restore(run: Run, resume: Checkpoint) -> nn.Module:
+    """The checkpoint's model on the run's device, with the memos and the RNG as they were at its step."""
+    run.cache.original_widths.update(resume.original_widths)
+    run.cache.cuttable.update(resume.cuttable)
+    torch.set_rng_state(resume.rng)
+    return resume.model.to(run.spec.device)
+
+
+def _run_stages(run: Run, model: nn.Module, saver: Saver | None = None,
+                resume: Checkpoint | None = None) -> tuple[nn.Module, StageState, list[StopReason]]:
+    """Stage 1 up to its share of the target, Stage 2, then Stage 1 again to close the gap; from
+    the phase and state of `resume` when given (its model is `model`)."""
     opts = run.spec.options
-    state = StageState()
-    reasons = []
+    state = resume.state if resume is not None else StageState()
+    reasons = list(resume.reasons) if resume is not None else []
+    first = resume.phase if resume is not None else Phase.FILTERS
     filters, layers = Stage.FILTERS in opts.stages, Stage.LAYERS in opts.stages
-    if filters:
-        model, state, reason = prune_filters(run, model, state, share=opts.filter_share if layers else 1.0)
-        reasons.append(reason)
-    if layers:
-        model, state, reason = remove_layers(run, model, state)
-        reasons.append(reason)
-    if filters and layers and reasons[0] == StopReason.TARGET_REACHED and not run.spec.goals.reached(
-            run.measure(model)):
-        model, state, reason = prune_filters(run, model, state, share=1.0)
+    for phase in Phase:
+        if phase < first:
+            continue
+        step = run if saver is None else dataclasses.replace(run, on_accept=saver.at(phase, tuple(reasons)))
+        if phase == Phase.FILTERS and filters:
+            model, state, reason = prune_filters(step, model, state, share=opts.filter_share if layers else 1.0)
+        elif phase == Phase.LAYERS and layers:
+            essential = resume.essential if resume is not None and resume.phase == phase else frozenset()
+            model, state, reason = remove_layers(step, model, state, essential)
+        elif (phase == Phase.CLOSE_GAP and filters and layers and reasons[0] == StopReason.TARGET_REACHED
+              and not run.spec.goals.reached(run.measure(model))):
+            model, state, reason = prune_filters(step, model, state, share=1.0)
+        else:
+            continue
         reasons.append(reason)
     return model, state, reasons
 

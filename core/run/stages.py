@@ -232,25 +232,28 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
         if not accepted:
             return model, state, StopReason.ACCURACY_BUDGET
         model = candidate
+        run.accepted(model, state)
     reached = goals.reached(run.measure(model), share=share)
     return model, state, StopReason.TARGET_REACHED if reached else StopReason.MAX_STEPS
 
 
-def remove_layers(run: Run, model: nn.Module, state: StageState) -> tuple[nn.Module, StageState, StopReason]:
+def remove_layers(run: Run, model: nn.Module, state: StageState,
+                  essential: frozenset[str] = frozenset()) -> tuple[nn.Module, StageState, StopReason]:
     """Stage 2: remove the lowest-divergence blocks while the target is not reached; the removed
-    blocks are added to the state."""
+    blocks are added to the state. `state` and `essential` (blocks found not removable) come from a
+    checkpoint when a run resumes inside this stage."""
     spec, goals = run.spec, run.spec.goals
     opts = spec.options
-    candidates = find_blocks(model, spec.example)
-    essential: set[str] = set()
-    removed = 0
-    while removed < opts.max_removals:
+    gone = {block.name for block in state.removed}
+    candidates = [c for c in find_blocks(model, spec.example) if c.name not in gone]
+    kept = set(essential)  # blocks not to try again
+    while len(state.removed) < opts.max_removals:
         if goals.reached(run.measure(model)):
             return model, state, StopReason.TARGET_REACHED
         if spec.out_of_time():
             return model, state, StopReason.TIME_BUDGET
         run.reporter.check_cancel()
-        live = [c for c in candidates if c.name not in essential]
+        live = [c for c in candidates if c.name not in kept]
         if not live:
             return model, state, StopReason.NO_REMOVABLE_BLOCKS
         started = time.monotonic()
@@ -259,12 +262,12 @@ def remove_layers(run: Run, model: nn.Module, state: StageState) -> tuple[nn.Mod
         choice = None
         for block in sorted(live, key=lambda c: scores[c.name]):
             if last_layer_of_its_stack(model, block):
-                essential.add(block.name)  # an encoder with no layer left is not a pruned model
+                kept.add(block.name)  # an encoder with no layer left is not a pruned model
                 continue
             trial = copy.deepcopy(model)
             remove_block(trial, block)
             if goals.overshoots(run.measure(trial)):
-                essential.add(block.name)  # too big to remove; it only gets bigger relative to the rest
+                kept.add(block.name)  # too big to remove; it only gets bigger relative to the rest
                 continue
             choice = block, trial
             break
@@ -290,7 +293,7 @@ def remove_layers(run: Run, model: nn.Module, state: StageState) -> tuple[nn.Mod
                            accepted and not width_wins, block=block.name, divergence=round(scores[block.name], 6),
                            comparison=comparison)
         if not accepted:
-            essential.add(block.name)
+            kept.add(block.name)
             continue
         if width_wins:
             # Stage 1 goes on from here: the width candidate is as big as the block, which can
@@ -298,9 +301,9 @@ def remove_layers(run: Run, model: nn.Module, state: StageState) -> tuple[nn.Mod
             return model, state, StopReason.WIDTH_BEATS_LAYERS
         model = trial
         candidates.remove(block)
-        removed += 1
         state = dataclasses.replace(state, removed=(
             *state.removed, RemovedBlock(name=block.name, kind=block.kind, divergence=round(scores[block.name], 6))))
+        run.accepted(model, state, frozenset(kept))
     return model, state, StopReason.MAX_REMOVALS
 
 

@@ -38,6 +38,7 @@ SETTINGS = Settings(
     progress_interval_s=0.2,
     max_upload_bytes=2 * 1024 * 1024,
     require_auth=True,
+    metrics_token="metrics-token-of-the-tests",
 )
 
 
@@ -63,13 +64,26 @@ def settings() -> Settings:
     return SETTINGS
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gpu_reported(database: str) -> None:
+    """A GPU worker's report of one CUDA device, so that jobs may ask for `cuda` (and park on the GPU
+    queue, which no test worker serves)."""
+    from domain.workers import report_worker
+
+    report_worker(SETTINGS, "gpu@reported-by-the-tests", [SETTINGS.gpu_queue], 1)
+
+
 @pytest.fixture(scope="session")
 def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real Celery worker process for the session; yields its log file."""
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = start_worker(settings, log)
-    yield log
-    stop_worker(process)
+    """Real Celery worker processes for the session, as `idap serve` runs them: one for jobs and one
+    for webhooks; yields the job worker's log file."""
+    logs = tmp_path_factory.mktemp("worker")
+    jobs = start_worker(settings, logs / "worker.log")
+    webhooks = start_worker(settings, logs / "webhooks.log", queues=settings.webhook_queue, pool="threads",
+                            concurrency=4)
+    yield logs / "worker.log"
+    stop_worker(jobs)
+    stop_worker(webhooks)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -20,10 +21,14 @@ FAST = {"target": {"macs_reduction": 0.3}, "device": "cpu",
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_worker(settings: Settings, log: Path, queues: str | None = None) -> subprocess.Popen[bytes]:
-    queues = queues or f"{settings.cpu_queue},{settings.webhook_queue}"
+def start_worker(settings: Settings, log: Path, queues: str | None = None, pool: str = "solo",
+                 concurrency: int = 1) -> subprocess.Popen[bytes]:
+    """A job worker (the cpu queue) unless `queues` says otherwise; the webhook worker takes
+    queues=settings.webhook_queue, pool="threads"."""
+    queues = queues or settings.cpu_queue
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1", "-Q", queues,
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", f"--pool={pool}", f"--concurrency={concurrency}",
+         "-Q", queues, f"--hostname={log.stem}-{os.getpid()}@%h",
          "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
         cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
         env=settings.child_environment() | {"OMP_NUM_THREADS": "1"})

@@ -27,19 +27,19 @@ def error_of(response: Any, status: int) -> dict[str, Any]:
     return error
 
 
-def test_health_and_docs(client: Any) -> None:
+def test_health_and_docs(client: Any, keys: dict[str, str]) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    ready = client.get("/readyz")
+    ready = client.get("/readyz", headers=auth(keys["a"]))
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
-    assert client.get("/docs").status_code == 200
-    openapi = client.get("/openapi.json").json()
+    assert client.get("/docs", headers=auth(keys["a"])).status_code == 200
+    openapi = client.get("/openapi.json", headers=auth(keys["a"])).json()
     paths = openapi["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/inspect", "/v1/jobs/{job_id}/report"} <= set(paths)
 
 
-def test_openapi_documents_the_typed_report(client: Any) -> None:
-    openapi = client.get("/openapi.json").json()
+def test_openapi_documents_the_typed_report(client: Any, keys: dict[str, str]) -> None:
+    openapi = client.get("/openapi.json", headers=auth(keys["a"])).json()
 
     def returns(path: str, method: str) -> str:
         return openapi["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
@@ -59,7 +59,7 @@ def test_the_app_uses_the_broker_its_settings_name(settings: Settings, keys: dic
     unreachable = "redis://127.0.0.1:1/0"
     monkeypatch.setenv("IDAP_BROKER_URL", settings.broker)
     with TestClient(create_app(settings.model_copy(update={"broker_url": unreachable}))) as client:
-        ready = client.get("/readyz")
+        ready = client.get("/readyz", headers=auth(keys["a"]))
         assert ready.status_code == 503, ready.text
         checks = ready.json()["checks"]
         assert checks["database"] == "ok" and checks["broker"] != "ok", checks

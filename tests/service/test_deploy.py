@@ -14,12 +14,15 @@ from tests.service.helpers import ROOT
 def test_compose_file_has_the_stack() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"postgres", "redis", "migrate", "api", "worker"} <= set(services)
+    assert {"postgres", "redis", "migrate", "api", "worker", "webhooks"} <= set(services)
+    # webhooks have a worker of their own: their retries never wait behind a job
+    assert "webhooks" not in services["worker"]["command"][-1].split(",")
+    assert services["webhooks"]["command"][:4] == ["idap", "worker", "--queues", "webhooks"]
     assert services["migrate"]["command"] == ["idap", "db", "upgrade"]
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "webhooks"):
         assert "artifacts:/data" in services[name]["volumes"]
         assert services[name]["environment"]["IDAP_DATABASE_URL"].startswith("postgresql")
 

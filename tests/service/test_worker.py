@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from standardwebhooks import Webhook
 
 from api.app import create_app
 from core.report import Report
 from domain.db import session_scope
-from domain.models import Job
+from domain.models import Job, JobEvent
 from domain.queue import CeleryQueue
 from domain.settings import Settings
 from tests.service.helpers import Receiver, auth, finished, start_worker, stop_worker, submit, wait_for
@@ -85,8 +87,7 @@ def test_job_runs_end_to_end(client: TestClient, keys: dict[str, str], digits: t
         assert client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx", headers=auth(keys["b"])).status_code == 404
         assert client.get(f"/v1/jobs/{job_id}/artifacts/../x", headers=auth(keys["a"])).status_code == 404
 
-        # job.started failed once (500) and was retried (after the job: the one worker slot was busy);
-        # every request carries a valid signature
+        # job.started failed once (500) and was retried; every request carries a valid signature
         deadline = time.monotonic() + 30
         while len(receiver.requests) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -101,8 +102,13 @@ def test_job_runs_end_to_end(client: TestClient, keys: dict[str, str], digits: t
         deliveries = client.get(f"/v1/jobs/{job_id}/webhooks", headers=auth(keys["a"])).json()["deliveries"]
         assert sorted((d["event_type"], d["attempt"], d["status_code"], d["will_retry"]) for d in deliveries) == [
             ("job.started", 1, 500, True), ("job.started", 2, 204, False), ("job.succeeded", 1, 204, False)]
+        # the webhook worker retried on schedule while the job worker was busy with the job
+        when = {(d["event_type"], d["attempt"]): datetime.fromisoformat(d["created_at"]) for d in deliveries}
+        retry = (when[("job.started", 2)] - when[("job.started", 1)]).total_seconds()
+        assert settings.webhook_retry_schedule_s[0] <= retry < settings.webhook_retry_schedule_s[0] + 2.5, retry
+        assert when[("job.started", 2)] < datetime.fromisoformat(job["finished_at"])
 
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=auth(settings.metrics_token or "")).text
     assert 'idap_jobs{status="succeeded"}' in metrics and "idap_webhook_failures_total 1.0" in metrics
     assert "idap_job_duration_seconds_count" in metrics
 
@@ -122,27 +128,59 @@ def test_cancel_a_running_job(client: TestClient, keys: dict[str, str], digits: 
     assert job["status"] == "cancelled" and job["artifacts"] == []
 
 
-def test_a_job_whose_worker_dies_is_retried(keys: dict[str, str], digits: tuple[Path, Path], settings: Settings,
-                                            tmp_path: Path) -> None:
-    """kill -9 the worker mid-job: another worker takes the job over as attempt 2 and finishes it."""
-    own = settings.model_copy(update={"cpu_queue": settings.cpu_queue + "-kill"})
-    first = second = None
+def _running(settings: Settings, job_id: str) -> tuple[int, str | None]:
+    """The job's last checkpointed step and the process running it."""
+    with session_scope(settings.database) as session:
+        job = session.get(Job, job_id)
+        return job.checkpoint_step or 0, job.worker
+
+
+def test_a_job_whose_worker_dies_resumes_from_its_checkpoint(keys: dict[str, str], digits: tuple[Path, Path],
+                                                             settings: Settings, tmp_path: Path) -> None:
+    """kill -9 the worker mid-job: the other worker takes the job over as attempt 2 within the stale
+    period, from the last accepted step's checkpoint, and the killed attempt's scratch files go."""
+    own = settings.model_copy(update={"cpu_queue": settings.cpu_queue + "-kill", "scratch_dir": tmp_path / "scratch"})
+    config = {"target": {"macs_reduction": 0.6, "max_accuracy_drop": 1.0}, "stages": ["filters"],
+              "recovery": {"recovery_iterations": 40, "final_recovery_iterations": 5}}
+    workers = {}
     try:
-        first = start_worker(own, tmp_path / "first.log")
+        for name in ("first", "second"):
+            process = start_worker(own, tmp_path / f"{name}.log")
+            workers[process.pid] = process
         with TestClient(create_app(own)) as client:
-            job_id = submit(client, keys["a"], digits, SLOW_RECOVERY).json()["id"]
-            wait_for(client, keys["a"], job_id, lambda job: job["progress"]["stage"] not in ("queued", "starting")
-                     or finished(job))
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait()
-            second = start_worker(own, tmp_path / "second.log")
-            job = wait_for(client, keys["a"], job_id, finished, timeout=120)
+            job_id = submit(client, keys["a"], digits, config).json()["id"]
+            deadline = time.monotonic() + 120
+            while (running := _running(own, job_id))[0] < 2:
+                assert time.monotonic() < deadline, running
+                time.sleep(0.05)
+            checkpointed, holder = running
+            assert list((tmp_path / "scratch").glob(f"job-{job_id}-*")), "the running attempt's scratch directory"
+            killed = workers.pop(int(str(holder).rsplit(":", 1)[1]))
+            os.kill(killed.pid, signal.SIGKILL)
+            killed.wait()
+            killed_at = time.monotonic()
+            wait_for(client, keys["a"], job_id, lambda job: job["attempts"] == 2 or finished(job), timeout=60)
+            taken_over = time.monotonic() - killed_at
+            job = wait_for(client, keys["a"], job_id, finished, timeout=180)
+            report = client.get(f"/v1/jobs/{job_id}/report", headers=auth(keys["a"])).json()
         assert job["status"] == "succeeded", job
         assert job["attempts"] == 2
+        assert taken_over <= own.stale_after_s + 2 * own.reaper_interval_s + 3, taken_over
+        with session_scope(own.database) as session:
+            events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+            assert session.get(Job, job_id).checkpoint_key is None
+        requeued = next(i for i, event in enumerate(events) if event.data.get("status") == "queued")
+        completed = max(event.data["step"] for event in events[:requeued] if event.data.get("stage") == "filters")
+        resumed = report["resumed_at_step"]
+        assert resumed >= checkpointed >= 2 and resumed <= completed
+        assert completed - resumed < completed, "fewer steps run again than the killed attempt completed"
+        second_attempt = [event.data["step"] for event in events[requeued:] if event.data.get("stage") == "filters"]
+        assert not second_attempt or min(second_attempt) == resumed + 1, "the steps up to the checkpoint stay done"
+        assert not list((tmp_path / "scratch").glob("job-*")), "the killed attempt's scratch files were swept"
+        assert not (own.data_dir / "artifacts" / "jobs" / job_id / "checkpoints").exists()
     finally:
-        for process in (first, second):
-            if process is not None:
-                stop_worker(process)
+        for process in workers.values():
+            stop_worker(process)
 
 
 def test_infrastructure_errors_are_retried_then_fail(keys: dict[str, str], digits: tuple[Path, Path],
