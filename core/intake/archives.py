@@ -68,6 +68,23 @@ def _check_member_path(name: str) -> None:
                              hint="Zip with relative paths (no '..', no leading '/').", code="zip_slip")
 
 
+def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> bytes:
+    """A small member's bytes (a config file), refused when it declares or inflates to more than `max_bytes`."""
+    refused = InputFileError(f"Zip member {info.filename!r} is larger than {max_bytes} bytes.",
+                             hint="Upload the files the format needs, at their usual sizes.", code="zip_bomb")
+    if info.file_size > max_bytes:
+        raise refused
+    try:
+        with archive.open(info) as source:
+            data = source.read(max_bytes + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+        raise InputFileError(f"Zip member {info.filename!r} cannot be read ({exc}).",
+                             hint="Re-create the archive with a standard zip tool.", code="invalid_zip") from exc
+    if len(data) > max_bytes:
+        raise refused
+    return data
+
+
 def extract(path: Path, dest: Path, limits: ZipLimits) -> Path:
     """Unpack `path` into `dest` (created) and return `dest`."""
     with open_zip(path) as archive:
