@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.load import free_port
 from tests.service.helpers import FAST, ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
@@ -51,7 +45,8 @@ def test_idap_serve_runs_a_job(digits: tuple[Path, Path], tmp_path: Path) -> Non
         assert "API key" in log.read_text(), "the first start shows the local key"
         model, data = digits
         config = {"architecture": "idap:digits", **FAST}
-        response = httpx.post(f"{base}/v1/jobs", data={"config": json.dumps(config)},
+        # the upload is checked by a sandbox that may still be starting (importing torch) on a busy machine
+        response = httpx.post(f"{base}/v1/jobs", data={"config": json.dumps(config)}, timeout=120,
                               files={"model": (model.name, model.read_bytes()), "data": (data.name, data.read_bytes())})
         assert response.status_code == 202, response.text
         job_url = base + response.headers["location"]
