@@ -24,8 +24,8 @@ from domain.storage import open_storage
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The sandbox processes that check uploads (started on first use) and the relay that sends
-    committed jobs to the broker live as long as the server."""
+    """The sandbox processes that check uploads and the relay that sends committed jobs to the broker
+    live as long as the server."""
     settings: Settings = app.state.settings
     app.state.sandbox = sandbox_pool(settings, scratch_root(settings))
     if app.state.start_sandboxes:

@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from api.errors import ApiError
 from api.schemas import InspectConfig
-from api.services.sandbox import Busy, Limits, SandboxError, SandboxPool
+from api.services.sandbox import Busy, Failure, Limits, SandboxError, SandboxPool
 from core import PreflightReport
 from domain.config import JobConfig, intake_options
 from domain.read_model import ErrorOut
@@ -46,29 +48,31 @@ async def preflight(sandbox: SandboxPool, settings: Settings, config: JobConfig 
                "data": None if data is None else str(data)}
     try:
         answer = await sandbox.run(request)
+        if "error" in answer:
+            error = ErrorOut.model_validate(answer["error"])
+            raise ApiError(422, error.code, error.message, error.hint)
+        return PreflightReport.model_validate(answer["report"])
     except SandboxError as exc:
         raise _refusal(exc, settings) from exc
-    if "error" in answer:
-        error = ErrorOut.model_validate(answer["error"])
-        raise ApiError(422, error.code, error.message, error.hint)
-    return PreflightReport.model_validate(answer["report"])
+    except (KeyError, ValidationError) as exc:  # the child is not trusted to answer well
+        raise _refusal(SandboxError(Failure.CRASHED, "it answered something malformed"), settings) from exc
 
 
 def _refusal(exc: SandboxError, settings: Settings) -> ApiError:
-    if exc.code == "timeout":
+    if exc.failure == Failure.TIMEOUT:
         return ApiError(422, "inspection_timeout", f"Checking the upload took too long ({exc.message}; the limits are "
                         f"{settings.inspect_timeout_s:g} s, {settings.inspect_cpu_s} s of CPU).",
                         "Upload a smaller model or less data, or ask the operator to raise IDAP_INSPECT_TIMEOUT_S "
                         "and IDAP_INSPECT_CPU_S.")
-    if exc.code == "out_of_memory":
+    if exc.failure == Failure.OUT_OF_MEMORY:
         return ApiError(422, "inspection_out_of_memory", f"Checking the upload needed more than "
                         f"{settings.inspect_memory_bytes / 2**30:.1f} GiB of memory.",
                         "Upload a smaller model or less data, or ask the operator to raise IDAP_INSPECT_MEMORY_BYTES.")
-    if exc.code == "crashed":
+    if exc.failure == Failure.CRASHED:
         return ApiError(422, "inspection_crashed", f"Reading the upload crashed the process that checked it "
                         f"({exc.message}).", "The file may be corrupt: check that it loads where it was made, "
                         "then upload it again.")
-    if exc.code == "unavailable":
+    if exc.failure == Failure.UNAVAILABLE:
         return ApiError(503, "inspection_unavailable", "No process to check the upload could be started.",
                         f"Try again in {RETRY_AFTER_S} s; ask the operator to check the API's logs if it persists.",
                         {"Retry-After": str(RETRY_AFTER_S)})

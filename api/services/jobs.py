@@ -111,24 +111,17 @@ async def create_job(request: Request, settings: Settings, storage: Storage, san
                     raise ApiError(422, "webhook_url_refused", str(exc),
                                    "Use a publicly reachable http(s) URL for webhook_url.") from exc
             require_feasible(await preflight(sandbox, settings, config, form.files["model"], form.files["data"]))
-            job = await _store_and_commit(sessions, settings, storage, tenant, config, form)
-            relay.wake()
-            return job, True
-        except _Raced as raced:
-            return raced.winner, False
+            job, created = await _store_and_commit(sessions, settings, storage, tenant, config, form)
+            if created:
+                relay.wake()
+            return job, created
         finally:
             await run_in_threadpool(shutil.rmtree, scratch, True)
 
 
-class _Raced(Exception):
-    """The same idempotency key was committed by a concurrent request: that one's job is the answer."""
-
-    def __init__(self, winner: Job) -> None:
-        self.winner = winner
-
-
 async def _store_and_commit(sessions: sessionmaker[Session], settings: Settings, storage: Storage, tenant: Tenant,
-                            config: JobConfig, form: Form) -> Job:
+                            config: JobConfig, form: Form) -> tuple[Job, bool]:
+    """(job, created): the new job, or the one a concurrent request with the same idempotency key committed."""
     job_id = new_id()
     keys = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in form.files.items()}
     job = Job(id=job_id, tenant_id=tenant.id, queue=settings.queue_for(config.device),
@@ -144,12 +137,13 @@ async def _store_and_commit(sessions: sessionmaker[Session], settings: Settings,
     except BaseException as exc:
         # no job row, so no stored inputs either (the storage or the database failed, or a race was lost)
         await run_in_threadpool(storage.delete_prefix, f"jobs/{job_id}")
-        if isinstance(exc, IntegrityError) and config.idempotency_key is not None:
+        winner = None
+        if isinstance(exc, IntegrityError):
             winner = await run_in_threadpool(_existing, sessions, tenant, config.idempotency_key)
-            if winner is not None:
-                raise _Raced(winner) from exc
-        raise
-    return job
+        if winner is None:
+            raise
+        return winner, False
+    return job, True
 
 
 def scratch_root(settings: Settings) -> Path:

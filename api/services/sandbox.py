@@ -34,6 +34,7 @@ import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,20 @@ class Limits:
     wall_s: float
 
 
-class SandboxError(Exception):
-    """A request the sandbox could not answer. `code`: timeout, out_of_memory, crashed, unavailable or
-    internal (an unexpected exception in the child, named by `message`)."""
+class Failure(StrEnum):
+    """Why a request got no answer."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+    TIMEOUT = "timeout"  # past the wall-clock or the CPU limit
+    OUT_OF_MEMORY = "out_of_memory"  # past the address-space limit, and the child noticed
+    CRASHED = "crashed"  # the child died, or answered something that is not an answer
+    UNAVAILABLE = "unavailable"  # no child could be started
+    INTERNAL = "internal"  # an unexpected exception in the child (named by the message)
+
+
+class SandboxError(Exception):
+    def __init__(self, failure: Failure, message: str) -> None:
+        super().__init__(f"{failure}: {message}")
+        self.failure, self.message = failure, message
 
 
 class Busy(Exception):
@@ -80,38 +88,39 @@ class _Child:
             await stdin.drain()
             line = await asyncio.wait_for(stdout.readline(), wall_s)
         except TimeoutError as exc:
-            raise SandboxError("timeout", f"no answer within {wall_s:g} s") from exc
+            raise SandboxError(Failure.TIMEOUT, f"no answer within {wall_s:g} s") from exc
         except (ConnectionError, ValueError) as exc:  # a closed pipe, or a line past MAX_ANSWER_BYTES
-            raise SandboxError("crashed", f"the pipe broke ({exc.__class__.__name__})") from exc
+            raise SandboxError(Failure.CRASHED, f"the pipe broke ({exc.__class__.__name__})") from exc
         if not line:
             raise _death(await self.process.wait())
         try:
             answer = json.loads(line)
         except ValueError as exc:
-            raise SandboxError("crashed", "it answered something other than JSON") from exc
+            raise SandboxError(Failure.CRASHED, "it answered something other than JSON") from exc
         if not isinstance(answer, dict):
-            raise SandboxError("crashed", "it answered something other than a JSON object")
+            raise SandboxError(Failure.CRASHED, "it answered something other than a JSON object")
         if isinstance(answer.get("failure"), dict):  # the child caught it: out_of_memory or internal
             failure = answer["failure"]
-            raise SandboxError(str(failure.get("code")), str(failure.get("message")))
+            known = failure.get("code") in (Failure.OUT_OF_MEMORY, Failure.INTERNAL)
+            raise SandboxError(Failure(failure["code"]) if known else Failure.CRASHED, str(failure.get("message")))
         return answer
 
 
 def _death(returncode: int) -> SandboxError:
     if returncode == -signal.SIGXCPU:
-        return SandboxError("timeout", "it used up its CPU time")
+        return SandboxError(Failure.TIMEOUT, "it used up its CPU time")
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
         hint = ", possibly out of memory" if returncode == -signal.SIGKILL else ""
-        return SandboxError("crashed", f"it was killed by {name}{hint}")
-    return SandboxError("crashed", f"it exited with status {returncode}")
+        return SandboxError(Failure.CRASHED, f"it was killed by {name}{hint}")
+    return SandboxError(Failure.CRASHED, f"it exited with status {returncode}")
 
 
 class SandboxPool:
-    """`size` children running `python -m module` (whose main calls `serve`), started on first use.
+    """`size` children running `python -m module` (whose main calls `serve`), started by `start` or on first use.
 
     Create and use it inside one running event loop (the app's lifespan); `close()` ends the children."""
 
@@ -150,7 +159,7 @@ class SandboxPool:
     async def run(self, request: dict[str, Any]) -> dict[str, Any]:
         """The child's answer to `request` (a JSON object); `SandboxError` when there is none."""
         async with self._slots:
-            child = self._idle.pop() if self._idle else await self._spawn()
+            child = self._idle_child() or await self._spawn()
             healthy = False
             try:
                 answer = await child.ask(request, self.limits.wall_s)
@@ -162,6 +171,15 @@ class SandboxPool:
                     self._idle.append(child)
                 else:
                     await _retire(child)
+
+    def _idle_child(self) -> _Child | None:
+        """A waiting child that is still alive (one may have died idle, e.g. at the OOM killer's hand)."""
+        while self._idle:
+            child = self._idle.pop()
+            if child.process.returncode is None:
+                return child
+            shutil.rmtree(child.scratch, ignore_errors=True)
+        return None
 
     async def close(self) -> None:
         self._closed = True
@@ -191,7 +209,7 @@ class SandboxPool:
             raise
         if not ready:
             await _retire(child)
-            raise SandboxError("unavailable", "the sandbox process did not start")
+            raise SandboxError(Failure.UNAVAILABLE, "the sandbox process did not start")
         return child
 
 
@@ -238,12 +256,12 @@ def serve(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         try:
             answer = handle(json.loads(line))
         except MemoryError:
-            answer = {"failure": {"code": "out_of_memory", "message": "MemoryError"}}
+            answer = {"failure": {"code": Failure.OUT_OF_MEMORY, "message": "MemoryError"}}
         except Exception as exc:  # the parent replaces a child after an unexpected failure
             traceback.print_exc()
             # torch's allocator reports an exhausted address space as a RuntimeError
-            code = "out_of_memory" if "can't allocate memory" in str(exc) else "internal"
-            answer = {"failure": {"code": code, "message": exc.__class__.__name__}}
+            failure = Failure.OUT_OF_MEMORY if "can't allocate memory" in str(exc) else Failure.INTERNAL
+            answer = {"failure": {"code": failure, "message": exc.__class__.__name__}}
         send(answer)
 
 
