@@ -85,16 +85,18 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int)
     return data
 
 
-def extract(path: Path, dest: Path, limits: ZipLimits) -> Path:
-    """Unpack `path` into `dest` (created) and return `dest`."""
-    with open_zip(path) as archive:
-        members = safe_members(archive, limits)
-        budget = limits.max_unpacked_bytes
-        for info in members:
-            target = dest / PurePosixPath(info.filename.replace("\\", "/"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            budget = _copy_member(archive, info, target, budget, limits)
-    return dest
+def member_path(info: zipfile.ZipInfo) -> PurePosixPath:
+    """Where a member unpacks, relative to the destination (zips made on Windows may use backslashes)."""
+    return PurePosixPath(info.filename.replace("\\", "/"))
+
+
+def extract(archive: zipfile.ZipFile, members: list[zipfile.ZipInfo], dest: Path, limits: ZipLimits) -> None:
+    """Unpack `members` of `archive`, as `safe_members` returned them, into `dest`."""
+    budget = limits.max_unpacked_bytes
+    for info in members:
+        target = dest / member_path(info)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        budget = _copy_member(archive, info, target, budget, limits)
 
 
 def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int,
