@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ import numpy as np
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -32,7 +33,6 @@ from benchmarks.load import BUSY_PICKLE, CRASHING_PICKLE, PICKLE_BOMB, free_port
 from domain.db import get_engine, session_scope, upgrade
 from domain.models import JobDispatch
 from domain.settings import Settings
-from tests.service.conftest import DB_NAME, PG_ADMIN, RUN
 from tests.service.helpers import FAST, LiveServer, auth, finished, start_worker, stop_worker, submit, wait_for
 
 INSPECT = {"architecture": "idap:digits", "target": {"macs_reduction": 0.3}}
@@ -43,7 +43,7 @@ PARKED = SUBMIT | {"device": "cuda"}
 
 def new_key(database: str, name: str) -> str:
     with session_scope(database) as session:
-        tenant, _ = get_or_create_tenant(session, f"{name}-{RUN}")
+        tenant, _ = get_or_create_tenant(session, f"{name}-{secrets.token_hex(4)}")
         return create_key(session, tenant)
 
 
@@ -221,13 +221,16 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
 def outage(settings: Settings) -> Iterator[tuple[Settings, Forwarder]]:
     """Settings on a database of their own (no other app's relay sees its jobs) and a broker address
     that is down until the Forwarder opens; the queues are this test's."""
-    name = f"{DB_NAME}_outage"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+    session_database = make_url(settings.database)
+    name = f"{session_database.database}_outage"
+    # CREATE and DROP DATABASE, from a connection to the session's database
+    admin_url = session_database.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     host, port = settings.broker.removeprefix("redis://").split("/")[0].split(":")
     broker = Forwarder((host, int(port)))
     own = settings.model_copy(update={
-        "database_url": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+        "database_url": session_database.set(database=name).render_as_string(hide_password=False),
         "broker_url": f"redis://127.0.0.1:{broker.port}/11", "cpu_queue": f"{settings.cpu_queue}-outage",
         "dispatch_interval_s": 0.3})
     upgrade(own.database)
@@ -236,7 +239,7 @@ def outage(settings: Settings) -> Iterator[tuple[Settings, Forwarder]]:
     finally:
         broker.close()
         get_engine(own.database).dispose()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
