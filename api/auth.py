@@ -59,9 +59,8 @@ def _caller(request: Request, session: SessionDep, settings: SettingsDep) -> Ten
                            "Send `Authorization: Bearer <key>`; create a key with `idap keys create --tenant NAME`.",
                            _CHALLENGE)
         check_csrf(request, settings, cookie=False)
-        local, created = get_or_create_tenant(session, LOCAL_TENANT)
-        if created:
-            session.commit()
+        local, _created = get_or_create_tenant(session, LOCAL_TENANT)
+        session.commit()  # see below
         return local
     if header is not None:
         scheme, _, key = header.partition(" ")
@@ -73,6 +72,9 @@ def _caller(request: Request, session: SessionDep, settings: SettingsDep) -> Ten
         hint = ("Send `Authorization: Bearer <key>` with a key from `idap keys create`." if header is not None
                 else "Sign in again at /ui/signin with a key from `idap keys create`.")
         raise ApiError(401, "unauthorized", "The API key is not valid.", hint, _CHALLENGE)
+    # Ends the lookup's transaction, which gives its connection back to the pool: an upload route
+    # must not hold one while the body streams in or a sandbox checks it (the tenant stays loaded).
+    session.commit()
     return tenant
 
 

@@ -105,7 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
     # (not the default handler's instant death) runs the finally below that stops the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(create_app(settings, start_sandboxes=True), host=settings.host, port=settings.port,
+                    log_level="info")
     finally:
         for worker in workers:
             _stop(worker)

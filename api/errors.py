@@ -8,6 +8,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -50,6 +52,10 @@ def describe_validation(errors: list[Any]) -> str:
     return "; ".join(parts)
 
 
+# How long a client told the database is busy or unreachable should wait before it tries again.
+DATABASE_RETRY_AFTER_S = 5
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -59,6 +65,19 @@ def install(app: FastAPI) -> None:
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body("invalid_request", describe_validation(list(exc.errors())),
                                        "See the API schema at /docs."), 422)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(_request: Request, _exc: PoolTimeout) -> JSONResponse:
+        return JSONResponse(error_body("server_busy", "Every database connection stayed busy past the pool's "
+                                       "timeout.", f"Try again in {DATABASE_RETRY_AFTER_S} s."), 503,
+                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(_request: Request, _exc: OperationalError) -> JSONResponse:
+        # unreachable, restarting, or (SQLite) locked past the busy timeout: worth another try, not a bug
+        return JSONResponse(error_body("database_unavailable", "The database did not answer.",
+                                       f"Try again in {DATABASE_RETRY_AFTER_S} s."), 503,
+                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:

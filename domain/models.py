@@ -85,6 +85,22 @@ class Job(Base):
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Artifact.name")
 
 
+class JobDispatch(Base):
+    """The outbox: a job that the broker has not yet confirmed receiving. It is written in the
+    transaction that creates the job and deleted once the job's message is published, so a job
+    accepted while the broker is down is sent when the broker is back (domain.outbox)."""
+
+    __tablename__ = "job_dispatches"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(200))
+    # when the next try is due: now for a new job; pushed out while a relay holds it, or after a failed try
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    tries: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
 

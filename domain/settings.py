@@ -50,6 +50,16 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = _INTAKE.max_unpacked_bytes
     max_samples: int = _INTAKE.max_samples
     allow_pickle: bool = False
+    # Uploads are checked (read, preflight) in sandbox processes of the API (api/services/sandbox.py):
+    # this many at a time, each within these limits; more requests than inspect_max_pending
+    # uploading or waiting for a sandbox are answered 429.
+    inspect_workers: int = Field(default=2, ge=1, le=64)
+    inspect_max_pending: int = Field(default=128, ge=1)
+    inspect_memory_bytes: int = Field(default=8 << 30, ge=256 << 20)
+    inspect_cpu_s: int = Field(default=300, ge=1)
+    inspect_timeout_s: float = Field(default=600.0, gt=0)
+    # How often the API's relay sends jobs the broker has not taken yet (domain/outbox.py).
+    dispatch_interval_s: float = Field(default=2.0, gt=0)
 
     cpu_queue: str = "cpu"
     gpu_queue: str = "gpu"

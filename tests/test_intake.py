@@ -322,3 +322,71 @@ def test_onnx_upload_through_the_cli_keeps_its_interface(tmp_path, capsys):
     assert [o.name for o in session.get_outputs()] == ["scores"]
     (scores,) = session.run(None, {"pixel_values": np.random.rand(5, 3, 32, 32).astype("f4")})
     assert scores.shape == (5, 3)
+
+
+def _npz_declaring(path: Path, shape: tuple[int, ...], data_bytes: int) -> Path:
+    """An .npz whose x declares `shape` (float32 zeros) and holds `data_bytes` of them, deflated."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            member.write(bytes(data_bytes))
+    return path
+
+
+def test_an_npz_is_refused_from_its_header_and_directory_before_anything_is_inflated(tmp_path):
+    import tracemalloc
+
+    from core.intake.npz import load_npz
+
+    bomb = _npz_declaring(tmp_path / "bomb.npz", (1 << 15, 512), 64 << 20)  # 64 MiB of zeros in ~64 kB
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        _raises("too_many_samples", "32768 samples; at most 1000", load_npz, bomb, IntakeOptions(max_samples=1000))
+        _raises("zip_bomb", "unpacks to 67 MB", load_npz, bomb, IntakeOptions(max_unpacked_bytes=32 << 20))
+        # the header claims more than the member holds: refused before allocating what it claims
+        liar = _npz_declaring(tmp_path / "liar.npz", (1 << 20, 512), 1 << 20)
+        _raises("zip_bomb", "declares 2147483648 bytes", load_npz, liar)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    # within the limits the same file is read, as np.load reads it
+    assert load_npz(bomb, IntakeOptions(max_samples=1 << 15)).inputs.tensors["x"].shape == (1 << 15, 512)
+
+
+def test_npz_arrays_read_as_np_load_reads_them(tmp_path):
+    from core.intake.npz import read_arrays
+
+    path = tmp_path / "data.npz"
+    arrays = {"x": np.random.rand(6, 3, 4).astype("f4"), "ids": np.arange(12, dtype=np.int64).reshape(6, 2),
+              "f": np.asfortranarray(np.random.rand(6, 5)), "y": np.arange(6)}
+    np.savez_compressed(path, **arrays)
+    read = read_arrays(path, IntakeOptions())
+    assert set(read) == set(arrays)
+    for name, array in arrays.items():
+        assert read[name].dtype == array.dtype and np.array_equal(read[name], array), name
+
+
+def test_a_zipped_hf_directory_is_checked_before_it_is_unpacked(tmp_path, monkeypatch):
+    import core.intake.model_io as model_io
+
+    def no_unpacking(*_args, **_kwargs):
+        raise AssertionError("unpacked before its config.json was checked")
+
+    monkeypatch.setattr(model_io, "extract", no_unpacking)
+    cases = {
+        "unsupported_hf_architecture": {"model_type": "bert", "architectures": ["MyEvilModel"]},
+        "invalid_hf_model": "{not json",
+        "hf_weights_missing": {"model_type": "bert", "architectures": ["BertForSequenceClassification"]},
+    }
+    for code, config in cases.items():
+        path = tmp_path / f"{code}.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("m/config.json", config if isinstance(config, str) else json.dumps(config))
+            archive.writestr("m/pytorch_model.bin", b"\0" * (8 << 20))
+        _raises(code, "", open_model, path, SERVICE)
+    big_config = tmp_path / "big.zip"
+    with zipfile.ZipFile(big_config, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("m/config.json", " " * (2 << 20))
+    _raises("zip_bomb", "larger than 1048576 bytes", open_model, big_config, SERVICE)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import CallerDep
-from api.deps import QueueDep, SessionDep, SettingsDep, StorageDep
+from api.deps import RelayDep, SandboxDep, SessionDep, SettingsDep, StorageDep
 from api.schemas import JobList, WebhookDeliveryList, WebhookDeliveryOut
 from api.services import events, jobs
 from core import Report
@@ -39,12 +39,14 @@ _UPLOAD_SCHEMA = {
 
 
 @router.post("", status_code=202, response_model=JobOut, openapi_extra=_UPLOAD_SCHEMA,
-             summary="Submit a compression job", responses={413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+             summary="Submit a compression job",
+             responses={413: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}},
              description=f"config: `{JobConfig.__name__}` (see schemas). Returns 200 with the earlier job when "
-             "config.idempotency_key was used before.")
-async def submit(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
-                 storage: StorageDep, queue: QueueDep, tenant: CallerDep) -> JobOut:
-    job, created = await jobs.create_job(request, session, settings, storage, queue, tenant)
+             "config.idempotency_key was used before. A 202 job is queued even while the broker is down: it is "
+             "sent when the broker is back.")
+async def submit(request: Request, response: Response, settings: SettingsDep, storage: StorageDep,
+                 sandbox: SandboxDep, relay: RelayDep, tenant: CallerDep) -> JobOut:
+    job, created = await jobs.create_job(request, settings, storage, sandbox, relay, tenant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200

@@ -14,18 +14,20 @@ from fastapi import Request
 from pydantic import ValidationError
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError, describe_validation, not_found
 from api.schemas import InspectConfig, JobList
-from api.services.intake import preflight, require_feasible
-from api.services.uploads import receive_form
+from api.services.intake import admitted, preflight, require_feasible
+from api.services.sandbox import SandboxPool
+from api.services.uploads import Form, receive_form
 from core import Report, UserError
-from domain import states
+from domain import outbox, states
 from domain.config import JobConfig
+from domain.db import get_sessionmaker
 from domain.models import Artifact, Job, Tenant, WebhookDelivery, new_id
-from domain.queue import JobQueue
+from domain.outbox import Relay
 from domain.read_model import job_out
 from domain.settings import Settings
 from domain.states import JobStatus
@@ -66,67 +68,90 @@ def parse_config(raw: str | None, model: type[Config]) -> Config:
     return config
 
 
-def _existing(session: Session, tenant: Tenant, key: str | None) -> Job | None:
+def _existing(sessions: sessionmaker[Session], tenant: Tenant, key: str | None) -> Job | None:
     if key is None:
         return None
-    return session.scalar(tenant_jobs(tenant).where(Job.idempotency_key == key))
+    with sessions() as session:
+        return session.scalar(tenant_jobs(tenant).where(Job.idempotency_key == key)
+                              .options(selectinload(Job.artifacts)))
 
 
-async def create_job(request: Request, session: Session, settings: Settings, storage: Storage, queue: JobQueue,
+def _insert(sessions: sessionmaker[Session], job: Job) -> None:
+    """The job and its dispatch (the outbox row the relay sends to the broker), in one transaction."""
+    with sessions.begin() as session:
+        session.add(job)
+        outbox.add(session, job.id, job.queue)
+
+
+async def create_job(request: Request, settings: Settings, storage: Storage, sandbox: SandboxPool, relay: Relay,
                      tenant: Tenant) -> tuple[Job, bool]:
-    """Receive, check and store the upload, then commit the job and only then enqueue it.
+    """Receive the upload, check it in a sandbox, store it, then commit the job with its dispatch in one
+    short transaction and wake the relay that sends it to the broker (domain.outbox): a job exists
+    exactly when the answer is 2xx, whether or not the broker is up. No database connection is held
+    while the upload streams, the sandbox checks it or the storage takes it.
 
     Returns (job, created); an idempotency key seen before returns the earlier job.
     """
-    scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=scratch_root(settings)))
+    sessions = get_sessionmaker(settings.database)
+    with admitted(sandbox):
+        scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=scratch_root(settings)))
+        try:
+            form = await receive_form(request, scratch, {"model", "data"}, settings.max_upload_bytes)
+            config = parse_config(form.fields.get("config"), JobConfig)
+            for name in ("model", "data"):
+                if name not in form.files:
+                    raise ApiError(422, "missing_file", f"The {name} file is missing.",
+                                   "Send the model and the data as multipart file fields named model and data.")
+            earlier = await run_in_threadpool(_existing, sessions, tenant, config.idempotency_key)
+            if earlier is not None:
+                return earlier, False
+            await run_in_threadpool(require_device, sessions, settings, config.device)
+            if config.webhook_url is not None:
+                try:
+                    await run_in_threadpool(check_url, config.webhook_url, settings.webhook_allow_private)
+                except WebhookUrlError as exc:
+                    raise ApiError(422, "webhook_url_refused", str(exc),
+                                   "Use a publicly reachable http(s) URL for webhook_url.") from exc
+            require_feasible(await preflight(sandbox, settings, config, form.files["model"], form.files["data"]))
+            job, created = await _store_and_commit(sessions, settings, storage, tenant, config, form)
+            if created:
+                relay.wake()
+            return job, created
+        finally:
+            await run_in_threadpool(shutil.rmtree, scratch, True)
+
+
+async def _store_and_commit(sessions: sessionmaker[Session], settings: Settings, storage: Storage, tenant: Tenant,
+                            config: JobConfig, form: Form) -> tuple[Job, bool]:
+    """(job, created): the new job, or the one a concurrent request with the same idempotency key committed."""
+    job_id = new_id()
+    keys = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in form.files.items()}
+    job = Job(id=job_id, tenant_id=tenant.id, queue=settings.queue_for(config.device),
+              config=config.model_dump(mode="json"), idempotency_key=config.idempotency_key,
+              webhook_url=config.webhook_url, model_key=keys["model"], data_key=keys["data"],
+              model_filename=form.filenames.get("model"), data_filename=form.filenames.get("data"),
+              max_attempts=settings.max_attempts, artifacts=[],
+              progress={"stage": "queued", "message": "Waiting for a worker"})
     try:
-        form = await receive_form(request, scratch, {"model", "data"}, settings.max_upload_bytes)
-        config = parse_config(form.fields.get("config"), JobConfig)
-        for name in ("model", "data"):
-            if name not in form.files:
-                raise ApiError(422, "missing_file", f"The {name} file is missing.",
-                               "Send the model and the data as multipart file fields named model and data.")
-        earlier = _existing(session, tenant, config.idempotency_key)
-        if earlier is not None:
-            return earlier, False
-        require_device(session, settings, config.device)
-        if config.webhook_url is not None:
-            try:
-                await run_in_threadpool(check_url, config.webhook_url, settings.webhook_allow_private)
-            except WebhookUrlError as exc:
-                raise ApiError(422, "webhook_url_refused", str(exc),
-                               "Use a publicly reachable http(s) URL for webhook_url.") from exc
-        report = await run_in_threadpool(preflight, settings, config, form.files["model"], form.files["data"])
-        require_feasible(report)
-        job_id = new_id()
-        keys = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in form.files.items()}
         for name, path in form.files.items():
             await run_in_threadpool(storage.put_file, keys[name], path)
-        job = Job(id=job_id, tenant_id=tenant.id, queue=settings.queue_for(config.device),
-                  config=config.model_dump(mode="json"), idempotency_key=config.idempotency_key,
-                  webhook_url=config.webhook_url, model_key=keys["model"], data_key=keys["data"],
-                  model_filename=form.filenames.get("model"), data_filename=form.filenames.get("data"),
-                  max_attempts=settings.max_attempts, progress={"stage": "queued", "message": "Waiting for a worker"})
-        session.add(job)
-        try:
-            session.commit()
-        except IntegrityError:
-            # the same idempotency key raced in from another request; that one won
-            session.rollback()
-            await run_in_threadpool(storage.delete_prefix, f"jobs/{job_id}")
-            winner = _existing(session, tenant, config.idempotency_key)
-            if winner is None:
-                raise
-            return winner, False
-        _enqueue(session, queue, job)
-        return job, True
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        await run_in_threadpool(_insert, sessions, job)
+    except BaseException as exc:
+        # no job row, so no stored inputs either (the storage or the database failed, or a race was lost)
+        await run_in_threadpool(storage.delete_prefix, f"jobs/{job_id}")
+        winner = None
+        if isinstance(exc, IntegrityError):
+            winner = await run_in_threadpool(_existing, sessions, tenant, config.idempotency_key)
+        if winner is None:
+            raise
+        return winner, False
+    return job, True
 
 
-def require_device(session: Session, settings: Settings, device: str) -> None:
+def require_device(sessions: sessionmaker[Session], settings: Settings, device: str) -> None:
     """A job asking for a CUDA device no worker has is refused now, not failed by a worker later."""
-    problem = device_problem(session, settings, device)
+    with sessions() as session:
+        problem = device_problem(session, settings, device)
     if problem is not None:
         raise ApiError(422, "device_unavailable", problem, "Use device auto or cpu, or a CUDA device a worker has.")
 
@@ -135,17 +160,6 @@ def scratch_root(settings: Settings) -> Path:
     root = settings.data_dir / "uploads"
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def _enqueue(session: Session, queue: JobQueue, job: Job) -> None:
-    try:
-        queue.enqueue_job(job.id, job.queue)
-    except Exception as exc:  # kombu raises many connection error types; all mean the broker is unreachable
-        states.transition(session, job.id, JobStatus.FAILED,
-                          error={"code": "broker_unavailable", "message": f"Could not queue the job: {exc}"})
-        raise ApiError(503, "broker_unavailable", "The job queue is unreachable; the job was not started.",
-                       "Try again later.") from exc
-    session.refresh(job)
 
 
 def _encode_cursor(job: Job) -> str:

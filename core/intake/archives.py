@@ -68,16 +68,35 @@ def _check_member_path(name: str) -> None:
                              hint="Zip with relative paths (no '..', no leading '/').", code="zip_slip")
 
 
-def extract(path: Path, dest: Path, limits: ZipLimits) -> Path:
-    """Unpack `path` into `dest` (created) and return `dest`."""
-    with open_zip(path) as archive:
-        members = safe_members(archive, limits)
-        budget = limits.max_unpacked_bytes
-        for info in members:
-            target = dest / PurePosixPath(info.filename.replace("\\", "/"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            budget = _copy_member(archive, info, target, budget, limits)
-    return dest
+def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> bytes:
+    """A small member's bytes (a config file), refused when it declares or inflates to more than `max_bytes`."""
+    refused = InputFileError(f"Zip member {info.filename!r} is larger than {max_bytes} bytes.",
+                             hint="Upload the files the format needs, at their usual sizes.", code="zip_bomb")
+    if info.file_size > max_bytes:
+        raise refused
+    try:
+        with archive.open(info) as source:
+            data = source.read(max_bytes + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+        raise InputFileError(f"Zip member {info.filename!r} cannot be read ({exc}).",
+                             hint="Re-create the archive with a standard zip tool.", code="invalid_zip") from exc
+    if len(data) > max_bytes:
+        raise refused
+    return data
+
+
+def member_path(info: zipfile.ZipInfo) -> PurePosixPath:
+    """Where a member unpacks, relative to the destination (zips made on Windows may use backslashes)."""
+    return PurePosixPath(info.filename.replace("\\", "/"))
+
+
+def extract(archive: zipfile.ZipFile, members: list[zipfile.ZipInfo], dest: Path, limits: ZipLimits) -> None:
+    """Unpack `members` of `archive`, as `safe_members` returned them, into `dest`."""
+    budget = limits.max_unpacked_bytes
+    for info in members:
+        target = dest / member_path(info)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        budget = _copy_member(archive, info, target, budget, limits)
 
 
 def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int,

@@ -16,7 +16,7 @@ from core.intake.hf import save_pretrained_zip
 from core.intake.image_data import load_image_folder_zip
 from core.intake.loaded import LoadedModel
 from core.intake.model_io import check_input_file, open_model
-from core.intake.npz import load_npz
+from core.intake.npz import load_npz, too_many_samples
 from core.intake.text_data import read_records, tokenize
 from core.options import CompressOptions, IntakeOptions, Target
 from core.progress import CancelFn, ProgressFn
@@ -33,7 +33,7 @@ def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
     """The calibration data in `path`, read according to its content and the model's inputs."""
     check_input_file(path, "data", intake.max_file_bytes, _DATA_HINT)
     if is_zip(path):
-        data = load_npz(path) if _is_npz(path) else _image_folder(path, model, intake)
+        data = load_npz(path, intake) if _is_npz(path) else _image_folder(path, model, intake)
     elif model.tokenizer is not None:
         records = read_records(path, intake.max_samples)
         data = tokenize(records, model.tokenizer, intake.text_column, intake.label_column, intake.max_length,
@@ -43,8 +43,7 @@ def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
                         "that ships a tokenizer (a zipped Hugging Face directory).", hint=_DATA_HINT,
                         code="unknown_data_format")
     if len(data) > intake.max_samples:
-        raise DataError(f"The data holds {len(data)} samples; at most {intake.max_samples} are accepted.",
-                        hint="Upload a random subset.", code="too_many_samples")
+        raise too_many_samples(len(data), intake.max_samples)
     return data
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import zipfile
@@ -53,17 +54,46 @@ class ImageClassifier(nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def load_hf_directory(root: Path) -> LoadedModel:
-    """A `LoadedModel` for the classifier saved in `root`."""
+# config.json is read before anything is unpacked; a real one is a few kB
+CONFIG_MAX_BYTES = 1 << 20
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _transformers() -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
+    return transformers
+
+
+def weights_missing() -> InputFileError:
+    return InputFileError("The Hugging Face directory has no model.safetensors.",
+                          hint="Save with safe_serialization=True; pytorch_model.bin is a pickle and is not loaded.",
+                          code="hf_weights_missing")
+
+
+def check_config_json(raw: bytes) -> None:
+    """What config.json alone tells, before a zipped directory is unpacked: it is a JSON object
+    that names a classifier built into transformers."""
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise InputFileError(f"config.json is not valid JSON: {first_line(exc)}", hint=_DIR_HINT,
+                             code="invalid_hf_model") from exc
+    names = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(names or [], list):
+        raise InputFileError("config.json is not a Hugging Face config (an object with an architectures list).",
+                             hint=_DIR_HINT, code="invalid_hf_model")
+    _task_class_named([str(name) for name in names or []], _transformers())
+
+
+def load_hf_directory(root: Path) -> LoadedModel:
+    """A `LoadedModel` for the classifier saved in `root`."""
+    transformers = _transformers()
     config = _config(root, transformers)
-    task_class = _task_class(config, transformers)
-    if not (root / "model.safetensors").is_file() and not (root / "model.safetensors.index.json").is_file():
-        raise InputFileError("The Hugging Face directory has no model.safetensors.",
-                             hint="Save with safe_serialization=True; pytorch_model.bin is a pickle and is not "
-                             "loaded.", code="hf_weights_missing")
+    task_class = _task_class_named(list(getattr(config, "architectures", None) or []), transformers)
+    if not any((root / name).is_file() for name in WEIGHTS_FILES):
+        raise weights_missing()
     try:
         model = task_class.from_pretrained(root, local_files_only=True, trust_remote_code=False,
                                            use_safetensors=True).eval()
@@ -95,8 +125,7 @@ def _config(root: Path, transformers: Any) -> Any:
                              hint=_DIR_HINT, code="invalid_hf_model") from exc
 
 
-def _task_class(config: Any, transformers: Any) -> Any:
-    names = list(getattr(config, "architectures", None) or [])
+def _task_class_named(names: list[str], transformers: Any) -> Any:
     for name in names:
         if name.endswith(_TASKS) and isinstance(getattr(transformers, name, None), type):
             return getattr(transformers, name)

@@ -14,7 +14,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch import nn
@@ -22,8 +23,17 @@ from torch import nn
 from core.errors import InputFileError, OptionsError, first_line
 from core.inputs import Inputs
 from core.intake import architectures
-from core.intake.archives import ZipLimits, extract, holds_only_arrays, is_zip, open_zip
-from core.intake.hf import load_hf_directory
+from core.intake.archives import (
+    ZipLimits,
+    extract,
+    holds_only_arrays,
+    is_zip,
+    member_path,
+    open_zip,
+    read_member,
+    safe_members,
+)
+from core.intake.hf import CONFIG_MAX_BYTES, WEIGHTS_FILES, check_config_json, load_hf_directory, weights_missing
 from core.intake.loaded import LoadedModel
 from core.options import IntakeOptions
 
@@ -142,13 +152,30 @@ def _load_weights(path: Path, intake: IntakeOptions) -> LoadedModel:
 
 
 def _load_hf_zip(path: Path, intake: IntakeOptions) -> LoadedModel:
+    limits = ZipLimits(intake.max_zip_members, intake.max_unpacked_bytes)
     scratch = Path(tempfile.mkdtemp(prefix="idap-hf-"))
     try:
-        extract(path, scratch, ZipLimits(intake.max_zip_members, intake.max_unpacked_bytes))
-        configs = sorted(scratch.rglob("config.json"), key=lambda p: len(p.parts))
-        return load_hf_directory(configs[0].parent)
+        with open_zip(path) as archive:
+            members = safe_members(archive, limits)
+            folder = _checked_hf_folder(archive, members)
+            extract(archive, members, scratch, limits)
+        return load_hf_directory(scratch / folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _checked_hf_folder(archive: zipfile.ZipFile, members: list[zipfile.ZipInfo]) -> PurePosixPath:
+    """The folder of the shallowest config.json, checked before anything is unpacked (the members'
+    paths and declared sizes are already): it names a supported classifier and its weights are there."""
+    paths = {member_path(info): info for info in members}
+    configs = sorted((path for path in paths if path.name == "config.json"), key=lambda path: len(path.parts))
+    if not configs:
+        raise InputFileError("The zip's config.json is not a file.", hint=_FORMATS_HINT, code="invalid_hf_model")
+    check_config_json(read_member(archive, paths[configs[0]], CONFIG_MAX_BYTES))
+    folder = configs[0].parent
+    if not any(folder / name in paths for name in WEIGHTS_FILES):
+        raise weights_missing()
+    return folder
 
 
 def _load_pickle(path: Path, intake: IntakeOptions) -> LoadedModel:

@@ -13,12 +13,42 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from benchmarks.load import free_port
 from domain.settings import Settings
 
 # Tiny budgets: the tests check the service, not the quality of the pruning.
 FAST = {"target": {"macs_reduction": 0.3}, "device": "cpu",
         "recovery": {"recovery_iterations": 1, "final_recovery_iterations": 1}}
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class LiveServer:
+    """The app on uvicorn on a free loopback port, in a thread of this process (the API's RSS is this
+    process's): real HTTP connections and one event loop, as `idap serve` has."""
+
+    def __init__(self, settings: Settings) -> None:
+        import uvicorn
+
+        from api.app import create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
 
 
 def start_worker(settings: Settings, log: Path, queues: str | None = None, pool: str = "solo",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import create_engine, text
 
+from benchmarks.load import free_port
 from tests.service.helpers import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
@@ -51,7 +45,9 @@ def start_serve(data_dir: Path, port: int, log: Path, **variables: str) -> subpr
 
 def submit_digits(base: str, digits: tuple[Path, Path], config: dict[str, object]) -> str:
     model, data = digits
+    # the upload is checked by a sandbox that may still be starting (importing torch) on a busy machine
     response = httpx.post(f"{base}/v1/jobs", data={"config": json.dumps({"architecture": "idap:digits", **config})},
+                          timeout=120,
                           files={"model": (model.name, model.read_bytes()), "data": (data.name, data.read_bytes())})
     assert response.status_code == 202, response.text
     return base + response.headers["location"]
