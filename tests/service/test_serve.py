@@ -88,7 +88,9 @@ def test_idap_serve_runs_a_job_through_a_restart(digits: tuple[Path, Path], tmp_
         onnx = httpx.get(f"{job_url}/artifacts/model.onnx")
         assert onnx.status_code == 200 and len(onnx.content) == int(onnx.headers["content-length"]) > 0
         worker_pids = children(serve.pid)
-        assert len(worker_pids) == 2, "a job worker and a webhook worker"
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in worker_pids]
+        assert sum(b"celery" in command for command in commands) == 2, "a job worker and a webhook worker"
+        assert sum(b"api.services.inspector" in command for command in commands) >= 1, "the upload sandboxes"
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)
