@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +20,37 @@ from domain.settings import Settings
 FAST = {"target": {"macs_reduction": 0.3}, "device": "cpu",
         "recovery": {"recovery_iterations": 1, "final_recovery_iterations": 1}}
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_serve(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`idap serve` on a free loopback port in its embedded mode (no IDAP_* from this environment);
+    returns the process and its base URL at once (see wait_ready)."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("IDAP_")}
+    argv = [sys.executable, "-m", "core", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    process = subprocess.Popen(argv, cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, stdout=log.open("wb"),
+                               stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 90) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
 
 
 def start_worker(settings: Settings, log: Path, queues: str | None = None) -> subprocess.Popen[bytes]:

@@ -4,23 +4,13 @@ broker, local artifacts, a worker subprocess) runs the digits job and stops its 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.service.helpers import FAST, ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.service.helpers import FAST, start_serve, wait_ready
 
 
 def children(pid: int) -> list[int]:
@@ -31,23 +21,10 @@ def children(pid: int) -> list[int]:
 
 
 def test_idap_serve_runs_a_job(digits: tuple[Path, Path], tmp_path: Path) -> None:
-    port = free_port()
-    env = {name: value for name, value in os.environ.items() if not name.startswith("IDAP_")}
     log = tmp_path / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "core", "serve", "--port", str(port), "--data-dir",
-                              str(tmp_path / "data")], cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"},
-                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    serve, base = start_serve(tmp_path / "data", log)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_ready(serve, base, log)
         assert "API key" in log.read_text(), "the first start shows the local key"
         model, data = digits
         config = {"architecture": "idap:digits", **FAST}
