@@ -39,13 +39,14 @@ def start_serve(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str
     return process, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(process: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 90) -> None:
+def wait_ready(process: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 90,
+               path: str = "/readyz") -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
+            if httpx.get(f"{base}{path}").status_code == 200:
                 return
         except httpx.TransportError:
             pass
