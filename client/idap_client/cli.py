@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,8 @@ def _run(args: argparse.Namespace, http: httpx.Client | None) -> int:
         raise UsageError("no server: --server URL or IDAP_SERVER")
     if args.retries < 1:
         raise UsageError("--retries must be at least 1")
+    if (getattr(args, "mlflow", False) or getattr(args, "mlflow_run_id", None)) and find_spec("mlflow") is None:
+        raise UsageError("--mlflow needs MLflow: pip install 'idap-client[mlflow]'")
     client = Client(args.server, args.key, http=http, retry=RetryPolicy(attempts=args.retries))
     if args.command == "submit":
         for name in ("model", "data"):

@@ -74,9 +74,8 @@ class Transport:
     def __init__(self, base_url: str, api_key: str | None, *, timeout: float, retry: RetryPolicy,
                  http: httpx.Client | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
         self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = http if http is not None else httpx.Client(timeout=timeout)
-        self.headers = headers
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.retry = retry
         self.sleep = sleep
 

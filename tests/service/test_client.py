@@ -5,6 +5,7 @@ retries (a lost submit response, 429/503 with Retry-After) neither lose nor dupl
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,14 @@ def test_an_unreachable_server_is_retried_then_the_cli_exits_1(capsys: pytest.Ca
     assert len(sleeps) == 3 and 0.25 <= sleeps[0] <= 0.5 and sleeps[0] < sleeps[2] <= 2
     assert main(["status", "abc", "--server", "http://127.0.0.1:9", "--retries", "1"]) == 1
     assert "gave up after 1 attempts" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(find_spec("mlflow") is not None, reason="MLflow is installed here")
+def test_cli_asks_for_the_mlflow_extra_before_submitting(client: TestClient, keys: dict[str, str],
+                                                          digits: tuple[Path, Path],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    before = len(Client(BASE, keys["b"], http=client).jobs())
+    code = main(["submit", str(digits[0]), "--data", str(digits[1]), "--architecture", "idap:digits",
+                 "--macs-reduction", "0.3", "--server", BASE, "--key", keys["b"], "--mlflow"], http=client)
+    assert code == 2 and "idap-client[mlflow]" in capsys.readouterr().err
+    assert len(Client(BASE, keys["b"], http=client).jobs()) == before
