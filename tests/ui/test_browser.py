@@ -159,6 +159,9 @@ def sign_in(page: Page, server: Server, key: str) -> None:
 
 def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     page.click("text=New job >> nth=0")
+    # the empty field's example reads as an example (italic, "e.g."), not as a value already filled in
+    assert (page.get_attribute("#architecture", "placeholder") or "").startswith("e.g. ")
+    assert page.eval_on_selector("#architecture", "el => getComputedStyle(el, '::placeholder').fontStyle") == "italic"
     page.fill("#architecture", "idap:digits")
     page.set_input_files("#model", model)
     page.set_input_files("#data", data)
