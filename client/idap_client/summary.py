@@ -41,8 +41,10 @@ def metrics_table(metrics: Metrics) -> str:
          f"{(metrics.accuracy_after - metrics.accuracy_before) * 100:+.2f} pt"),
     ]
     for key in sorted(set(metrics.latency_ms_before) | set(metrics.latency_ms_after)):
+        before, after = metrics.latency_ms_before.get(key), metrics.latency_ms_after.get(key)
+        change = f"{after / before - 1:+.1%}" if before and after is not None else ""
         rows.append((f"ORT latency {key.replace('_', ' ')}", _latency(metrics.latency_ms_before, key),
-                     _latency(metrics.latency_ms_after, key), ""))
+                     _latency(metrics.latency_ms_after, key), change))
     widths = [max(len(row[column]) for row in [("", "before", "after", "change"), *rows]) for column in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in [("", "before", "after", "change"), *rows]]

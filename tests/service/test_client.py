@@ -93,6 +93,8 @@ def test_cli_submit_wait_download(client: TestClient, keys: dict[str, str], digi
     assert code == 0, err
     job_id = out.splitlines()[0]
     assert "succeeded" in err and "MACs" in out and "target met" in out
+    latency = next(line for line in out.splitlines() if line.startswith("ORT latency batch 1"))
+    assert latency.endswith("%") and latency.count(" ms") == 2
     assert run_onnx(tmp_path / "out" / "model.onnx", digits).shape == (4, 10)
     assert main(["status", job_id, "--server", BASE, "--key", keys["a"]], http=client) == 0
     assert "succeeded" in capsys.readouterr().out
