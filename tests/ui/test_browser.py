@@ -260,6 +260,11 @@ def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data
     expect(row).to_have_attribute("data-status", "running", timeout=30_000)
     expect(row.locator(".badge")).to_have_text("running")
     expect(page.locator("tr[data-status=succeeded] td[data-label=MACs]")).to_contain_text("%")
+    page.set_viewport_size(PHONE)
+    # on a phone each card still shows its job's id and time: jobs of one architecture stay apart
+    expect(row.locator("td[data-label=Job] .sub")).to_be_visible()
+    expect(row.locator("td[data-label=Job] .sub")).to_contain_text(job_id[:8])
+    page.set_viewport_size(LAPTOP)
     shot_laptop_and_phone(page, "jobs")
 
     row.locator("a").click()
