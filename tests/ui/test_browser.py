@@ -215,6 +215,12 @@ def check_results(page: Page, data: Path) -> None:
     assert page.locator("#chart-trajectory circle").count() >= 3
     page.click("#chart-trajectory summary")
     expect(page.locator("#chart-trajectory table")).to_contain_text("filters")
+    page.set_viewport_size(PHONE)
+    # on a phone a chart is wider than its box: the box scrolls, and its edge shadows say so
+    box = page.locator("#chart-divergence .chart-scroll")
+    assert box.evaluate("el => el.scrollWidth > el.clientWidth")
+    assert box.evaluate("el => getComputedStyle(el).backgroundImage").count("radial-gradient") == 2
+    page.set_viewport_size(LAPTOP)
     shot_laptop_and_phone(page, "job-done")
 
     with page.expect_download() as download:
