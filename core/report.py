@@ -145,7 +145,7 @@ class ReportHeadline(_BeforeAndAfter):
     target_met: bool
     stop_reason: StopReason
     message: str
-    removed_blocks: int
+    removed_blocks: list[str]  # names, as in report.json
     device: str
     seconds: float
     pt2_error: str | None
@@ -203,8 +203,7 @@ class Report(_FromUpload, _BeforeAndAfter):
         return [block.name for block in self.blocks]
 
     def headline(self) -> ReportHeadline:
-        shared = set(ReportHeadline.model_fields) - {"removed_blocks"}
-        return ReportHeadline(**{name: getattr(self, name) for name in shared}, removed_blocks=len(self.blocks))
+        return ReportHeadline(**{name: getattr(self, name) for name in ReportHeadline.model_fields})
 
     def write(self, path: Path) -> None:
         path.write_text(to_json(self))

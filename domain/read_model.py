@@ -63,6 +63,17 @@ class JobOut(BaseModel):
         return aware(value)
 
 
+UNRECORDED_BLOCK = "(name not recorded)"
+
+
+def _headline(stored: dict[str, Any]) -> ReportHeadline:
+    """A job's stored metrics. Jobs that finished before the headline kept the removed blocks' names
+    stored their count: each of those blocks reads as UNRECORDED_BLOCK (the names are in report.json)."""
+    if isinstance(stored.get("removed_blocks"), int):
+        stored = stored | {"removed_blocks": [UNRECORDED_BLOCK] * stored["removed_blocks"]}
+    return ReportHeadline.model_validate(stored)
+
+
 def job_out(job: Job, base_url: str) -> JobOut:
     """`base_url` makes the artifact URLs absolute (the API's request URL, or the public URL in webhooks)."""
     base = base_url.rstrip("/")
@@ -71,7 +82,7 @@ def job_out(job: Job, base_url: str) -> JobOut:
         updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
         max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
         progress=ProgressOut(**(job.progress or {})), config=job.config,
-        metrics=ReportHeadline.model_validate(job.metrics) if job.metrics else None,
+        metrics=_headline(job.metrics) if job.metrics else None,
         error=ErrorOut.model_validate(job.error) if job.error else None,
         artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
                                url=f"{base}/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts],

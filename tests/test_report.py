@@ -83,8 +83,8 @@ def test_headline_holds_the_job_metrics() -> None:
         "onnx_max_abs_diff", "target_met", "stop_reason", "message", "removed_blocks", "device", "seconds",
         "pt2_error"]
     dumped = report.model_dump(mode="json")
-    assert headline["removed_blocks"] == len(dumped["removed_blocks"]) == 1
-    assert all(headline[key] == dumped[key] for key in headline if key != "removed_blocks")
+    assert headline["removed_blocks"] == dumped["removed_blocks"] == ["blocks.1"]
+    assert all(headline[key] == dumped[key] for key in headline)
 
 
 def test_a_step_without_other_stages_fields_round_trips() -> None:
@@ -110,3 +110,18 @@ def test_preflight_json_has_todays_keys() -> None:
     assert dumped["inputs"] == [{"name": "x", "dtype": "float32", "shape": [1, 8, 8]}]
     assert dumped["estimate_seconds"]["measured_on"] == "cpu" and dumped["target"]["macs_reduction"] == 0.5
     assert PreflightReport.model_validate_json(json.dumps(dumped)) == report.model_copy(update={"input_format": "npz"})
+
+
+def test_jobs_stored_with_a_count_of_removed_blocks_still_read() -> None:
+    """Before the headline kept the names, jobs stored the count; the API serves as many unnamed entries."""
+    from datetime import UTC, datetime
+
+    from domain.models import Job
+    from domain.read_model import UNRECORDED_BLOCK, job_out
+
+    stored = sample_report().headline().model_dump(mode="json") | {"removed_blocks": 2}
+    now = datetime.now(UTC)
+    job = Job(id="j1", tenant_id="t", status="succeeded", queue="cpu", config={}, max_attempts=3, attempts=1,
+              cancel_requested=False, progress={}, metrics=stored, created_at=now, updated_at=now, artifacts=[])
+    out = job_out(job, "http://h")
+    assert out.metrics is not None and out.metrics.removed_blocks == [UNRECORDED_BLOCK] * 2

@@ -8,6 +8,7 @@ because the templates insert these charts unescaped.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from html import escape
 
@@ -16,7 +17,9 @@ from core.report import LayerRow, Report
 
 WIDTH = 640
 LABEL_W = 170  # room for layer names left of the bars
-VALUE_W = 110  # room for the numbers right of the bars
+VALUE_W = 110  # room for the numbers right of the bars (more where their text is longer)
+CHAR_W = 7  # a 12 px system-ui character, generously: text right of a bar must not run off the chart
+LOG_RATIO = 20  # a bar this many times the median one makes the scale logarithmic
 ROW_H = 22
 TOP = 30  # the legend
 BEFORE, AFTER, KEPT, ACCENT, BAD = "#a5b4fc", "#3730a3", "#94a3b8", "#0f766e", "#b91c1c"
@@ -59,16 +62,20 @@ def divergence_chart(layers: list[LayerRow]) -> str:
     rows = [(row, row.divergence) for row in layers if row.divergence is not None]
     if not rows:
         return _message("The report has no per-layer divergence.")
-    top = max(divergence for _, divergence in rows) or 1.0
-    scale = (WIDTH - LABEL_W - VALUE_W) / top
+    values = [f"{divergence:.3g}" for _, divergence in rows]
+    span = WIDTH - LABEL_W - _value_width(values)
+    bar, logarithmic = _bar_scale([divergence for _, divergence in rows], span)
     parts = _legend([("pruned", ACCENT, "rect"), ("kept at full width", KEPT, "rect")])
-    for i, (row, divergence) in enumerate(rows):
+    if logarithmic:
+        parts.append(_text(WIDTH - 4, 12, "log scale", anchor="end"))
+    for i, ((row, divergence), value) in enumerate(zip(rows, values)):
         y = TOP + i * ROW_H
         pruned = row.channels_after < row.channels_before
         parts.append(_label(row.name, y + ROW_H / 2))
-        parts.append(_rect(LABEL_W, y + 4, divergence * scale, ROW_H - 8, ACCENT if pruned else KEPT))
-        parts.append(_text(LABEL_W + divergence * scale + 4, y + ROW_H / 2, f"{divergence:.3g}"))
-    return _svg(TOP + len(rows) * ROW_H + 4, "Flow divergence of each layer of the original model", parts)
+        parts.append(_rect(LABEL_W, y + 4, bar(divergence), ROW_H - 8, ACCENT if pruned else KEPT))
+        parts.append(_text(LABEL_W + bar(divergence) + 4, y + ROW_H / 2, value))
+    return _svg(TOP + len(rows) * ROW_H + 4, "Flow divergence of each layer of the original model"
+                + (" (logarithmic scale)" if logarithmic else ""), parts)
 
 
 def blocks_chart(report: Report) -> str:
@@ -78,21 +85,26 @@ def blocks_chart(report: Report) -> str:
     tried = [(step, step.block) for step in report.steps if step.stage == Stage.LAYERS and step.block]
     if not tried:
         return _message("Stage 2 tried no residual blocks.")
-    top = max(step.divergence or 0.0 for step, _ in tried) or 1.0
-    scale = (WIDTH - LABEL_W - VALUE_W) / top
-    parts = _legend([("removed", ACCENT, "rect"), ("kept", KEPT, "rect")])
-    for i, (step, name) in enumerate(tried):
-        y = TOP + i * ROW_H
-        value = step.divergence or 0.0
+    notes = []
+    for step, _ in tried:
         if step.accepted:
             outcome = "removed"
         elif step.declined:
             outcome = "kept: width did better"
         else:
             outcome = "kept: over the budget"
+        notes.append(f"divergence {step.divergence or 0.0:.3g}, {outcome}")
+    span = WIDTH - LABEL_W - _value_width(notes)
+    bar, logarithmic = _bar_scale([step.divergence or 0.0 for step, _ in tried], span)
+    parts = _legend([("removed", ACCENT, "rect"), ("kept", KEPT, "rect")])
+    if logarithmic:
+        parts.append(_text(WIDTH - 4, 12, "log scale", anchor="end"))
+    for i, ((step, name), note) in enumerate(zip(tried, notes)):
+        y = TOP + i * ROW_H
+        length = bar(step.divergence or 0.0)
         parts.append(_label(f"{name} ({kinds.get(name, 'block')})", y + ROW_H / 2))
-        parts.append(_rect(LABEL_W, y + 4, value * scale, ROW_H - 8, ACCENT if step.accepted else KEPT))
-        parts.append(_text(LABEL_W + value * scale + 4, y + ROW_H / 2, f"{value:.3g} {outcome}"))
+        parts.append(_rect(LABEL_W, y + 4, length, ROW_H - 8, ACCENT if step.accepted else KEPT))
+        parts.append(_text(LABEL_W + length + 4, y + ROW_H / 2, note))
     return _svg(TOP + len(tried) * ROW_H + 4, "Blocks Stage 2 tried, in order, with their divergence and outcome",
                 parts)
 
@@ -141,6 +153,23 @@ def trajectory_chart(report: Report) -> str:
     parts.append(_marker("diamond", px(final[0]), py(final[1]), ACCENT,
                          f"final model after recovery: {_si(final[0])} MACs, accuracy {final[1]:.4f}"))
     return _svg(height, "Accuracy against MACs over the pruning steps", parts)
+
+
+def _value_width(texts: list[str]) -> float:
+    """Room right of the bars for the longest of these texts."""
+    return max(VALUE_W, CHAR_W * max(len(text) for text in texts) + 8)
+
+
+def _bar_scale(values: list[float], span: float) -> tuple[Callable[[float], float], bool]:
+    """Bar length by value, and whether it is logarithmic: it is when the largest value is over LOG_RATIO
+    times the median positive one (a classifier's divergence flattened every other bar). On a log scale
+    the smallest positive value still gets a tenth of a decade's room, so no scored bar vanishes."""
+    top = max(values) or 1.0
+    positive = sorted(value for value in values if value > 0)
+    if len(positive) < 2 or top <= LOG_RATIO * positive[len(positive) // 2]:
+        return (lambda value: span * value / top), False
+    low, high = math.log10(positive[0]) - 0.1, math.log10(top)
+    return (lambda value: span * (math.log10(value) - low) / (high - low) if value > 0 else 0.0), True
 
 
 def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:

@@ -51,6 +51,32 @@ class LiveServer:
         self.thread.join(30)
 
 
+def start_serve(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`idap serve` on a free loopback port in its embedded mode (no IDAP_* from this environment);
+    returns the process and its base URL at once (see wait_ready)."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("IDAP_")}
+    argv = [sys.executable, "-m", "core", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    process = subprocess.Popen(argv, cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, stdout=log.open("wb"),
+                               stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 90,
+               path: str = "/readyz") -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}{path}").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 def start_worker(settings: Settings, log: Path, queues: str | None = None, pool: str = "solo",
                  concurrency: int = 1) -> subprocess.Popen[bytes]:
     """A job worker (the cpu queue) unless `queues` says otherwise; the webhook worker takes

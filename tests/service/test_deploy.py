@@ -1,39 +1,112 @@
-"""docker-compose.yml and the Dockerfile: parsed here; `docker-compose config` where that client exists."""
+"""docker-compose.yml and the Dockerfile: the stack's shape, the image's layer order and targets,
+`docker-compose config` (Debian's docker-compose; .ci/run installs it), and the worker's own
+healthcheck run against a real worker. No Docker engine runs here: images are not built."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
 import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from domain.settings import Settings
 from tests.service.helpers import ROOT
 
+COMPOSE = ROOT / "docker-compose.yml"
 
-def test_compose_file_has_the_stack() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"postgres", "redis", "migrate", "api", "worker", "webhooks"} <= set(services)
-    # webhooks have a worker of their own: their retries never wait behind a job
-    assert "webhooks" not in services["worker"]["command"][-1].split(",")
-    assert services["webhooks"]["command"][:4] == ["idap", "worker", "--queues", "webhooks"]
-    assert services["migrate"]["command"] == ["idap", "db", "upgrade"]
-    assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+
+def services() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def stages() -> dict[str, list[str]]:
+    """The Dockerfile's instructions by stage name (continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    found: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            current = found.setdefault(line.split()[-1], [])
+        if line and not line.startswith("#"):
+            current.append(line)
+    return found
+
+
+def test_compose_has_a_cpu_and_a_gpu_stack() -> None:
+    stack = services()
+    always = {name for name, service in stack.items() if "profiles" not in service}
+    assert always == {"postgres", "redis", "migrate", "api", "webhooks"}
+    assert stack["worker-cpu"]["profiles"] == ["cpu"] and stack["worker-gpu"]["profiles"] == ["gpu"]
+    assert stack["worker-cpu"]["build"]["target"] == stack["api"]["build"]["target"] == "cpu"
+    assert stack["worker-gpu"]["build"]["target"] == "gpu"
+    gpu = stack["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    for name in ("api", "worker", "webhooks"):
-        assert "artifacts:/data" in services[name]["volumes"]
-        assert services[name]["environment"]["IDAP_DATABASE_URL"].startswith("postgresql")
+    assert "deploy" not in stack["worker-cpu"]
+    assert stack["migrate"]["command"] == ["idap", "db", "upgrade"]
+    assert stack["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for name in ("api", "worker-cpu", "worker-gpu"):
+        assert "artifacts:/data" in stack[name]["volumes"]
+        assert stack[name]["environment"]["IDAP_DATABASE_URL"].startswith("postgresql")
+    # jobs with device auto go where every worker listens; CUDA jobs only where a GPU is
+    assert stack["api"]["environment"]["IDAP_DEFAULT_QUEUE"] == "cpu"
+    assert "cpu" in stack["worker-cpu"]["command"][-1].split(",") and "gpu" not in stack["worker-cpu"]["command"][-1]
+    assert {"cpu", "gpu"} <= set(stack["worker-gpu"]["command"][-1].split(","))
+    # webhooks have a worker of their own: their retries never wait behind a job
+    for name in ("worker-cpu", "worker-gpu"):
+        assert "webhooks" not in stack[name]["command"][-1].split(",")
+    assert stack["webhooks"]["command"][:4] == ["idap", "worker", "--queues", "webhooks"]
+    assert "artifacts:/data" in stack["webhooks"]["volumes"]
 
 
-def test_dockerfile_runs_as_a_non_root_user() -> None:
-    lines = (ROOT / "Dockerfile").read_text().splitlines()
-    assert lines[next(i for i, line in enumerate(lines) if line.startswith("FROM"))].endswith("-slim")
-    users = [line.split()[1] for line in lines if line.startswith("USER ")]
-    assert users and users[-1] not in ("root", "0")
+def test_long_running_services_restart_and_workers_have_their_own_healthcheck() -> None:
+    stack = services()
+    for name in ("postgres", "redis", "api", "worker-cpu", "worker-gpu", "webhooks"):
+        assert stack[name]["restart"] == "unless-stopped", name
+    assert stack["migrate"]["restart"] == "on-failure"
+    for name in ("worker-cpu", "worker-gpu", "webhooks"):
+        assert "celery -A worker.app inspect ping" in stack[name]["healthcheck"]["test"][-1]
+
+
+def test_dockerfile_layers_dependencies_before_source_in_stages_with_cpu_and_gpu_targets() -> None:
+    found = stages()
+    assert {"cpu", "gpu"} <= set(found) and list(found)[-1] == "cpu"  # a plain build is the CPU image
+    assert "download.pytorch.org/whl/cpu" in " ".join(found["torch-cpu"])
+    assert "download.pytorch.org/whl/cu126" in " ".join(found["torch-gpu"])
+    for stage in ("torch-cpu", "torch-gpu"):  # torch's layer sees only the pins
+        copies = [line for line in found[stage] if line.startswith("COPY")]
+        assert copies == ["COPY constraints.txt ./"], stage
+    for stage in ("deps-cpu", "deps-gpu"):  # the other dependencies see only pyproject.toml, not README or code
+        copies = [line for line in found[stage] if line.startswith("COPY")]
+        assert copies == ["COPY pyproject.toml ./"], stage
+    for target, deps in (("cpu", "deps-cpu"), ("gpu", "deps-gpu")):
+        lines = found[target]
+        assert lines.index(f"COPY --from={deps} /opt/venv /opt/venv") < lines.index("COPY --from=source /app /app")
+        assert lines[-1] == "USER idap" and "RUN pip install --no-deps -e ." in lines
+    assert found["base"][0].startswith("FROM python:") and found["base"][0].split()[1].endswith("-slim")
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="no docker-compose client here")
-def test_docker_compose_config_accepts_it() -> None:
-    subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"], check=True)
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_docker_compose_config_accepts_each_stack(profile: str) -> None:
+    done = subprocess.run(["docker-compose", "-f", str(COMPOSE), "--profile", profile, "config"],
+                          check=True, capture_output=True, text=True)
+    rendered = yaml.safe_load(done.stdout)["services"]
+    assert rendered[f"worker-{profile}"]["profiles"] == [profile]
+
+
+def test_the_worker_healthcheck_pings_a_real_worker(settings: Settings, worker: Path) -> None:
+    command = services()["worker-cpu"]["healthcheck"]["test"][-1].replace("$$HOSTNAME", socket.gethostname())
+    # `celery` from this venv, as the image has its venv's bin/ on PATH
+    env = settings.child_environment() | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    alive = subprocess.run(["sh", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert alive.returncode == 0, alive.stdout + alive.stderr
+    nobody = command.replace(socket.gethostname(), "nosuchhost").replace("--timeout 10", "--timeout 1")
+    dead = subprocess.run(["sh", "-c", nobody], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert dead.returncode != 0 and "No nodes replied" in dead.stdout + dead.stderr

@@ -16,7 +16,7 @@ import httpx
 from sqlalchemy import create_engine, text
 
 from benchmarks.load import free_port
-from tests.service.helpers import ROOT
+from tests.service.helpers import ROOT, wait_ready
 
 
 def children(pid: int) -> list[int]:
@@ -27,20 +27,14 @@ def children(pid: int) -> list[int]:
 
 
 def start_serve(data_dir: Path, port: int, log: Path, **variables: str) -> subprocess.Popen[bytes]:
-    """`idap serve` in a session of its own (so that a test can kill it with its workers), once it is ready."""
+    """`idap serve` on `port` in a session of its own (so that a test can kill it with its workers and
+    start it again on the same port), once it is ready."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("IDAP_")}
     serve = subprocess.Popen([sys.executable, "-m", "core", "serve", "--port", str(port), "--data-dir", str(data_dir)],
                              cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"} | variables, stdout=log.open("ab"),
                              stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return serve
-        except httpx.TransportError:
-            pass
-        assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+    wait_ready(serve, f"http://127.0.0.1:{port}", log)
+    return serve
 
 
 def submit_digits(base: str, digits: tuple[Path, Path], config: dict[str, object]) -> str:

@@ -159,6 +159,9 @@ def sign_in(page: Page, server: Server, key: str) -> None:
 
 def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     page.click("text=New job >> nth=0")
+    # the empty field's example reads as an example (italic, "e.g."), not as a value already filled in
+    assert (page.get_attribute("#architecture", "placeholder") or "").startswith("e.g. ")
+    assert page.eval_on_selector("#architecture", "el => getComputedStyle(el, '::placeholder').fontStyle") == "italic"
     page.fill("#architecture", "idap:digits")
     page.set_input_files("#model", model)
     page.set_input_files("#data", data)
@@ -212,6 +215,12 @@ def check_results(page: Page, data: Path) -> None:
     assert page.locator("#chart-trajectory circle").count() >= 3
     page.click("#chart-trajectory summary")
     expect(page.locator("#chart-trajectory table")).to_contain_text("filters")
+    page.set_viewport_size(PHONE)
+    # on a phone a chart is wider than its box: the box scrolls, and its edge shadows say so
+    box = page.locator("#chart-divergence .chart-scroll")
+    assert box.evaluate("el => el.scrollWidth > el.clientWidth")
+    assert box.evaluate("el => getComputedStyle(el).backgroundImage").count("radial-gradient") == 2
+    page.set_viewport_size(LAPTOP)
     shot_laptop_and_phone(page, "job-done")
 
     with page.expect_download() as download:
@@ -257,6 +266,11 @@ def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data
     expect(row).to_have_attribute("data-status", "running", timeout=30_000)
     expect(row.locator(".badge")).to_have_text("running")
     expect(page.locator("tr[data-status=succeeded] td[data-label=MACs]")).to_contain_text("%")
+    page.set_viewport_size(PHONE)
+    # on a phone each card still shows its job's id and time: jobs of one architecture stay apart
+    expect(row.locator("td[data-label=Job] .sub")).to_be_visible()
+    expect(row.locator("td[data-label=Job] .sub")).to_contain_text(job_id[:8])
+    page.set_viewport_size(LAPTOP)
     shot_laptop_and_phone(page, "jobs")
 
     row.locator("a").click()

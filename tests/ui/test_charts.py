@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from api.ui.charts import _ticks, blocks_chart, channels_chart, charts, divergence_chart, trajectory_chart
+from api.ui.charts import (
+    CHAR_W,
+    WIDTH,
+    _ticks,
+    blocks_chart,
+    channels_chart,
+    charts,
+    divergence_chart,
+    trajectory_chart,
+)
 from core.intake.model_io import load_model
 from core.intake.npz import load_npz
 from core.options import CompressOptions, Stage, Target
@@ -44,7 +53,7 @@ def test_every_chart_of_a_real_report_is_well_formed_svg(report: Report) -> None
     rendered = charts(report)
     assert [chart.key for chart in rendered] == ["channels", "divergence", "trajectory", "blocks"]
     for chart in rendered:
-        parse(chart.svg)
+        assert_text_fits(parse(chart.svg))
 
 
 def test_channels_chart_has_two_bars_and_the_widths_per_layer(report: Report) -> None:
@@ -56,6 +65,34 @@ def test_channels_chart_has_two_bars_and_the_widths_per_layer(report: Report) ->
         assert layer.name in labels
         after = "removed" if layer.channels_after == 0 else str(layer.channels_after)
         assert f"{layer.channels_before} → {after}" in labels
+
+
+def assert_text_fits(root: ET.Element) -> None:
+    """No text right of a bar runs past the chart's right edge (at CHAR_W per character)."""
+    for node in root.iter(f"{SVG}text"):
+        if node.get("text-anchor") == "start":
+            text = (node.text or "") + "".join(child.tail or "" for child in node)
+            assert float(node.get("x", 0)) + CHAR_W * len(text) <= WIDTH, text
+
+
+def bar_widths(root: ET.Element) -> list[float]:
+    """The bars' lengths, without the legend's squares."""
+    return [float(rect.get("width", 0)) for rect in root.findall(f"{SVG}rect")[2:]]
+
+
+def test_one_dwarfing_divergence_makes_the_scale_logarithmic() -> None:
+    def layer(name: str, divergence: float) -> LayerRow:
+        return LayerRow(name=name, channels_before=8, channels_after=8, divergence=divergence)
+
+    even = parse(divergence_chart([layer("a", 1.0), layer("b", 2.0), layer("c", 4.0)]))
+    assert "log scale" not in texts(even) and bar_widths(even) == pytest.approx([
+        bar_widths(even)[2] / 4, bar_widths(even)[2] / 2, bar_widths(even)[2]])
+    # a classifier whose divergence is 500 times the others' flattened them to a pixel on a linear scale
+    dwarfed = parse(divergence_chart([layer("a", 0.01), layer("b", 0.02), layer("fc", 5.0)]))
+    widths = bar_widths(dwarfed)
+    assert "log scale" in texts(dwarfed) and "logarithmic" in "".join(dwarfed.find(f"{SVG}desc").itertext())
+    assert widths[0] < widths[1] < widths[2] and widths[0] >= 8 and widths[1] > widths[2] / 10
+    assert_text_fits(dwarfed)
 
 
 def test_divergence_chart_has_a_bar_per_layer_with_a_divergence(report: Report) -> None:
@@ -100,8 +137,10 @@ def test_blocks_chart_shows_every_block_stage_two_tried_and_its_outcome(report: 
         step(Stage.FILTERS, True),
         step(Stage.LAYERS, False, block="layer1.0")])
     root = parse(blocks_chart(synthetic))
-    assert texts(root)[2:] == ["layer2.0 (projection)", "0.5 removed", "layer1.1 (block)",
-                               "0.25 kept: width did better", "layer1.0 (block)", "0 kept: over the budget"]
+    assert texts(root)[2:] == ["layer2.0 (projection)", "divergence 0.5, removed", "layer1.1 (block)",
+                               "divergence 0.25, kept: width did better", "layer1.0 (block)",
+                               "divergence 0, kept: over the budget"]
+    assert_text_fits(root)
     assert "Stage 2 tried no residual blocks." in texts(parse(blocks_chart(sample_report(steps=[]))))
 
 
