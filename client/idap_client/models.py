@@ -179,6 +179,7 @@ class Report(_Tolerant):
     device: str
     options: dict[str, Any]
     seconds: float
+    resumed_at_step: int | None = None
     input_format: str | None = None
     hf_pretrained: str | None = None
     hf_pretrained_error: str | None = None

@@ -188,7 +188,8 @@ def test_429_and_503_are_retried_no_sooner_than_retry_after(client: TestClient, 
     sleeps: list[float] = []
     http = Refuses(client, [(503, "7"), (429, "3")])
     api = Client(BASE, keys["a"], http=http, sleep=sleeps.append)  # type: ignore[arg-type]
-    assert api.jobs(limit=1)
+    # the third request gets through (the list may be empty: this test may run before any submit)
+    assert isinstance(api.jobs(limit=1), list) and not http.answers
     assert sleeps[0] >= 7 and sleeps[1] >= 3
     gives_up = Client(BASE, keys["a"], http=Refuses(client, [(503, "1")] * 3),  # type: ignore[arg-type]
                       retry=RetryPolicy(attempts=3), sleep=sleeps.append)
