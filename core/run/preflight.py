@@ -8,29 +8,38 @@ target is feasible, and estimates the job's time from a measured training step.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from core.data import Dataset
+from core.errors import ExportError
+from core.export.artifacts import export_onnx
 from core.graph.attention import AttentionSite
 from core.graph.blocks import find_blocks
 from core.graph.outputs import named_outputs, select_output
 from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
-from core.recovery.distill import iterations_for
 from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, OutputRow, PreflightReport
-from core.run.context import RunCache, RunInputs
-from core.run.pipeline import _prepare, out_of_reach, reachable_reduction
-from core.run.stages import group_candidates
-from core.surgery.groups import ROOT_TYPES, build_graph
+from core.run.context import Run, RunCache, RunInputs, StageState
+from core.run.eta import BACKOFF_ALLOWANCE, schedule_steps, target_goal
+from core.run.goals import budget_resolution
+from core.run.pipeline import _prepare, out_of_reach, reachable_reduction, start_run
+from core.run.stages import _group_scores, _pruned_copy, group_candidates
+from core.surgery.groups import ROOT_TYPES, PrunableGroup, build_graph
 
 # Without a GPU to measure, GPU time is CPU time over this factor (a mid-size CNN on one
 # data-centre GPU against one CPU core, in our runs); the report says when it was assumed.
 ASSUMED_GPU_SPEEDUP = 20.0
 _LISTED = 50
+_TIMED_ITERATIONS = 2
 
 
 def preflight(model: nn.Module, data: Dataset, target: Target | None, options: CompressOptions,
@@ -40,6 +49,7 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         target.validate()
     started = time.monotonic()
     model, inputs, notes = _prepare(model, data, options, Reporter(None, None))
+    prepare_s = time.monotonic() - started  # the job prepares the model and data the same way
     cache = RunCache()
     original = cache.measure(model, inputs.example)
     graph = build_graph(model, inputs.example)
@@ -68,7 +78,10 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         target=target,
         feasible=None if target is None else not problems,
         problems=problems,
-        estimate_seconds=_estimate(inputs, model, target, len(blocks)),
+        estimate_seconds=_estimate(inputs, cache, model, target, groups, len(blocks), prepare_s),
+        budget_resolution=budget_resolution(
+            (target or Target(macs_reduction=0.5)).max_accuracy_drop, len(inputs.evaluation), options.eval_fraction)
+        if has_data else None,
         notes=notes,
         seconds=round(time.monotonic() - started, 3),
     )
@@ -110,56 +123,109 @@ def _not_prunable(model: nn.Module, graph: tp.DependencyGraph, groups: list, ign
     return rows[:_LISTED]
 
 
-def _estimate(inputs: RunInputs, model: nn.Module, target: Target | None, n_blocks: int) -> Estimate:
-    """Job time from one measured training and inference step on the run's device."""
+def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Target | None,
+              groups: list[PrunableGroup], n_blocks: int, prepare_s: float) -> Estimate:
+    """Job time from one Stage 1 step of the real schedule measured on the run's device: scoring, the
+    plan applied to a copy, recovery iterations (with their teacher, feature taps and augmentation)
+    and the held-out evaluation, each timed on part of its data and scaled to all of it; plus the
+    baseline's and the end's ONNX export, check and latency runs, and the final recovery."""
     opts = inputs.options
-    train_s, infer_s = _step_seconds(inputs, model)
-    per_recovery = iterations_for(len(inputs.recovery), opts.batch_size, opts.recovery_epochs,
-                                  opts.recovery_iterations) * (train_s + infer_s)
-    passes = -(-len(inputs.calib) // opts.batch_size) + -(-len(inputs.evaluation) // opts.batch_size)
-    per_step = passes * infer_s + per_recovery
     goal = 0.5 if target is None else max(target.macs_reduction or 0.0, target.params_reduction or 0.0)
-    steps = (_filter_steps(opts, goal) if Stage.FILTERS in opts.stages else 0) + (
-        min(n_blocks, opts.max_removals) if Stage.LAYERS in opts.stages else 0)
-    final = iterations_for(len(inputs.recovery), opts.batch_size, opts.final_recovery_epochs,
-                           opts.final_recovery_iterations) * (train_s + infer_s)
-    total = steps * per_step + final
+    step = _measure_step(inputs, cache, model, groups, goal) if groups else None
+    iteration_s = step.iteration_s if step is not None else _iteration_seconds(inputs, cache, model)
+    eval_s, export_s = _eval_seconds(inputs, model), _export_seconds(inputs, model)
+    per_step = (step.score_s + step.apply_s if step is not None else 0.0) + \
+        inputs.recovery_iterations() * iteration_s + eval_s
+    filters = Stage.FILTERS in opts.stages and bool(groups)
+    filter_steps = schedule_steps(opts, target_goal(opts, goal, n_blocks)) if filters else 0
+    if Stage.FILTERS in opts.stages and Stage.LAYERS in opts.stages and n_blocks:
+        filter_steps = max(filter_steps, schedule_steps(opts, goal) - 1)  # Stage 1 closes the gap Stage 2 leaves
+    # a Stage 2 trial is a removal and its recovery, and with layers_must_beat_width a width step's too
+    trial_steps = (2 if opts.layers_must_beat_width and Stage.FILTERS in opts.stages else 1) \
+        if Stage.LAYERS in opts.stages else 0
+    trials = min(n_blocks, opts.max_removals)
+    fixed = prepare_s + 2 * export_s + 3 * eval_s + (step.score_s if step is not None else 0.0) + \
+        inputs.recovery_iterations(final=True) * iteration_s
+    central = fixed + per_step * (filter_steps + trial_steps * min(trials, 1))
+    low = fixed + per_step * max(filter_steps, 1 if groups or trials else 0)
+    high = fixed + per_step * (filter_steps + 2 * BACKOFF_ALLOWANCE + trial_steps * trials)
     on_gpu = inputs.device.type == "cuda"
+    cpu_factor, gpu_factor = (ASSUMED_GPU_SPEEDUP, 1.0) if on_gpu else (1.0, 1 / ASSUMED_GPU_SPEEDUP)
     return Estimate(
-        cpu=round(total * (ASSUMED_GPU_SPEEDUP if on_gpu else 1.0), 1),
-        gpu=round(total if on_gpu else total / ASSUMED_GPU_SPEEDUP, 1),
+        cpu=round(central * cpu_factor, 1),
+        gpu=round(central * gpu_factor, 1),
         measured_on=inputs.device.type,
-        steps=steps,
-        train_step_s=round(train_s, 5),
+        steps=filter_steps + trial_steps * min(trials, 1),
+        train_step_s=round(iteration_s, 5),
+        low_s=round(low, 1),
+        high_s=round(high, 1),
+        step_s=round(per_step, 3),
+        recovery_iterations=inputs.recovery_iterations(),
+        final_recovery_iterations=inputs.recovery_iterations(final=True),
     )
 
 
-def _filter_steps(opts: CompressOptions, goal: float) -> int:
-    """Stage 1 steps the schedule needs to remove `goal` of the MACs, taking MACs to fall with the
-    square of the kept width (both sides of most layers shrink)."""
-    share = goal * (opts.filter_share if Stage.LAYERS in opts.stages else 1.0)
-    kept = 1.0
-    for t in range(opts.max_steps):
-        kept *= 1.0 - opts.p0 * (1 + t / opts.max_steps) ** opts.alpha
-        if 1.0 - kept**2 >= share:
-            return t + 1
-    return opts.max_steps
+@dataclass(frozen=True)
+class _StepTimes:
+    score_s: float  # scoring the units on the whole calibration set
+    apply_s: float  # one plan applied to a copy and measured
+    iteration_s: float  # one recovery iteration
 
 
-def _step_seconds(inputs: RunInputs, model: nn.Module) -> tuple[float, float]:
-    student = copy.deepcopy(model).train()
-    batch = inputs.recovery.inputs[: inputs.options.batch_size].to(inputs.device)
-    parameters = [p for p in student.parameters() if p.is_floating_point()]
-    timings = []
-    for _ in range(2):  # the first step pays for allocation and kernel selection
+def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: list[PrunableGroup],
+                  goal: float) -> _StepTimes:
+    """One Stage 1 step as the run makes it, on a copy: scores from one calibration batch (scaled to all
+    of them), the schedule's first step applied, and recovery iterations of it timed after a warm-up."""
+    opts = inputs.options
+    batch = opts.batch_size
+    reporter = Reporter(None, None)
+    target = Target(macs_reduction=goal)
+    run = start_run(model, dataclasses.replace(inputs, calib=inputs.calib[:batch]), cache, target, reporter,
+                    time.monotonic())
+    begin = time.perf_counter()
+    graph = build_graph(model, inputs.example)
+    scoring = _group_scores(run, model, graph, groups)
+    score_s = (time.perf_counter() - begin) * -(-len(inputs.calib) // batch)
+    k = max(1, math.floor(opts.p0 * sum(g.width for g in groups)))
+    begin = time.perf_counter()
+    candidate, _ = _pruned_copy(run, model, groups, scoring, k)
+    run.measure(candidate)
+    apply_s = time.perf_counter() - begin
+    return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model))
+
+
+def _iteration_seconds(inputs: RunInputs, cache: RunCache, model: nn.Module) -> float:
+    """One recovery iteration of the model itself (nothing to prune: no step to measure)."""
+    run = start_run(model, inputs, cache, Target(macs_reduction=0.5), Reporter(None, None), time.monotonic())
+    return _timed_iterations(run, copy.deepcopy(model), model)
+
+
+def _timed_iterations(run: Run, student: nn.Module, teacher: nn.Module) -> float:
+    # the first iteration pays for allocation and kernel selection
+    run.recover(StageState(), student, teacher, iterations=1)
+    begin = time.perf_counter()
+    run.recover(StageState(), student, teacher, iterations=_TIMED_ITERATIONS)
+    return (time.perf_counter() - begin) / _TIMED_ITERATIONS
+
+
+def _eval_seconds(inputs: RunInputs, model: nn.Module) -> float:
+    begin = time.perf_counter()
+    inputs.verdict(model)
+    return time.perf_counter() - begin
+
+
+def _export_seconds(inputs: RunInputs, model: nn.Module) -> float:
+    """The ONNX export and its check (timed on the model itself), and the latency runs (at the measured
+    inference time per sample): what the run does for the original and again for the pruned model."""
+    per_sample = _eval_seconds(inputs, model) / max(len(inputs.evaluation), 1)
+    latency = inputs.options.latency_runs * (1 + inputs.options.latency_batch) * per_sample
+    with tempfile.TemporaryDirectory() as scratch:
         begin = time.perf_counter()
-        select_output(batch.call(student), inputs.options.output).float().logsumexp(1).mean().backward()
-        for p in parameters:
-            p.grad = None
-        timings.append(time.perf_counter() - begin)
-    model.eval()
-    with torch.no_grad():
-        begin = time.perf_counter()
-        batch.call(model)
-        infer = time.perf_counter() - begin
-    return timings[-1], infer
+        try:
+            export_onnx(model.cpu(), inputs.example.to("cpu"), Path(scratch) / "model.onnx")
+        except ExportError:
+            pass  # the run's own export will say what failed; the time until then is what is estimated
+        finally:
+            model.to(inputs.device)
+        export = time.perf_counter() - begin
+    return export + latency + min(len(inputs.evaluation), 64) * per_sample
