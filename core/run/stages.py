@@ -127,16 +127,28 @@ def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups:
 
     scores = score_groups(groups, score, normalise=not (criterion == Criterion.DIVERGENCE and layer_sum))
     model.zero_grad(set_to_none=True)  # Taylor's gradients
-    if criterion == Criterion.DIVERGENCE and allocates_by_drift(spec.options.allocation, groups):
+    if criterion == Criterion.DIVERGENCE and allocates_by_drift(spec.options.allocation, groups,
+                                                                 large=is_large(spec.goals.original.params)):
         scores = drift_per_size(run, model, groups, scores, means)
     return Scoring(scores, means)
 
 
-def allocates_by_drift(allocation: Allocation, groups: list[PrunableGroup]) -> bool:
+def allocates_by_drift(allocation: Allocation, groups: list[PrunableGroup], large: bool = False) -> bool:
     """Whether Stage 1 ranks `groups` by measured drift (CompressOptions.allocation): with "auto",
-    when attention heads compete with channels."""
+    when attention heads compete with channels, or in a `large` model (is_large: a pretrained
+    network, whose narrow layers per-layer normalised scores cut as readily as wide ones)."""
     heads_compete = any(isinstance(g.group, AttentionSite) for g in groups)
-    return allocation == Allocation.DRIFT or (allocation == Allocation.AUTO and heads_compete)
+    return allocation == Allocation.DRIFT or (allocation == Allocation.AUTO and (heads_compete or large))
+
+
+# Models with at least this many parameters count as large pretrained networks (README, Decisions):
+# between the project's trained-from-scratch examples (digits 0.17 M, the Fashion-MNIST ResNet 0.2 M)
+# and ImageNet models (EfficientNet-Lite0 4.6 M).
+LARGE_MODEL_PARAMS = 1_000_000
+
+
+def is_large(params: int) -> bool:
+    return params >= LARGE_MODEL_PARAMS
 
 
 def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: AttentionSite) -> torch.Tensor:
