@@ -153,7 +153,8 @@ class CompressOptions:
     # ranks the scores as they are (method §2); "drift" first probes every group, removing its
     # lowest-scoring units from a copy, and ranks estimated drift per unit of the size target
     # (core/run/allocation.py); "auto" is drift when attention heads are pruned (heads, MLP neurons and
-    # hidden-size channels, which per-layer normalised scores cannot compare), scores otherwise.
+    # hidden-size channels, which per-layer normalised scores cannot compare) and in large pretrained
+    # models (>= 1 M parameters, whose narrow layers the scores cut as readily as wide ones), scores otherwise.
     allocation: Allocation = Allocation.AUTO
     # ONNX Runtime's CPU convolutions work on blocks of 8 channels: a 29-wide layer ran 2x slower
     # than a 32-wide one in our measurements, so widths stay multiples of 8 by default (1 = off).
@@ -185,7 +186,8 @@ class CompressOptions:
     # (core.recovery.augment); "on" also augments token data and other images; never scoring or evaluation.
     augmentation: Augmentation = Augmentation.AUTO
     batch_size: int = 64
-    # None: 1e-3 (method §5), or 1e-4 for models with attention: fine-tuned transformers lost
+    # None: 1e-3 (method §5), 1e-5 for large pretrained models (>= 1 M parameters; README, Decisions),
+    # or 1e-4 for models with attention: fine-tuned transformers lost
     # their fine-tuning at 1e-3 in our MiniLM runs (accuracy fell to chance after one step).
     lr: float | None = None
     weight_decay: float = 1e-4

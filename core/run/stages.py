@@ -222,7 +222,7 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
         smallest = max(1, math.ceil(opts.min_step_fraction * width))
         rho = opts.p0 * (1 + t / total) ** opts.alpha
         while True:
-            k = max(1, min(capacity, math.floor(rho * state.step_scale * width)))
+            k = min(capacity, max(smallest, math.floor(rho * state.step_scale * width)))
             step = _step_candidate(run, model, groups, scoring, k, capacity, share)
             if step is None:
                 return model, state, StopReason.TARGET_REACHED
