@@ -10,25 +10,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import tempfile
+import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from core.data import Dataset
-from core.errors import ExportError
-from core.export.artifacts import export_onnx
 from core.graph.attention import AttentionSite
 from core.graph.blocks import find_blocks
 from core.graph.outputs import named_outputs, select_output
 from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
 from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, OutputRow, PreflightReport
-from core.run.context import Run, RunCache, RunInputs, StageState
+from core.run.context import Run, RunCache, RunInputs
 from core.run.eta import BACKOFF_ALLOWANCE, schedule_steps, target_goal
 from core.run.goals import budget_resolution
 from core.run.pipeline import _prepare, out_of_reach, reachable_reduction, start_run
@@ -40,6 +37,7 @@ from core.surgery.groups import ROOT_TYPES, PrunableGroup, build_graph
 ASSUMED_GPU_SPEEDUP = 20.0
 _LISTED = 50
 _TIMED_ITERATIONS = 2
+_EXPORT_TRACES = 3
 
 
 def preflight(model: nn.Module, data: Dataset, target: Target | None, options: CompressOptions,
@@ -52,7 +50,9 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
     prepare_s = time.monotonic() - started  # the job prepares the model and data the same way
     cache = RunCache()
     original = cache.measure(model, inputs.example)
+    begin = time.monotonic()
     graph = build_graph(model, inputs.example)
+    trace_s = time.monotonic() - begin  # the ONNX export traces the model too (see _export_seconds)
     groups = group_candidates(inputs, cache, model, graph)
     blocks = find_blocks(model, inputs.example) if Stage.LAYERS in options.stages else []
     reachable = reachable_reduction(inputs, cache, original, model)
@@ -78,7 +78,7 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         target=target,
         feasible=None if target is None else not problems,
         problems=problems,
-        estimate_seconds=_estimate(inputs, cache, model, target, groups, len(blocks), prepare_s),
+        estimate_seconds=_estimate(inputs, cache, model, target, groups, len(blocks), prepare_s, trace_s),
         budget_resolution=budget_resolution(
             (target or Target(macs_reduction=0.5)).max_accuracy_drop, len(inputs.evaluation), options.eval_fraction)
         if has_data else None,
@@ -124,20 +124,25 @@ def _not_prunable(model: nn.Module, graph: tp.DependencyGraph, groups: list, ign
 
 
 def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Target | None,
-              groups: list[PrunableGroup], n_blocks: int, prepare_s: float) -> Estimate:
+              groups: list[PrunableGroup], n_blocks: int, prepare_s: float, trace_s: float) -> Estimate:
     """Job time from one Stage 1 step of the real schedule measured on the run's device: scoring, the
     plan applied to a copy, recovery iterations (with their teacher, feature taps and augmentation)
     and the held-out evaluation, each timed on part of its data and scaled to all of it; plus the
     baseline's and the end's ONNX export, check and latency runs, and the final recovery."""
     opts = inputs.options
     goal = 0.5 if target is None else max(target.macs_reduction or 0.0, target.params_reduction or 0.0)
-    step = _measure_step(inputs, cache, model, groups, goal) if groups else None
+    budget = Target().max_accuracy_drop if target is None else target.max_accuracy_drop
+    step = _measure_step(inputs, cache, model, groups, Target(macs_reduction=goal, max_accuracy_drop=budget)) \
+        if groups else None
     iteration_s = step.iteration_s if step is not None else _iteration_seconds(inputs, cache, model)
-    eval_s, export_s = _eval_seconds(inputs, model), _export_seconds(inputs, model)
+    eval_s = step.eval_s if step is not None else _eval_seconds(inputs, model)
+    export_s = _export_seconds(inputs, eval_s, trace_s)
     per_step = (step.score_s + step.apply_s if step is not None else 0.0) + \
         inputs.recovery_iterations() * iteration_s + eval_s
     filters = Stage.FILTERS in opts.stages and bool(groups)
-    filter_steps = schedule_steps(opts, target_goal(opts, goal, n_blocks)) if filters else 0
+    halvings = _halvings(opts, step.drop if step is not None else 0.0, budget)
+    filter_steps = halvings + schedule_steps(opts, target_goal(opts, goal, n_blocks), scale=0.5**halvings) \
+        if filters else 0
     if Stage.FILTERS in opts.stages and Stage.LAYERS in opts.stages and n_blocks:
         filter_steps = max(filter_steps, schedule_steps(opts, goal) - 1)  # Stage 1 closes the gap Stage 2 leaves
     # a Stage 2 trial is a removal and its recovery, and with layers_must_beat_width a width step's too
@@ -165,21 +170,31 @@ def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Targ
     )
 
 
+def _halvings(opts: CompressOptions, drop: float, budget: float) -> int:
+    """How often the first step is expected to be halved (CompressOptions.min_step_fraction): until its
+    drop before recovery, taken to shrink with its size, fits the budget."""
+    if drop <= budget:
+        return 0
+    most = max(math.ceil(math.log2(opts.p0 / opts.min_step_fraction)), 0)
+    return min(math.ceil(math.log2(drop / max(budget, 1e-3))), most)
+
+
 @dataclass(frozen=True)
 class _StepTimes:
     score_s: float  # scoring the units on the whole calibration set
     apply_s: float  # one plan applied to a copy and measured
     iteration_s: float  # one recovery iteration
+    drop: float  # what the schedule's first step costs before recovery, in the measure that decides the budget
+    eval_s: float  # one pass over the held-out split
 
 
 def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: list[PrunableGroup],
-                  goal: float) -> _StepTimes:
+                  target: Target) -> _StepTimes:
     """One Stage 1 step as the run makes it, on a copy: scores from one calibration batch (scaled to all
     of them), the schedule's first step applied, and recovery iterations of it timed after a warm-up."""
     opts = inputs.options
     batch = opts.batch_size
     reporter = Reporter(None, None)
-    target = Target(macs_reduction=goal)
     run = start_run(model, dataclasses.replace(inputs, calib=inputs.calib[:batch]), cache, target, reporter,
                     time.monotonic())
     begin = time.perf_counter()
@@ -191,7 +206,10 @@ def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: 
     candidate, _ = _pruned_copy(run, model, groups, scoring, k)
     run.measure(candidate)
     apply_s = time.perf_counter() - begin
-    return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model))
+    goals, verdict = run.spec.goals, run.spec.verdict(candidate)
+    drop = goals.accuracy - verdict.accuracy if goals.resolution.resolved else \
+        goals.soft_agreement - verdict.soft_agreement
+    return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model), drop, run.clock.eval_s)
 
 
 def _iteration_seconds(inputs: RunInputs, cache: RunCache, model: nn.Module) -> float:
@@ -201,11 +219,33 @@ def _iteration_seconds(inputs: RunInputs, cache: RunCache, model: nn.Module) -> 
 
 
 def _timed_iterations(run: Run, student: nn.Module, teacher: nn.Module) -> float:
-    # the first iteration pays for allocation and kernel selection
-    run.recover(StageState(), student, teacher, iterations=1)
-    begin = time.perf_counter()
-    run.recover(StageState(), student, teacher, iterations=_TIMED_ITERATIONS)
-    return (time.perf_counter() - begin) / _TIMED_ITERATIONS
+    """One recovery iteration's forward and backward passes: the teacher's and the student's forward on an
+    augmented batch (as recovery augments it), the student's backward and an AdamW-like update of its
+    parameters, timed after a warm-up. Not a real optimizer: creating one imports torch._dynamo, seconds
+    that a service's preflight (answering an upload) should not pay."""
+    spec = run.spec
+    student = copy.deepcopy(student).train()
+    batch = spec.recovery.inputs[: spec.options.batch_size].to(spec.device)
+    generator = torch.Generator().manual_seed(spec.options.seed)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in parameters]
+    timings = []
+    for _ in range(1 + _TIMED_ITERATIONS):  # the first pass pays for allocation and kernel selection
+        begin = time.perf_counter()
+        x = batch if spec.augment is None else spec.augment(batch, generator)
+        with torch.no_grad():
+            target = select_output(x.call(teacher), spec.options.output).float().softmax(1)
+        logits = select_output(x.call(student), spec.options.output).float()
+        (-(target * logits.log_softmax(1)).sum(1).mean()).backward()
+        with torch.no_grad():
+            for parameter, (average, square) in zip(parameters, moments):  # what AdamW's step does per tensor
+                grad = parameter.grad if parameter.grad is not None else average
+                average.mul_(0.9).add_(grad, alpha=0.1)
+                square.mul_(0.999).addcmul_(grad, grad, value=0.001)
+                parameter.mul_(1.0).addcdiv_(average, square.sqrt().add_(1e-8), value=0.0)
+        student.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - begin)
+    return statistics.median(timings[1:])
 
 
 def _eval_seconds(inputs: RunInputs, model: nn.Module) -> float:
@@ -214,18 +254,12 @@ def _eval_seconds(inputs: RunInputs, model: nn.Module) -> float:
     return time.perf_counter() - begin
 
 
-def _export_seconds(inputs: RunInputs, model: nn.Module) -> float:
-    """The ONNX export and its check (timed on the model itself), and the latency runs (at the measured
-    inference time per sample): what the run does for the original and again for the pruned model."""
-    per_sample = _eval_seconds(inputs, model) / max(len(inputs.evaluation), 1)
+def _export_seconds(inputs: RunInputs, eval_s: float, trace_s: float) -> float:
+    """What the run spends on the original's ONNX export, check and latency runs, and again on the pruned
+    model's: the export at _EXPORT_TRACES of the dependency graph's trace (`trace_s`; exporting traces
+    the model and then converts and checks the graph, and timing a real export here cost the preflight
+    seconds), the check on up to 64 held-out samples and the latency runs at the inference time per
+    sample of the held-out pass (`eval_s`)."""
+    per_sample = eval_s / max(len(inputs.evaluation), 1)
     latency = inputs.options.latency_runs * (1 + inputs.options.latency_batch) * per_sample
-    with tempfile.TemporaryDirectory() as scratch:
-        begin = time.perf_counter()
-        try:
-            export_onnx(model.cpu(), inputs.example.to("cpu"), Path(scratch) / "model.onnx")
-        except ExportError:
-            pass  # the run's own export will say what failed; the time until then is what is estimated
-        finally:
-            model.to(inputs.device)
-        export = time.perf_counter() - begin
-    return export + latency + min(len(inputs.evaluation), 64) * per_sample
+    return _EXPORT_TRACES * trace_s + latency + min(len(inputs.evaluation), 64) * per_sample
