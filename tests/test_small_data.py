@@ -172,6 +172,11 @@ def test_estimate_is_within_reach_of_the_measured_run(digits_model, digits_array
     assert estimate.low_s <= estimate.cpu <= estimate.high_s and estimate.step_s > 0
     report = compress(digits_model, _data(digits_arrays), target, options, tmp_path).report
     assert 0.5 <= report.seconds / estimate.cpu <= 2.0, (report.seconds, estimate)
+    # a time budget stops the stages: the estimate counts their time up to it
+    budgeted = preflight(digits_model, _data(digits_arrays), target,
+                         CompressOptions(recovery_iterations=20, final_recovery_iterations=40, latency_runs=2,
+                                         time_budget_s=0.5)).estimate_seconds
+    assert budgeted.cpu < estimate.cpu - 0.5 * estimate.step_s
 
 
 def test_augmentation_is_for_small_sets_of_photos_unless_asked_for():

@@ -151,9 +151,11 @@ def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Targ
     trials = min(n_blocks, opts.max_removals)
     fixed = prepare_s + 2 * export_s + 3 * eval_s + (step.score_s if step is not None else 0.0) + \
         inputs.recovery_iterations(final=True) * iteration_s
-    central = fixed + per_step * (filter_steps + trial_steps * min(trials, 1))
-    low = fixed + per_step * max(filter_steps, 1 if groups or trials else 0)
-    high = fixed + per_step * (filter_steps + 2 * BACKOFF_ALLOWANCE + trial_steps * trials)
+    # the stages stop at the time budget, and the run then finishes: final recovery and export
+    budget_s = float("inf") if opts.time_budget_s is None else opts.time_budget_s
+    central = fixed + min(per_step * (filter_steps + trial_steps * min(trials, 1)), budget_s)
+    low = fixed + min(per_step * max(filter_steps, 1 if groups or trials else 0), budget_s)
+    high = fixed + min(per_step * (filter_steps + 2 * BACKOFF_ALLOWANCE + trial_steps * trials), budget_s + per_step)
     on_gpu = inputs.device.type == "cuda"
     cpu_factor, gpu_factor = (ASSUMED_GPU_SPEEDUP, 1.0) if on_gpu else (1.0, 1 / ASSUMED_GPU_SPEEDUP)
     return Estimate(
