@@ -144,12 +144,11 @@ class Run:
         return self.cache.measure(model, self.spec.example)
 
     def recover(self, state: StageState, student: nn.Module, teacher: nn.Module, *,
-                final: bool = False, iterations: int | None = None) -> StageState:
-        """Distil `teacher` into `student` in place (one step's budget, the final recovery's, or `iterations`)."""
+                final: bool = False) -> StageState:
+        """Distil `teacher` into `student` in place (one step's budget, or the final recovery's)."""
         opts = self.spec.options
         state = dataclasses.replace(state, recoveries=state.recoveries + 1)
-        if iterations is None:
-            iterations = self.spec.recovery_iterations(final)
+        iterations = self.spec.recovery_iterations(final)
         started = time.monotonic()
         recover(
             student, teacher, self.spec.recovery, self.spec.feature_points, iterations,

@@ -217,7 +217,7 @@ def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: 
 def _iteration_seconds(inputs: RunInputs, cache: RunCache, model: nn.Module) -> float:
     """One recovery iteration of the model itself (nothing to prune: no step to measure)."""
     run = start_run(model, inputs, cache, Target(macs_reduction=0.5), Reporter(None, None), time.monotonic())
-    return _timed_iterations(run, copy.deepcopy(model), model)
+    return _timed_iterations(run, model, model)
 
 
 def _timed_iterations(run: Run, student: nn.Module, teacher: nn.Module) -> float:
