@@ -295,23 +295,49 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 class _ProgressBar:
-    """A tqdm bar over the whole run, fed by `ProgressEvent.fraction`; silent unless stderr is a terminal."""
+    """A tqdm bar over the whole run, fed by `ProgressEvent.fraction`, with the run's elapsed time and its
+    ETA (from the steps measured so far, ProgressEvent.eta_s). On a terminal the bar updates in place;
+    elsewhere (a log, a pipe) each step, warning and stage change is one line on stderr."""
 
     _RESOLUTION = 1000
 
     def __init__(self) -> None:
         self._bar = tqdm(total=self._RESOLUTION, file=sys.stderr, disable=None, dynamic_ncols=True,
-                         bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+                         bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+        self._stage: str | None = None
 
     def __call__(self, event: ProgressEvent) -> None:
+        timing = _timing(event)
+        if self._bar.disable:
+            if event.stage != self._stage or event.stage in ("filters", "layers") \
+                    or event.message.startswith("Warning:"):
+                print(f"[{timing}] {event.stage}: {event.message}", file=sys.stderr, flush=True)
+            self._stage = event.stage
+            return
+        if event.message.startswith("Warning:"):
+            self._bar.write(event.message, file=sys.stderr)
         self._bar.set_description_str(f"{event.stage}: {event.message}", refresh=False)
+        self._bar.set_postfix_str(timing, refresh=False)
         self._bar.update(round(event.fraction * self._RESOLUTION) - self._bar.n)
+        self._bar.refresh()
 
     def __enter__(self) -> _ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._bar.close()
+
+
+def _timing(event: ProgressEvent) -> str:
+    elapsed = "" if event.elapsed_s is None else f"{_clock(event.elapsed_s)} elapsed"
+    eta = "ETA after the first step" if event.eta_s is None else f"ETA {_clock(event.eta_s)}"
+    return ", ".join(part for part in (elapsed, eta) if part)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def format_summary(report: Report) -> str:
@@ -337,6 +363,14 @@ def format_summary(report: Report) -> str:
         f"Removed blocks: {len(removed)}" + (f" ({', '.join(removed)})" if removed else ""),
         f"Target met: {'yes' if report.target_met else 'no'} (stop reason: {report.stop_reason})",
     ]
+    resolution = report.budget_resolution
+    if resolution is not None:
+        lines.append(f"Accuracy budget decided by {resolution.eval_samples} held-out samples "
+                     f"(one is worth {resolution.sample_worth:.2%})"
+                     + ("" if resolution.resolved else
+                        f"; finer than they resolve: judged by soft agreement "
+                        f"{report.soft_agreement_before:.4f} -> {report.soft_agreement_after:.4f} "
+                        f"and top-1 within {resolution.top1_tolerance:.2%}"))
     # why the target was missed, and why model.pt2 is missing
     if not report.target_met and report.message:
         lines.append(report.message)
@@ -373,7 +407,17 @@ def format_inspection(report: PreflightReport) -> str:
     if report.feasible is not None:
         lines.append("Target: feasible" if report.feasible else "Target: NOT feasible")
     lines += [f"  {problem}" for problem in report.problems]
+    measured = estimate.cpu if estimate.measured_on == "cpu" else estimate.gpu
     lines.append(f"Estimated job time: ~{estimate.cpu:.0f} s on CPU, ~{estimate.gpu:.0f} s on GPU "
-                 f"(measured on {estimate.measured_on}, {estimate.steps} steps)")
+                 f"(measured on {estimate.measured_on}: ~{measured:.0f} s, range {estimate.low_s:.0f}-"
+                 f"{estimate.high_s:.0f} s; {estimate.steps} steps of ~{estimate.step_s:.1f} s with "
+                 f"{estimate.recovery_iterations} recovery iterations each, {estimate.final_recovery_iterations} "
+                 f"final)")
+    resolution = report.budget_resolution
+    if resolution is not None:
+        lines.append(f"Accuracy budget: decided by {resolution.eval_samples} held-out samples, one worth "
+                     f"{resolution.sample_worth:.2%}")
+        if resolution.warning:
+            lines.append(f"Warning: {resolution.warning}")
     lines += [f"Note: {note}" for note in report.notes]
     return "\n".join(lines)

@@ -31,6 +31,14 @@ class GroupScores(StrEnum):
     MEAN = "mean"
 
 
+class Augmentation(StrEnum):
+    """Whether recovery sees augmented copies of the calibration inputs (see CompressOptions.augmentation)."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 class Allocation(StrEnum):
     """How Stage 1 ranks units of different groups against each other (see CompressOptions.allocation)."""
 
@@ -121,6 +129,10 @@ class CompressOptions:
     p0: float = 0.1
     alpha: float = 1.5
     max_steps: int = 20
+    # A Stage 1 step that breaks the accuracy budget is rolled back and retried from the same model
+    # at half its size, down to this fraction of the prunable units; the steps after it keep the
+    # smaller size. Only a step of this size that still breaks the budget stops Stage 1.
+    min_step_fraction: float = 0.01
     # Never prune a layer below this fraction of its original width (and min_channels).
     min_width_fraction: float = 0.125
     min_channels: int = 1
@@ -141,7 +153,8 @@ class CompressOptions:
     # ranks the scores as they are (method §2); "drift" first probes every group, removing its
     # lowest-scoring units from a copy, and ranks estimated drift per unit of the size target
     # (core/run/allocation.py); "auto" is drift when attention heads are pruned (heads, MLP neurons and
-    # hidden-size channels, which per-layer normalised scores cannot compare), scores otherwise.
+    # hidden-size channels, which per-layer normalised scores cannot compare) and in large pretrained
+    # models (>= 1 M parameters, whose narrow layers the scores cut as readily as wide ones), scores otherwise.
     allocation: Allocation = Allocation.AUTO
     # ONNX Runtime's CPU convolutions work on blocks of 8 channels: a 29-wide layer ran 2x slower
     # than a 32-wide one in our measurements, so widths stay multiples of 8 by default (1 = off).
@@ -159,13 +172,22 @@ class CompressOptions:
     # order is kept.
     layers_must_beat_width: bool = True
     # Recovery budget per step: epochs over the recovery split, or a fixed iteration
-    # count when `recovery_iterations` is set (it wins over epochs).
+    # count when `recovery_iterations` is set (it wins over epochs and the floor).
     recovery_epochs: float = 1.0
     recovery_iterations: int | None = None
     final_recovery_epochs: float = 2.0
     final_recovery_iterations: int | None = None
+    # Floors of optimizer iterations for a budget given in epochs, whatever the data's size: one
+    # epoch of 250 samples is 4 iterations at batch 64, too few to recover anything (issue #17).
+    min_recovery_iterations: int = 50
+    min_final_recovery_iterations: int = 200
+    # Recovery on augmented copies of the inputs (flips, crops, mixing for images; token swaps for
+    # token ids): "auto" augments photo-sized images (sides >= 32) when the recovery split is small
+    # (core.recovery.augment); "on" also augments token data and other images; never scoring or evaluation.
+    augmentation: Augmentation = Augmentation.AUTO
     batch_size: int = 64
-    # None: 1e-3 (method §5), or 1e-4 for models with attention: fine-tuned transformers lost
+    # None: 1e-3 (method §5), 1e-5 for large pretrained models (>= 1 M parameters; README, Decisions),
+    # or 1e-4 for models with attention: fine-tuned transformers lost
     # their fine-tuning at 1e-3 in our MiniLM runs (accuracy fell to chance after one step).
     lr: float | None = None
     weight_decay: float = 1e-4
@@ -188,7 +210,8 @@ class CompressOptions:
         # Callers that read options as text (the API's JSON, benchmarks) pass the choices' names; the
         # fields hold members. A name of no member stays as it is, for validate() to refuse.
         object.__setattr__(self, "stages", tuple(_member(Stage, stage) for stage in self.stages))
-        for name, choices in (("criterion", Criterion), ("group_scores", GroupScores), ("allocation", Allocation)):
+        for name, choices in (("criterion", Criterion), ("group_scores", GroupScores), ("allocation", Allocation),
+                              ("augmentation", Augmentation)):
             object.__setattr__(self, name, _member(choices, getattr(self, name)))
 
     def validate(self) -> None:
@@ -201,6 +224,9 @@ class CompressOptions:
         if not isinstance(self.allocation, Allocation):
             raise OptionsError(f"Unknown allocation {self.allocation!r}.",
                                hint=f"Use one of {', '.join(Allocation)}.")
+        if not isinstance(self.augmentation, Augmentation):
+            raise OptionsError(f"Unknown augmentation {self.augmentation!r}.",
+                               hint=f"Use one of {', '.join(Augmentation)}.")
         if not isinstance(self.criterion, Criterion):
             raise OptionsError(f"Unknown criterion {self.criterion!r}.", hint=f"Use one of {', '.join(Criterion)}.")
         checks = [
@@ -208,6 +234,7 @@ class CompressOptions:
             (0.0 < self.p0 < 1.0, "p0 must be in (0, 1)"),
             (self.alpha >= 0.0, "alpha must be >= 0"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
+            (0.0 < self.min_step_fraction <= 1.0, "min_step_fraction must be in (0, 1]"),
             (0.0 < self.min_width_fraction <= 1.0, "min_width_fraction must be in (0, 1]"),
             (self.min_channels >= 1, "min_channels must be >= 1"),
             (self.round_to is None or self.round_to >= 1, "round_to must be >= 1"),
@@ -218,6 +245,8 @@ class CompressOptions:
             (self.final_recovery_epochs >= 0, "final_recovery_epochs must be >= 0"),
             (self.final_recovery_iterations is None or self.final_recovery_iterations >= 0,
              "final_recovery_iterations must be >= 0"),
+            (min(self.min_recovery_iterations, self.min_final_recovery_iterations) >= 0,
+             "min_recovery_iterations and min_final_recovery_iterations must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.kd_temperature > 0, "kd_temperature must be > 0"),

@@ -42,7 +42,8 @@ class StopReason(StrEnum):
 _EXPLANATIONS = {
     StopReason.TARGET_REACHED: "the size target was reached",
     StopReason.ACCURACY_BUDGET:
-        "the next step would have dropped accuracy past max_accuracy_drop (it was rolled back)",
+        "the next step dropped accuracy past max_accuracy_drop even at the smallest step size, after halving "
+        "it (each try was rolled back; lower min_step_fraction, raise max_accuracy_drop or bring more data)",
     StopReason.MAX_STEPS: "Stage 1 used all its steps (raise max_steps or p0)",
     StopReason.NOTHING_LEFT_TO_PRUNE: "every layer is at its minimum width (lower min_width_fraction)",
     StopReason.NO_REMOVABLE_BLOCKS: "no further block can be removed within the budget",
@@ -56,6 +57,17 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+class BudgetResolution(_Frozen):
+    """How finely the held-out split measures the accuracy budget (core.run.goals.budget_resolution)."""
+
+    eval_samples: int  # held-out samples that decide the budget
+    sample_worth: float  # what one of them is worth in top-1 (1 / eval_samples)
+    resolved: bool  # whether the budget is worth at least RESOLVING_SAMPLES samples
+    top1_tolerance: float  # the top-1 drop a step may cost: the budget, or RESOLVING_SAMPLES samples' worth
+    decided_by: Literal["top1", "top1_and_soft_agreement"]
+    warning: str | None = None  # for a budget the split cannot resolve: what it means and what to do
+
+
 class StepRecord(_Frozen):
     """One pruning step, accepted or rolled back, with the model's size and accuracy after it."""
 
@@ -66,8 +78,10 @@ class StepRecord(_Frozen):
     accuracy: float
     seconds: float
     accepted: bool
-    # Stage 1
+    soft_agreement: float | None = None  # the mean probability of the original's class (core.run.goals.Verdict)
+    # Stage 1: units removed, and the step's size relative to the schedule's (halved by each back-off)
     units_removed: int | None = None
+    step_scale: float | None = None
     # Stage 2: the block tried, and its comparison with pruning width to the same size
     block: str | None = None
     divergence: float | None = None
@@ -192,6 +206,10 @@ class Report(_FromUpload, _BeforeAndAfter):
     # the run resumed from a checkpoint taken after this many steps (a service's worker died mid-run)
     resumed_at_step: int | None = None
     input_format: str | None = None
+    # reports written before issue #17 lack these three
+    budget_resolution: BudgetResolution | None = None
+    soft_agreement_before: float | None = None
+    soft_agreement_after: float | None = None
     # the model back in Hugging Face format: its file name, or why it could not be written
     hf_pretrained: str | None = None
     hf_pretrained_error: str | None = None
@@ -238,13 +256,21 @@ class BlockRow(_Frozen):
 
 
 class Estimate(_Frozen):
-    """A job's time in seconds, from one training and inference step measured on `measured_on`."""
+    """A job's time in seconds, from one Stage 1 step of the real schedule measured on `measured_on`
+    (core.run.preflight): `cpu` and `gpu` the expected time (one of them measured, the other scaled by
+    an assumed GPU speed-up), `low_s` to `high_s` its range on the measured device (the schedule alone;
+    with back-offs after rejected steps and every Stage 2 trial)."""
 
     cpu: float
     gpu: float
     measured_on: str
     steps: int
-    train_step_s: float
+    train_step_s: float  # one recovery iteration
+    low_s: float | None = None
+    high_s: float | None = None
+    step_s: float | None = None  # one Stage 1 step: scoring, plan, recovery, evaluation
+    recovery_iterations: int | None = None  # per step
+    final_recovery_iterations: int | None = None
 
 
 class InputSignature(_Frozen):
@@ -278,6 +304,8 @@ class PreflightReport(_FromUpload):
     notes: list[str]
     seconds: float
     input_format: str | None = None
+    # how many held-out samples decide the budget (with data; for a default 1-point budget without a target)
+    budget_resolution: BudgetResolution | None = None
 
 
 def to_json(report: BaseModel) -> str:

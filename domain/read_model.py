@@ -20,6 +20,8 @@ class ProgressOut(BaseModel):
     total_steps: int = 0
     fraction: float = 0.0
     message: str | None = None
+    elapsed_s: float | None = None  # since the run started
+    eta_s: float | None = None  # expected seconds to go, from the steps measured so far
 
 
 class ErrorOut(BaseModel):

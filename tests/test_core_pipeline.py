@@ -118,9 +118,11 @@ def test_accuracy_budget_rolls_back_the_failing_step(digits_model, digits_arrays
     assert report.stop_reason == StopReason.ACCURACY_BUDGET
     assert not report.target_met and "rolled back" in report.message
     assert report.accuracy_after >= report.accuracy_before
+    # the failing step is retried at half its size down to the minimum step, which fails last
     rolled_back = [s for s in report.steps if not s.accepted]
-    assert len(rolled_back) == 1 and report.steps[-1] is not None
-    assert report.macs_after > rolled_back[0].macs
+    assert len(rolled_back) >= 2 and not report.steps[-1].accepted
+    assert report.steps[-1].step_scale == rolled_back[0].step_scale / 2 ** (len(rolled_back) - 1)
+    assert report.macs_after > max(s.macs for s in rolled_back)
 
 
 def test_unlabeled_data_is_distilled_against_the_original(digits_model, digits_arrays, tmp_path: Path) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 
 from core.options import Target
-from core.run.goals import Goals, Size, reductions
+from core.run.goals import RESOLVING_SAMPLES, Goals, Size, Verdict, budget_resolution, reductions
 
 ORIGINAL = Size(macs=1000, params=200)
-HALF_THE_MACS = Goals(Target(macs_reduction=0.5, max_accuracy_drop=0.01), ORIGINAL, accuracy=0.9)
-HALF_OF_BOTH = Goals(Target(macs_reduction=0.5, params_reduction=0.5), ORIGINAL, accuracy=0.9)
+# 1000 held-out samples resolve a one-point budget (10 samples); 100 do not (one sample is a point)
+RESOLVED = budget_resolution(0.01, 1000, 0.2)
+HALF_THE_MACS = Goals(Target(macs_reduction=0.5, max_accuracy_drop=0.01), ORIGINAL, accuracy=0.9,
+                      soft_agreement=0.8, resolution=RESOLVED)
+HALF_OF_BOTH = Goals(Target(macs_reduction=0.5, params_reduction=0.5), ORIGINAL, accuracy=0.9,
+                     soft_agreement=0.8, resolution=RESOLVED)
 
 
 def test_reductions_are_fractions_of_the_original_removed():
@@ -61,5 +65,32 @@ def test_share_of_target_adds_up_the_named_measures():
 
 
 def test_accuracy_budget_is_the_drop_from_the_original():
-    assert HALF_THE_MACS.within_budget(0.89) and HALF_THE_MACS.within_budget(0.95)
-    assert not HALF_THE_MACS.within_budget(0.88)
+    # a resolved budget is top-1 alone: soft agreement does not count
+    assert HALF_THE_MACS.within_budget(Verdict(0.89, 0.1)) and HALF_THE_MACS.within_budget(Verdict(0.95, 0.8))
+    assert not HALF_THE_MACS.within_budget(Verdict(0.88, 0.8))
+
+
+def test_budget_resolution_counts_the_held_out_samples_that_decide_it():
+    assert RESOLVED.resolved and RESOLVED.decided_by == "top1" and RESOLVED.warning is None
+    assert RESOLVED.sample_worth == pytest.approx(0.001) and RESOLVED.top1_tolerance == 0.01
+    small = budget_resolution(0.01, 64, 0.2)
+    assert not small.resolved and small.decided_by == "top1_and_soft_agreement"
+    assert small.top1_tolerance == pytest.approx(RESOLVING_SAMPLES / 64)
+    # the warning says how many samples decide, what one is worth, and how much data would resolve it
+    assert "64 held-out samples" in small.warning and "1.56%" in small.warning and "1500 samples" in small.warning
+    assert budget_resolution(0.01, 300, 0.2).resolved  # exactly three samples
+    assert not budget_resolution(0.01, 299, 0.2).resolved
+    assert budget_resolution(0.0, 10, 0.2).resolved  # no drop at all: any split measures that
+
+
+def test_an_unresolved_budget_is_judged_by_soft_agreement_and_top1_at_the_resolution():
+    goals = Goals(Target(macs_reduction=0.5, max_accuracy_drop=0.01), ORIGINAL, accuracy=0.9, soft_agreement=0.8,
+                  resolution=budget_resolution(0.01, 100, 0.2))
+    # two flipped samples of 100 (2 points) with soft agreement kept: inside, where top-1 alone would refuse
+    assert goals.within_budget(Verdict(0.88, 0.795))
+    # soft agreement down by more than the budget: outside, though top-1 did not move
+    assert not goals.within_budget(Verdict(0.9, 0.785))
+    # four samples: past the resolution's three, whatever soft agreement says
+    assert not goals.within_budget(Verdict(0.86, 0.8))
+    assert goals.better(Verdict(0.85, 0.81), than=Verdict(0.9, 0.8))
+    assert HALF_THE_MACS.better(Verdict(0.9, 0.5), than=Verdict(0.85, 0.8))

@@ -15,6 +15,7 @@ REPORT_JSON_KEYS = {
     "onnx_max_abs_diff", "onnx_max_abs_diff_before", "onnx_bytes_before", "onnx_bytes_after", "pt2_error",
     "removed_blocks", "blocks", "layers", "attention_heads", "steps", "target", "target_met", "reachable_reduction",
     "stop_reason", "message", "notes", "device", "options", "seconds", "resumed_at_step",
+    "budget_resolution", "soft_agreement_before", "soft_agreement_after",
 }
 # set by core.intake for uploads, and for Hugging Face uploads
 UPLOAD_KEYS = {"input_format"}
@@ -24,7 +25,7 @@ PREFLIGHT_JSON_KEYS = {
     "macs", "params", "num_classes", "inputs", "outputs", "input_shape", "input_dtype", "samples", "labeled",
     "prunable_groups",
     "not_prunable", "blocks", "reachable_reduction", "target", "feasible", "problems", "estimate_seconds", "notes",
-    "seconds",
+    "seconds", "budget_resolution",
 }
 
 

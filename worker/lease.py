@@ -75,7 +75,8 @@ class Lease:
             return
         self._last_write, self._last_stage = now, event.stage
         data = {"stage": event.stage, "step": event.step, "total_steps": event.total,
-                "fraction": round(event.fraction, 4), "message": event.message}
+                "fraction": round(event.fraction, 4), "message": event.message,
+                "elapsed_s": event.elapsed_s, "eta_s": event.eta_s}
         with session_scope(self.settings.database) as session:
             if rows_changed(session, update(Job).where(self._mine()).values(progress=data, updated_at=utcnow())):
                 session.add(JobEvent(job_id=self.job_id, kind="progress", data=data))

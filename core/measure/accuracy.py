@@ -40,6 +40,14 @@ def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
 
 
+def soft_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """The mean probability `logits` give the class the `reference` logits predict: top-1 agreement made
+    smooth. One flipped sample moves top-1 agreement by 1/N; this moves by the probability mass that
+    actually shifted, so it resolves drops finer than one sample of a small held-out split."""
+    probabilities = torch.softmax(logits.double(), dim=1)
+    return float(probabilities.gather(1, reference.argmax(1, keepdim=True)).mean())
+
+
 def top1(model: nn.Module, data: Dataset, device: torch.device, reference: torch.Tensor | None,
          output: str | None) -> float:
     """Top-1 against the labels, or agreement with `reference` predictions when unlabeled."""

@@ -11,6 +11,7 @@ from torch import nn
 from core.data import Dataset
 from core.graph.outputs import select_output
 from core.progress import Reporter
+from core.recovery.augment import Augmenter
 from core.recovery.features import FeatureTap, feature_loss
 
 
@@ -21,10 +22,14 @@ def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> It
             yield order[i : i + batch_size]
 
 
-def iterations_for(n: int, batch_size: int, epochs: float, iterations: int | None) -> int:
+def iterations_for(n: int, batch_size: int, epochs: float, iterations: int | None, floor: int = 0) -> int:
+    """Optimizer iterations of a recovery: `iterations` when given, else `epochs` over `n` samples but at
+    least `floor` (no recovery at all when epochs is 0)."""
     if iterations is not None:
         return iterations
-    return math.ceil(epochs * n / min(batch_size, n))
+    if epochs <= 0:
+        return 0
+    return max(floor, math.ceil(epochs * n / min(batch_size, n)))
 
 
 def recover(
@@ -44,11 +49,13 @@ def recover(
     seed: int,
     reporter: Reporter,
     output: str | None,
+    augment: Augmenter | None = None,
 ) -> None:
     """Fine-tune `student` in place for `iterations` steps.
 
     loss = CE(student, labels) + kd_weight·KL + w·Σ L1(adapter(f_s), f_t) with labels, KL being
     KL(student ‖ teacher) at temperature T scaled by T²; without labels the task term is KL alone.
+    With `augment`, teacher and student see the same augmented batch (core.recovery.augment).
     Cancellation is checked every iteration.
     """
     if iterations <= 0:
@@ -63,11 +70,15 @@ def recover(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     batches = _shuffled_batches(len(data), min(batch_size, len(data)), generator)
+    # its own generator, so that augmenting leaves the batches' order as it is
+    augment_generator = torch.Generator().manual_seed(seed + 1)
     try:
         for _ in range(iterations):
             reporter.check_cancel()
             index = next(batches)
             x = data.inputs[index].to(device)
+            if augment is not None:
+                x = augment(x, augment_generator)
             with torch.no_grad():
                 t_logits = select_output(x.call(teacher), output)
             s_logits = select_output(x.call(student), output)

@@ -13,13 +13,15 @@ from torch import nn
 
 from core.data import Dataset
 from core.inputs import Inputs
-from core.measure.accuracy import drift, top1
+from core.measure.accuracy import all_logits, drift, soft_agreement, top1
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, Stage
 from core.progress import Reporter
+from core.recovery.augment import Augmenter
 from core.recovery.distill import iterations_for, recover
 from core.report import RemovedBlock, StepRecord, WidthComparison
-from core.run.goals import Goals, Size
+from core.run.eta import Clock, schedule_steps
+from core.run.goals import Goals, Size, Verdict
 from core.surgery.units import UnitKey
 
 
@@ -39,6 +41,7 @@ class RunInputs:
     feature_points: list[str]
     ignored: list[str]
     outputs: tuple[str, ...]  # the model's outputs by name (core.graph.outputs), every one kept as it is
+    augment: Augmenter | None  # what recovery augments its batches with (core.recovery.augment)
 
     @property
     def lr(self) -> float:
@@ -50,6 +53,24 @@ class RunInputs:
     def accuracy(self, model: nn.Module) -> float:
         """Top-1 on the evaluation split (agreement with the original's predictions when unlabeled)."""
         return top1(model, self.evaluation, self.device, self.reference, self.options.output)
+
+    def verdict(self, model: nn.Module) -> Verdict:
+        """Top-1 and soft agreement on the evaluation split, from one pass over it."""
+        logits = all_logits(model, self.evaluation.inputs, self.device, self.options.output)
+        target = self.evaluation.y if self.evaluation.y is not None else self.reference
+        if target is None:
+            raise ValueError("Unlabeled data needs the original model's predictions as reference.")
+        accuracy = float((logits.argmax(1) == target).float().mean())
+        return Verdict(accuracy, soft_agreement(logits, self.reference_logits))
+
+    def recovery_iterations(self, final: bool = False) -> int:
+        """Optimizer iterations of one step's recovery, or of the final one (with the floors)."""
+        opts = self.options
+        if final:
+            return iterations_for(len(self.recovery), opts.batch_size, opts.final_recovery_epochs,
+                                  opts.final_recovery_iterations, opts.min_final_recovery_iterations)
+        return iterations_for(len(self.recovery), opts.batch_size, opts.recovery_epochs, opts.recovery_iterations,
+                              opts.min_recovery_iterations)
 
     def drift(self, model: nn.Module) -> float:
         """How far `model`'s outputs on the evaluation split drift from the original's (metrics.drift)."""
@@ -106,6 +127,8 @@ class StageState:
     filter_steps: int = 0
     # recoveries so far; each recovery is seeded with options.seed + its number
     recoveries: int = 0
+    # Stage 1's step size relative to its schedule, halved by each back-off after a rejected step
+    step_scale: float = 1.0
     removed: tuple[RemovedBlock, ...] = ()
 
 
@@ -121,6 +144,7 @@ class Run:
     spec: RunSpec
     cache: RunCache
     reporter: Reporter
+    clock: Clock = field(default_factory=Clock)
     on_accept: AcceptFn | None = None
 
     def accepted(self, model: nn.Module, state: StageState, essential: frozenset[str] = frozenset()) -> None:
@@ -135,28 +159,34 @@ class Run:
                 final: bool = False) -> StageState:
         """Distil `teacher` into `student` in place (one step's budget, or the final recovery's)."""
         opts = self.spec.options
-        epochs = opts.final_recovery_epochs if final else opts.recovery_epochs
-        iterations = opts.final_recovery_iterations if final else opts.recovery_iterations
         state = dataclasses.replace(state, recoveries=state.recoveries + 1)
+        iterations = self.spec.recovery_iterations(final)
+        started = time.monotonic()
         recover(
-            student, teacher, self.spec.recovery, self.spec.feature_points,
-            iterations_for(len(self.spec.recovery), opts.batch_size, epochs, iterations),
+            student, teacher, self.spec.recovery, self.spec.feature_points, iterations,
             device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
             temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
-            seed=opts.seed + state.recoveries, reporter=self.reporter, output=opts.output,
+            seed=opts.seed + state.recoveries, reporter=self.reporter, output=opts.output, augment=self.spec.augment,
         )
+        if iterations:
+            self.clock.iteration_s.append((time.monotonic() - started) / iterations)
         return state
 
-    def record(self, state: StageState, stage: Stage, size: Size, accuracy: float, seconds: float,
-               accepted: bool, *, units_removed: int | None = None, block: str | None = None,
-               divergence: float | None = None, comparison: WidthComparison | None = None) -> StageState:
+    def record(self, state: StageState, stage: Stage, size: Size, verdict: Verdict, seconds: float,
+               accepted: bool, *, units_removed: int | None = None, step_scale: float | None = None,
+               block: str | None = None, divergence: float | None = None,
+               comparison: WidthComparison | None = None) -> StageState:
         """The state with this step's record added; the step is reported as progress."""
+        accuracy = verdict.accuracy
         step = StepRecord(
             stage=stage, step=len(state.steps) + 1, macs=size.macs, params=size.params,
-            accuracy=round(accuracy, 6), seconds=round(seconds, 3), accepted=accepted,
-            units_removed=units_removed, block=block, divergence=divergence,
-            **(comparison.model_dump() if comparison is not None else {}),
+            accuracy=round(accuracy, 6), soft_agreement=round(verdict.soft_agreement, 6), seconds=round(seconds, 3),
+            accepted=accepted, units_removed=units_removed, step_scale=step_scale, block=block,
+            divergence=divergence, **(comparison.model_dump() if comparison is not None else {}),
         )
+        self.clock.step_s.append(seconds)
+        state = dataclasses.replace(state, steps=(*state.steps, step))
+        self._update_eta(state, stage, accepted)
         opts, goals = self.spec.options, self.spec.goals
         reduction = goals.reductions(size)
         self.reporter.emit(
@@ -166,7 +196,22 @@ class Run:
             f"top-1 {accuracy:.4f}{_outcome(step)}",
             macs=size.macs, params=size.params, accuracy=accuracy, accepted=accepted,
         )
-        return dataclasses.replace(state, steps=(*state.steps, step))
+        return state
+
+    def _update_eta(self, state: StageState, stage: Stage, accepted: bool) -> None:
+        """Time to go after a recorded step: the schedule's steps from the model kept so far (a rejected
+        Stage 1 step is retried at half its size), then the final recovery and the export."""
+        goals = self.spec.goals
+        kept = next((Size(s.macs, s.params) for s in reversed(state.steps) if s.accepted), goals.original)
+        goal = max(goals.fractions.values())
+        retry = stage == Stage.FILTERS and not accepted
+        steps = retry + schedule_steps(
+            self.spec.options, goal, reached=goals.progress(kept) * goal,
+            t0=state.filter_steps + (stage == Stage.FILTERS and accepted),
+            scale=state.step_scale / 2 if retry else state.step_scale)
+        remaining = self.clock.remaining(steps, self.spec.recovery_iterations(final=True))
+        if remaining is not None:
+            self.reporter.set_eta(remaining)
 
 
 def _outcome(step: StepRecord) -> str:

@@ -26,12 +26,13 @@ from core.measure.accuracy import all_logits
 from core.measure.latency import ort_latency_ms
 from core.options import CompressOptions, Stage, Target
 from core.progress import CancelFn, ProgressFn, Reporter
+from core.recovery.augment import choose_augmenter
 from core.recovery.features import pick_feature_points
 from core.report import HeadRow, Latency, LayerRow, Report, StopReason
 from core.run.checkpoint import Checkpoint, CheckpointFn, Phase, Saver
 from core.run.context import Run, RunCache, RunInputs, RunSpec, StageState
-from core.run.goals import TARGET_TOLERANCE, Goals, Size, reductions
-from core.run.stages import group_candidates, last_layer_of_its_stack, prune_filters, remove_layers
+from core.run.goals import TARGET_TOLERANCE, Goals, Size, Verdict, budget_resolution, reductions
+from core.run.stages import group_candidates, is_large, last_layer_of_its_stack, prune_filters, remove_layers
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
 from core.surgery.plan import make_plan
@@ -71,6 +72,9 @@ def _drop_training_only_heads(model: nn.Module) -> list[str]:
 
 DEFAULT_LR = 1e-3
 TRANSFORMER_LR = 1e-4
+# A large pretrained CNN (stages.is_large): at 1e-3 and 1e-4, AdamW's steps undid EfficientNet-Lite0's
+# ImageNet training within 40 iterations on 240 crops (README, Decisions).
+PRETRAINED_LR = 1e-5
 
 
 def _uncut_notes(cache: RunCache) -> list[str]:
@@ -82,6 +86,13 @@ def _uncut_notes(cache: RunCache) -> list[str]:
     return [f"{len(uncut)} channel group(s) were left unpruned: removing one of their channels breaks the model or "
             f"changes an output's shape (a reshape into fixed-size attention heads or to a computed hidden size, "
             f"an output's width): {shown}."]
+
+
+def _augment_notes(inputs: RunInputs) -> list[str]:
+    if inputs.augment is None:
+        return []
+    return [f"Recovery fine-tuned on augmented batches ({inputs.augment.describe()}); scoring and the held-out "
+            f"evaluation used the data as it is."]
 
 
 def _attention_notes(model: nn.Module) -> list[str]:
@@ -256,7 +267,8 @@ def prune_and_export(
     saver = None if checkpoint is None else Saver(checkpoint, inputs.options, target, cache, started)
 
     model, state, reasons = _run_stages(run, model, saver, resume)
-    accuracy, state = _final_recovery(run, state, model, original)
+    verdict, state = _final_recovery(run, state, model, original)
+    accuracy = verdict.accuracy
     size = run.measure(model)
     # a stage also reports target_reached when it stopped within tolerance just below the target
     reached = goals.reached(size) or (reasons[-1] == StopReason.TARGET_REACHED and goals.met(size))
@@ -281,7 +293,8 @@ def prune_and_export(
         macs_reduction=round(reduction["macs"], 6), params_reduction=round(reduction["params"], 6),
         accuracy_metric="top1" if spec.evaluation.labeled else "top1_agreement_with_original",
         accuracy_before=round(goals.accuracy, 6), accuracy_after=round(accuracy, 6),
-        eval_samples=len(spec.evaluation),
+        eval_samples=len(spec.evaluation), budget_resolution=goals.resolution,
+        soft_agreement_before=round(goals.soft_agreement, 6), soft_agreement_after=round(verdict.soft_agreement, 6),
         latency_ms_before=baseline.latency, latency_ms_after=latency_after,
         onnx_max_abs_diff=diff_after, onnx_max_abs_diff_before=baseline.onnx_max_abs_diff,
         onnx_bytes_before=baseline.onnx_bytes, onnx_bytes_after=onnx_path.stat().st_size,
@@ -295,7 +308,7 @@ def prune_and_export(
         reachable_reduction={k: round(v, 4) for k, v in reachable.items()},
         stop_reason=stop_reason,
         message=_explain(stop_reason, met, reduction, target),
-        notes=notes + _uncut_notes(cache),
+        notes=notes + _uncut_notes(cache) + _augment_notes(spec),
         device=str(spec.device),
         options=spec.options,
         seconds=round(time.monotonic() - started, 3),
@@ -315,7 +328,9 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     check_against_model(model, data, device, opts.output)
     notes += convert_multihead_attention(model, data.inputs[:2].to(device)) + _attention_notes(model)
     if opts.lr is None:
-        opts = dataclasses.replace(opts, lr=TRANSFORMER_LR if holds_attention(model) else DEFAULT_LR)
+        large = is_large(sum(p.numel() for p in model.parameters()))
+        lr = TRANSFORMER_LR if holds_attention(model) else PRETRAINED_LR if large else DEFAULT_LR
+        opts = dataclasses.replace(opts, lr=lr)
     unknown = [name for name in opts.ignored_layers if name not in dict(model.named_modules())]
     if unknown:
         raise OptionsError(f"Layers to leave alone not found in the model: {', '.join(unknown)}.",
@@ -332,6 +347,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         feature_points=pick_feature_points(model, example),
         ignored=_output_layers(model, example) + list(opts.ignored_layers),
         outputs=_output_names(model, example),
+        augment=choose_augmenter(recovery, opts.augmentation),
     )
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
     return model, inputs, notes
@@ -341,8 +357,16 @@ def start_run(model: nn.Module, inputs: RunInputs, cache: RunCache, target: Targ
               started: float) -> Run:
     """The run of `model` (as _prepare returned it) towards `target`, once its accuracy is measured;
     `started` is when the time budget began."""
-    goals = Goals(target, cache.measure(model, inputs.example), inputs.accuracy(model))
-    return Run(RunSpec.of(inputs, goals, started), cache, reporter)
+    begin = time.monotonic()
+    verdict = inputs.verdict(model)
+    eval_s = time.monotonic() - begin
+    resolution = budget_resolution(target.max_accuracy_drop, len(inputs.evaluation), inputs.options.eval_fraction)
+    goals = Goals(target, cache.measure(model, inputs.example), verdict.accuracy, verdict.soft_agreement, resolution)
+    if resolution.warning:
+        reporter.emit("baseline", 0, 1, None, "Warning: " + resolution.warning)
+    run = Run(RunSpec.of(inputs, goals, started), cache, reporter)
+    run.clock.eval_s = eval_s
+    return run
 
 
 @dataclass(frozen=True)
@@ -363,8 +387,10 @@ def _baseline(run: Run, original: nn.Module, onnx_spec: OnnxSpec | None) -> _Ori
                                spec.options.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "original.onnx"
+        begin = time.monotonic()
         diff, latency = _onnx_metrics(original, spec.example, path, spec.evaluation.inputs[:64], spec.options,
                                       onnx_spec)
+        run.clock.export_s = time.monotonic() - begin
         size = path.stat().st_size
     macs, params = goals.original
     run.reporter.emit("baseline", 1, 1, 0.05,
@@ -384,12 +410,16 @@ def _restore(run: Run, resume: Checkpoint) -> nn.Module:
 def _run_stages(run: Run, model: nn.Module, saver: Saver | None = None,
                 resume: Checkpoint | None = None) -> tuple[nn.Module, StageState, list[StopReason]]:
     """Stage 1 up to its share of the target, Stage 2, then Stage 1 again to close the gap; from
-    the phase and state of `resume` when given (its model is `model`)."""
+    the phase and state of `resume` when given (its model is `model`).
+
+    A model with no removable block (a converted ONNX graph, a plain CNN) has no Stage 2: Stage 1 takes
+    the whole target, and the run's stop reason is Stage 1's."""
     opts = run.spec.options
     state = resume.state if resume is not None else StageState()
     reasons = list(resume.reasons) if resume is not None else []
     first = resume.phase if resume is not None else Phase.FILTERS
-    filters, layers = Stage.FILTERS in opts.stages, Stage.LAYERS in opts.stages
+    filters = Stage.FILTERS in opts.stages
+    layers = Stage.LAYERS in opts.stages and (not filters or bool(find_blocks(model, run.spec.example)))
     for phase in Phase:
         if phase < first:
             continue
@@ -409,17 +439,22 @@ def _run_stages(run: Run, model: nn.Module, saver: Saver | None = None,
 
 
 def _final_recovery(run: Run, state: StageState, model: nn.Module,
-                    original: nn.Module) -> tuple[float, StageState]:
-    """Distil from the original model; keep the weights from before if it did not help."""
+                    original: nn.Module) -> tuple[Verdict, StageState]:
+    """Distil from the original model; keep the weights from before if it did not help (by the measure
+    that decides the budget)."""
+    remaining = run.clock.remaining(0, run.spec.recovery_iterations(final=True))
+    if remaining is not None:
+        run.reporter.set_eta(remaining)
     run.reporter.emit("recovery", 0, 1, 0.85, "Final recovery (distillation from the original model)")
     before = copy.deepcopy(model.state_dict())
-    accuracy_before = run.spec.accuracy(model)
+    verdict_before = run.spec.verdict(model)
     state = run.recover(state, model, original, final=True)
-    accuracy = run.spec.accuracy(model)
-    if accuracy < accuracy_before:
+    verdict = run.spec.verdict(model)
+    run.reporter.set_eta(run.clock.export_s)
+    if not run.spec.goals.better(verdict, verdict_before):
         model.load_state_dict(before)
-        return accuracy_before, state
-    return accuracy, state
+        return verdict_before, state
+    return verdict, state
 
 
 def _explain(reason: StopReason, met: bool, reduction: dict[str, float], target: Target) -> str:

@@ -8,7 +8,11 @@ target is feasible, and estimates the job's time from a measured training step.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
@@ -20,17 +24,20 @@ from core.graph.blocks import find_blocks
 from core.graph.outputs import named_outputs, select_output
 from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
-from core.recovery.distill import iterations_for
 from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, OutputRow, PreflightReport
-from core.run.context import RunCache, RunInputs
-from core.run.pipeline import _prepare, out_of_reach, reachable_reduction
-from core.run.stages import group_candidates
-from core.surgery.groups import ROOT_TYPES, build_graph
+from core.run.context import Run, RunCache, RunInputs
+from core.run.eta import BACKOFF_ALLOWANCE, schedule_steps, target_goal
+from core.run.goals import budget_resolution
+from core.run.pipeline import _prepare, out_of_reach, reachable_reduction, start_run
+from core.run.stages import _group_scores, _pruned_copy, group_candidates
+from core.surgery.groups import ROOT_TYPES, PrunableGroup, build_graph
 
 # Without a GPU to measure, GPU time is CPU time over this factor (a mid-size CNN on one
 # data-centre GPU against one CPU core, in our runs); the report says when it was assumed.
 ASSUMED_GPU_SPEEDUP = 20.0
 _LISTED = 50
+_TIMED_ITERATIONS = 2
+_EXPORT_TRACES = 3
 
 
 def preflight(model: nn.Module, data: Dataset, target: Target | None, options: CompressOptions,
@@ -40,9 +47,12 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         target.validate()
     started = time.monotonic()
     model, inputs, notes = _prepare(model, data, options, Reporter(None, None))
+    prepare_s = time.monotonic() - started  # the job prepares the model and data the same way
     cache = RunCache()
     original = cache.measure(model, inputs.example)
+    begin = time.monotonic()
     graph = build_graph(model, inputs.example)
+    trace_s = time.monotonic() - begin  # the ONNX export traces the model too (see _export_seconds)
     groups = group_candidates(inputs, cache, model, graph)
     blocks = find_blocks(model, inputs.example) if Stage.LAYERS in options.stages else []
     reachable = reachable_reduction(inputs, cache, original, model)
@@ -68,7 +78,10 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         target=target,
         feasible=None if target is None else not problems,
         problems=problems,
-        estimate_seconds=_estimate(inputs, model, target, len(blocks)),
+        estimate_seconds=_estimate(inputs, cache, model, target, groups, len(blocks), prepare_s, trace_s),
+        budget_resolution=budget_resolution(
+            (target or Target(macs_reduction=0.5)).max_accuracy_drop, len(inputs.evaluation), options.eval_fraction)
+        if has_data else None,
         notes=notes,
         seconds=round(time.monotonic() - started, 3),
     )
@@ -110,56 +123,145 @@ def _not_prunable(model: nn.Module, graph: tp.DependencyGraph, groups: list, ign
     return rows[:_LISTED]
 
 
-def _estimate(inputs: RunInputs, model: nn.Module, target: Target | None, n_blocks: int) -> Estimate:
-    """Job time from one measured training and inference step on the run's device."""
+def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Target | None,
+              groups: list[PrunableGroup], n_blocks: int, prepare_s: float, trace_s: float) -> Estimate:
+    """Job time from one Stage 1 step of the real schedule measured on the run's device: scoring, the
+    plan applied to a copy, recovery iterations (with their teacher, feature taps and augmentation)
+    and the held-out evaluation, each timed on part of its data and scaled to all of it; plus the
+    baseline's and the end's ONNX export, check and latency runs, and the final recovery."""
     opts = inputs.options
-    train_s, infer_s = _step_seconds(inputs, model)
-    per_recovery = iterations_for(len(inputs.recovery), opts.batch_size, opts.recovery_epochs,
-                                  opts.recovery_iterations) * (train_s + infer_s)
-    passes = -(-len(inputs.calib) // opts.batch_size) + -(-len(inputs.evaluation) // opts.batch_size)
-    per_step = passes * infer_s + per_recovery
     goal = 0.5 if target is None else max(target.macs_reduction or 0.0, target.params_reduction or 0.0)
-    steps = (_filter_steps(opts, goal) if Stage.FILTERS in opts.stages else 0) + (
-        min(n_blocks, opts.max_removals) if Stage.LAYERS in opts.stages else 0)
-    final = iterations_for(len(inputs.recovery), opts.batch_size, opts.final_recovery_epochs,
-                           opts.final_recovery_iterations) * (train_s + infer_s)
-    total = steps * per_step + final
+    budget = Target().max_accuracy_drop if target is None else target.max_accuracy_drop
+    step = _measure_step(inputs, cache, model, groups, Target(macs_reduction=goal, max_accuracy_drop=budget)) \
+        if groups else None
+    iteration_s = step.iteration_s if step is not None else _iteration_seconds(inputs, cache, model)
+    eval_s = step.eval_s if step is not None else _eval_seconds(inputs, model)
+    export_s = _export_seconds(inputs, eval_s, trace_s)
+    per_step = (step.score_s + step.apply_s if step is not None else 0.0) + \
+        inputs.recovery_iterations() * iteration_s + eval_s
+    filters = Stage.FILTERS in opts.stages and bool(groups)
+    halvings = _halvings(opts, step.drop if step is not None else 0.0, budget)
+    filter_steps = halvings + schedule_steps(opts, target_goal(opts, goal, n_blocks), scale=0.5**halvings) \
+        if filters else 0
+    if Stage.FILTERS in opts.stages and Stage.LAYERS in opts.stages and n_blocks:
+        filter_steps = max(filter_steps, schedule_steps(opts, goal) - 1)  # Stage 1 closes the gap Stage 2 leaves
+    # a Stage 2 trial is a removal and its recovery, and with layers_must_beat_width a width step's too
+    trial_steps = (2 if opts.layers_must_beat_width and Stage.FILTERS in opts.stages else 1) \
+        if Stage.LAYERS in opts.stages else 0
+    trials = min(n_blocks, opts.max_removals)
+    fixed = prepare_s + 2 * export_s + 3 * eval_s + (step.score_s if step is not None else 0.0) + \
+        inputs.recovery_iterations(final=True) * iteration_s
+    # the stages stop at the time budget, and the run then finishes: final recovery and export
+    budget_s = float("inf") if opts.time_budget_s is None else opts.time_budget_s
+    central = fixed + min(per_step * (filter_steps + trial_steps * min(trials, 1)), budget_s)
+    low = fixed + min(per_step * max(filter_steps, 1 if groups or trials else 0), budget_s)
+    high = fixed + min(per_step * (filter_steps + 2 * BACKOFF_ALLOWANCE + trial_steps * trials), budget_s + per_step)
     on_gpu = inputs.device.type == "cuda"
+    cpu_factor, gpu_factor = (ASSUMED_GPU_SPEEDUP, 1.0) if on_gpu else (1.0, 1 / ASSUMED_GPU_SPEEDUP)
     return Estimate(
-        cpu=round(total * (ASSUMED_GPU_SPEEDUP if on_gpu else 1.0), 1),
-        gpu=round(total if on_gpu else total / ASSUMED_GPU_SPEEDUP, 1),
+        cpu=round(central * cpu_factor, 1),
+        gpu=round(central * gpu_factor, 1),
         measured_on=inputs.device.type,
-        steps=steps,
-        train_step_s=round(train_s, 5),
+        steps=filter_steps + trial_steps * min(trials, 1),
+        train_step_s=round(iteration_s, 5),
+        low_s=round(low, 1),
+        high_s=round(high, 1),
+        step_s=round(per_step, 3),
+        recovery_iterations=inputs.recovery_iterations(),
+        final_recovery_iterations=inputs.recovery_iterations(final=True),
     )
 
 
-def _filter_steps(opts: CompressOptions, goal: float) -> int:
-    """Stage 1 steps the schedule needs to remove `goal` of the MACs, taking MACs to fall with the
-    square of the kept width (both sides of most layers shrink)."""
-    share = goal * (opts.filter_share if Stage.LAYERS in opts.stages else 1.0)
-    kept = 1.0
-    for t in range(opts.max_steps):
-        kept *= 1.0 - opts.p0 * (1 + t / opts.max_steps) ** opts.alpha
-        if 1.0 - kept**2 >= share:
-            return t + 1
-    return opts.max_steps
+def _halvings(opts: CompressOptions, drop: float, budget: float) -> int:
+    """How often the first step is expected to be halved (CompressOptions.min_step_fraction): until its
+    drop before recovery, taken to shrink with its size, fits the budget."""
+    if drop <= budget:
+        return 0
+    most = max(math.ceil(math.log2(opts.p0 / opts.min_step_fraction)), 0)
+    return min(math.ceil(math.log2(drop / max(budget, 1e-3))), most)
 
 
-def _step_seconds(inputs: RunInputs, model: nn.Module) -> tuple[float, float]:
-    student = copy.deepcopy(model).train()
-    batch = inputs.recovery.inputs[: inputs.options.batch_size].to(inputs.device)
-    parameters = [p for p in student.parameters() if p.is_floating_point()]
+@dataclass(frozen=True)
+class _StepTimes:
+    score_s: float  # scoring the units on the whole calibration set
+    apply_s: float  # one plan applied to a copy and measured
+    iteration_s: float  # one recovery iteration
+    drop: float  # what the schedule's first step costs before recovery, in the measure that decides the budget
+    eval_s: float  # one pass over the held-out split
+
+
+def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: list[PrunableGroup],
+                  target: Target) -> _StepTimes:
+    """One Stage 1 step as the run makes it, on a copy: scores from one calibration batch (scaled to all
+    of them), the schedule's first step applied, and recovery iterations of it timed after a warm-up."""
+    opts = inputs.options
+    batch = opts.batch_size
+    reporter = Reporter(None, None)
+    run = start_run(model, dataclasses.replace(inputs, calib=inputs.calib[:batch]), cache, target, reporter,
+                    time.monotonic())
+    begin = time.perf_counter()
+    graph = build_graph(model, inputs.example)
+    scoring = _group_scores(run, model, graph, groups)
+    score_s = (time.perf_counter() - begin) * -(-len(inputs.calib) // batch)
+    k = max(1, math.floor(opts.p0 * sum(g.width for g in groups)))
+    begin = time.perf_counter()
+    candidate, _ = _pruned_copy(run, model, groups, scoring, k)
+    run.measure(candidate)
+    apply_s = time.perf_counter() - begin
+    goals, verdict = run.spec.goals, run.spec.verdict(candidate)
+    drop = goals.accuracy - verdict.accuracy if goals.resolution.resolved else \
+        goals.soft_agreement - verdict.soft_agreement
+    return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model), drop, run.clock.eval_s)
+
+
+def _iteration_seconds(inputs: RunInputs, cache: RunCache, model: nn.Module) -> float:
+    """One recovery iteration of the model itself (nothing to prune: no step to measure)."""
+    run = start_run(model, inputs, cache, Target(macs_reduction=0.5), Reporter(None, None), time.monotonic())
+    return _timed_iterations(run, model, model)
+
+
+def _timed_iterations(run: Run, student: nn.Module, teacher: nn.Module) -> float:
+    """One recovery iteration's forward and backward passes: the teacher's and the student's forward on an
+    augmented batch (as recovery augments it), the student's backward and an AdamW-like update of its
+    parameters, timed after a warm-up. Not a real optimizer: creating one imports torch._dynamo, seconds
+    that a service's preflight (answering an upload) should not pay."""
+    spec = run.spec
+    student = copy.deepcopy(student).train()
+    batch = spec.recovery.inputs[: spec.options.batch_size].to(spec.device)
+    generator = torch.Generator().manual_seed(spec.options.seed)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in parameters]
     timings = []
-    for _ in range(2):  # the first step pays for allocation and kernel selection
+    for _ in range(1 + _TIMED_ITERATIONS):  # the first pass pays for allocation and kernel selection
         begin = time.perf_counter()
-        select_output(batch.call(student), inputs.options.output).float().logsumexp(1).mean().backward()
-        for p in parameters:
-            p.grad = None
+        x = batch if spec.augment is None else spec.augment(batch, generator)
+        with torch.no_grad():
+            target = select_output(x.call(teacher), spec.options.output).float().softmax(1)
+        logits = select_output(x.call(student), spec.options.output).float()
+        (-(target * logits.log_softmax(1)).sum(1).mean()).backward()
+        with torch.no_grad():
+            for parameter, (average, square) in zip(parameters, moments):  # what AdamW's step does per tensor
+                grad = parameter.grad if parameter.grad is not None else average
+                average.mul_(0.9).add_(grad, alpha=0.1)
+                square.mul_(0.999).addcmul_(grad, grad, value=0.001)
+                parameter.mul_(1.0).addcdiv_(average, square.sqrt().add_(1e-8), value=0.0)
+        student.zero_grad(set_to_none=True)
         timings.append(time.perf_counter() - begin)
-    model.eval()
-    with torch.no_grad():
-        begin = time.perf_counter()
-        batch.call(model)
-        infer = time.perf_counter() - begin
-    return timings[-1], infer
+    return statistics.median(timings[1:])
+
+
+def _eval_seconds(inputs: RunInputs, model: nn.Module) -> float:
+    begin = time.perf_counter()
+    inputs.verdict(model)
+    return time.perf_counter() - begin
+
+
+def _export_seconds(inputs: RunInputs, eval_s: float, trace_s: float) -> float:
+    """What the run spends on the original's ONNX export, check and latency runs, and again on the pruned
+    model's: the export at _EXPORT_TRACES of the dependency graph's trace (`trace_s`; exporting traces
+    the model and then converts and checks the graph, and timing a real export here cost the preflight
+    seconds), the check on up to 64 held-out samples and the latency runs at the inference time per
+    sample of the held-out pass (`eval_s`)."""
+    per_sample = eval_s / max(len(inputs.evaluation), 1)
+    latency = inputs.options.latency_runs * (1 + inputs.options.latency_batch) * per_sample
+    return _EXPORT_TRACES * trace_s + latency + min(len(inputs.evaluation), 64) * per_sample

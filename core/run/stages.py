@@ -127,16 +127,28 @@ def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups:
 
     scores = score_groups(groups, score, normalise=not (criterion == Criterion.DIVERGENCE and layer_sum))
     model.zero_grad(set_to_none=True)  # Taylor's gradients
-    if criterion == Criterion.DIVERGENCE and allocates_by_drift(spec.options.allocation, groups):
+    if criterion == Criterion.DIVERGENCE and allocates_by_drift(spec.options.allocation, groups,
+                                                                 large=is_large(spec.goals.original.params)):
         scores = drift_per_size(run, model, groups, scores, means)
     return Scoring(scores, means)
 
 
-def allocates_by_drift(allocation: Allocation, groups: list[PrunableGroup]) -> bool:
+def allocates_by_drift(allocation: Allocation, groups: list[PrunableGroup], large: bool = False) -> bool:
     """Whether Stage 1 ranks `groups` by measured drift (CompressOptions.allocation): with "auto",
-    when attention heads compete with channels."""
+    when attention heads compete with channels, or in a `large` model (is_large: a pretrained
+    network, whose narrow layers per-layer normalised scores cut as readily as wide ones)."""
     heads_compete = any(isinstance(g.group, AttentionSite) for g in groups)
-    return allocation == Allocation.DRIFT or (allocation == Allocation.AUTO and heads_compete)
+    return allocation == Allocation.DRIFT or (allocation == Allocation.AUTO and (heads_compete or large))
+
+
+# Models with at least this many parameters count as large pretrained networks (README, Decisions):
+# between the project's trained-from-scratch examples (digits 0.17 M, the Fashion-MNIST ResNet 0.2 M)
+# and ImageNet models (EfficientNet-Lite0 4.6 M).
+LARGE_MODEL_PARAMS = 1_000_000
+
+
+def is_large(params: int) -> bool:
+    return params >= LARGE_MODEL_PARAMS
 
 
 def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: AttentionSite) -> torch.Tensor:
@@ -183,8 +195,11 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
                   share: float = 1.0) -> tuple[nn.Module, StageState, StopReason]:
     """Stage 1 until `share` of the size target is reached, the accuracy budget or T steps.
 
-    The schedule's step counter is in `state`, so a later call with the returned state continues
-    the schedule.
+    A step that breaks the accuracy budget is rolled back and tried again from the same model at half
+    its size (`state.step_scale` halves, and the later steps keep it), down to
+    `min_step_fraction` of the prunable units; only a step of that size that still breaks the budget
+    stops the stage. The schedule's step counter is in `state`, so a later call with the returned
+    state continues the schedule.
     """
     spec, goals = run.spec, run.spec.goals
     opts = spec.options
@@ -203,38 +218,59 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
         if capacity == 0:
             return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
         scoring = _group_scores(run, model, graph, groups)
+        width = sum(g.width for g in groups)
+        smallest = max(1, math.ceil(opts.min_step_fraction * width))
         rho = opts.p0 * (1 + t / total) ** opts.alpha
-        k = max(1, min(capacity, math.floor(rho * sum(g.width for g in groups))))
-        candidate, removed = _pruned_copy(run, model, groups, scoring, k)
-        while removed == 0 and k < capacity:
-            # round_to can round a small step away entirely; grow it until something goes
-            k = min(2 * k, capacity)
-            candidate, removed = _pruned_copy(run, model, groups, scoring, k)
-        if removed == 0:
-            return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
-        if goals.reached(run.measure(candidate), share=share):
-            (candidate, removed), below = _smallest_step(
-                run, model, groups, scoring, (candidate, removed), k,
-                lambda trial: goals.reached(run.measure(trial), share=share))
-            if share >= 1.0 and goals.overshoots(run.measure(candidate)):
-                # the smallest step that reaches the target overshoots it (round_to granularity):
-                # a step, or no step, that ends within tolerance below the target is closer
-                if below is not None and below[1] > 0 and goals.met(run.measure(below[0])):
-                    candidate, removed = below
-                elif goals.met(run.measure(model)):
-                    return model, state, StopReason.TARGET_REACHED
+        while True:
+            k = min(capacity, max(smallest, math.floor(rho * state.step_scale * width)))
+            step = _step_candidate(run, model, groups, scoring, k, capacity, share)
+            if step is None:
+                return model, state, StopReason.TARGET_REACHED
+            candidate, removed = step
+            if removed == 0:
+                return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
+            state = run.recover(state, candidate, model)
+            verdict = spec.verdict(candidate)
+            accepted = goals.within_budget(verdict)
+            state = run.record(state, Stage.FILTERS, run.measure(candidate), verdict, time.monotonic() - started,
+                               accepted, units_removed=removed, step_scale=state.step_scale)
+            if accepted:
+                break
+            if k <= smallest or spec.out_of_time():
+                return model, state, StopReason.ACCURACY_BUDGET if k <= smallest else StopReason.TIME_BUDGET
+            # back off: half the step, from the same model and scores
+            state = dataclasses.replace(state, step_scale=state.step_scale / 2)
+            started = time.monotonic()
         state = dataclasses.replace(state, filter_steps=state.filter_steps + 1)
-        state = run.recover(state, candidate, model)
-        accuracy = spec.accuracy(candidate)
-        accepted = goals.within_budget(accuracy)
-        state = run.record(state, Stage.FILTERS, run.measure(candidate), accuracy, time.monotonic() - started,
-                           accepted, units_removed=removed)
-        if not accepted:
-            return model, state, StopReason.ACCURACY_BUDGET
         model = candidate
         run.accepted(model, state)
     reached = goals.reached(run.measure(model), share=share)
     return model, state, StopReason.TARGET_REACHED if reached else StopReason.MAX_STEPS
+
+
+def _step_candidate(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring, k: int,
+                    capacity: int, share: float) -> tuple[nn.Module, int] | None:
+    """A copy of `model` with about `k` units removed (grown while round_to rounds it away, cut to the
+    fewest units that reach `share` of the target), and the units removed; None when the model is
+    already within tolerance of the target and every step would overshoot it."""
+    goals = run.spec.goals
+    candidate, removed = _pruned_copy(run, model, groups, scoring, k)
+    while removed == 0 and k < capacity:
+        # round_to can round a small step away entirely; grow it until something goes
+        k = min(2 * k, capacity)
+        candidate, removed = _pruned_copy(run, model, groups, scoring, k)
+    if removed and goals.reached(run.measure(candidate), share=share):
+        (candidate, removed), below = _smallest_step(
+            run, model, groups, scoring, (candidate, removed), k,
+            lambda trial: goals.reached(run.measure(trial), share=share))
+        if share >= 1.0 and goals.overshoots(run.measure(candidate)):
+            # the smallest step that reaches the target overshoots it (round_to granularity):
+            # a step, or no step, that ends within tolerance below the target is closer
+            if below is not None and below[1] > 0 and goals.met(run.measure(below[0])):
+                return below
+            if goals.met(run.measure(model)):
+                return None
+    return candidate, removed
 
 
 def remove_layers(run: Run, model: nn.Module, state: StageState,
@@ -275,21 +311,22 @@ def remove_layers(run: Run, model: nn.Module, state: StageState,
             return model, state, StopReason.NO_REMOVABLE_BLOCKS
         block, trial = choice
         state = run.recover(state, trial, model)
-        accuracy = spec.accuracy(trial)
-        accepted = goals.within_budget(accuracy)
+        verdict = spec.verdict(trial)
+        accepted = goals.within_budget(verdict)
         width = _width_alternative(run, model, run.measure(trial)) \
             if accepted and opts.layers_must_beat_width and Stage.FILTERS in opts.stages else None
         comparison = None
         if width is not None:
             state = run.recover(state, width[0], model)
-            width_accuracy = spec.accuracy(width[0])
+            width_verdict = spec.verdict(width[0])
             drift, width_drift = spec.drift(trial), spec.drift(width[0])
-            wins = goals.within_budget(width_accuracy) and width_drift < drift
+            wins = goals.within_budget(width_verdict) and width_drift < drift
             comparison = WidthComparison(
-                drift=round(drift, 6), width_drift=round(width_drift, 6), width_accuracy=round(width_accuracy, 6),
-                width_units_removed=width[1], declined="pruning width to the same size did better" if wins else None)
+                drift=round(drift, 6), width_drift=round(width_drift, 6),
+                width_accuracy=round(width_verdict.accuracy, 6), width_units_removed=width[1],
+                declined="pruning width to the same size did better" if wins else None)
         width_wins = comparison is not None and comparison.declined is not None
-        state = run.record(state, Stage.LAYERS, run.measure(trial), accuracy, time.monotonic() - started,
+        state = run.record(state, Stage.LAYERS, run.measure(trial), verdict, time.monotonic() - started,
                            accepted and not width_wins, block=block.name, divergence=round(scores[block.name], 6),
                            comparison=comparison)
         if not accepted:

@@ -58,6 +58,10 @@ def test_job_runs_end_to_end(client: TestClient, keys: dict[str, str], digits: t
         assert statuses == ["running", "succeeded"], events
         stages = {data["stage"] for kind, data in events if kind == "progress"}
         assert {"baseline", "export", "done"} <= stages
+        # the run's progress carries its elapsed time, and an ETA once a step has been measured
+        run = [data for kind, data in events if kind == "progress" and data["stage"] not in ("queued", "starting")]
+        assert all(isinstance(data["elapsed_s"], float) for data in run)
+        assert run[-1]["stage"] == "done" and run[-1]["eta_s"] is not None
 
         job = client.get(f"/v1/jobs/{job_id}", headers=auth(keys["a"])).json()
         assert job["status"] == "succeeded" and job["attempts"] == 1 and job["error"] is None

@@ -160,3 +160,23 @@ def test_a_succeeded_job_without_a_report_still_has_its_page(client: TestClient,
     client.cookies.set("idap_key", key)
     page = client.get(f"/ui/jobs/{job_id}")
     assert page.status_code == 200 and "no report.json" in page.text and "<svg" not in page.text
+
+
+def test_a_running_job_shows_its_elapsed_time_and_eta(client: TestClient, settings: Settings) -> None:
+    from sqlalchemy import update
+
+    from domain.db import session_scope
+    from domain.models import Job
+
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    job_id = add_job(settings.database, alice, "running")
+    with session_scope(settings.database) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(progress={
+            "stage": "filters", "step": 2, "total_steps": 28, "fraction": 0.4, "message": "filters step 2",
+            "elapsed_s": 61.2, "eta_s": 125.0}))
+    client.cookies.set("idap_key", key)
+    page = client.get(f"/ui/jobs/{job_id}")
+    assert page.status_code == 200
+    assert re.search(r'id="eta"[^>]*>61 s elapsed · about 125 s to go<', page.text), page.text
+    job = client.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
+    assert (job["progress"]["elapsed_s"], job["progress"]["eta_s"]) == (61.2, 125.0)

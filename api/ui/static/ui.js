@@ -285,8 +285,10 @@ function showPreflight(report) {
   feasible.className = report.feasible === false ? "error" : report.feasible ? "ok" : "";
   const estimate = report.estimate_seconds;
   $("pf-estimate").textContent = "about " + duration(estimate.gpu) + " on a GPU, " + duration(estimate.cpu) + " on a CPU"
-    + (estimate.measured_on === "cpu" ? " (measured on the server's CPU)" : "");
-  $("pf-problems").replaceChildren(...report.problems.map((problem) => {
+    + (estimate.measured_on === "cpu" ? " (measured on the server's CPU" : " (measured on the server's GPU")
+    + (typeof estimate.low_s === "number" ? ": " + duration(estimate.low_s) + " to " + duration(estimate.high_s) : "") + ")";
+  const warning = report.budget_resolution && report.budget_resolution.warning;
+  $("pf-problems").replaceChildren(...report.problems.concat(warning ? ["Warning: " + warning] : []).map((problem) => {
     const li = document.createElement("li");
     li.textContent = problem;
     return li;
@@ -343,6 +345,10 @@ function initJob() {
     $("stage").textContent = data.stage || "";
     $("step").textContent = data.total_steps ? "step " + data.step + " of up to " + data.total_steps : "";
     if (typeof data.fraction === "number") $("progress").value = data.fraction;
+    if (typeof data.elapsed_s === "number") {
+      $("eta").textContent = duration(data.elapsed_s) + " elapsed"
+        + (typeof data.eta_s === "number" ? " · about " + duration(data.eta_s) + " to go" : "");
+    }
     if (data.message && data.message !== lastMessage) {
       lastMessage = data.message;
       $("message").textContent = data.message;

@@ -1,0 +1,208 @@
+"""Real models with little data (issue #17): back-off after a rejected step, the recovery floor, the
+budget's resolution, the ETA, augmentation and the time estimate, on the digits CNN."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.data import Dataset
+from core.inputs import Inputs
+from core.options import Augmentation, CompressOptions, Target
+from core.progress import ProgressEvent
+from core.recovery.augment import PHOTO_MIN_SIDE, SMALL_DATA, choose_augmenter
+from core.recovery.distill import iterations_for
+from core.report import StopReason
+from core.run.eta import Clock, schedule_steps
+from core.run.pipeline import compress
+from core.run.preflight import preflight
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data(arrays: tuple[np.ndarray, np.ndarray], n: int | None = None, labeled: bool = True) -> Dataset:
+    x, y = arrays
+    x, y = torch.from_numpy(x[:n]), torch.from_numpy(y[:n])
+    return Dataset(Inputs.single(x), y if labeled else None)
+
+
+def test_a_rejected_step_is_halved_and_retried_from_the_same_model(digits_model, digits_arrays, tmp_path):
+    # a first step of 60 % of the units breaks a 5-point budget; its halves are tried until one passes
+    options = CompressOptions(stages=("filters",), p0=0.6, recovery_iterations=0, final_recovery_iterations=0,
+                              latency_runs=1)
+    report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.6, max_accuracy_drop=0.05),
+                      options, tmp_path).report
+    first, *retries = report.steps
+    assert not first.accepted and first.step_scale == 1.0
+    accepted = [s for s in retries if s.accepted]
+    assert accepted, [(s.step_scale, s.accuracy) for s in report.steps]
+    # each retry is half the size before it, from the same model: fewer units, more MACs kept
+    tried = [first, *retries[: retries.index(accepted[0]) + 1]]
+    assert [s.step_scale for s in tried] == [0.5**i for i in range(len(tried))]
+    assert all(b.units_removed < a.units_removed and b.macs > a.macs for a, b in zip(tried, tried[1:]))
+    assert report.macs_after <= accepted[0].macs < report.macs_before
+    assert report.accuracy_before - report.accuracy_after <= 0.05
+
+
+def test_only_the_smallest_step_breaking_the_budget_stops_stage_one(digits_model, digits_arrays, tmp_path):
+    options = CompressOptions(stages=("filters",), p0=0.4, min_step_fraction=0.05, recovery_iterations=0,
+                              final_recovery_iterations=0, latency_runs=1)
+    report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.9, max_accuracy_drop=0.0),
+                      options, tmp_path).report
+    assert report.stop_reason == StopReason.ACCURACY_BUDGET and not report.target_met
+    assert "smallest step" in report.message
+    rolled_back = [s for s in report.steps if not s.accepted]
+    # 40 %, 20 %, 10 % and 5 % of the units: the minimum step is the last try
+    assert [s.step_scale for s in rolled_back] == [1.0, 0.5, 0.25, 0.125]
+    assert report.macs_after == report.macs_before
+
+
+def test_a_model_without_blocks_stops_for_its_stage_one_reason(digits_arrays, tmp_path):
+    """No Stage 2 where no block can go (a converted ONNX graph, a plain CNN): the stop reason is Stage 1's,
+    not "no further block can be removed"."""
+    x, y = (torch.from_numpy(a) for a in digits_arrays)
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    for _ in range(100):
+        index = torch.randint(len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(plain(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    options = CompressOptions(p0=0.5, min_step_fraction=0.25, recovery_iterations=0, final_recovery_iterations=0,
+                              latency_runs=1)
+    report = compress(plain.eval(), _data(digits_arrays), Target(macs_reduction=0.7, max_accuracy_drop=0.0),
+                      options, tmp_path).report
+    assert report.stop_reason == StopReason.ACCURACY_BUDGET, report.message
+    assert "block" not in report.message
+    assert all(step.stage == "filters" for step in report.steps)
+
+
+def test_recovery_has_a_floor_of_iterations_whatever_the_data_size():
+    # 250 samples: one epoch is 4 iterations at batch 64; the floor makes it 50
+    assert iterations_for(250, 64, 1.0, None, floor=50) == 50
+    assert iterations_for(20_000, 64, 1.0, None, floor=50) == 313  # epochs win on large data
+    assert iterations_for(250, 64, 1.0, 7, floor=50) == 7  # an explicit count is the caller's
+    assert iterations_for(250, 64, 0.0, None, floor=50) == 0  # and so is no recovery
+    defaults = CompressOptions()
+    assert (defaults.min_recovery_iterations, defaults.min_final_recovery_iterations) == (50, 200)
+
+
+def test_preflight_says_what_decides_the_budget_and_warns_when_it_cannot(digits_model, digits_arrays):
+    small = preflight(digits_model, _data(digits_arrays, 300, labeled=False), Target(macs_reduction=0.3),
+                      CompressOptions())
+    resolution = small.budget_resolution
+    assert resolution is not None and not resolution.resolved
+    assert resolution.eval_samples == 64 and resolution.sample_worth == pytest.approx(1 / 64, abs=1e-6)
+    assert "64 held-out samples" in resolution.warning
+    # the floor, not one epoch of 236 samples (4 iterations)
+    assert small.estimate_seconds.recovery_iterations == 50
+    assert small.estimate_seconds.final_recovery_iterations == 200
+    full = preflight(digits_model, _data(digits_arrays), Target(macs_reduction=0.3), CompressOptions())
+    assert full.budget_resolution is not None and full.budget_resolution.resolved
+    assert full.budget_resolution.warning is None
+
+
+def test_cli_inspect_prints_the_resolution_warning(digits_files, digits_arrays, tmp_path):
+    x, _ = digits_arrays
+    data = tmp_path / "small.npz"
+    np.savez(data, x=x[:300])
+    proc = subprocess.run([sys.executable, "-m", "core", "inspect", str(digits_files[0]), "--data", str(data),
+                           "--macs-reduction", "0.3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning: The accuracy budget" in proc.stdout and "64 held-out samples" in proc.stdout
+
+
+def test_a_small_unlabeled_run_is_judged_by_soft_agreement(digits_model, digits_arrays, tmp_path):
+    options = CompressOptions(stages=("filters",), recovery_iterations=10, final_recovery_iterations=20,
+                              latency_runs=1)
+    events: list[ProgressEvent] = []
+    report = compress(digits_model, _data(digits_arrays, 300, labeled=False), Target(macs_reduction=0.3),
+                      options, tmp_path, progress=events.append).report
+    assert report.budget_resolution is not None and report.budget_resolution.decided_by == "top1_and_soft_agreement"
+    assert report.soft_agreement_before is not None and report.soft_agreement_after is not None
+    assert all(s.soft_agreement is not None for s in report.steps)
+    for step in report.steps:  # accepted steps keep soft agreement within the budget
+        if step.accepted:
+            assert report.soft_agreement_before - step.soft_agreement <= 0.01 + 1e-9
+    assert any(e.message.startswith("Warning: The accuracy budget") for e in events)
+
+
+def test_progress_carries_elapsed_time_and_an_eta_that_updates(digits_model, digits_arrays, tmp_path):
+    events: list[ProgressEvent] = []
+    options = CompressOptions(stages=("filters",), recovery_iterations=15, final_recovery_iterations=30,
+                              latency_runs=1)
+    compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.5, max_accuracy_drop=1.0), options,
+             tmp_path, progress=events.append)
+    elapsed = [e.elapsed_s for e in events]
+    assert all(value is not None for value in elapsed) and elapsed == sorted(elapsed)
+    steps = [e for e in events if e.stage == "filters"]
+    assert len(steps) >= 2 and all(e.eta_s is not None for e in steps)
+    assert len({e.eta_s for e in steps}) > 1  # recomputed as steps finish
+    assert events[0].eta_s is None  # nothing measured yet
+    assert events[-1].stage == "done" and events[-1].eta_s is not None
+    assert events[-1].eta_s <= steps[0].eta_s
+
+
+def test_clock_counts_the_remaining_steps_final_recovery_and_export():
+    clock = Clock(step_s=[2.0, 4.0], iteration_s=[0.1, 0.1, 0.3], export_s=5.0, eval_s=0.5)
+    assert clock.remaining(3, 100) == pytest.approx(3 * 3.0 + 100 * 0.1 + 2 * 0.5 + 5.0)
+    assert Clock().remaining(3, 100) is None
+    options = CompressOptions()
+    assert schedule_steps(options, 0.5) > schedule_steps(options, 0.3) > 0
+    assert schedule_steps(options, 0.3, scale=0.25) > schedule_steps(options, 0.3)  # backed-off steps are smaller
+    assert schedule_steps(options, 0.3, reached=0.3) == 0
+
+
+def test_estimate_is_within_reach_of_the_measured_run(digits_model, digits_arrays, tmp_path):
+    """The preflight's estimate comes from a measured step of the real schedule: on the same options a
+    real run takes about that long (a factor 2 either way on a shared CI machine)."""
+    options = CompressOptions(recovery_iterations=20, final_recovery_iterations=40, latency_runs=2)
+    target = Target(macs_reduction=0.5, max_accuracy_drop=1.0)
+    estimate = preflight(digits_model, _data(digits_arrays), target, options).estimate_seconds
+    assert estimate.measured_on == "cpu"
+    assert estimate.low_s <= estimate.cpu <= estimate.high_s and estimate.step_s > 0
+    report = compress(digits_model, _data(digits_arrays), target, options, tmp_path).report
+    assert 0.5 <= report.seconds / estimate.cpu <= 2.0, (report.seconds, estimate)
+    # a time budget stops the stages: the estimate counts their time up to it
+    budgeted = preflight(digits_model, _data(digits_arrays), target,
+                         CompressOptions(recovery_iterations=20, final_recovery_iterations=40, latency_runs=2,
+                                         time_budget_s=0.5)).estimate_seconds
+    assert budgeted.cpu < estimate.cpu - 0.5 * estimate.step_s
+
+
+def test_augmentation_is_for_small_sets_of_photos_unless_asked_for():
+    photos = Dataset(Inputs.single(torch.randn(100, 3, PHOTO_MIN_SIDE, PHOTO_MIN_SIDE)))
+    augment = choose_augmenter(photos, Augmentation.AUTO)
+    assert augment is not None and augment.images == ("x",) and augment.mix
+    labeled = Dataset(photos.inputs, torch.zeros(100, dtype=torch.long))
+    assert not choose_augmenter(labeled, Augmentation.AUTO).mix  # a mixed image has no one label
+    assert choose_augmenter(Dataset(Inputs.single(torch.randn(SMALL_DATA, 3, 32, 32))), Augmentation.AUTO) is None
+    digits = Dataset(Inputs.single(torch.randn(100, 1, 8, 8)))
+    assert choose_augmenter(digits, Augmentation.AUTO) is None
+    assert choose_augmenter(digits, Augmentation.ON) is not None
+    assert choose_augmenter(photos, Augmentation.OFF) is None
+
+    ids = torch.randint(5, 100, (64, 12))
+    mask = torch.ones(64, 12, dtype=torch.long)
+    mask[:, 9:] = 0
+    tokens = Dataset(Inputs({"input_ids": ids, "attention_mask": mask}))
+    assert choose_augmenter(tokens, Augmentation.AUTO) is None
+    swap = choose_augmenter(tokens, Augmentation.ON)
+    assert swap is not None and swap.tokens == ("input_ids",) and swap.mask == "attention_mask"
+    out = swap(tokens.inputs, torch.Generator().manual_seed(0)).tensors
+    changed = out["input_ids"] != ids
+    assert changed.any() and not changed[:, [0, 8, 9, 10, 11]].any()  # first, last real and padding stay
+    assert torch.equal(out["attention_mask"], mask)
+    assert set(out["input_ids"][changed].tolist()) <= set(ids[:, 1:8].flatten().tolist())
+
+    images = augment(photos.inputs, torch.Generator().manual_seed(0)).tensors["x"]
+    assert images.shape == photos.inputs.first.shape and not torch.equal(images, photos.inputs.first)
