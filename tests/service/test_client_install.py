@@ -34,7 +34,7 @@ def client_env() -> dict[str, str]:
             if name not in ("PYTHONPATH", "VIRTUAL_ENV") and not name.startswith("IDAP_")}
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the failing job asks for CUDA on a worker without it")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refused job asks for CUDA, which no worker here has")
 def test_idap_client_from_a_fresh_venv_drives_idap_serve(digits: tuple[Path, Path], tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     serve, base = start_serve(tmp_path / "data", log)  # starts while the venv is made
@@ -59,12 +59,23 @@ def test_idap_client_from_a_fresh_venv_drives_idap_serve(digits: tuple[Path, Pat
         session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
         assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (4, 10)
 
-        config.write_text(json.dumps(FAST | {"device": "cuda"}))  # the preflight passes; the worker has no CUDA
-        failed = subprocess.run(submit + ["--config", str(config)], env=client_env(), capture_output=True, text=True,
-                                timeout=180)
-        job_id = failed.stdout.splitlines()[0]
-        assert failed.returncode == 1, failed.stdout + failed.stderr
-        assert f"error: job {job_id} failed" in failed.stderr and "CUDA" in failed.stderr
+        # a job that cannot run here is refused at submit: exit 2, the server's reason on stderr
+        config.write_text(json.dumps(FAST | {"device": "cuda"}))
+        refused = subprocess.run(submit + ["--config", str(config)], env=client_env(), capture_output=True, text=True,
+                                 timeout=180)
+        assert refused.returncode == 2 and "device_unavailable" in refused.stderr, refused.stdout + refused.stderr
+
+        # a job that ends without succeeding (cancelled while the client waits): exit 1, said on stderr
+        config.write_text(json.dumps(FAST))
+        waiting = subprocess.Popen(submit + ["--config", str(config)], env=client_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert waiting.stdout is not None
+        job_id = waiting.stdout.readline().strip()
+        subprocess.run([str(bin_dir / "idap-client"), "cancel", job_id, "--server", base], env=client_env(),
+                       check=True, capture_output=True, timeout=60)
+        _, stderr = waiting.communicate(timeout=180)
+        assert waiting.returncode == 1, stderr
+        assert f"error: job {job_id} cancelled" in stderr
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)

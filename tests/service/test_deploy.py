@@ -102,11 +102,14 @@ def test_docker_compose_config_accepts_each_stack(profile: str) -> None:
 
 
 def test_the_worker_healthcheck_pings_a_real_worker(settings: Settings, worker: Path) -> None:
-    command = services()["worker-cpu"]["healthcheck"]["test"][-1].replace("$$HOSTNAME", socket.gethostname())
+    # the image's worker is node celery@<hostname>; the test worker is named after its log and this process
+    node = f"worker-{os.getpid()}@{socket.gethostname()}"
+    command = services()["worker-cpu"]["healthcheck"]["test"][-1].replace("celery@$$HOSTNAME", node)
+    assert node in command
     # `celery` from this venv, as the image has its venv's bin/ on PATH
     env = settings.child_environment() | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     alive = subprocess.run(["sh", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert alive.returncode == 0, alive.stdout + alive.stderr
-    nobody = command.replace(socket.gethostname(), "nosuchhost").replace("--timeout 10", "--timeout 1")
+    nobody = command.replace(node, "celery@nosuchhost").replace("--timeout 10", "--timeout 1")
     dead = subprocess.run(["sh", "-c", nobody], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert dead.returncode != 0 and "No nodes replied" in dead.stdout + dead.stderr
