@@ -34,6 +34,8 @@ class Progress(_Tolerant):
     total_steps: int = 0
     fraction: float = 0.0
     message: str | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
 
 
 class ErrorInfo(_Tolerant):
@@ -124,6 +126,8 @@ class StepRecord(_Tolerant):
     width_accuracy: float | None = None
     width_units_removed: int | None = None
     declined: str | None = None
+    soft_agreement: float | None = None
+    step_scale: float | None = None
 
 
 class LayerRow(_Tolerant):
@@ -145,45 +149,29 @@ class RemovedBlock(_Tolerant):
     divergence: float
 
 
-class Report(_Tolerant):
-    """GET /v1/jobs/{id}/report (report.json). Nested option objects stay dicts."""
+class Report(Metrics):
+    """GET /v1/jobs/{id}/report (report.json): the headline numbers and the rest. Nested option objects
+    stay dicts."""
 
-    macs_before: int
-    macs_after: int
-    params_before: int
-    params_after: int
-    macs_reduction: float
-    params_reduction: float
-    accuracy_metric: str
-    accuracy_before: float
-    accuracy_after: float
     eval_samples: int
-    latency_ms_before: dict[str, float]
-    latency_ms_after: dict[str, float]
-    onnx_max_abs_diff: float
     onnx_max_abs_diff_before: float
     onnx_bytes_before: int
     onnx_bytes_after: int
-    pt2_error: str | None = None
     blocks: list[RemovedBlock]
-    removed_blocks: list[str]
     layers: list[LayerRow]
     attention_heads: list[HeadRow]
     steps: list[StepRecord]
     target: dict[str, Any]
-    target_met: bool
     reachable_reduction: dict[str, float]
-    stop_reason: str
-    message: str
     notes: list[str]
-    device: str
     options: dict[str, Any]
-    seconds: float
     resumed_at_step: int | None = None
+    budget_resolution: dict[str, Any] | None = None
+    soft_agreement_before: float | None = None
+    soft_agreement_after: float | None = None
     input_format: str | None = None
     hf_pretrained: str | None = None
     hf_pretrained_error: str | None = None
-
 
 class GroupRow(_Tolerant):
     name: str
@@ -213,6 +201,11 @@ class Estimate(_Tolerant):
     measured_on: str
     steps: int
     train_step_s: float
+    low_s: float | None = None
+    high_s: float | None = None
+    step_s: float | None = None
+    recovery_iterations: int | None = None
+    final_recovery_iterations: int | None = None
 
 
 class InputSignature(_Tolerant):
@@ -241,6 +234,7 @@ class Preflight(_Tolerant):
     feasible: bool | None = None
     problems: list[str]
     estimate_seconds: Estimate
+    budget_resolution: dict[str, Any] | None = None
     notes: list[str]
     seconds: float
     input_format: str | None = None
