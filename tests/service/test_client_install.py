@@ -65,8 +65,9 @@ def test_idap_client_from_a_fresh_venv_drives_idap_serve(digits: tuple[Path, Pat
                                  timeout=180)
         assert refused.returncode == 2 and "device_unavailable" in refused.stderr, refused.stdout + refused.stderr
 
-        # a job that ends without succeeding (cancelled while the client waits): exit 1, said on stderr
-        config.write_text(json.dumps(FAST))
+        # a job that ends without succeeding (cancelled while the client waits): exit 1, said on stderr;
+        # long enough that the cancel always lands before it could finish
+        config.write_text(json.dumps(FAST | {"recovery": {"recovery_iterations": 5000, "final_recovery_iterations": 5000}}))
         waiting = subprocess.Popen(submit + ["--config", str(config)], env=client_env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         assert waiting.stdout is not None
