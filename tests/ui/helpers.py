@@ -34,9 +34,10 @@ def add_job(database: str, tenant_id: str, status: str = JobStatus.QUEUED, age_s
                         created_at=datetime.now(UTC) - timedelta(seconds=age_s),
                         progress={"stage": "queued", "message": "Waiting for a worker"}))
     with session_scope(database) as session:
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        if status in (JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED):
+            # as the worker's claim does: the running attempt is counted (a cancelled job never ran)
             assert states.transition(session, job_id, JobStatus.RUNNING, attempts=1)
-        if status != JobStatus.QUEUED:
+        if status not in (JobStatus.QUEUED, JobStatus.RUNNING):
             assert states.transition(session, job_id, JobStatus(status),
                                      **({"error": error} if status == JobStatus.FAILED else {}))
     return job_id

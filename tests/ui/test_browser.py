@@ -24,6 +24,9 @@ import onnxruntime as ort
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from domain import states
+from domain.db import session_scope
+from domain.states import JobStatus
 from tests.ui.helpers import FAILURE, add_job, tenant_with_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,6 +135,7 @@ def test_browser_scenario(server: Server, browser: Browser, digits_files: tuple[
     check_results(page, data)
     bad_upload_shows_its_error(page, data)
     live_list_and_cancel(page, server, alice_key, model, data)
+    attempt_counter_follows_the_claim(page, server, alice_id)
     failed_job(page, server, alice_id)
     other_tenant_gets_a_404(browser, server, bob_key, job_url, problems)
     assert not problems, problems
@@ -279,6 +283,19 @@ def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data
     page.click("#cancel")
     expect(page.locator("#job-status .badge")).to_have_text("cancelled", timeout=30_000)
     expect(page.locator("h2", has_text="Cancelled")).to_be_visible()
+
+
+def attempt_counter_follows_the_claim(page: Page, server: Server, tenant_id: str) -> None:
+    """A page opened while the job waits says which attempt comes; once a worker claims it, which one runs."""
+    job_id = add_job(server.database, tenant_id, "queued")  # its queue has no worker: the test claims it
+    page.goto(f"{server.url}/ui/jobs/{job_id}")
+    expect(page.locator("#attempt")).to_have_text("waiting for attempt 1 of 1")
+    with session_scope(server.database) as session:
+        assert states.transition(session, job_id, JobStatus.RUNNING, attempts=1)
+    expect(page.locator("#job-status .badge")).to_have_text("running")
+    expect(page.locator("#attempt")).to_have_text("attempt 1 of 1")
+    with session_scope(server.database) as session:
+        assert states.transition(session, job_id, JobStatus.CANCELLED)
 
 
 def failed_job(page: Page, server: Server, tenant_id: str) -> None:

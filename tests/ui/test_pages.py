@@ -180,3 +180,15 @@ def test_a_running_job_shows_its_elapsed_time_and_eta(client: TestClient, settin
     assert re.search(r'id="eta"[^>]*>61 s elapsed · about 125 s to go<', page.text), page.text
     job = client.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
     assert (job["progress"]["elapsed_s"], job["progress"]["eta_s"]) == (61.2, 125.0)
+
+
+@pytest.mark.parametrize(("status", "shown"), [("queued", "waiting for attempt 1 of 1"), ("running", "attempt 1 of 1"),
+                                               ("failed", "attempt 1 of 1"), ("cancelled", "never started")])
+def test_the_job_page_counts_attempts_from_one(client: TestClient, settings: Settings, status: str,
+                                               shown: str) -> None:
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    job_id = add_job(settings.database, alice, status, error=FAILURE)
+    client.cookies.set("idap_key", key)
+    page = client.get(f"/ui/jobs/{job_id}").text
+    assert re.search(r'id="attempt">([^<]*)<', page).group(1) == shown  # type: ignore[union-attr]
+    assert "attempt 0" not in page

@@ -364,11 +364,25 @@ function initJob() {
     if (TERMINAL.includes(data.status)) {
       source.close();  // else EventSource reconnects to a stream that has nothing more to say
       location.reload();
+    } else {
+      refreshAttempt();  // a worker claiming the job (or losing it) changes which attempt this is
     }
   });
   source.addEventListener("error", () => {
     if (source.readyState === EventSource.CLOSED) $("message").textContent = "Lost the connection; reload the page.";
   });
+}
+
+// The server words the attempt (waiting for one, or which one runs); take its rendering.
+async function refreshAttempt() {
+  try {
+    const response = await fetch(location.href, { credentials: "same-origin" });
+    if (!response.ok) return;
+    const fresh = new DOMParser().parseFromString(await response.text(), "text/html").getElementById("attempt");
+    if (fresh) $("attempt").textContent = fresh.textContent;
+  } catch (_) {
+    // the next status change tries again; the stale line is only a label
+  }
 }
 
 const PAGES = { jobs: initJobs, "new-job": initNewJob, job: initJob };
