@@ -279,10 +279,24 @@ def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data
 
     row.locator("a").click()
     expect(page.locator("#log li").first).to_be_visible()
+    page.set_viewport_size(PHONE)
+    # on a phone the heading wraps: the button goes below the title and its line of facts, not onto them
+    for header in ("h1", ".job-heading p.sub"):
+        assert_apart(page, "#cancel", header)
+    shot(page, "job-running-phone")
+    page.set_viewport_size(LAPTOP)
     shot(page, "job-running")
     page.click("#cancel")
     expect(page.locator("#job-status .badge")).to_have_text("cancelled", timeout=30_000)
     expect(page.locator("h2", has_text="Cancelled")).to_be_visible()
+
+
+def assert_apart(page: Page, first: str, second: str) -> None:
+    a, b = page.locator(first).bounding_box(), page.locator(second).bounding_box()
+    assert a and b, (first, second)
+    overlap_x = a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+    overlap_y = a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]
+    assert not (overlap_x and overlap_y), f"{first} {a} overlaps {second} {b}"
 
 
 def attempt_counter_follows_the_claim(page: Page, server: Server, tenant_id: str) -> None:
