@@ -1,7 +1,8 @@
 """The UI in a real browser (Chromium through Playwright) against `idap serve` with its worker:
 sign in, upload the digits model, read the preflight, submit, watch the progress, reach
 "succeeded", see the charts, download model.onnx and run it; a bad upload's error inline; the
-jobs list updating live and a cancel; a failed job; another tenant's job as a 404 page.
+jobs list updating live (a new job appears, no polling while hidden) and a cancel; a failed job;
+another tenant's job as a 404 page.
 
 Screenshots of the main pages go to tests/artifacts/ for a person to look at."""
 
@@ -257,18 +258,22 @@ def bad_upload_shows_its_error(page: Page, data: Path) -> None:
 
 
 def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data: Path) -> None:
-    """A long job: its row in the list turns to running without a reload, and its page cancels it."""
+    """A long job submitted while the list is open: its row appears and turns to running without a
+    reload, the list stops asking while the tab is hidden, and the job's page cancels it."""
+    page.goto(f"{server.url}/ui/jobs")
+    page.evaluate("window.sameDocument = true")  # gone if the page reloads
     config = {"architecture": "idap:digits", "device": "cpu", "target": {"macs_reduction": 0.3},
-              "recovery": {"recovery_iterations": 2000, "final_recovery_iterations": 2000}}
+              "recovery": {"recovery_iterations": 5000, "final_recovery_iterations": 5000}}
     response = httpx.post(f"{server.url}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
                           data={"config": json.dumps(config)},
                           files={"model": (model.name, model.read_bytes()), "data": (data.name, data.read_bytes())})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    page.goto(f"{server.url}/ui/jobs")
     row = page.locator(f"#job-{job_id}")
     expect(row).to_have_attribute("data-status", "running", timeout=30_000)
     expect(row.locator(".badge")).to_have_text("running")
+    assert page.evaluate("window.sameDocument") is True
+    list_pauses_while_hidden(page)
     expect(page.locator("tr[data-status=succeeded] td[data-label=MACs]")).to_contain_text("%")
     page.set_viewport_size(PHONE)
     # on a phone each card still shows its job's id and time: jobs of one architecture stay apart
@@ -289,6 +294,21 @@ def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data
     page.click("#cancel")
     expect(page.locator("#job-status .badge")).to_have_text("cancelled", timeout=30_000)
     expect(page.locator("h2", has_text="Cancelled")).to_be_visible()
+
+
+def list_pauses_while_hidden(page: Page) -> None:
+    page.evaluate("""() => {
+      window.fetches = 0;
+      const original = window.fetch;
+      window.fetch = (...args) => { window.fetches += 1; return original(...args); };
+      Object.defineProperty(document, "hidden", { configurable: true, get: () => window.tabHidden });
+      window.tabHidden = true;
+      document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    page.wait_for_timeout(5000)  # more than two refresh intervals
+    assert page.evaluate("window.fetches") == 0, "the list kept polling while hidden"
+    page.evaluate("window.tabHidden = false; document.dispatchEvent(new Event('visibilitychange'))")
+    page.wait_for_function("window.fetches > 0", timeout=5000)
 
 
 def assert_apart(page: Page, first: str, second: str) -> None:
