@@ -186,6 +186,7 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     page.fill("#recovery", "1")
     page.fill("#final-recovery", "1")
     page.select_option("#device", "cpu")
+    page.fill("#job-name", "digits, 30 % fewer MACs")
     page.locator("details").first.evaluate("el => el.open = true")
     expect(page.locator("#pf-not")).to_contain_text("output layer")
     expect(page.locator("#preflight")).to_have_attribute("aria-busy", "false")  # the re-check for 30 % is done
@@ -199,6 +200,7 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
         assert time.monotonic() < deadline, "the job page did not open"
         page.wait_for_timeout(200)
     page.wait_for_load_state()
+    expect(page.locator("h1 .job-name")).to_have_text("digits, 30 % fewer MACs")
     return page.url
 
 

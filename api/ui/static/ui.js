@@ -158,7 +158,7 @@ function initNewJob() {
     timer = setTimeout(runPreflight, 400);
   };
   form.addEventListener("change", (event) => {
-    if (["webhook", "device", "recovery-unit", "recovery", "final-recovery"].includes(event.target.id)) return;
+    if (["job-name", "webhook", "device", "recovery-unit", "recovery", "final-recovery"].includes(event.target.id)) return;
     schedule();
   });
 
@@ -271,6 +271,7 @@ function buildConfig() {
     if (value !== null) recovery[name + (epochs ? "_epochs" : "_iterations")] = epochs ? value : Math.round(value);
   }
   return {
+    name: $("job-name").value.trim() || null,
     target: { macs_reduction: macs > 0 ? macs : null, params_reduction: numberOrNull("params", 0.01),
               max_accuracy_drop: numberOrNull("drop", 0.01) ?? 0.01 },
     stages: [...document.querySelectorAll("input[name=stages]:checked")].map((box) => box.value),
