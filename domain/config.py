@@ -30,6 +30,7 @@ MAX_BATCH = 65_536
 MAX_STEPS = 10_000
 MAX_TIME_BUDGET_S = 30 * 24 * 3600.0
 MAX_LAYERS = 10_000
+MAX_JOB_NAME = 200
 Name = Annotated[str, Field(min_length=1, max_length=300)]
 
 
@@ -105,6 +106,8 @@ class InputHints(_Strict):
 class JobConfig(InputHints):
     """The `config` part of POST /v1/jobs."""
 
+    name: str | None = Field(default=None, min_length=1, max_length=MAX_JOB_NAME,
+                             description="a label for people; default: the uploaded model file's name")
     target: TargetIn
     stages: list[Stage] = Field(default_factory=lambda: list(_DEFAULTS.stages), min_length=1, max_length=len(Stage))
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

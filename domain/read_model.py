@@ -44,6 +44,7 @@ class ArtifactOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    name: str  # the config's name, else the uploaded model file's name
     status: JobStatus
     queue: str
     created_at: datetime
@@ -80,7 +81,8 @@ def job_out(job: Job, base_url: str) -> JobOut:
     """`base_url` makes the artifact URLs absolute (the API's request URL, or the public URL in webhooks)."""
     base = base_url.rstrip("/")
     return JobOut(
-        id=job.id, status=JobStatus(job.status), queue=job.queue, created_at=job.created_at,
+        id=job.id, name=job.config.get("name") or job.model_filename or job.id[:8],
+        status=JobStatus(job.status), queue=job.queue, created_at=job.created_at,
         updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
         max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
         progress=ProgressOut(**(job.progress or {})), config=job.config,

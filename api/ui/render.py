@@ -12,6 +12,7 @@ from starlette.templating import Jinja2Templates
 
 from api.auth import COOKIE
 from api.errors import ApiError
+from domain.config import MAX_JOB_NAME
 from domain.models import Tenant
 from domain.settings import Settings
 
@@ -73,6 +74,7 @@ def page(request: Request, name: str, settings: Settings, tenant: Tenant | None,
         "signed_in": COOKIE in request.cookies,
         "local_mode": not settings.auth_required,
         "max_upload_bytes": settings.max_upload_bytes,
+        "max_job_name": MAX_JOB_NAME,
     }
     return templates.TemplateResponse(request, name, context, status_code=status_code, headers=SECURITY_HEADERS)
 

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("model", type=Path, metavar="MODEL")
     submit.add_argument("--data", type=Path, required=True, metavar="DATA")
     submit.add_argument("--architecture", metavar="SPEC", help='for .safetensors weights, e.g. "idap:digits"')
+    submit.add_argument("--name", metavar="LABEL", help="the job's name in lists (default: the model file's name)")
     submit.add_argument("--macs-reduction", type=float, metavar="F", help="fraction of MACs to remove")
     submit.add_argument("--params-reduction", type=float, metavar="F", help="fraction of parameters to remove")
     submit.add_argument("--max-accuracy-drop", type=float, metavar="F", help="absolute top-1 budget (0.01 = 1 pt)")
@@ -93,8 +94,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             target[key] = getattr(args, key)
     if not {"macs_reduction", "params_reduction"} & set(target):
         raise UsageError("a size target is required: --macs-reduction F or --params-reduction F")
-    if args.architecture is not None:
-        config["architecture"] = args.architecture
+    for key in ("architecture", "name"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
     return config | {"target": target}
 
 

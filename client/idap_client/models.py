@@ -81,6 +81,7 @@ class JobInfo(_Tolerant):
     """GET /v1/jobs/{id}: one job as the server last described it."""
 
     id: str
+    name: str | None = None  # None from a server older than job names
     status: str  # a JobStatus value; a plain string so that a status added later still parses
     queue: str
     created_at: datetime

@@ -103,6 +103,22 @@ def test_cli_submit_wait_download(client: TestClient, keys: dict[str, str], digi
     assert (tmp_path / "again" / "model.onnx").read_bytes() == (tmp_path / "out" / "model.onnx").read_bytes()
 
 
+def test_cli_submit_names_the_job_else_the_server_uses_the_model_file_name(
+        client: TestClient, keys: dict[str, str], digits: tuple[Path, Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["submit", str(digits[0]), "--data", str(digits[1]), "--architecture", "idap:digits",
+            "--macs-reduction", "0.3", "--server", BASE, "--key", keys["a"]]
+    assert main(base + ["--name", "digits, 30 % fewer MACs"], http=client) == 0
+    named = capsys.readouterr().out.strip()
+    assert main(base, http=client) == 0
+    unnamed = capsys.readouterr().out.strip()
+    api = Client(BASE, keys["a"], http=client)
+    assert api.job(named).info.name == "digits, 30 % fewer MACs"
+    assert api.job(unnamed).info.name == digits[0].name
+    for job_id in (named, unnamed):
+        api.job(job_id).cancel()
+
+
 def test_cli_usage_and_refused_requests_exit_2(client: TestClient, keys: dict[str, str], digits: tuple[Path, Path],
                                                capsys: pytest.CaptureFixture[str]) -> None:
     base = ["submit", str(digits[0]), "--data", str(digits[1]), "--server", BASE, "--key", keys["a"]]

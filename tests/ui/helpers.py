@@ -25,18 +25,20 @@ def tenant_with_key(database: str, name: str) -> tuple[str, str]:
 
 
 def add_job(database: str, tenant_id: str, status: str = JobStatus.QUEUED, age_s: float = 0.0,
-            error: dict[str, Any] | None = None) -> str:
+            error: dict[str, Any] | None = None, name: str | None = None, model_filename: str | None = None) -> str:
     """A job that no worker will run, in `status` (reached through the state machine)."""
     job_id = new_id()
+    config = {"architecture": "idap:digits"} | ({"name": name} if name else {})
     with session_scope(database) as session:
-        session.add(Job(id=job_id, tenant_id=tenant_id, queue="ui-test", config={"architecture": "idap:digits"},
-                        model_key="none", data_key="none", max_attempts=1,
+        session.add(Job(id=job_id, tenant_id=tenant_id, queue="ui-test", config=config,
+                        model_key="none", data_key="none", model_filename=model_filename, max_attempts=1,
                         created_at=datetime.now(UTC) - timedelta(seconds=age_s),
                         progress={"stage": "queued", "message": "Waiting for a worker"}))
     with session_scope(database) as session:
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        if status in (JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED):
+            # as the worker's claim does: the running attempt is counted (a cancelled job never ran)
             assert states.transition(session, job_id, JobStatus.RUNNING, attempts=1)
-        if status != JobStatus.QUEUED:
+        if status not in (JobStatus.QUEUED, JobStatus.RUNNING):
             assert states.transition(session, job_id, JobStatus(status),
                                      **({"error": error} if status == JobStatus.FAILED else {}))
     return job_id

@@ -1,7 +1,8 @@
 """The UI in a real browser (Chromium through Playwright) against `idap serve` with its worker:
 sign in, upload the digits model, read the preflight, submit, watch the progress, reach
 "succeeded", see the charts, download model.onnx and run it; a bad upload's error inline; the
-jobs list updating live and a cancel; a failed job; another tenant's job as a 404 page.
+jobs list updating live (a new job appears, no polling while hidden) and a cancel; a failed job;
+another tenant's job as a 404 page.
 
 Screenshots of the main pages go to tests/artifacts/ for a person to look at."""
 
@@ -24,6 +25,9 @@ import onnxruntime as ort
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from domain import states
+from domain.db import session_scope
+from domain.states import JobStatus
 from tests.ui.helpers import FAILURE, add_job, tenant_with_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,6 +136,7 @@ def test_browser_scenario(server: Server, browser: Browser, digits_files: tuple[
     check_results(page, data)
     bad_upload_shows_its_error(page, data)
     live_list_and_cancel(page, server, alice_key, model, data)
+    attempt_counter_follows_the_claim(page, server, alice_id)
     failed_job(page, server, alice_id)
     other_tenant_gets_a_404(browser, server, bob_key, job_url, problems)
     assert not problems, problems
@@ -181,6 +186,7 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     page.fill("#recovery", "1")
     page.fill("#final-recovery", "1")
     page.select_option("#device", "cpu")
+    page.fill("#job-name", "digits, 30 % fewer MACs")
     page.locator("details").first.evaluate("el => el.open = true")
     expect(page.locator("#pf-not")).to_contain_text("output layer")
     expect(page.locator("#preflight")).to_have_attribute("aria-busy", "false")  # the re-check for 30 % is done
@@ -194,6 +200,7 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
         assert time.monotonic() < deadline, "the job page did not open"
         page.wait_for_timeout(200)
     page.wait_for_load_state()
+    expect(page.locator("h1 .job-name")).to_have_text("digits, 30 % fewer MACs")
     return page.url
 
 
@@ -253,18 +260,22 @@ def bad_upload_shows_its_error(page: Page, data: Path) -> None:
 
 
 def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data: Path) -> None:
-    """A long job: its row in the list turns to running without a reload, and its page cancels it."""
+    """A long job submitted while the list is open: its row appears and turns to running without a
+    reload, the list stops asking while the tab is hidden, and the job's page cancels it."""
+    page.goto(f"{server.url}/ui/jobs")
+    page.evaluate("window.sameDocument = true")  # gone if the page reloads
     config = {"architecture": "idap:digits", "device": "cpu", "target": {"macs_reduction": 0.3},
-              "recovery": {"recovery_iterations": 2000, "final_recovery_iterations": 2000}}
+              "recovery": {"recovery_iterations": 5000, "final_recovery_iterations": 5000}}
     response = httpx.post(f"{server.url}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
                           data={"config": json.dumps(config)},
                           files={"model": (model.name, model.read_bytes()), "data": (data.name, data.read_bytes())})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    page.goto(f"{server.url}/ui/jobs")
     row = page.locator(f"#job-{job_id}")
     expect(row).to_have_attribute("data-status", "running", timeout=30_000)
     expect(row.locator(".badge")).to_have_text("running")
+    assert page.evaluate("window.sameDocument") is True
+    list_pauses_while_hidden(page)
     expect(page.locator("tr[data-status=succeeded] td[data-label=MACs]")).to_contain_text("%")
     page.set_viewport_size(PHONE)
     # on a phone each card still shows its job's id and time: jobs of one architecture stay apart
@@ -275,10 +286,52 @@ def live_list_and_cancel(page: Page, server: Server, key: str, model: Path, data
 
     row.locator("a").click()
     expect(page.locator("#log li").first).to_be_visible()
+    page.set_viewport_size(PHONE)
+    # on a phone the heading wraps: the button goes below the title and its line of facts, not onto them
+    for header in ("h1", ".job-heading p.sub"):
+        assert_apart(page, "#cancel", header)
+    shot(page, "job-running-phone")
+    page.set_viewport_size(LAPTOP)
     shot(page, "job-running")
     page.click("#cancel")
     expect(page.locator("#job-status .badge")).to_have_text("cancelled", timeout=30_000)
     expect(page.locator("h2", has_text="Cancelled")).to_be_visible()
+
+
+def list_pauses_while_hidden(page: Page) -> None:
+    page.evaluate("""() => {
+      window.fetches = 0;
+      const original = window.fetch;
+      window.fetch = (...args) => { window.fetches += 1; return original(...args); };
+      Object.defineProperty(document, "hidden", { configurable: true, get: () => window.tabHidden });
+      window.tabHidden = true;
+      document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    page.wait_for_timeout(5000)  # more than two refresh intervals
+    assert page.evaluate("window.fetches") == 0, "the list kept polling while hidden"
+    page.evaluate("window.tabHidden = false; document.dispatchEvent(new Event('visibilitychange'))")
+    page.wait_for_function("window.fetches > 0", timeout=5000)
+
+
+def assert_apart(page: Page, first: str, second: str) -> None:
+    a, b = page.locator(first).bounding_box(), page.locator(second).bounding_box()
+    assert a and b, (first, second)
+    overlap_x = a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+    overlap_y = a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]
+    assert not (overlap_x and overlap_y), f"{first} {a} overlaps {second} {b}"
+
+
+def attempt_counter_follows_the_claim(page: Page, server: Server, tenant_id: str) -> None:
+    """A page opened while the job waits says which attempt comes; once a worker claims it, which one runs."""
+    job_id = add_job(server.database, tenant_id, "queued")  # its queue has no worker: the test claims it
+    page.goto(f"{server.url}/ui/jobs/{job_id}")
+    expect(page.locator("#attempt")).to_have_text("waiting for attempt 1 of 1")
+    with session_scope(server.database) as session:
+        assert states.transition(session, job_id, JobStatus.RUNNING, attempts=1)
+    expect(page.locator("#job-status .badge")).to_have_text("running")
+    expect(page.locator("#attempt")).to_have_text("attempt 1 of 1")
+    with session_scope(server.database) as session:
+        assert states.transition(session, job_id, JobStatus.CANCELLED)
 
 
 def failed_job(page: Page, server: Server, tenant_id: str) -> None:

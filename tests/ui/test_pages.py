@@ -4,6 +4,7 @@ tenant's job, and a failed job's message and hint."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +181,41 @@ def test_a_running_job_shows_its_elapsed_time_and_eta(client: TestClient, settin
     assert re.search(r'id="eta"[^>]*>61 s elapsed · about 125 s to go<', page.text), page.text
     job = client.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
     assert (job["progress"]["elapsed_s"], job["progress"]["eta_s"]) == (61.2, 125.0)
+
+
+@pytest.mark.parametrize(("status", "shown"), [("queued", "waiting for attempt 1 of 1"), ("running", "attempt 1 of 1"),
+                                               ("failed", "attempt 1 of 1"), ("cancelled", "never started")])
+def test_the_job_page_counts_attempts_from_one(client: TestClient, settings: Settings, status: str,
+                                               shown: str) -> None:
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    job_id = add_job(settings.database, alice, status, error=FAILURE)
+    client.cookies.set("idap_key", key)
+    page = client.get(f"/ui/jobs/{job_id}").text
+    assert re.search(r'id="attempt">([^<]*)<', page).group(1) == shown  # type: ignore[union-attr]
+    assert "attempt 0" not in page
+
+
+def test_jobs_are_listed_and_titled_by_name_else_by_their_model_file(client: TestClient, settings: Settings) -> None:
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    named = add_job(settings.database, alice, name="resnet <half> MACs", model_filename="resnet18.safetensors")
+    unnamed = add_job(settings.database, alice, model_filename="mobilenet.onnx")
+    client.cookies.set("idap_key", key)
+    listing = client.get("/ui/jobs").text
+    assert f'<a href="/ui/jobs/{named}">resnet &lt;half&gt; MACs</a>' in listing
+    assert f'<a href="/ui/jobs/{unnamed}">mobilenet.onnx</a>' in listing
+    page = client.get(f"/ui/jobs/{named}").text
+    assert '<span class="job-name">resnet &lt;half&gt; MACs</span>' in page
+    assert "<title>resnet &lt;half&gt; MACs · IDAP++ Compress</title>" in page
+    api = client.get(f"/v1/jobs/{unnamed}", headers={"Authorization": f"Bearer {key}"}).json()
+    assert api["name"] == "mobilenet.onnx"
+    assert 'id="job-name" name="name" maxlength="200"' in client.get("/ui/jobs/new").text
+
+
+def test_a_job_name_longer_than_the_bound_is_refused(client: TestClient, settings: Settings) -> None:
+    _, key = tenant_with_key(settings.database, "ui-alice")
+    config = {"name": "x" * 201, "target": {"macs_reduction": 0.5}}
+    response = client.post("/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                           data={"config": json.dumps(config)},
+                           files={"model": ("m.onnx", b"not a model"), "data": ("d.npz", b"not data")})
+    assert response.status_code == 422, response.text
+    assert "name" in response.json()["error"]["message"]

@@ -54,46 +54,67 @@ function upload(url, form, progress, onUploaded) {
   return { xhr, done };
 }
 
-// ---- jobs list: poll the active rows; a finished row is swapped for the server's rendering of it.
+// ---- jobs list: while the page is visible, fetch the server's rendering of it every few seconds and
+// swap in what changed: new jobs appear, rows follow their jobs, finished ones get their reductions.
 // (The status filter is a plain form with its own button: submitting on change would navigate
 // away while a keyboard user is still arrowing through the options.)
+const LIST_REFRESH_MS = 2000;
+
 function initJobs() {
-  const poll = async () => {
-    const rows = [...document.querySelectorAll("tr[data-job-id]")]
-      .filter((row) => !TERMINAL.includes(row.dataset.status));
-    if (!rows.length) return;
+  let timer = null;
+  let fetching = false;
+  const schedule = (delay) => {
+    if (document.hidden || fetching || timer !== null) return;
+    timer = setTimeout(refresh, delay);
+  };
+  const refresh = async () => {
+    timer = null;
+    fetching = true;
     try {
-      const finished = [];
-      for (const row of rows) {
-        const response = await fetch("/v1/jobs/" + row.dataset.jobId, { credentials: "same-origin" });
-        if (!response.ok) continue;
-        const job = await response.json();
-        row.querySelector("progress").value = job.progress.fraction;
-        row.querySelector(".stage").textContent = job.progress.stage || "";
-        if (job.status !== row.dataset.status) {
-          row.dataset.status = job.status;
-          row.querySelector(".status-cell").replaceChildren(badge(job.status));
-        }
-        if (TERMINAL.includes(job.status)) finished.push(row.id);
-      }
-      if (finished.length) await refreshRows(finished);
+      const response = await fetch(location.href, { credentials: "same-origin" });
+      if (response.ok) mergeListing(new DOMParser().parseFromString(await response.text(), "text/html"));
     } catch (_) {
       // the server restarting or the network dropping for a moment: the next round tries again
+    } finally {
+      fetching = false;
     }
-    setTimeout(poll, 1500);
+    schedule(LIST_REFRESH_MS);
   };
-  setTimeout(poll, 1500);
+  // a hidden tab costs the server nothing; shown again, it catches up at once
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) {
+      clearTimeout(timer);
+      timer = null;
+    } else {
+      schedule(0);
+    }
+  });
+  schedule(LIST_REFRESH_MS);
 }
 
-// The server renders a finished job's reductions; take its row rather than formatting them twice.
-async function refreshRows(ids) {
-  const response = await fetch(location.href, { credentials: "same-origin" });
-  if (!response.ok) return;
-  const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
-  for (const id of ids) {
-    const replacement = fresh.getElementById(id);
-    if (replacement) $(id).replaceWith(document.importNode(replacement, true));
+// Rows whose rendering is unchanged stay the same nodes, so nothing flickers and focus stays put.
+function mergeListing(fresh) {
+  const current = $("listing");
+  const next = fresh.getElementById("listing");
+  if (!next) return;
+  const body = current.querySelector("tbody");
+  const nextBody = next.querySelector("tbody");
+  if (!body || !nextBody) {  // the first job arrived, or the last one left
+    if (!current.isEqualNode(next)) current.replaceWith(document.importNode(next, true));
+    return;
   }
+  const known = new Map([...body.rows].map((row) => [row.id, row]));
+  const wanted = [...nextBody.rows].map((row) => {
+    const old = known.get(row.id);
+    return old && old.isEqualNode(row) ? old : document.importNode(row, true);
+  });
+  wanted.forEach((row, index) => {
+    if (body.rows[index] !== row) body.insertBefore(row, body.rows[index] || null);
+  });
+  [...body.rows].slice(wanted.length).forEach((row) => row.remove());
+  const pager = current.querySelector(".pager");
+  const nextPager = next.querySelector(".pager");
+  if (!pager.isEqualNode(nextPager)) pager.replaceWith(document.importNode(nextPager, true));
 }
 
 // ---- new job: drag and drop, preflight on every change, submit with upload progress.
@@ -137,7 +158,7 @@ function initNewJob() {
     timer = setTimeout(runPreflight, 400);
   };
   form.addEventListener("change", (event) => {
-    if (["webhook", "device", "recovery-unit", "recovery", "final-recovery"].includes(event.target.id)) return;
+    if (["job-name", "webhook", "device", "recovery-unit", "recovery", "final-recovery"].includes(event.target.id)) return;
     schedule();
   });
 
@@ -250,6 +271,7 @@ function buildConfig() {
     if (value !== null) recovery[name + (epochs ? "_epochs" : "_iterations")] = epochs ? value : Math.round(value);
   }
   return {
+    name: $("job-name").value.trim() || null,
     target: { macs_reduction: macs > 0 ? macs : null, params_reduction: numberOrNull("params", 0.01),
               max_accuracy_drop: numberOrNull("drop", 0.01) ?? 0.01 },
     stages: [...document.querySelectorAll("input[name=stages]:checked")].map((box) => box.value),
@@ -364,11 +386,25 @@ function initJob() {
     if (TERMINAL.includes(data.status)) {
       source.close();  // else EventSource reconnects to a stream that has nothing more to say
       location.reload();
+    } else {
+      refreshAttempt();  // a worker claiming the job (or losing it) changes which attempt this is
     }
   });
   source.addEventListener("error", () => {
     if (source.readyState === EventSource.CLOSED) $("message").textContent = "Lost the connection; reload the page.";
   });
+}
+
+// The server words the attempt (waiting for one, or which one runs); take its rendering.
+async function refreshAttempt() {
+  try {
+    const response = await fetch(location.href, { credentials: "same-origin" });
+    if (!response.ok) return;
+    const fresh = new DOMParser().parseFromString(await response.text(), "text/html").getElementById("attempt");
+    if (fresh) $("attempt").textContent = fresh.textContent;
+  } catch (_) {
+    // the next status change tries again; the stale line is only a label
+  }
 }
 
 const PAGES = { jobs: initJobs, "new-job": initNewJob, job: initJob };
