@@ -67,7 +67,8 @@ def test_idap_client_from_a_fresh_venv_drives_idap_serve(digits: tuple[Path, Pat
 
         # a job that ends without succeeding (cancelled while the client waits): exit 1, said on stderr;
         # long enough that the cancel always lands before it could finish
-        config.write_text(json.dumps(FAST | {"recovery": {"recovery_iterations": 5000, "final_recovery_iterations": 5000}}))
+        long = {"recovery": {"recovery_iterations": 5000, "final_recovery_iterations": 5000}}
+        config.write_text(json.dumps(FAST | long))
         waiting = subprocess.Popen(submit + ["--config", str(config)], env=client_env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         assert waiting.stdout is not None
