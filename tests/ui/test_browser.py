@@ -28,6 +28,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from domain import states
 from domain.db import session_scope
 from domain.states import JobStatus
+from tests.service.helpers import wait_ready
 from tests.ui.helpers import FAILURE, add_job, tenant_with_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,15 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                                 str(data / "data")], cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
+        wait_ready(process, url, log)
         yield Server(url, f"sqlite:///{data / 'data' / 'idap.db'}")
     finally:
         process.send_signal(signal.SIGTERM)
