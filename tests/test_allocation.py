@@ -12,7 +12,7 @@ from core.importance.statistics import linear_input_stats
 from core.inputs import Inputs
 from core.options import Allocation, CompressOptions, Target
 from core.run.allocation import drift_per_size
-from core.run.stages import _group_scores, allocates_by_drift, group_candidates
+from core.run.stages import allocates_by_drift, group_candidates, step_scoring
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
 from core.surgery.plan import make_plan
@@ -28,7 +28,7 @@ def test_units_that_barely_reach_the_output_go_first_whatever_their_scores():
     model, run, groups, graph = two_paths_run(TwoPaths(), options)
     names = [g.key.name for g in groups]
     assert sorted(names) == ["narrow", "wide"]
-    scoring = _group_scores(run, model, graph, groups)
+    scoring = step_scoring(run, model, graph, groups)
     k = groups[names.index("narrow")].capacity
     assert {key.name for key in make_plan(groups, scoring.scores, k, None)} == {"narrow", "wide"}
 
@@ -68,7 +68,7 @@ def _cut_error(fit: bool, compensate: bool = True) -> float:
     options = CompressOptions(device="cpu", allocation="scores", round_to=None, calibration_samples=256,
                               mean_compensation=compensate, least_squares_compensation=fit)
     model, run, groups, graph = two_paths_run(model, options)
-    means = _group_scores(run, model, graph, groups).means
+    means = step_scoring(run, model, graph, groups).means
     before = run.spec.calib.call(model).detach()
     apply_plan(model, run.spec.example, {UnitKey(UnitKind.CHANNELS, "wide"): [3]}, means)
     assert model.wide.out_features == 31
@@ -120,7 +120,7 @@ def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
     model, run = prepared_run(small_bert(), Dataset(Inputs.single(tokens()), torch.arange(48) % 3),
                               Target(params_reduction=0.5), options)
     groups = group_candidates(run.spec, run.cache, model, build_graph(model, run.spec.example))
-    _group_scores(run, model, build_graph(model, run.spec.example), groups)
+    step_scoring(run, model, build_graph(model, run.spec.example), groups)
     assert len(probes) == len(groups)
     for group in groups:
         probe = probes[group.key]

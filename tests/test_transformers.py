@@ -421,7 +421,7 @@ def test_transformer_layers_are_candidates_as_a_whole():
 
 
 def compensation_stats(model: nn.Module, x: torch.Tensor, fit: bool) -> dict:
-    """What `_group_scores` keeps for apply_plan: per removable unit, its consumer and the
+    """What `step_scoring` keeps for apply_plan: per removable unit, its consumer and the
     statistics of the consumer's inputs (with the covariance when `fit`)."""
     from core.importance.divergence import filter_divergence
     from core.surgery.groups import build_graph

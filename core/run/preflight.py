@@ -29,7 +29,7 @@ from core.run.context import Run, RunCache, RunInputs
 from core.run.eta import BACKOFF_ALLOWANCE, schedule_steps, target_goal
 from core.run.goals import budget_resolution
 from core.run.pipeline import _prepare, out_of_reach, reachable_reduction, start_run
-from core.run.stages import _group_scores, _pruned_copy, group_candidates
+from core.run.stages import group_candidates, pruned_copy, step_scoring
 from core.surgery.groups import ROOT_TYPES, PrunableGroup, build_graph
 
 # Without a GPU to measure, GPU time is CPU time over this factor (a mid-size CNN on one
@@ -201,11 +201,11 @@ def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: 
                     time.monotonic())
     begin = time.perf_counter()
     graph = build_graph(model, inputs.example)
-    scoring = _group_scores(run, model, graph, groups)
+    scoring = step_scoring(run, model, graph, groups)
     score_s = (time.perf_counter() - begin) * -(-len(inputs.calib) // batch)
     k = max(1, math.floor(opts.p0 * sum(g.width for g in groups)))
     begin = time.perf_counter()
-    candidate, _ = _pruned_copy(run, model, groups, scoring, k)
+    candidate, _ = pruned_copy(run, model, groups, scoring, k)
     run.measure(candidate)
     apply_s = time.perf_counter() - begin
     goals, verdict = run.spec.goals, run.spec.verdict(candidate)

@@ -83,7 +83,7 @@ class Scoring:
     means: Means
 
 
-def _group_scores(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: list[PrunableGroup]) -> Scoring:
+def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: list[PrunableGroup]) -> Scoring:
     """The scores of `groups` by the run's criterion, with the statistics gathered on the same
     calibration pass that the plans made from them compensate with."""
     spec = run.spec
@@ -159,7 +159,7 @@ def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: Attentio
     return torch.rand(site.num_heads(model))
 
 
-def _pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
+def pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
                  k: int) -> tuple[nn.Module, int]:
     plan = make_plan(groups, scoring.scores, k, run.spec.options.round_to)
     candidate = copy.deepcopy(model)
@@ -183,7 +183,7 @@ def _smallest_step(run: Run, model: nn.Module, groups: list[PrunableGroup], scor
     below = None
     while high - low > max(1, int(slack * high)):
         mid = (low + high) // 2
-        trial = _pruned_copy(run, model, groups, scoring, mid)
+        trial = pruned_copy(run, model, groups, scoring, mid)
         if enough(trial[0]):
             high, best = mid, trial
         else:
@@ -217,7 +217,7 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
         capacity = sum(g.capacity for g in groups)
         if capacity == 0:
             return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
-        scoring = _group_scores(run, model, graph, groups)
+        scoring = step_scoring(run, model, graph, groups)
         width = sum(g.width for g in groups)
         smallest = max(1, math.ceil(opts.min_step_fraction * width))
         rho = opts.p0 * (1 + t / total) ** opts.alpha
@@ -254,11 +254,11 @@ def _step_candidate(run: Run, model: nn.Module, groups: list[PrunableGroup], sco
     fewest units that reach `share` of the target), and the units removed; None when the model is
     already within tolerance of the target and every step would overshoot it."""
     goals = run.spec.goals
-    candidate, removed = _pruned_copy(run, model, groups, scoring, k)
+    candidate, removed = pruned_copy(run, model, groups, scoring, k)
     while removed == 0 and k < capacity:
         # round_to can round a small step away entirely; grow it until something goes
         k = min(2 * k, capacity)
-        candidate, removed = _pruned_copy(run, model, groups, scoring, k)
+        candidate, removed = pruned_copy(run, model, groups, scoring, k)
     if removed and goals.reached(run.measure(candidate), share=share):
         (candidate, removed), below = _smallest_step(
             run, model, groups, scoring, (candidate, removed), k,
@@ -362,8 +362,8 @@ def _width_alternative(run: Run, model: nn.Module, size: Size) -> tuple[nn.Modul
     capacity = sum(g.capacity for g in groups)
     if capacity == 0:
         return None
-    scoring = _group_scores(run, model, graph, groups)
-    full = _pruned_copy(run, model, groups, scoring, capacity)
+    scoring = step_scoring(run, model, graph, groups)
+    full = pruned_copy(run, model, groups, scoring, capacity)
     if not goals.no_larger(run.measure(full[0]), than=size):
         return None
     # a few units more than the block's size are as good a comparison, and save tries
