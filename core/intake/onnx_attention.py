@@ -27,6 +27,7 @@ from core.graph.attention import GraphAttention, find_sites
 from core.graph.outputs import named_outputs
 from core.inputs import Inputs
 from core.intake.fx_shapes import Shapes, shape_free, shapes_at
+from core.intake.onnx_ops import stored_tensor
 from core.surgery.heads import remove_heads
 
 # how far a projection may be from the matmul it feeds (reshape, transpose, scale) and the like
@@ -106,13 +107,8 @@ def _is_scaling(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     if not isinstance(module, OnnxBinaryMathOperation) or module.math_op_function not in (
             _TORCH_FUNCTION_FROM_ONNX_TYPE["Mul"], _TORCH_FUNCTION_FROM_ONNX_TYPE["Div"]):
         return False
-    constant = node.args[1]
-    if not isinstance(constant, fx.Node) or constant.op != "get_attr":
-        return False
-    value = graph_module
-    for part in str(constant.target).split("."):
-        value = getattr(value, part)
-    return isinstance(value, torch.Tensor) and value.numel() == 1
+    value = stored_tensor(graph_module, node.args[1])
+    return value is not None and value.numel() == 1
 
 
 def _is_flatten(node: fx.Node) -> bool:

@@ -114,7 +114,7 @@ def linear_layers(module: fx.GraphModule) -> None:
     for node in list(module.graph.nodes):
         if node.op != "call_module" or not isinstance(module.get_submodule(str(node.target)), OnnxMatMul):
             continue
-        weight = _constant(module, node.args[1])
+        weight = stored_tensor(module, node.args[1])
         if weight is None or weight.dim() != 2:
             continue
         bias_node, bias = _bias_after(module, node, weight.shape[1])
@@ -140,7 +140,7 @@ def linear_layers(module: fx.GraphModule) -> None:
         module.recompile()
 
 
-def _constant(module: fx.GraphModule, arg: object) -> torch.Tensor | None:
+def stored_tensor(module: fx.GraphModule, arg: object) -> torch.Tensor | None:
     """The stored tensor `arg` reads, when it is a get_attr node."""
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         return None
@@ -162,7 +162,7 @@ def _bias_after(module: fx.GraphModule, matmul: fx.Node, width: int) -> tuple[fx
     if not isinstance(op, OnnxBinaryMathOperation) or op.math_op_function is not torch.add or op.broadcast:
         return None, None
     other = next((arg for arg in add.args if arg is not matmul), None)
-    bias = _constant(module, other)
+    bias = stored_tensor(module, other)
     if bias is None or tuple(bias.shape) != (width,) or len(add.args) != 2:
         return None, None
     return add, bias
