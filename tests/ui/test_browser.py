@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from domain import states
 from domain.db import session_scope
 from domain.states import JobStatus
-from tests.service.helpers import wait_ready
+from tests.service.helpers import free_port, wait_ready
 from tests.ui.helpers import FAILURE, add_job, tenant_with_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,12 +52,6 @@ document.addEventListener("DOMContentLoaded", () => {
 class Server:
     url: str
     database: str
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
