@@ -22,7 +22,7 @@ def normalised_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class Generic(TaskHandler):
     task = Task.GENERIC
-    default_budget = 0.05
+    default_budget = 0.10
 
     def metric(self, labeled: bool) -> Metric:
         return Metric.RELATIVE_ERROR
