@@ -327,7 +327,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     model = copy.deepcopy(model).to(device).eval()
     notes = _drop_training_only_heads(model)
     data = data.bound(model)
-    settled = settle_task(model, data, device, opts.task, opts.output)
+    settled = settle_task(model, data, device, opts.task, opts.output, opts.detection_decoder)
     notes.append(settled.note)
     notes += convert_multihead_attention(model, data.inputs[:2].to(device)) + _attention_notes(model)
     if opts.lr is None:
