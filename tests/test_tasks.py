@@ -318,3 +318,18 @@ def test_a_raw_head_is_compared_densely_unless_a_decoder_is_chosen(digits_model:
     # a classifier's N×classes is neither a raw head nor anything a YOLO decoder reads
     with pytest.raises(DataError, match="yolov5 decoder cannot read"):
         settle_task(digits_model, Dataset(Inputs.single(x)), CPU, Task.DETECTION, None, DetectionDecoder.YOLOV5)
+
+
+def test_recovery_augments_inputs_only_where_no_label_is_tied_to_their_positions(segmenter, language_model) -> None:
+    from core.options import Augmentation
+    from core.progress import Reporter
+    from core.run.pipeline import _prepare
+
+    model, data = segmenter
+    on = CompressOptions(augmentation=Augmentation.ON)
+    quiet = Reporter(None, None)
+    # a crop moves the ink away from its mask; without masks, teacher and student see the same crop
+    assert _prepare(model, data, on, quiet)[1].augment is None
+    assert _prepare(model, Dataset(data.inputs), on, quiet)[1].augment is not None
+    # the next tokens are the language model's labels, whatever the data says
+    assert _prepare(language_model[0], language_model[1], on, quiet)[1].augment is None

@@ -349,7 +349,8 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         feature_points=pick_feature_points(model, example),
         ignored=_output_layers(model, example) + list(opts.ignored_layers),
         outputs=_output_names(model, example),
-        augment=choose_augmenter(recovery, opts.augmentation),
+        augment=choose_augmenter(recovery, opts.augmentation) if settled.handler.may_augment(recovery.labeled)
+        else None,
     )
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
     return model, inputs, notes

@@ -115,6 +115,9 @@ class Detection(TaskHandler):
         super().__init__(output)
         self.decoder = decoder
 
+    def may_augment(self, labeled: bool) -> bool:
+        return not labeled
+
     def metric(self, labeled: bool) -> Metric:
         return Metric.MAP50 if labeled else Metric.MAP50_AGREEMENT
 
