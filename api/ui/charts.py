@@ -250,9 +250,7 @@ def _label(name: str, y: float) -> str:
             f"<title>{escape(name)}</title>{escape(shown)}</text>")
 
 
-def _text(x: float, y: float, text: str, anchor: str = "start", fill: str | None = None, rotate: bool = False) -> str:
+def _text(x: float, y: float, text: str, anchor: str = "start", fill: str | None = None) -> str:
     extra = f' fill="{fill}"' if fill else ""
-    if rotate:
-        extra += f' transform="rotate(-90 {x:.1f} {y:.1f})"'
     return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" dominant-baseline="middle"{extra}>'
             f"{escape(text)}</text>")
