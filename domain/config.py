@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.options import Allocation, CompressOptions, GroupScores, IntakeOptions, Stage, Target
-from core.tasks.kinds import Task
+from core.tasks.kinds import DetectionDecoder, Task
 from domain.settings import Settings
 
 _DEFAULTS = CompressOptions()
@@ -105,6 +105,11 @@ class InputHints(_Strict):
         default=Task.AUTO,
         description="what the model does, which sets the quality metric, the budget's units and recovery's loss; "
                     "auto infers it from the outputs and the model class (the preflight and the report say which)")
+    detection_decoder: DetectionDecoder = Field(
+        default=DetectionDecoder.AUTO,
+        description="how a detector's outputs become boxes: auto reads torchvision's or outputs named "
+                    "boxes/scores/labels (a raw head is compared as dense outputs); yolov5/yolov8 decode an exported "
+                    "raw YOLO head")
     output: str | None = Field(
         default=None, min_length=1, max_length=200,
         description='the model output the task measures (class logits, embedding, map), for a model with several: '
@@ -142,8 +147,8 @@ class JobConfig(InputHints):
             recovery["recovery_epochs"] = _DEFAULTS.recovery_epochs
         method = self.method.model_dump()
         method["ignored_layers"] = tuple(method["ignored_layers"])
-        return CompressOptions(stages=tuple(self.stages), device=self.device, task=self.task, output=self.output,
-                               **recovery, **method)
+        return CompressOptions(stages=tuple(self.stages), device=self.device, task=self.task,
+                               detection_decoder=self.detection_decoder, output=self.output, **recovery, **method)
 
 
 def intake_options(settings: Settings, hints: InputHints) -> IntakeOptions:

@@ -20,7 +20,7 @@ import httpx
 
 from idap_client.client import TARGET_KEYS, Client, Job
 from idap_client.errors import ApiError, IdapError, JobFailed
-from idap_client.models import JobInfo, Task
+from idap_client.models import DetectionDecoder, JobInfo, Task
 from idap_client.summary import metrics_table, progress_line
 from idap_client.transport import RetryPolicy
 
@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--task", choices=[task.value for task in Task],
                         help="what the model does, which sets the quality metric (default: auto, inferred from the "
                              "model's outputs)")
+    submit.add_argument("--detection-decoder", choices=[decoder.value for decoder in DetectionDecoder],
+                        help="detection: decode an exported raw YOLO head (yolov5, yolov8); default auto")
     submit.add_argument("--max-accuracy-drop", "--max-quality-drop", type=float, metavar="F", dest="max_accuracy_drop",
                         help="budget on the task's quality metric: points as a fraction (0.01 = 1 pt of top-1, mAP, "
                              "mIoU, ...), or for causal-lm the relative rise in perplexity (0.1 = 10 %%); default: "
@@ -100,7 +102,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             target[key] = getattr(args, key)
     if not {"macs_reduction", "params_reduction"} & set(target):
         raise UsageError("a size target is required: --macs-reduction F or --params-reduction F")
-    for key in ("architecture", "name", "task"):
+    for key in ("architecture", "name", "task", "detection_decoder"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     return config | {"target": target}

@@ -40,6 +40,14 @@ class Task(str, Enum):  # noqa: UP042
     GENERIC = "generic"
 
 
+class DetectionDecoder(str, Enum):  # noqa: UP042
+    """How a detector's outputs become boxes (the server's core.tasks.kinds.DetectionDecoder)."""
+
+    AUTO = "auto"
+    YOLOV5 = "yolov5"
+    YOLOV8 = "yolov8"
+
+
 # Metrics whose values are not fractions and whose budget is a share of the original's value
 # (the server's Metric.is_fraction and Metric.relative): perplexity.
 RELATIVE_METRICS = frozenset({"perplexity"})

@@ -52,9 +52,10 @@ def test_the_client_models_mirror_the_api_schemas(mirror: type[BaseModel], serve
 
 
 def test_the_client_knows_the_server_s_tasks_and_which_metrics_are_relative() -> None:
-    from core.tasks.kinds import Metric, Task
+    from core.tasks.kinds import DetectionDecoder, Metric, Task
 
     assert [task.value for task in models.Task] == [task.value for task in Task]
+    assert [d.value for d in models.DetectionDecoder] == [d.value for d in DetectionDecoder]
     assert models.RELATIVE_METRICS == {metric.value for metric in Metric if metric.relative or not metric.is_fraction}
 
 
