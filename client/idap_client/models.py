@@ -250,6 +250,7 @@ class Preflight(_Tolerant):
     task: str = Task.CLASSIFICATION.value  # a server older than tasks ran classification only
     metric: str = "top1"
     budget: str | None = None
+    task_reason: str | None = None  # why auto chose the task; None when the job named it
     num_classes: int | None = None  # for the tasks that score classes
     inputs: list[InputSignature]
     outputs: list[OutputRow]

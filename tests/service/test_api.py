@@ -181,12 +181,14 @@ def test_inspect_says_which_task_it_chose_with_its_metric_and_budget(client: Any
     report = response.json()
     assert (report["task"], report["metric"], report["num_classes"]) == ("classification", "top1", 10)
     assert report["budget"] == "top-1 accuracy may drop by at most 1.00 points"
+    assert report["task_reason"] == "its output is a score per class (N×classes)"
     assert any(note.startswith("Task: classification (inferred: its output is a score per class")
                for note in report["notes"]), report["notes"]
     response = inspect_digits(client, keys["a"], digits, {"task": "generic", "target": {
         "macs_reduction": 0.3, "max_accuracy_drop": 0.2}}, _digits_npz(digits, None))
     assert response.status_code == 200, response.text
     report = response.json()
+    assert report["task_reason"] is None  # named by the job
     assert (report["task"], report["metric"], report["num_classes"]) == ("generic", "relative_output_error", None)
     assert report["budget"] == "relative output error may rise by at most 20.00 points"
 

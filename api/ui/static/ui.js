@@ -301,9 +301,7 @@ function showPreflight(report) {
   const inputs = report.inputs.map((input) => input.name + " " + input.shape.join("×") + " " + input.dtype).join("; ");
   $("pf-input").textContent = inputs + (report.num_classes === null ? "" : ", " + report.num_classes + " classes")
     + (report.samples ? ", " + report.samples + " samples" : "");
-  // the run's note says why auto chose the task ("Task: classification (inferred: ...); quality is ...")
-  const note = report.notes.find((text) => text.startsWith("Task: " + report.task + " ("));
-  $("pf-task").textContent = note ? note.slice("Task: ".length).split("; quality is ")[0] : report.task;
+  $("pf-task").textContent = report.task + (report.task_reason ? " (inferred: " + report.task_reason + ")" : "");
   $("pf-budget").textContent = report.budget;
   $("pf-outputs").textContent = report.outputs.map((output) => output.name + " " + output.shape.join("×")).join(", ");
   $("pf-groups").textContent = String(report.prunable_groups.length);
