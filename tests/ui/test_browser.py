@@ -91,6 +91,8 @@ def open_page(browser: Browser, problems: list[str]) -> Page:
     page.on("console", lambda message: problems.append(message.text) if "Content Security Policy" in message.text
             else None)
     page.set_default_timeout(30_000)
+    # the preflight measures a real pruning step on the server: seconds when the machine is busy
+    expect.set_options(timeout=30_000)
     return page
 
 
