@@ -151,3 +151,32 @@ def test_pruned_decoder_exports_its_cache_free_forward_to_onnx(attention, tmp_pa
         assert got.shape == (batch, length, 256)
         assert np.allclose(got, logits(model, x).numpy(), atol=1e-4)
     assert verify_onnx(model, path, tokens(3, 11)) < 1e-4
+
+
+@pytest.mark.slow  # about 40 s on one shared core
+def test_compress_prunes_a_decoder_as_a_causal_language_model(tmp_path):
+    from core.data import Dataset
+    from core.options import CompressOptions, Target
+    from core.run.pipeline import compress
+    from core.tasks.kinds import Metric, Task
+
+    model = tiny_llama()
+    # a learnable stream (the token ids count up by 1 or 3): recovery has a signal to follow
+    steps = torch.randint(0, 2, (96, 16), generator=torch.Generator().manual_seed(0)) * 2 + 1
+    ids = (torch.randint(0, 256, (96, 1), generator=torch.Generator().manual_seed(1)) + steps.cumsum(1)) % 256
+    options = CompressOptions(task="causal-lm", recovery_iterations=2, final_recovery_iterations=2, latency_runs=1,
+                              latency_batch=2, batch_size=16, max_steps=6, seed=0, calibration_samples=32)
+    result = compress(model, Dataset(Inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})),
+                      Target(params_reduction=0.3, max_accuracy_drop=1.0), options, tmp_path)
+    report = result.report
+    assert report.task is Task.CAUSAL_LM and report.accuracy_metric is Metric.PERPLEXITY
+    assert report.target_met and report.params_reduction >= 0.27
+    widths = {row.name: row.channels_after for row in report.layers}
+    heads = {row.name: row.heads_after for row in report.attention_heads}
+    # something narrower than it was: a key-value group, MLP neurons or a whole layer
+    assert report.blocks or min(heads.values()) < 2 or min(
+        width for name, width in widths.items() if name.endswith("up_proj")) < 128
+    session = ort.InferenceSession(str(result.artifacts["model.onnx"]), providers=["CPUExecutionProvider"])
+    x = tokens(2, 10, seed=3)
+    (got,) = session.run(None, x.numpy())
+    assert np.allclose(got, logits(result.model, x).numpy(), atol=1e-4)
