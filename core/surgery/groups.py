@@ -230,8 +230,9 @@ def _rms_norm_weights(model: nn.Module) -> list[nn.Parameter]:
     RMSNorm divides by the root mean square over all of them, so no channel is removable on its own,
     and the embedding table that writes them is often the output head's weight too (tied embeddings).
     """
-    return [module.weight for module in model.modules()
-            if type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), nn.Parameter)]
+    weights = [getattr(module, "weight", None) for module in model.modules()
+               if type(module).__name__.endswith("RMSNorm")]
+    return [weight for weight in weights if isinstance(weight, nn.Parameter)]
 
 
 def _passes_reshape(group: tp.dependency.Group) -> bool:
