@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # torch-pruning names every RMSNorm weight on each of its many graph builds; they are left whole anyway
+    warnings.filterwarnings("ignore", message="Unwrapped parameters")
     settings = Settings(**QUICK) if args.quick else Settings()
     given = {key: getattr(args, key) for key in ("levels", "methods", "windows", "eval_windows",
                                                  "recovery_iterations", "final_recovery_iterations", "threads")
