@@ -325,13 +325,27 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(32, 32)
 
 
-def test_grouped_query_attention_is_left_alone_with_a_reason():
+def test_grouped_query_attention_loses_whole_key_value_groups_and_its_counts_follow():
     holder = nn.Module()
     holder.attn = GroupedQueryAttention()
+    (site,), unrecognised = find_sites(holder)
+    assert unrecognised == []
+    assert (site.query_group, site.count_attr, site.kv_count_attr, site.num_heads(holder)) == \
+        (2, "num_heads", "num_key_value_heads", 2)
+    remove_heads(holder, site, [1])
+    attn = holder.attn
+    assert (attn.num_heads, attn.num_key_value_heads, attn.q_proj.out_features, attn.k_proj.out_features,
+            attn.o_proj.in_features) == (2, 1, 16, 8, 16)
+
+
+def test_grouped_query_attention_without_a_key_value_count_is_left_alone_with_a_reason():
+    holder = nn.Module()
+    holder.attn = GroupedQueryAttention()
+    del holder.attn.num_key_value_heads  # nothing says how the module repeats its key-value heads
     sites, unrecognised = find_sites(holder)
     assert sites == []
-    assert unrecognised == ["attn (GroupedQueryAttention): grouped-query attention (key/value heads are shared "
-                            "between query heads); its heads are left alone to keep the head ratio valid"]
+    assert unrecognised == ["attn (GroupedQueryAttention): grouped-query attention that keeps no key-value head "
+                            "count; its heads are left alone to keep the head ratio valid"]
 
 
 def _hf_vit() -> nn.Module:

@@ -25,6 +25,8 @@ from core.inputs import Inputs
 _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
 _HEAD_COUNT = ("num_attention_heads", "num_heads", "n_heads")
 _HEAD_SIZE = ("attention_head_size", "head_dim")
+_KV_COUNT = ("num_key_value_heads", "num_kv_heads")
+_KV_GROUPS = "num_key_value_groups"
 _OUT_NAMES = ("out_proj", "o_proj", "out_lin")
 
 
@@ -92,19 +94,35 @@ class GraphAttention(nn.Module):
 
 @dataclass(frozen=True)
 class AttentionSite:
+    """A recognised attention module. Its units are key-value heads: under grouped-query attention
+    (`query_group` query heads share one key-value head) a unit is a whole key-value group, since
+    removing a query head alone would break the query/key-value ratio the module repeats keys by."""
+
     name: str  # module holding the q/k/v projections
     qkv: tuple[str, str, str]  # their attribute names
     out: str  # full name of the output projection
-    count_attr: str
+    count_attr: str | None  # the module's query head count; None: the module derives it from the widths
     head_dim: int
     size_attr: str | None  # e.g. all_head_size, kept equal to heads × head size
+    query_group: int = 1  # query heads per key-value head
+    kv_count_attr: str | None = None  # the module's key-value head count, where it keeps one
+
+    @property
+    def unit_width(self) -> int:
+        """Query (and output projection input) channels of one unit."""
+        return self.query_group * self.head_dim
 
     def num_heads(self, model: nn.Module) -> int:
-        return int(getattr(model.get_submodule(self.name), self.count_attr))
+        """Units (key-value heads) the module has now."""
+        return self.projections(model)[1].out_features // self.head_dim
 
     def projections(self, model: nn.Module) -> list[nn.Linear]:
         module = model.get_submodule(self.name)
         return [getattr(module, attr) for attr in self.qkv]
+
+    def rows_per_unit(self) -> tuple[int, int, int]:
+        """Output rows of one unit in the query, key and value projections."""
+        return self.unit_width, self.head_dim, self.head_dim
 
 
 def holds_attention(module: nn.Module) -> bool:
@@ -167,21 +185,29 @@ def _site(model: nn.Module, name: str, module: nn.Module) -> tuple[AttentionSite
                                                       for n in names)), None)
     count_attr = next((a for a in _HEAD_COUNT if isinstance(getattr(module, a, None), int)), None)
     size = next((getattr(module, a) for a in _HEAD_SIZE if isinstance(getattr(module, a, None), int)), None)
-    if qkv is None or count_attr is None or size is None:
+    # Hugging Face's grouped-query modules (Llama, Mistral, Qwen2, ...) keep no head count: they view
+    # the projections as (-1, head_dim) and repeat keys by num_key_value_groups
+    groups = getattr(module, _KV_GROUPS, None)
+    if qkv is None or size is None or (count_attr is None and not isinstance(groups, int)):
         return None, "no separate query/key/value projections with a head count and size" if \
             looks_like_attention and name and not isinstance(module, nn.MultiheadAttention) else None
     q, k, v = (getattr(module, n) for n in qkv)
-    heads = getattr(module, count_attr)
-    if q.out_features != heads * size:
+    if count_attr is not None and q.out_features != getattr(module, count_attr) * size:
         return None, None
-    if k.out_features != q.out_features or v.out_features != q.out_features:
-        return None, ("grouped-query attention (key/value heads are shared between query heads); "
+    if k.out_features != v.out_features or k.out_features % size or q.out_features % k.out_features:
+        return None, "key and value projections that are not whole heads of the query's head size"
+    query_group = q.out_features // k.out_features
+    kv_count_attr = next((a for a in _KV_COUNT if getattr(module, a, None) == k.out_features // size), None)
+    if isinstance(groups, int) and groups != query_group:
+        return None, f"{_KV_GROUPS} {groups} does not match the projections' widths"
+    if query_group > 1 and not isinstance(groups, int) and kv_count_attr is None:
+        return None, ("grouped-query attention that keeps no key-value head count; "
                       "its heads are left alone to keep the head ratio valid")
     out = _output_projection(model, name, module, q.out_features)
     if out is None:
         return None, "no output projection consuming the heads was found"
     size_attr = "all_head_size" if getattr(module, "all_head_size", None) == q.out_features else None
-    return AttentionSite(name, qkv, out, count_attr, size, size_attr), None
+    return AttentionSite(name, qkv, out, count_attr, size, size_attr, query_group, kv_count_attr), None
 
 
 def _output_projection(model: nn.Module, name: str, module: nn.Module, width: int) -> str | None:

@@ -16,7 +16,8 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: Inputs,
                     batch_size: int, means_out: dict[str, InputStats] | None = None,
                     with_cov: bool = False) -> dict[str, torch.Tensor]:
     """s_h = (1/n)‖O_h‖_F · (‖W_Q^h‖_F + ‖W_K^h‖_F + ‖W_V^h‖_F), averaged over the calibration samples;
-    O_h is head h's output before the output projection (its input, split by head).
+    O_h is head h's output before the output projection (its input, split by head). Under grouped-query
+    attention h is a key-value group: O_h holds the outputs of its query heads, and W_Q^h their rows.
 
     With `means_out` (a dict to fill), O_h is taken minus its calibration mean; the statistics of the
     output projection's inputs (the mean, with `with_cov` the covariance too) are stored per site
@@ -33,7 +34,7 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: Inputs,
 
         def pre(_m: nn.Module, inputs: tuple, site: AttentionSite = site, heads: int = heads) -> None:
             x = inputs[0].detach().float()
-            x = x.reshape(x.shape[0], -1, heads, site.head_dim)  # batch, tokens, heads, head size
+            x = x.reshape(x.shape[0], -1, heads, site.unit_width)  # batch, tokens, heads, head size
             squares.setdefault(site.name, []).append(x.pow(2).sum(dim=(1, 3)).cpu())
             if means_out is not None:
                 sums.setdefault(site.name, []).append(x.sum(dim=1).cpu())  # batch, heads, head size
@@ -61,7 +62,8 @@ def head_weight_norms(model: nn.Module, site: AttentionSite) -> torch.Tensor:
     heads = site.num_heads(model)
     total = torch.zeros(heads)
     for proj in site.projections(model):
-        total += proj.weight.detach().float().cpu().reshape(heads, site.head_dim, -1).pow(2).sum(dim=(1, 2)).sqrt()
+        # a head's (or key-value group's) rows are contiguous in every projection
+        total += proj.weight.detach().float().cpu().reshape(heads, -1).pow(2).sum(dim=1).sqrt()
     return total
 
 

@@ -51,7 +51,10 @@ def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | Non
     With `means`, the consumer of every removed unit that has an entry makes up for it first (see
     core.surgery.compensation.compensate_linear).
     """
-    means = means or {}
+    # compensation goes into a bias: a Linear without one (Llama's projections) makes up for nothing, and
+    # checking which fits a plan undoes costs a second dependency graph
+    means = {key: entry for key, entry in (means or {}).items()
+             if getattr(model.get_submodule(entry[0]), "bias", None) is not None}
     heads = {key.name: idxs for key, idxs in plan.items() if key.kind is UnitKind.HEADS}
     channels = {key: idxs for key, idxs in plan.items() if key.kind is UnitKind.CHANNELS}
     sites = {site.name: site for site in find_sites(model)[0]} if heads else {}

@@ -16,7 +16,7 @@ from torch import nn
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from core.graph.attention import AttentionSite
+from core.graph.attention import AttentionSite, find_sites
 from core.inputs import Inputs
 from core.surgery.units import UnitKey, UnitKind
 
@@ -195,12 +195,17 @@ def prunable_groups(
     channels removed.
     """
     names = {module: name for name, module in model.named_modules()}
-    ignored_modules = [m for layer in ignored for m in layer.modules()]
+    # the projections of recognised attention lose whole heads (PrunableGroups of their own), never
+    # single channels; their groups are not resolved at all (through rotary embeddings' slices and
+    # concatenations torch-pruning's walk does not end)
+    heads = [proj for site in find_sites(model)[0] for proj in site.projections(model)]
+    ignored_modules = [m for layer in ignored for m in layer.modules()] + heads
+    rms_weights = {id(weight) for weight in _rms_norm_weights(model)}  # parameters compare elementwise
     result = []
     for group in _resolvable_groups(graph, ignored_modules):
         root = group[0].dep.target.module
         name = names.get(root)
-        if name is None:
+        if name is None or any(id(dep.target.module) in rms_weights for dep, _ in group):
             continue
         ch_groups = _channel_groups(graph, group)
         total = graph.get_out_channels(root)
@@ -216,6 +221,18 @@ def prunable_groups(
             continue
         result.append(candidate)
     return result
+
+
+def _rms_norm_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of RMSNorm layers (Llama-style decoders), which torch-pruning sees as bare parameters.
+
+    The channels they scale are a decoder's residual stream, left whole (README, Transformers): each
+    RMSNorm divides by the root mean square over all of them, so no channel is removable on its own,
+    and the embedding table that writes them is often the output head's weight too (tied embeddings).
+    """
+    weights = [getattr(module, "weight", None) for module in model.modules()
+               if type(module).__name__.endswith("RMSNorm")]
+    return [weight for weight in weights if isinstance(weight, nn.Parameter)]
 
 
 def _passes_reshape(group: tp.dependency.Group) -> bool:
