@@ -19,7 +19,7 @@ from core.export.spec import OnnxSpec
 from core.graph.attention import convert_multihead_attention, find_sites, holds_attention
 from core.graph.blocks import find_blocks, remove_block
 from core.graph.outputs import named_outputs
-from core.graph.tracing import forward_once
+from core.graph.predictors import output_layers
 from core.importance.divergence import filter_divergence
 from core.inputs import Inputs
 from core.measure.accuracy import all_logits
@@ -102,18 +102,6 @@ def _attention_notes(model: nn.Module) -> list[str]:
     shown = "; ".join(unrecognised[:3]) + (f"; and {len(unrecognised) - 3} more" if len(unrecognised) > 3 else "")
     return [f"Attention heads are not pruned in {len(unrecognised)} module(s) this version does not recognise "
             f"({shown}); the widths around them (MLP, hidden size) are pruned."]
-
-
-def _output_layers(model: nn.Module, example: Inputs) -> list[str]:
-    """The last Conv/Linear executed produces the logits; its outputs are the classes, never pruned."""
-    executed: list[str] = []
-    handles = [
-        module.register_forward_hook(lambda _m, _i, _o, name=name: executed.append(name))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-    ]
-    forward_once(model, example, handles)
-    return executed[-1:]
 
 
 @torch.no_grad()
@@ -345,7 +333,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         reference=None if evaluation.labeled else reference_logits.argmax(1),
         reference_logits=reference_logits,
         feature_points=pick_feature_points(model, example),
-        ignored=_output_layers(model, example) + list(opts.ignored_layers),
+        ignored=output_layers(model, example) + list(opts.ignored_layers),
         outputs=_output_names(model, example),
         augment=choose_augmenter(recovery, opts.augmentation),
     )
