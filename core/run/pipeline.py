@@ -18,6 +18,7 @@ from core.export.artifacts import export_onnx, export_pt2, verify_onnx
 from core.export.spec import OnnxSpec
 from core.graph.attention import convert_multihead_attention, find_sites, holds_attention
 from core.graph.blocks import find_blocks, remove_block
+from core.graph.detectors import as_tensor_model, one_image_per_call
 from core.graph.outputs import named_outputs
 from core.graph.predictors import output_layers
 from core.importance.divergence import filter_divergence
@@ -178,7 +179,9 @@ def _onnx_metrics(model: nn.Module, example: Inputs, path: Path, verify_on: Inpu
                   opts: CompressOptions, spec: OnnxSpec | None) -> tuple[float, Latency]:
     export_onnx(model, example, path, spec)
     diff = verify_onnx(model, path, verify_on)
-    latency = ort_latency_ms(path, example, (1, opts.latency_batch), opts.latency_runs)
+    # a detector's export takes one image (core.graph.detectors)
+    batches = (1,) if one_image_per_call(model) else (1, opts.latency_batch)
+    latency = ort_latency_ms(path, example, batches, opts.latency_runs)
     return diff, latency
 
 
@@ -310,7 +313,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
              reporter: Reporter) -> tuple[nn.Module, RunInputs, list[str]]:
     """Copy the model to the device, check the data against it, split it, and set up the run's inputs."""
     device = resolve_device(opts.device)
-    model = copy.deepcopy(model).to(device).eval()
+    model = as_tensor_model(copy.deepcopy(model)).to(device).eval()
     notes = _drop_training_only_heads(model)
     data = data.bound(model)
     check_against_model(model, data, device, opts.output)
