@@ -26,6 +26,7 @@ from core.intake.model_io import detect_format, is_factory_spec
 from core.options import CompressOptions, IntakeOptions, Target, parse_stages
 from core.progress import ProgressEvent
 from core.report import PreflightReport, Report, to_json
+from core.tasks.kinds import Task
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -94,14 +95,20 @@ def _add_stages_and_device(group: argparse._ArgumentGroup) -> None:
                        help="filters, layers or filters,layers (default: %(default)s)")
     group.add_argument("--device", default=defaults.device, metavar="NAME",
                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    group.add_argument("--task", default=defaults.task.value, choices=[task.value for task in Task],
+                       help="what the model does, which sets the quality metric the budget applies to; auto infers "
+                            "it from the outputs (default: %(default)s)")
 
 
 def _add_target(parser: argparse.ArgumentParser, required: bool) -> None:
     target = parser.add_argument_group("target" + (" (at least one size target)" if required else ""))
     target.add_argument("--macs-reduction", type=float, metavar="F", help="MACs fraction to remove, e.g. 0.5")
     target.add_argument("--params-reduction", type=float, metavar="F", help="params fraction to remove")
-    target.add_argument("--max-accuracy-drop", type=float, default=Target().max_accuracy_drop, metavar="F",
-                        help="absolute top-1 budget on the held-out split (default: %(default)s)")
+    target.add_argument("--max-accuracy-drop", "--max-quality-drop", type=float, metavar="F",
+                        help="budget on the task's quality metric on the held-out split: top-1 points for a classifier "
+                             "(0.01 = one point), cosine similarity, mAP@0.5 or mIoU points, relative output error, "
+                             "or the relative perplexity increase of a language model (0.1 = 10 %%); default: the "
+                             "task's (0.01 for classification; README, Tasks)")
 
 
 def _add_prune(prune: argparse.ArgumentParser) -> None:
@@ -192,7 +199,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     target = None
     if args.macs_reduction is not None or args.params_reduction is not None:
         target = Target(args.macs_reduction, args.params_reduction, args.max_accuracy_drop)
-    options = CompressOptions(stages=parse_stages(args.stages), device=args.device, output=args.output)
+    options = CompressOptions(stages=parse_stages(args.stages), device=args.device, task=Task(args.task),
+                              output=args.output)
     intake = _intake(args)
     weights = None if args.weights is None else Path(args.weights)
     report = inspect_files(_model_spec(args, intake), args.data, target, options, intake, weights=weights)
@@ -232,6 +240,7 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
     options = CompressOptions(
         stages=parse_stages(args.stages),
         device=args.device,
+        task=Task(args.task),
         seed=args.seed,
         min_width_fraction=args.min_width_fraction,
         round_to=args.round_to,
@@ -343,12 +352,12 @@ def _clock(seconds: float) -> str:
 def format_summary(report: Report) -> str:
     """The before/after table printed at the end of `idap prune`."""
     latency_before, latency_after = report.latency_ms_before, report.latency_ms_after
-    accuracy_before, accuracy_after = report.accuracy_before, report.accuracy_after
+    before, after, metric = report.accuracy_before, report.accuracy_after, report.accuracy_metric
     rows = [
         _relative_row("MACs", report.macs_before, report.macs_after, _mega),
         _relative_row("Params", report.params_before, report.params_after, _mega),
-        ("Accuracy", f"{accuracy_before:.2%}", f"{accuracy_after:.2%}",
-         f"{100 * (accuracy_after - accuracy_before):+.2f} pt"),
+        (metric.label[:1].upper() + metric.label[1:], metric.show(before), metric.show(after),
+         metric.show_change(before, after)),
     ]
     rows += [_relative_row(f"ORT latency, batch {key.removeprefix('batch_')}", latency_before[key],
                            latency_after[key], lambda v: f"{v:.3f} ms")
@@ -362,6 +371,7 @@ def format_summary(report: Report) -> str:
         f"ONNX max abs diff: {report.onnx_max_abs_diff:.2e}",
         f"Removed blocks: {len(removed)}" + (f" ({', '.join(removed)})" if removed else ""),
         f"Target met: {'yes' if report.target_met else 'no'} (stop reason: {report.stop_reason})",
+        f"Task: {report.task}; budget: {report.budget}",
     ]
     resolution = report.budget_resolution
     if resolution is not None:
@@ -393,8 +403,9 @@ def format_inspection(report: PreflightReport) -> str:
     estimate = report.estimate_seconds
     groups = report.prunable_groups
     lines = [
-        f"Format: {report.input_format}; input {report.input_dtype} {report.input_shape}; "
-        f"{report.num_classes} classes",
+        f"Format: {report.input_format}; input {report.input_dtype} {report.input_shape}"
+        + ("" if report.num_classes is None else f"; {report.num_classes} classes"),
+        f"Task: {report.task}; budget: {report.budget}",
         f"MACs: {_mega(report.macs)}   Params: {_mega(report.params)}",
         f"Prunable groups: {len(groups)} ({sum(g.width for g in groups)} channels)",
     ]

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from core.errors import OptionsError
+from core.tasks.kinds import Task
 
 
 class Stage(StrEnum):
@@ -85,13 +86,16 @@ def _checked_stages(stages: Iterable[object]) -> tuple[Stage, ...]:
 class Target:
     """Fractions to remove. At least one of the size targets must be set.
 
-    `max_accuracy_drop` is absolute top-1 (0.01 = one point) measured on the held-out
-    split; without labels it is top-1 agreement with the original model.
+    `max_accuracy_drop` is the budget on the task's quality metric on the held-out split
+    (core.tasks.kinds.Metric.describe_budget): absolute top-1 for a classifier (0.01 = one point;
+    without labels, top-1 agreement with the original), cosine similarity, mAP@0.5 or mIoU points,
+    relative error, or a relative perplexity increase for a language model (0.1 = 10 %). None: the
+    task's default (README, Tasks).
     """
 
     macs_reduction: float | None = None
     params_reduction: float | None = None
-    max_accuracy_drop: float = 0.01
+    max_accuracy_drop: float | None = None
 
     def validate(self) -> None:
         if self.macs_reduction is None and self.params_reduction is None:
@@ -106,11 +110,23 @@ class Target:
                     f"{name} must be a fraction between 0 and 1 (exclusive), got {value}.",
                     hint="Use e.g. 0.5 to remove half.",
                 )
-        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+        if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise OptionsError(
                 f"max_accuracy_drop must be between 0 and 1, got {self.max_accuracy_drop}.",
-                hint="It is absolute top-1, e.g. 0.01 for one point.",
+                hint="It is in the task's metric: e.g. 0.01 for one point of top-1, 0.1 for 10 % more perplexity.",
             )
+
+    def with_budget(self, default: float) -> Target:
+        """This target with its budget set: `default` (the task's) when it has none."""
+        if self.max_accuracy_drop is not None:
+            return self
+        return Target(self.macs_reduction, self.params_reduction, default)
+
+    @property
+    def budget(self) -> float:
+        if self.max_accuracy_drop is None:
+            raise ValueError("The budget is set by with_budget for the run's task.")
+        return self.max_accuracy_drop
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,9 @@ class CompressOptions:
     """Knobs of the IDAP++ pipeline; defaults follow ../shared/method/IDAP++.md."""
 
     stages: tuple[Stage, ...] = (Stage.FILTERS, Stage.LAYERS)
+    # What the model does, which decides the quality metric, the budget's units and recovery's loss
+    # (core.tasks); auto infers it from the model's outputs and class.
+    task: Task = Task.AUTO
     device: str = "auto"
     seed: int = 0
     criterion: Criterion = Criterion.DIVERGENCE
@@ -160,9 +179,10 @@ class CompressOptions:
     # than a 32-wide one in our measurements, so widths stay multiples of 8 by default (1 = off).
     round_to: int | None = 8
     ignored_layers: tuple[str, ...] = ()
-    # The output that holds the class logits, by its name in core.graph.outputs.named_outputs (a dict
-    # key, "output_1" for a tuple's second item); None: the first output (a ModelOutput's logits). Every
-    # output keeps its shape and is exported; this one is what accuracy and distillation are measured on.
+    # The output the task measures (the class logits, the embedding, the map), by its name in
+    # core.graph.outputs.named_outputs (a dict key, "output_1" for a tuple's second item); None: the task's
+    # choice (a classifier's first output or a ModelOutput's logits). Every output keeps its shape and is
+    # exported.
     output: str | None = None
     # Stage 2
     max_removals: int = 8
@@ -211,7 +231,7 @@ class CompressOptions:
         # fields hold members. A name of no member stays as it is, for validate() to refuse.
         object.__setattr__(self, "stages", tuple(_member(Stage, stage) for stage in self.stages))
         for name, choices in (("criterion", Criterion), ("group_scores", GroupScores), ("allocation", Allocation),
-                              ("augmentation", Augmentation)):
+                              ("augmentation", Augmentation), ("task", Task)):
             object.__setattr__(self, name, _member(choices, getattr(self, name)))
 
     def validate(self) -> None:
@@ -227,6 +247,8 @@ class CompressOptions:
         if not isinstance(self.augmentation, Augmentation):
             raise OptionsError(f"Unknown augmentation {self.augmentation!r}.",
                                hint=f"Use one of {', '.join(Augmentation)}.")
+        if not isinstance(self.task, Task):
+            raise OptionsError(f"Unknown task {self.task!r}.", hint=f"Use one of {', '.join(Task)}.")
         if not isinstance(self.criterion, Criterion):
             raise OptionsError(f"Unknown criterion {self.criterion!r}.", hint=f"Use one of {', '.join(Criterion)}.")
         checks = [

@@ -15,10 +15,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, computed_field, model_serializer
 
 from core.options import CompressOptions, Stage, Target
+from core.tasks.kinds import Metric, Task
 
 # ONNX Runtime latency by batch size ("batch_1", "batch_32"), in milliseconds.
 Latency = dict[str, float]
-AccuracyMetric = Literal["top1", "top1_agreement_with_original"]
 
 
 class StopReason(StrEnum):
@@ -58,13 +58,14 @@ class _Frozen(BaseModel):
 
 
 class BudgetResolution(_Frozen):
-    """How finely the held-out split measures the accuracy budget (core.run.goals.budget_resolution)."""
+    """How finely the held-out split measures the budget (core.run.goals.budget_resolution); only a top-1
+    budget can be finer than the split: the other metrics are resolved and `top1_tolerance` is the budget."""
 
     eval_samples: int  # held-out samples that decide the budget
     sample_worth: float  # what one of them is worth in top-1 (1 / eval_samples)
     resolved: bool  # whether the budget is worth at least RESOLVING_SAMPLES samples
     top1_tolerance: float  # the top-1 drop a step may cost: the budget, or RESOLVING_SAMPLES samples' worth
-    decided_by: Literal["top1", "top1_and_soft_agreement"]
+    decided_by: Metric | Literal["top1_and_soft_agreement"]
     warning: str | None = None  # for a budget the split cannot resolve: what it means and what to do
 
 
@@ -137,7 +138,8 @@ class RemovedBlock(_Frozen):
 
 
 class _BeforeAndAfter(_Frozen):
-    """The model's size and accuracy before and after: the first keys of a report and of its headline."""
+    """The model's size and quality before and after: the first keys of a report and of its headline.
+    `accuracy_*` hold the task's metric (`accuracy_metric`), whatever the task."""
 
     macs_before: int
     macs_after: int
@@ -145,9 +147,12 @@ class _BeforeAndAfter(_Frozen):
     params_after: int
     macs_reduction: float
     params_reduction: float
-    accuracy_metric: AccuracyMetric
+    accuracy_metric: Metric
     accuracy_before: float
     accuracy_after: float
+    # reports written before tasks existed were all classification
+    task: Task = Task.CLASSIFICATION
+    budget: str | None = None  # the budget in words (Metric.describe_budget)
 
 
 class ReportHeadline(_BeforeAndAfter):
@@ -286,7 +291,10 @@ class PreflightReport(_FromUpload):
 
     macs: int
     params: int
-    num_classes: int
+    task: Task
+    metric: Metric  # what the budget applies to, for the data as given (with or without labels)
+    budget: str  # the budget in words (the target's, or the task's default)
+    num_classes: int | None  # classes the output scores, for the tasks that have them
     inputs: list[InputSignature]
     outputs: list[OutputRow]  # every output, kept as it is in the pruned model; the logits are one of them
     input_shape: list[int]  # of the first input, as a single-input model's page shows it

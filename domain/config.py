@@ -43,8 +43,10 @@ class _Strict(BaseModel):
 class TargetIn(_Strict):
     macs_reduction: float | None = Field(default=None, gt=0, lt=1, description="fraction of MACs to remove")
     params_reduction: float | None = Field(default=None, gt=0, lt=1, description="fraction of parameters to remove")
-    max_accuracy_drop: float = Field(default=Target().max_accuracy_drop, ge=0, le=1,
-                                     description="absolute top-1 budget")
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0, le=1,
+        description="budget on the task's quality metric (top-1 points, cosine, mAP or mIoU points, relative error, "
+                    "or a relative perplexity increase for causal-lm); unset: the task's default")
 
 
 class RecoveryIn(_Strict):

@@ -34,7 +34,7 @@ def sample_report(**changes: Any) -> Report:
         layers=[LayerRow(name="stem", channels_before=32, channels_after=16, divergence=0.5),
                 LayerRow(name="head", channels_before=10, channels_after=10, divergence=None)],
         attention_heads=[HeadRow(name="encoder.0.attention", heads_before=4, heads_after=2)],
-        steps=sample_steps(), target=Target(macs_reduction=0.5), target_met=True,
+        steps=sample_steps(), target=Target(macs_reduction=0.5, max_accuracy_drop=0.01), target_met=True,
         reachable_reduction={"macs": 0.9, "params": 0.9}, stop_reason=StopReason.TARGET_REACHED,
         message="Target met: MACs -50.0%, params -50.0%.", notes=[], device="cpu",
         options=CompressOptions(lr=1e-3), seconds=12.5,

@@ -23,6 +23,7 @@ from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph, prunable_groups
 from core.surgery.plan import make_plan, score_groups
 from core.surgery.units import UnitKey, UnitKind
+from core.tasks.classification import Classification
 
 
 def _x(digits_arrays) -> torch.Tensor:
@@ -112,7 +113,7 @@ def test_unlabeled_recovery_pulls_student_towards_teacher(digits_model, digits_a
     recover(student, digits_model, Dataset(Inputs.single(x), None),
             pick_feature_points(digits_model, Inputs.single(x[:2])), 60,
             device=torch.device("cpu"), batch_size=64, lr=1e-3, weight_decay=1e-4, temperature=3.0,
-            kd_weight=1.0, feature_weight=0.5, seed=0, reporter=Reporter(None, None), output=None)
+            kd_weight=1.0, feature_weight=0.5, seed=0, reporter=Reporter(None, None), task=Classification())
     assert gap() < before / 2
 
 
@@ -128,7 +129,7 @@ def test_labelled_recovery_also_matches_the_teachers_soft_outputs(digits_model, 
         student = copy.deepcopy(noisy)
         recover(student, digits_model, Dataset(Inputs.single(x), y), [], 40, device=torch.device("cpu"), batch_size=64,
                 lr=1e-3, weight_decay=1e-4, temperature=3.0, kd_weight=kd_weight, feature_weight=0.0, seed=0,
-                reporter=Reporter(None, None), output=None)
+                reporter=Reporter(None, None), task=Classification())
         with torch.no_grad():
             return float((student(x).softmax(1) - digits_model(x).softmax(1)).abs().sum(1).mean())
 
@@ -154,19 +155,21 @@ def test_onnx_verification_catches_a_model_that_disagrees(digits_model, digits_a
 
 
 def test_drift_is_zero_for_the_original_and_grows_with_damage(digits_model, digits_arrays) -> None:
-    from core.measure.accuracy import all_logits, drift
+    from core.tasks.base import collect
+    from core.tasks.classification import Classification
 
     x = Inputs.single(_x(digits_arrays)[:200])
     cpu = torch.device("cpu")
-    reference = all_logits(digits_model, x, cpu, None)
-    assert drift(digits_model, x, cpu, reference, None) == pytest.approx(0.0, abs=1e-6)
+    task = Classification()
+    reference = collect(digits_model, x, cpu, task)
+    assert task.drift(collect(digits_model, x, cpu, task), reference) == pytest.approx(0.0, abs=1e-6)
     drifts = []
     for scale in (0.01, 0.1):
         damaged = copy.deepcopy(digits_model)
         with torch.no_grad():
             for p in damaged.parameters():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * scale)
-        drifts.append(drift(damaged, x, cpu, reference, None))
+        drifts.append(task.drift(collect(damaged, x, cpu, task), reference))
     assert 0 < drifts[0] < drifts[1]
 
 

@@ -13,8 +13,9 @@ import torch
 from benchmarks import minilm
 from core.intake.files import open_data
 from core.intake.model_io import open_model
-from core.measure.accuracy import predict
 from core.options import IntakeOptions
+from core.tasks.base import collect
+from core.tasks.classification import Classification
 
 if TYPE_CHECKING:
     from tests.minilm_fixtures import MiniLMFiles
@@ -69,6 +70,7 @@ def test_finetuned_minilm_loads_as_an_upload_and_beats_chance(minilm_files: Mini
     held_out = open_data(minilm_files.eval_jsonl, loaded, intake)
     ids = held_out.inputs.tensors["input_ids"]
     assert ids.dtype == torch.int64 and held_out.y is not None and len(held_out) == minilm_files.n_eval
-    predicted = predict(loaded.module, held_out.bound(loaded.module).inputs, torch.device("cpu"), None)
+    inputs = held_out.bound(loaded.module).inputs
+    predicted = collect(loaded.module, inputs, torch.device("cpu"), Classification()).argmax(1)
     accuracy = float((predicted == held_out.y).float().mean())
     assert accuracy > 0.65, accuracy

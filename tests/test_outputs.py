@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from core.data import Dataset, check_against_model
+from core.data import Dataset
 from core.errors import DataError, OptionsError
 from core.examples import DigitsNet
 from core.graph.outputs import named_outputs, select_output
@@ -20,6 +20,8 @@ from core.inputs import Inputs
 from core.options import CompressOptions, Stage, Target
 from core.run.pipeline import compress
 from core.run.preflight import preflight
+from core.tasks.check import settle_task
+from core.tasks.kinds import Task
 from tests.test_cli import assert_user_error, prune_args, run_main
 
 AUX_CLASSES = 5
@@ -120,14 +122,15 @@ def test_the_named_output_is_the_one_measured(digits_model: DigitsNet, data: Dat
     model = Heads(digits_model).eval()
     cpu = torch.device("cpu")
     data = data.bound(model)
-    assert check_against_model(model, data, cpu, None) == 10
+    settled = settle_task(model, data, cpu, Task.AUTO, None)
+    assert settled.handler.task is Task.CLASSIFICATION and settled.measures == "10 class logits"
     # the labels go up to 9: as logits, the 5-class head cannot hold them
     with pytest.raises(DataError) as caught:
-        check_against_model(model, data, cpu, "aux")
+        settle_task(model, data, cpu, Task.AUTO, "aux")
     assert caught.value.code == "labels_out_of_range"
     # an output that is not N×classes (a feature map) is refused, naming it and the model's outputs
     with pytest.raises(DataError, match=r"output 'map' has shape \(2, 32, 8, 8\).*map \(2, 32, 8, 8\)") as refused:
-        check_against_model(WithFeatureMap(model), data.bound(WithFeatureMap(model)), cpu, "map")
+        settle_task(WithFeatureMap(model), data.bound(WithFeatureMap(model)), cpu, Task.CLASSIFICATION, "map")
     assert refused.value.code == "output_not_logits"
     report = preflight(model, Dataset(data.inputs[:64]), None, CompressOptions(output="aux"), has_data=True)
     assert report.num_classes == AUX_CLASSES

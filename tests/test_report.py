@@ -15,7 +15,7 @@ REPORT_JSON_KEYS = {
     "onnx_max_abs_diff", "onnx_max_abs_diff_before", "onnx_bytes_before", "onnx_bytes_after", "pt2_error",
     "removed_blocks", "blocks", "layers", "attention_heads", "steps", "target", "target_met", "reachable_reduction",
     "stop_reason", "message", "notes", "device", "options", "seconds", "resumed_at_step",
-    "budget_resolution", "soft_agreement_before", "soft_agreement_after",
+    "budget_resolution", "soft_agreement_before", "soft_agreement_after", "task", "budget",
 }
 # set by core.intake for uploads, and for Hugging Face uploads
 UPLOAD_KEYS = {"input_format"}
@@ -25,7 +25,7 @@ PREFLIGHT_JSON_KEYS = {
     "macs", "params", "num_classes", "inputs", "outputs", "input_shape", "input_dtype", "samples", "labeled",
     "prunable_groups",
     "not_prunable", "blocks", "reachable_reduction", "target", "feasible", "problems", "estimate_seconds", "notes",
-    "seconds", "budget_resolution",
+    "seconds", "budget_resolution", "task", "metric", "budget",
 }
 
 
@@ -80,9 +80,9 @@ def test_headline_holds_the_job_metrics() -> None:
     headline = report.headline().model_dump(mode="json")
     assert list(headline) == [
         "macs_before", "macs_after", "params_before", "params_after", "macs_reduction", "params_reduction",
-        "accuracy_metric", "accuracy_before", "accuracy_after", "latency_ms_before", "latency_ms_after",
-        "onnx_max_abs_diff", "target_met", "stop_reason", "message", "removed_blocks", "device", "seconds",
-        "pt2_error"]
+        "accuracy_metric", "accuracy_before", "accuracy_after", "task", "budget", "latency_ms_before",
+        "latency_ms_after", "onnx_max_abs_diff", "target_met", "stop_reason", "message", "removed_blocks", "device",
+        "seconds", "pt2_error"]
     dumped = report.model_dump(mode="json")
     assert headline["removed_blocks"] == dumped["removed_blocks"] == ["blocks.1"]
     assert all(headline[key] == dumped[key] for key in headline)
@@ -95,7 +95,9 @@ def test_a_step_without_other_stages_fields_round_trips() -> None:
 
 def test_preflight_json_has_todays_keys() -> None:
     report = PreflightReport(
-        macs=1000, params=200, num_classes=10, inputs=[InputSignature(name="x", dtype="float32", shape=[1, 8, 8])],
+        macs=1000, params=200, task="classification", metric="top1",
+        budget="top-1 accuracy may drop by at most 1.00 points", num_classes=10,
+        inputs=[InputSignature(name="x", dtype="float32", shape=[1, 8, 8])],
         outputs=[{"name": "logits", "shape": [10]}], input_shape=[1, 8, 8], input_dtype="float32", samples=0,
         labeled=None,
         prunable_groups=[{"name": "stem", "width": 32, "min_width": 4}],

@@ -115,7 +115,7 @@ def trajectory_chart(report: Report) -> str:
     steps = report.steps
     start = (report.macs_before, report.accuracy_before)
     final = (report.macs_after, report.accuracy_after)
-    floor = start[1] - report.target.max_accuracy_drop
+    floor = report.accuracy_metric.limit(start[1], report.target.budget)
     points = [start, final] + [(step.macs, step.accuracy) for step in steps]
     xs = [x for x, _ in points]
     ys = [y for _, y in points] + [floor]

@@ -13,10 +13,10 @@ import torch_pruning as tp
 from torch import nn
 
 from core.data import batches
-from core.graph.outputs import select_output
 from core.importance.statistics import InputMoments, InputStats, run_calibration, token_rows
 from core.inputs import Inputs
 from core.options import Criterion
+from core.tasks.base import TaskHandler
 
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
@@ -214,15 +214,15 @@ class DivergenceScorer:
 
 
 def taylor_gradients(model: nn.Module, calib: Inputs, labels: torch.Tensor | None,
-                     device: torch.device, batch_size: int, output: str | None) -> None:
-    """Accumulate weight gradients on the calibration set for first-order Taylor importance."""
+                     device: torch.device, batch_size: int, task: TaskHandler) -> None:
+    """Accumulate weight gradients of the task's loss (core.tasks) on the calibration set for first-order
+    Taylor importance."""
     model.eval()
     model.zero_grad(set_to_none=True)
     for i, batch in enumerate(batches(calib, batch_size)):
-        logits = select_output(batch.to(device).call(model), output)
-        target = labels[i * batch_size : i * batch_size + len(batch)].to(device) if labels is not None \
-            else logits.argmax(1).detach()
-        nn.functional.cross_entropy(logits, target, reduction="sum").backward()
+        batch = batch.to(device)
+        target = labels[i * batch_size : i * batch_size + len(batch)].to(device) if labels is not None else None
+        task.taylor_loss(batch.call(model), batch, target).backward()
 
 
 def baseline_scorer(criterion: Criterion) -> GroupScorer:

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from core.data import Dataset
-from core.graph.outputs import select_output
 from core.progress import Reporter
 from core.recovery.augment import Augmenter
 from core.recovery.features import FeatureTap, feature_loss
+from core.tasks.base import TaskHandler
 
 
 def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -48,13 +48,13 @@ def recover(
     feature_weight: float,
     seed: int,
     reporter: Reporter,
-    output: str | None,
+    task: TaskHandler,
     augment: Augmenter | None = None,
 ) -> None:
     """Fine-tune `student` in place for `iterations` steps.
 
-    loss = CE(student, labels) + kd_weight·KL + w·Σ L1(adapter(f_s), f_t) with labels, KL being
-    KL(student ‖ teacher) at temperature T scaled by T²; without labels the task term is KL alone.
+    loss = the task's loss (core.tasks: its own loss against labels + kd_weight·distillation on the outputs,
+    distillation alone without labels) + w·Σ L1(adapter(f_s), f_t) on the feature points.
     With `augment`, teacher and student see the same augmented batch (core.recovery.augment).
     Cancellation is checked every iteration.
     """
@@ -63,7 +63,7 @@ def recover(
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student.train()
+    student.train(task.train_mode)
     s_tap, t_tap = FeatureTap(student, feature_points), FeatureTap(teacher, feature_points)
     adapters: dict[str, nn.Module | None] = {}
     params = [p for p in student.parameters() if p.requires_grad]
@@ -79,19 +79,8 @@ def recover(
             x = data.inputs[index].to(device)
             if augment is not None:
                 x = augment(x, augment_generator)
-            with torch.no_grad():
-                t_logits = select_output(x.call(teacher), output)
-            s_logits = select_output(x.call(student), output)
-            soft = nn.functional.kl_div(
-                nn.functional.log_softmax(s_logits / temperature, dim=1),
-                nn.functional.log_softmax(t_logits / temperature, dim=1),
-                log_target=True,
-                reduction="batchmean",
-            ) * temperature**2
-            if data.y is not None:
-                loss = nn.functional.cross_entropy(s_logits, data.y[index].to(device)) + kd_weight * soft
-            else:
-                loss = soft
+            labels = None if data.y is None else data.y[index].to(device)
+            loss = task.recovery_loss(student, teacher, x, labels, temperature, kd_weight)
             loss = loss + feature_weight * feature_loss(s_tap, t_tap, adapters, optimizer, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

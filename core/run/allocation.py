@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.measure.accuracy import all_logits, kl_from
 from core.run.context import Run
 from core.run.goals import Size
 from core.surgery.apply import apply_plan
 from core.surgery.groups import PrunableGroup
 from core.surgery.plan import make_plan
 from core.surgery.units import Means
+from core.tasks.base import collect
 
 # Inputs the probes are measured on (the first calibration samples): enough to rank groups whose
 # drifts differ by orders of magnitude, few enough that a probe costs about one forward pass.
@@ -53,7 +53,8 @@ def drift_per_size(run: Run, model: nn.Module, groups: list[PrunableGroup], scor
     unit, or one round_to block), compensated with `means` as the step would be. A group no probe
     can cut scores infinite."""
     x = run.spec.calib[:PROBE_SAMPLES]
-    reference = all_logits(model, x, run.spec.device, run.spec.options.output)
+    task = run.spec.task
+    reference = collect(model, x, run.spec.device, task)
     size = run.measure(model)
     out = []
     for group, unit_scores in zip(groups, scores):
@@ -65,7 +66,7 @@ def drift_per_size(run: Run, model: nn.Module, groups: list[PrunableGroup], scor
         if wanted > len(probe.units):
             probe = _probe(run, model, size, group, unit_scores, means, wanted) or probe
         # floored, so that a probe below measurement keeps its units' order by score
-        drift = max(kl_from(reference, all_logits(probe.model, x, run.spec.device, run.spec.options.output)), MIN_DRIFT)
+        drift = max(task.drift(collect(probe.model, x, run.spec.device, task), reference), MIN_DRIFT)
         taken = unit_scores[probe.units].clamp(min=0.0)
         # a unit's share of the probe's drift follows its score; an all-zero probe shares it evenly
         weights = unit_scores.clamp(min=0.0) + 1e-12

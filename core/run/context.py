@@ -13,7 +13,6 @@ from torch import nn
 
 from core.data import Dataset
 from core.inputs import Inputs
-from core.measure.accuracy import all_logits, drift, soft_agreement, top1
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, Stage
 from core.progress import Reporter
@@ -23,6 +22,7 @@ from core.report import RemovedBlock, StepRecord, WidthComparison
 from core.run.eta import Clock, schedule_steps
 from core.run.goals import Goals, Size, Verdict
 from core.surgery.units import UnitKey
+from core.tasks.base import Records, TaskHandler, collect
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class RunInputs:
     recovery: Dataset
     evaluation: Dataset
     calib: Inputs
-    reference: torch.Tensor | None  # original predictions on the evaluation split
-    reference_logits: torch.Tensor  # original logits on the evaluation split
+    task: TaskHandler
+    reference: Records  # what the task records of the original's outputs on the evaluation split
     feature_points: list[str]
     ignored: list[str]
     outputs: tuple[str, ...]  # the model's outputs by name (core.graph.outputs), every one kept as it is
@@ -50,18 +50,12 @@ class RunInputs:
             raise ValueError("RunInputs.options.lr is set by core.pipeline._prepare.")
         return self.options.lr
 
-    def accuracy(self, model: nn.Module) -> float:
-        """Top-1 on the evaluation split (agreement with the original's predictions when unlabeled)."""
-        return top1(model, self.evaluation, self.device, self.reference, self.options.output)
-
     def verdict(self, model: nn.Module) -> Verdict:
-        """Top-1 and soft agreement on the evaluation split, from one pass over it."""
-        logits = all_logits(model, self.evaluation.inputs, self.device, self.options.output)
-        target = self.evaluation.y if self.evaluation.y is not None else self.reference
-        if target is None:
-            raise ValueError("Unlabeled data needs the original model's predictions as reference.")
-        accuracy = float((logits.argmax(1) == target).float().mean())
-        return Verdict(accuracy, soft_agreement(logits, self.reference_logits))
+        """The task's metric (against the labels, else the original's outputs) and its smooth agreement with
+        the original, from one pass over the evaluation split."""
+        records = collect(model, self.evaluation.inputs, self.device, self.task)
+        return Verdict(self.task.quality(records, self.reference, self.evaluation.y),
+                       self.task.agreement(records, self.reference))
 
     def recovery_iterations(self, final: bool = False) -> int:
         """Optimizer iterations of one step's recovery, or of the final one (with the floors)."""
@@ -73,8 +67,8 @@ class RunInputs:
                               opts.min_recovery_iterations)
 
     def drift(self, model: nn.Module) -> float:
-        """How far `model`'s outputs on the evaluation split drift from the original's (metrics.drift)."""
-        return drift(model, self.evaluation.inputs, self.device, self.reference_logits, self.options.output)
+        """How far `model`'s outputs on the evaluation split drift from the original's (the task's drift)."""
+        return self.task.drift(collect(model, self.evaluation.inputs, self.device, self.task), self.reference)
 
 
 @dataclass(frozen=True)
@@ -166,7 +160,7 @@ class Run:
             student, teacher, self.spec.recovery, self.spec.feature_points, iterations,
             device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
             temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
-            seed=opts.seed + state.recoveries, reporter=self.reporter, output=opts.output, augment=self.spec.augment,
+            seed=opts.seed + state.recoveries, reporter=self.reporter, task=self.spec.task, augment=self.spec.augment,
         )
         if iterations:
             self.clock.iteration_s.append((time.monotonic() - started) / iterations)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from core.options import Target
 from core.report import BudgetResolution
+from core.tasks.kinds import Metric
 
 # The result may miss the size target by this much and still count as met (issue #2).
 TARGET_TOLERANCE = 0.03
@@ -19,26 +20,32 @@ RESOLVING_SAMPLES = 3
 
 
 class Verdict(NamedTuple):
-    """How a model does on the held-out split: top-1 (agreement with the original's predictions when
-    the data has no labels) and soft agreement (the mean probability it gives the original's predicted
-    class, core.measure.accuracy.soft_agreement)."""
+    """How a model does on the held-out split: its task's metric (`accuracy`: top-1, or agreement with the
+    original's predictions when the data has no labels, for a classifier; core.tasks for the others) and
+    a smooth agreement with the original (for a classifier, the mean probability it gives the original's
+    predicted class, core.measure.accuracy.soft_agreement)."""
 
     accuracy: float
     soft_agreement: float
 
 
-def budget_resolution(max_drop: float, eval_samples: int, eval_fraction: float) -> BudgetResolution:
-    """What `eval_samples` held-out samples can say about a top-1 budget of `max_drop`.
+def budget_resolution(max_drop: float, eval_samples: int, eval_fraction: float,
+                      metric: Metric = Metric.TOP1) -> BudgetResolution:
+    """What `eval_samples` held-out samples can say about a budget of `max_drop` on `metric`.
 
-    A budget worth fewer than RESOLVING_SAMPLES samples is decided by soft agreement, which has no
+    A top-1 budget worth fewer than RESOLVING_SAMPLES samples is decided by soft agreement, which has no
     such granularity, within the budget, alongside top-1 within RESOLVING_SAMPLES samples: top-1 alone
-    would reject any step that flips one sample, or accept on the luck of which samples flipped."""
+    would reject any step that flips one sample, or accept on the luck of which samples flipped. The
+    other tasks' metrics average over pixels, tokens, boxes or dimensions and decide their budgets alone."""
     worth = 1.0 / max(eval_samples, 1)
+    if metric not in (Metric.TOP1, Metric.TOP1_AGREEMENT):
+        return BudgetResolution(eval_samples=eval_samples, sample_worth=round(worth, 6), resolved=True,
+                                top1_tolerance=max_drop, decided_by=metric)
     # a budget of 0 asks for no drop at all, which any split measures
     resolved = max_drop == 0 or max_drop + _EPSILON >= RESOLVING_SAMPLES * worth
     if resolved:
         return BudgetResolution(eval_samples=eval_samples, sample_worth=round(worth, 6), resolved=True,
-                                top1_tolerance=max_drop, decided_by="top1")
+                                top1_tolerance=max_drop, decided_by=Metric.TOP1)
     tolerance = RESOLVING_SAMPLES * worth
     return BudgetResolution(
         eval_samples=eval_samples, sample_worth=round(worth, 6), resolved=False, top1_tolerance=round(tolerance, 6),
@@ -69,14 +76,19 @@ def reductions(size: Size, original: Size) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Goals:
-    """What a run aims for: the target's size reductions and accuracy budget, against the original
-    model's size and its accuracy on the evaluation split."""
+    """What a run aims for: the target's size reductions and quality budget (`target` with its budget set
+    for the task), against the original model's size and its metric on the evaluation split."""
 
     target: Target
     original: Size
-    accuracy: float
-    soft_agreement: float  # the original's own (its mean top probability)
+    accuracy: float  # the original's value of `metric`
+    soft_agreement: float  # the original's own (for a classifier, its mean top probability)
     resolution: BudgetResolution
+    metric: Metric = Metric.TOP1
+
+    def drop(self, verdict: Verdict) -> float:
+        """How much worse than the original `verdict` is, in the budget's units."""
+        return self.metric.drop(self.accuracy, verdict.accuracy)
 
     @property
     def fractions(self) -> dict[str, float]:
@@ -118,16 +130,16 @@ class Goals:
         return sum((end[key] - start[key]) / goal for key, goal in self.fractions.items())
 
     def within_budget(self, verdict: Verdict) -> bool:
-        """Whether `verdict` is inside the accuracy budget: top-1 at most max_accuracy_drop below the
-        original's; where the held-out split cannot resolve that (see budget_resolution), soft agreement
-        at most max_accuracy_drop below and top-1 within the resolution's tolerance."""
-        top1 = self.accuracy - verdict.accuracy <= self.resolution.top1_tolerance + _EPSILON
+        """Whether `verdict` is inside the budget: the metric at most max_accuracy_drop worse than the
+        original's; where the held-out split cannot resolve a top-1 budget (see budget_resolution), soft
+        agreement at most max_accuracy_drop below and top-1 within the resolution's tolerance."""
+        within = self.drop(verdict) <= self.resolution.top1_tolerance + _EPSILON
         if self.resolution.resolved:
-            return top1
-        return top1 and self.soft_agreement - verdict.soft_agreement <= self.target.max_accuracy_drop + _EPSILON
+            return within
+        return within and self.soft_agreement - verdict.soft_agreement <= self.target.budget + _EPSILON
 
     def better(self, verdict: Verdict, than: Verdict) -> bool:
         """Whether `verdict` is at least as good as `than` by the measure that decides the budget."""
         if self.resolution.resolved:
-            return verdict.accuracy >= than.accuracy
+            return self.drop(verdict) <= self.drop(than)
         return verdict.soft_agreement >= than.soft_agreement

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.data import Dataset, check_against_model, split
+from core.data import Dataset, split
 from core.errors import OptionsError, TargetUnreachableError
 from core.export.artifacts import export_onnx, export_pt2, verify_onnx
 from core.export.spec import OnnxSpec
@@ -23,7 +23,6 @@ from core.graph.outputs import named_outputs
 from core.graph.predictors import output_layers
 from core.importance.divergence import filter_divergence
 from core.inputs import Inputs
-from core.measure.accuracy import all_logits
 from core.measure.latency import ort_latency_ms
 from core.options import CompressOptions, Stage, Target
 from core.progress import CancelFn, ProgressFn, Reporter
@@ -38,6 +37,8 @@ from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
 from core.surgery.plan import make_plan
 from core.surgery.units import UnitKind
+from core.tasks.base import collect
+from core.tasks.check import settle_task
 
 
 @dataclass
@@ -282,7 +283,7 @@ def prune_and_export(
         macs_before=original_size.macs, macs_after=size.macs,
         params_before=original_size.params, params_after=size.params,
         macs_reduction=round(reduction["macs"], 6), params_reduction=round(reduction["params"], 6),
-        accuracy_metric="top1" if spec.evaluation.labeled else "top1_agreement_with_original",
+        task=spec.task.task, accuracy_metric=goals.metric, budget=goals.metric.describe_budget(goals.target.budget),
         accuracy_before=round(goals.accuracy, 6), accuracy_after=round(accuracy, 6),
         eval_samples=len(spec.evaluation), budget_resolution=goals.resolution,
         soft_agreement_before=round(goals.soft_agreement, 6), soft_agreement_after=round(verdict.soft_agreement, 6),
@@ -294,7 +295,7 @@ def prune_and_export(
         layers=_layer_table(original, model, baseline.layer_divergence),
         attention_heads=_head_table(original, model),
         steps=list(state.steps),
-        target=target,
+        target=goals.target,
         target_met=met,
         reachable_reduction={k: round(v, 4) for k, v in reachable.items()},
         stop_reason=stop_reason,
@@ -316,7 +317,8 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     model = as_tensor_model(copy.deepcopy(model)).to(device).eval()
     notes = _drop_training_only_heads(model)
     data = data.bound(model)
-    check_against_model(model, data, device, opts.output)
+    settled = settle_task(model, data, device, opts.task, opts.output)
+    notes.append(settled.note)
     notes += convert_multihead_attention(model, data.inputs[:2].to(device)) + _attention_notes(model)
     if opts.lr is None:
         large = is_large(sum(p.numel() for p in model.parameters()))
@@ -329,12 +331,11 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     # the held-out split is at least one batch where the data allows, so accuracy is not a coin flip
     recovery, evaluation = split(data, opts.eval_fraction, opts.seed, min_eval=min(opts.batch_size, len(data) // 2))
     example = data.inputs[:2].to(device)
-    reference_logits = all_logits(model, evaluation.inputs, device, opts.output)
     inputs = RunInputs(
         options=opts, device=device, example=example,
         recovery=recovery, evaluation=evaluation, calib=recovery.inputs[: opts.calibration_samples],
-        reference=None if evaluation.labeled else reference_logits.argmax(1),
-        reference_logits=reference_logits,
+        task=settled.handler,
+        reference=collect(model, evaluation.inputs, device, settled.handler),
         feature_points=pick_feature_points(model, example),
         ignored=output_layers(model, example) + list(opts.ignored_layers),
         outputs=_output_names(model, example),
@@ -351,8 +352,11 @@ def start_run(model: nn.Module, inputs: RunInputs, cache: RunCache, target: Targ
     begin = time.monotonic()
     verdict = inputs.verdict(model)
     eval_s = time.monotonic() - begin
-    resolution = budget_resolution(target.max_accuracy_drop, len(inputs.evaluation), inputs.options.eval_fraction)
-    goals = Goals(target, cache.measure(model, inputs.example), verdict.accuracy, verdict.soft_agreement, resolution)
+    target = target.with_budget(inputs.task.default_budget)
+    metric = inputs.task.metric(inputs.evaluation.labeled)
+    resolution = budget_resolution(target.budget, len(inputs.evaluation), inputs.options.eval_fraction, metric)
+    goals = Goals(target, cache.measure(model, inputs.example), verdict.accuracy, verdict.soft_agreement, resolution,
+                  metric)
     if resolution.warning:
         reporter.emit("baseline", 0, 1, None, "Warning: " + resolution.warning)
     run = Run(RunSpec.of(inputs, goals, started), cache, reporter)

@@ -21,7 +21,7 @@ from torch import nn
 from core.data import Dataset
 from core.graph.attention import AttentionSite
 from core.graph.blocks import find_blocks
-from core.graph.outputs import named_outputs, select_output
+from core.graph.outputs import named_outputs
 from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
 from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, OutputRow, PreflightReport
@@ -60,11 +60,15 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
     signature = [InputSignature(name=s.name, dtype=s.dtype_name, shape=list(s.shape)) for s in inputs.example.signature]
     with torch.no_grad():
         outputs = inputs.example.call(model)
-    num_classes = int(select_output(outputs, options.output).shape[1])
+    budget = (target or Target(macs_reduction=0.5)).with_budget(inputs.task.default_budget).budget
+    metric = inputs.task.metric(inputs.evaluation.labeled if has_data else False)
     return PreflightReport(
         macs=original.macs,
         params=original.params,
-        num_classes=num_classes,
+        task=inputs.task.task,
+        metric=metric,
+        budget=metric.describe_budget(budget),
+        num_classes=inputs.task.num_classes(outputs),
         inputs=signature,
         outputs=[OutputRow(name=name, shape=list(tensor.shape[1:])) for name, tensor in named_outputs(outputs).items()],
         input_shape=list(signature[0].shape),
@@ -79,8 +83,7 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         feasible=None if target is None else not problems,
         problems=problems,
         estimate_seconds=_estimate(inputs, cache, model, target, groups, len(blocks), prepare_s, trace_s),
-        budget_resolution=budget_resolution(
-            (target or Target(macs_reduction=0.5)).max_accuracy_drop, len(inputs.evaluation), options.eval_fraction)
+        budget_resolution=budget_resolution(budget, len(inputs.evaluation), options.eval_fraction, metric)
         if has_data else None,
         notes=notes,
         seconds=round(time.monotonic() - started, 3),
@@ -131,7 +134,7 @@ def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Targ
     baseline's and the end's ONNX export, check and latency runs, and the final recovery."""
     opts = inputs.options
     goal = 0.5 if target is None else max(target.macs_reduction or 0.0, target.params_reduction or 0.0)
-    budget = Target().max_accuracy_drop if target is None else target.max_accuracy_drop
+    budget = (target or Target()).with_budget(inputs.task.default_budget).budget
     step = _measure_step(inputs, cache, model, groups, Target(macs_reduction=goal, max_accuracy_drop=budget)) \
         if groups else None
     iteration_s = step.iteration_s if step is not None else _iteration_seconds(inputs, cache, model)
@@ -209,8 +212,7 @@ def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: 
     run.measure(candidate)
     apply_s = time.perf_counter() - begin
     goals, verdict = run.spec.goals, run.spec.verdict(candidate)
-    drop = goals.accuracy - verdict.accuracy if goals.resolution.resolved else \
-        goals.soft_agreement - verdict.soft_agreement
+    drop = goals.drop(verdict) if goals.resolution.resolved else goals.soft_agreement - verdict.soft_agreement
     return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model), drop, run.clock.eval_s)
 
 
@@ -226,7 +228,7 @@ def _timed_iterations(run: Run, student: nn.Module, teacher: nn.Module) -> float
     parameters, timed after a warm-up. Not a real optimizer: creating one imports torch._dynamo, seconds
     that a service's preflight (answering an upload) should not pay."""
     spec = run.spec
-    student = copy.deepcopy(student).train()
+    student = copy.deepcopy(student).train(spec.task.train_mode)
     batch = spec.recovery.inputs[: spec.options.batch_size].to(spec.device)
     generator = torch.Generator().manual_seed(spec.options.seed)
     parameters = [p for p in student.parameters() if p.requires_grad]
@@ -235,10 +237,8 @@ def _timed_iterations(run: Run, student: nn.Module, teacher: nn.Module) -> float
     for _ in range(1 + _TIMED_ITERATIONS):  # the first pass pays for allocation and kernel selection
         begin = time.perf_counter()
         x = batch if spec.augment is None else spec.augment(batch, generator)
-        with torch.no_grad():
-            target = select_output(x.call(teacher), spec.options.output).float().softmax(1)
-        logits = select_output(x.call(student), spec.options.output).float()
-        (-(target * logits.log_softmax(1)).sum(1).mean()).backward()
+        opts = spec.options
+        spec.task.recovery_loss(student, teacher, x, None, opts.kd_temperature, opts.kd_weight).backward()
         with torch.no_grad():
             for parameter, (average, square) in zip(parameters, moments):  # what AdamW's step does per tensor
                 grad = parameter.grad if parameter.grad is not None else average

@@ -118,7 +118,7 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
     else:
         if criterion == Criterion.TAYLOR:
             labels = spec.recovery.y[: len(spec.calib)] if spec.recovery.y is not None else None
-            taylor_gradients(model, spec.calib, labels, spec.device, batch, spec.options.output)
+            taylor_gradients(model, spec.calib, labels, spec.device, batch, spec.task)
         channels = baseline_scorer(criterion)
         heads = {site.name: _baseline_head_scores(criterion, model, site) for site in sites}
 
@@ -127,8 +127,8 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
 
     scores = score_groups(groups, score, normalise=not (criterion == Criterion.DIVERGENCE and layer_sum))
     model.zero_grad(set_to_none=True)  # Taylor's gradients
-    if criterion == Criterion.DIVERGENCE and allocates_by_drift(spec.options.allocation, groups,
-                                                                 large=is_large(spec.goals.original.params)):
+    if criterion == Criterion.DIVERGENCE and spec.task.smooth_drift and allocates_by_drift(
+            spec.options.allocation, groups, large=is_large(spec.goals.original.params)):
         scores = drift_per_size(run, model, groups, scores, means)
     return Scoring(scores, means)
 
