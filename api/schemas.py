@@ -26,7 +26,8 @@ class InspectConfig(InputHints):
     def options_core(self) -> CompressOptions:
         method = self.method.model_dump()
         method["ignored_layers"] = tuple(method["ignored_layers"])
-        return CompressOptions(stages=tuple(self.stages), device="cpu", output=self.output, **method)
+        return CompressOptions(stages=tuple(self.stages), device="cpu", task=self.task,
+                               detection_decoder=self.detection_decoder, output=self.output, **method)
 
 
 class JobList(BaseModel):

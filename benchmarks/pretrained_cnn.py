@@ -125,7 +125,7 @@ class Settings:
     levels: tuple[float, ...] = (0.3, 0.5)
     test_crops: int = 2000
     batch_size: int = CompressOptions().batch_size
-    max_accuracy_drop: float = Target().max_accuracy_drop
+    max_accuracy_drop: float | None = None  # None: the task's default (one point of top-1)
     side: int = SIDE
     time_budget_s: float | None = None  # compress's --time-budget: stop pruning after this long
 

@@ -26,7 +26,7 @@ from core.intake.model_io import detect_format, is_factory_spec
 from core.options import CompressOptions, IntakeOptions, Target, parse_stages
 from core.progress import ProgressEvent
 from core.report import PreflightReport, Report, to_json
-from core.tasks.kinds import Task
+from core.tasks.kinds import DetectionDecoder, Task
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -98,6 +98,11 @@ def _add_stages_and_device(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--task", default=defaults.task.value, choices=[task.value for task in Task],
                        help="what the model does, which sets the quality metric the budget applies to; auto infers "
                             "it from the outputs (default: %(default)s)")
+    group.add_argument("--detection-decoder", default=defaults.detection_decoder.value,
+                       choices=[decoder.value for decoder in DetectionDecoder],
+                       help="how a detector's outputs become boxes: auto reads torchvision's or outputs named "
+                            "boxes/scores/labels (else compares the raw outputs); yolov5/yolov8 decode an exported "
+                            "raw YOLO head (default: %(default)s)")
 
 
 def _add_target(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -200,7 +205,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.macs_reduction is not None or args.params_reduction is not None:
         target = Target(args.macs_reduction, args.params_reduction, args.max_accuracy_drop)
     options = CompressOptions(stages=parse_stages(args.stages), device=args.device, task=Task(args.task),
-                              output=args.output)
+                              detection_decoder=DetectionDecoder(args.detection_decoder), output=args.output)
     intake = _intake(args)
     weights = None if args.weights is None else Path(args.weights)
     report = inspect_files(_model_spec(args, intake), args.data, target, options, intake, weights=weights)
@@ -241,6 +246,7 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
         stages=parse_stages(args.stages),
         device=args.device,
         task=Task(args.task),
+        detection_decoder=DetectionDecoder(args.detection_decoder),
         seed=args.seed,
         min_width_fraction=args.min_width_fraction,
         round_to=args.round_to,

@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from core.errors import OptionsError
-from core.tasks.kinds import Task
+from core.tasks.kinds import DetectionDecoder, Task
 
 
 class Stage(StrEnum):
@@ -137,6 +137,8 @@ class CompressOptions:
     # What the model does, which decides the quality metric, the budget's units and recovery's loss
     # (core.tasks); auto infers it from the model's outputs and class.
     task: Task = Task.AUTO
+    # How a detector's outputs become boxes (core.tasks.kinds.DetectionDecoder); only the detection task reads it.
+    detection_decoder: DetectionDecoder = DetectionDecoder.AUTO
     device: str = "auto"
     seed: int = 0
     criterion: Criterion = Criterion.DIVERGENCE
@@ -231,7 +233,8 @@ class CompressOptions:
         # fields hold members. A name of no member stays as it is, for validate() to refuse.
         object.__setattr__(self, "stages", tuple(_member(Stage, stage) for stage in self.stages))
         for name, choices in (("criterion", Criterion), ("group_scores", GroupScores), ("allocation", Allocation),
-                              ("augmentation", Augmentation), ("task", Task)):
+                              ("augmentation", Augmentation), ("task", Task),
+                              ("detection_decoder", DetectionDecoder)):
             object.__setattr__(self, name, _member(choices, getattr(self, name)))
 
     def validate(self) -> None:
@@ -249,6 +252,9 @@ class CompressOptions:
                                hint=f"Use one of {', '.join(Augmentation)}.")
         if not isinstance(self.task, Task):
             raise OptionsError(f"Unknown task {self.task!r}.", hint=f"Use one of {', '.join(Task)}.")
+        if not isinstance(self.detection_decoder, DetectionDecoder):
+            raise OptionsError(f"Unknown detection_decoder {self.detection_decoder!r}.",
+                               hint=f"Use one of {', '.join(DetectionDecoder)}.")
         if not isinstance(self.criterion, Criterion):
             raise OptionsError(f"Unknown criterion {self.criterion!r}.", hint=f"Use one of {', '.join(Criterion)}.")
         checks = [

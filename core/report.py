@@ -292,6 +292,7 @@ class PreflightReport(_FromUpload):
     macs: int
     params: int
     task: Task
+    task_reason: str | None = None  # why auto chose the task; None when the caller named it
     metric: Metric  # what the budget applies to, for the data as given (with or without labels)
     budget: str  # the budget in words (the target's, or the task's default)
     num_classes: int | None  # classes the output scores, for the tasks that have them

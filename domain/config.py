@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.options import Allocation, CompressOptions, GroupScores, IntakeOptions, Stage, Target
+from core.tasks.kinds import DetectionDecoder, Task
 from domain.settings import Settings
 
 _DEFAULTS = CompressOptions()
@@ -85,7 +86,8 @@ class MethodIn(_Strict):
 
 
 class InputHints(_Strict):
-    """How the uploaded files are read (core.options.IntakeOptions); shared by jobs and inspect."""
+    """How the uploaded files are read (core.options.IntakeOptions) and what the model's outputs are (its task,
+    and the output the task measures); shared by jobs and inspect."""
 
     architecture: str | None = Field(
         default=None, max_length=300, description='for safetensors weights, e.g. "idap:digits" or '
@@ -99,10 +101,20 @@ class InputHints(_Strict):
     text_column: str = Field(default=_INTAKE.text_column, min_length=1, max_length=200)
     label_column: str = Field(default=_INTAKE.label_column, min_length=1, max_length=200)
     max_length: int = Field(default=_INTAKE.max_length, ge=2, le=4096, description="tokens per text sample")
+    task: Task = Field(
+        default=Task.AUTO,
+        description="what the model does, which sets the quality metric, the budget's units and recovery's loss; "
+                    "auto infers it from the outputs and the model class (the preflight and the report say which)")
+    detection_decoder: DetectionDecoder = Field(
+        default=DetectionDecoder.AUTO,
+        description="how a detector's outputs become boxes: auto reads torchvision's or outputs named "
+                    "boxes/scores/labels (a raw head is compared as dense outputs); yolov5/yolov8 decode an exported "
+                    "raw YOLO head")
     output: str | None = Field(
         default=None, min_length=1, max_length=200,
-        description='the model output that holds the class logits, for a model with several: a dict key, or '
-        '"output_N" for the Nth of a tuple; default: the first (a ModelOutput\'s logits)')
+        description='the model output the task measures (class logits, embedding, map), for a model with several: '
+        'a dict key, or "output_N" for the Nth of a tuple; default: the task\'s choice (the first, a ModelOutput\'s '
+        'logits)')
 
 
 class JobConfig(InputHints):
@@ -135,7 +147,8 @@ class JobConfig(InputHints):
             recovery["recovery_epochs"] = _DEFAULTS.recovery_epochs
         method = self.method.model_dump()
         method["ignored_layers"] = tuple(method["ignored_layers"])
-        return CompressOptions(stages=tuple(self.stages), device=self.device, output=self.output, **recovery, **method)
+        return CompressOptions(stages=tuple(self.stages), device=self.device, task=self.task,
+                               detection_decoder=self.detection_decoder, output=self.output, **recovery, **method)
 
 
 def intake_options(settings: Settings, hints: InputHints) -> IntakeOptions:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file, save_model
 from core.errors import UserError
 from core.intake.files import compress_files, inspect_files, open_data
 from core.intake.model_io import open_model
+from core.intake.npz import load_npz
 from core.options import CompressOptions, IntakeOptions, Target
 from core.report import NotPrunableRow, Report
 from tests.intake_fixtures import write_bert_zip, write_image_zip, write_review_jsonl
@@ -239,7 +240,7 @@ def test_labels_outside_the_model_classes(tmp_path, digits_arrays):
     x, _ = digits_arrays
     path = tmp_path / "data.npz"
     np.savez(path, x=x[:40], y=np.full(40, 12, dtype=np.int64))
-    _raises("labels_out_of_range", "Labels go up to 12 but the model has 10 classes", inspect_files,
+    _raises("labels_out_of_range", "but the model has 10 classes", inspect_files,
             write_digits_like_weights(tmp_path), path, None, CompressOptions(),
             IntakeOptions(architecture="idap:digits"))
 
@@ -260,6 +261,24 @@ def test_text_labels_by_name_and_unknown_names(bert_zip, tmp_path):
     assert open_data(path, loaded, SERVICE).y.tolist() == [1, 0]
     path.write_text('{"text": "good", "label": "positive"}\n{"text": "bad", "label": "class0"}\n')
     _raises("invalid_labels", "label 'positive'", open_data, path, loaded, SERVICE)
+
+
+def test_text_labels_as_float_targets(bert_zip, tmp_path):
+    loaded = open_model(bert_zip, SERVICE)
+    path = tmp_path / "scores.jsonl"
+    path.write_text('{"text": "good", "label": 0.75}\n{"text": "bad", "label": 2}\n')
+    y = open_data(path, loaded, SERVICE).y
+    assert y.dtype == torch.float32 and y.tolist() == [0.75, 2.0]
+    path.write_text('{"text": "good", "label": [0.5, 1]}\n{"text": "bad", "label": [-1, 0.25]}\n')
+    y = open_data(path, loaded, SERVICE).y
+    assert y.dtype == torch.float32 and y.tolist() == [[0.5, 1.0], [-1.0, 0.25]]
+    csv = tmp_path / "scores.csv"
+    csv.write_text("text,label\ngood film,0.9\nbad plot,-0.1\n")
+    assert open_data(csv, loaded, SERVICE).y.tolist() == pytest.approx([0.9, -0.1])
+    path.write_text('{"text": "good", "label": [0.5, 1]}\n{"text": "bad", "label": [1]}\n')
+    _raises("invalid_labels", "different lengths (1 to 2)", open_data, path, loaded, SERVICE)
+    path.write_text('{"text": "good", "label": "NaN"}\n{"text": "bad", "label": 1}\n')
+    _raises("invalid_labels", "NaN or Inf", open_data, path, loaded, SERVICE)
 
 
 def test_text_data_needs_a_model_with_a_tokenizer(tmp_path, digits_loaded):
@@ -336,7 +355,6 @@ def _npz_declaring(path: Path, shape: tuple[int, ...], data_bytes: int) -> Path:
 def test_an_npz_is_refused_from_its_header_and_directory_before_anything_is_inflated(tmp_path):
     import tracemalloc
 
-    from core.intake.npz import load_npz
 
     bomb = _npz_declaring(tmp_path / "bomb.npz", (1 << 15, 512), 64 << 20)  # 64 MiB of zeros in ~64 kB
     assert bomb.stat().st_size < 200_000
@@ -366,6 +384,60 @@ def test_npz_arrays_read_as_np_load_reads_them(tmp_path):
     assert set(read) == set(arrays)
     for name, array in arrays.items():
         assert read[name].dtype == array.dtype and np.array_equal(read[name], array), name
+
+
+@pytest.mark.parametrize(("y", "dtype"), [
+    (np.array([0, 3, 3, 7, 1, 0]), torch.int64),  # class or group ids
+    (np.random.default_rng(0).integers(0, 3, (6, 4, 5)).astype(np.uint8), torch.int64),  # segmentation masks
+    (np.full((6, 2, 5), -1.0), torch.float32),  # detection boxes, padded with class -1
+    (np.random.default_rng(0).random((6, 3)), torch.float32),  # generic targets
+    (np.array([True, False] * 3), torch.int64),  # a binary label
+])
+def test_npz_labels_are_read_in_every_tasks_layout(tmp_path, y, dtype):
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.random.rand(6, 3).astype("f4"), y=y)
+    labels = load_npz(path).y
+    assert labels.dtype == dtype and labels.shape == y.shape
+    assert np.array_equal(labels.numpy(), y.astype(labels.numpy().dtype))
+
+
+@pytest.mark.parametrize(("y", "fragment"), [
+    (np.array(["cat"] * 6), "y must be numeric, got dtype <U3"),
+    (np.zeros(5, dtype=np.int64), "6 on its first axis to match the inputs; got shape (5,)"),
+    (np.array(3), "got shape ()"),
+    (np.array([0.5, np.nan, 1, 2, 3, 4]), "y contains 1 NaN or Inf"),
+])
+def test_npz_labels_no_task_reads_are_refused(tmp_path, y, fragment):
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.random.rand(6, 3).astype("f4"), y=y)
+    _raises("labels_wrong_format", fragment, load_npz, path)
+
+
+@pytest.mark.parametrize(("task", "y", "code", "fragment"), [
+    ("auto", np.random.default_rng(0).random(40), "labels_wrong_format",
+     "Classification labels are one integer class id per sample; got torch.float32"),
+    ("embedding", np.arange(40), "labels_wrong_format", "Every embedding label is different"),
+    ("generic", np.zeros(40, dtype=np.int64), "labels_wrong_format", "10 floats per sample"),
+    ("segmentation", np.zeros(40, dtype=np.int64), "output_not_map", "per-pixel map"),
+    ("detection", None, "output_not_detections", "not detections"),
+])
+def test_labels_or_outputs_that_do_not_fit_the_task(tmp_path, digits_arrays, task, y, code, fragment):
+    from core.tasks.kinds import Task
+
+    path = tmp_path / "data.npz"
+    np.savez(path, x=digits_arrays[0][:40], **({} if y is None else {"y": y}))
+    _raises(code, fragment, inspect_files, write_digits_like_weights(tmp_path), path, None,
+            CompressOptions(task=Task(task)), IntakeOptions(architecture="idap:digits"))
+
+
+def test_images_at_the_top_of_a_zip_are_data_without_labels(tmp_path, digits_loaded):
+    path = tmp_path / "flat.zip"
+    with zipfile.ZipFile(write_image_zip(tmp_path / "pets.zip", classes=("a", "b"), per_class=3)) as source, \
+            zipfile.ZipFile(path, "w") as flat:
+        for info in source.infolist():
+            flat.writestr(info.filename.replace("/", "_"), source.read(info))
+    data = open_data(path, digits_loaded, SERVICE)
+    assert data.y is None and tuple(data.inputs.first.shape) == (6, 1, 8, 8)
 
 
 def test_a_zipped_hf_directory_is_checked_before_it_is_unpacked(tmp_path, monkeypatch):

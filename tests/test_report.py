@@ -25,7 +25,7 @@ PREFLIGHT_JSON_KEYS = {
     "macs", "params", "num_classes", "inputs", "outputs", "input_shape", "input_dtype", "samples", "labeled",
     "prunable_groups",
     "not_prunable", "blocks", "reachable_reduction", "target", "feasible", "problems", "estimate_seconds", "notes",
-    "seconds", "budget_resolution", "task", "metric", "budget",
+    "seconds", "budget_resolution", "task", "task_reason", "metric", "budget",
 }
 
 

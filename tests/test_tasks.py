@@ -264,3 +264,72 @@ def test_generic_outputs_are_held_to_a_relative_error(digits_model: DigitsNet, d
     assert report.target_met and 0 < report.accuracy_after <= 0.2 + 1e-9
     # each accepted step is within the budget, a rolled-back one past it
     assert all((step.accuracy <= 0.2 + 1e-9) == step.accepted for step in report.steps)
+
+
+# --- detectors without torchvision's outputs
+
+
+def test_yolo_heads_decode_to_boxes_after_confidence_and_nms() -> None:
+    from core.tasks.kinds import DetectionDecoder
+    from core.tasks.yolo import decode_yolo
+
+    # YOLOv5 rows: centre x, centre y, w, h, objectness, then 2 class scores
+    rows = torch.tensor([[[10.0, 10, 4, 4, 0.9, 0.1, 0.8],   # class 1, 0.72: kept
+                          [10.5, 10, 4, 4, 0.9, 0.1, 0.7],   # overlaps the first, same class, lower: suppressed
+                          [30.0, 30, 2, 2, 0.9, 0.9, 0.1],   # class 0, 0.81: kept
+                          [50.0, 50, 2, 2, 0.2, 0.9, 0.1]]])  # 0.18 < 0.25: dropped
+    found = decode_yolo(rows, DetectionDecoder.YOLOV5)[0]
+    assert found["labels"].tolist() == [0, 1]
+    assert torch.allclose(found["scores"], torch.tensor([0.81, 0.72]))
+    assert torch.allclose(found["boxes"][1], torch.tensor([8.0, 8, 12, 12]))
+    # YOLOv8 puts values before anchors and has no objectness
+    v8 = torch.cat([rows[:, :, :4], rows[:, :, 5:]], dim=2).transpose(1, 2)
+    assert decode_yolo(v8, DetectionDecoder.YOLOV8)[0]["labels"].tolist() == [0, 0, 1]
+
+
+class RawHead(nn.Module):
+    """A YOLOv5-like raw head on 8×8 images: 16 anchors × (4 + objectness + 3 classes), squashed scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                                  nn.ReLU())
+        self.head = nn.Conv2d(32, 8, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.head(self.body(x)).flatten(2).transpose(1, 2)
+        return torch.cat([raw[..., :4].sigmoid() * 8, raw[..., 4:].sigmoid()], dim=2)
+
+
+def test_a_raw_head_is_compared_densely_unless_a_decoder_is_chosen(digits_model: DigitsNet, digits_arrays) -> None:
+    from core.tasks.detection import DenseDetection, Detection
+    from core.tasks.kinds import DetectionDecoder
+
+    torch.manual_seed(0)
+    model, x = RawHead().eval(), torch.from_numpy(digits_arrays[0][:8])
+    dense = settle_task(model, Dataset(Inputs.single(x)).bound(model), CPU, Task.DETECTION, None)
+    assert isinstance(dense.handler, DenseDetection) and "raw outputs are compared" in dense.note
+    assert dense.handler.metric(False) is Metric.RELATIVE_ERROR
+    decoded = settle_task(model, Dataset(Inputs.single(x)).bound(model), CPU, Task.DETECTION, None,
+                          DetectionDecoder.YOLOV5)
+    assert isinstance(decoded.handler, Detection) and decoded.handler.metric(False) is Metric.MAP50_AGREEMENT
+    records = decoded.handler.record(model(x), Inputs.single(x))
+    assert len(records) == 8 and decoded.handler.quality(records, records, None) == pytest.approx(1.0)
+    # a classifier's N×classes is neither a raw head nor anything a YOLO decoder reads
+    with pytest.raises(DataError, match="yolov5 decoder cannot read"):
+        settle_task(digits_model, Dataset(Inputs.single(x)), CPU, Task.DETECTION, None, DetectionDecoder.YOLOV5)
+
+
+def test_recovery_augments_inputs_only_where_no_label_is_tied_to_their_positions(segmenter, language_model) -> None:
+    from core.options import Augmentation
+    from core.progress import Reporter
+    from core.run.pipeline import _prepare
+
+    model, data = segmenter
+    on = CompressOptions(augmentation=Augmentation.ON)
+    quiet = Reporter(None, None)
+    # a crop moves the ink away from its mask; without masks, teacher and student see the same crop
+    assert _prepare(model, data, on, quiet)[1].augment is None
+    assert _prepare(model, Dataset(data.inputs), on, quiet)[1].augment is not None
+    # the next tokens are the language model's labels, whatever the data says
+    assert _prepare(language_model[0], language_model[1], on, quiet)[1].augment is None

@@ -20,6 +20,7 @@ from api.services import jobs
 from api.services.tenants import tenant_for_key
 from api.ui.charts import charts
 from api.ui.render import error_page, page
+from api.ui.tasks import task_choices
 from core import Report
 from domain import states
 from domain.models import Tenant
@@ -111,7 +112,7 @@ def jobs_page(request: Request, session: SessionDep, settings: SettingsDep, tena
 def new_job_page(request: Request, settings: SettingsDep, tenant: OptionalCallerDep) -> Response:
     if tenant is None:
         return _to_signin(request)
-    return page(request, "new.html", settings, tenant, page_name="new-job")
+    return page(request, "new.html", settings, tenant, page_name="new-job", tasks=task_choices())
 
 
 @router.get("/ui/jobs/{job_id}", response_class=HTMLResponse)

@@ -14,6 +14,7 @@ from html import escape
 
 from core.options import Stage
 from core.report import LayerRow, Report
+from core.tasks.kinds import Metric
 
 WIDTH = 640
 LABEL_W = 170  # room for layer names left of the bars
@@ -36,7 +37,8 @@ def charts(report: Report) -> list[Chart]:
     return [
         Chart("channels", "Channels per layer, before and after", channels_chart(report.layers)),
         Chart("divergence", "Divergence per layer", divergence_chart(report.layers)),
-        Chart("trajectory", "Accuracy against MACs, step by step", trajectory_chart(report)),
+        Chart("trajectory", f"{_sentence(report.accuracy_metric.label)} against MACs, step by step",
+              trajectory_chart(report)),
         Chart("blocks", "Blocks tried by Stage 2", blocks_chart(report)),
     ]
 
@@ -111,14 +113,15 @@ def blocks_chart(report: Report) -> str:
 
 def trajectory_chart(report: Report) -> str:
     """The original model, each step (rolled-back ones apart from the path) and the final model
-    after the last recovery, with the accuracy floor the budget allows as a dashed line."""
+    after the last recovery, on the task's metric, with the worst value the budget allows as a dashed line."""
     steps = report.steps
+    metric = report.accuracy_metric
     start = (report.macs_before, report.accuracy_before)
     final = (report.macs_after, report.accuracy_after)
-    floor = report.accuracy_metric.limit(start[1], report.target.budget)
+    limit = metric.limit(start[1], report.target.budget)
     points = [start, final] + [(step.macs, step.accuracy) for step in steps]
     xs = [x for x, _ in points]
-    ys = [y for _, y in points] + [floor]
+    ys = [y for _, y in points] + [limit]
     x_ticks, y_ticks = _ticks(0, max(xs)), _ticks(min(ys), max(ys))
     left, right, top, bottom, height = 60, WIDTH - 20, TOP + 10, 300 - 40, 300
 
@@ -129,30 +132,43 @@ def trajectory_chart(report: Report) -> str:
         return bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)
 
     entries = [("accepted step", AFTER, "circle"), ("rolled back", BAD, "ring"), ("final", ACCENT, "diamond")]
-    parts = _legend(entries + [("accuracy budget", BAD, "dash")])
+    parts = _legend(entries + [("budget", BAD, "dash")])
     for x in x_ticks:
         parts.append(f'<line x1="{px(x):.1f}" y1="{top}" x2="{px(x):.1f}" y2="{bottom}" stroke="#e5e7eb"/>')
         parts.append(_text(px(x), bottom + 16, _si(x), anchor="middle"))
     for y in y_ticks:
         parts.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{right}" y2="{py(y):.1f}" stroke="#e5e7eb"/>')
-        parts.append(_text(left - 6, py(y), f"{y:.3g}", anchor="end"))
+        parts.append(_text(left - 6, py(y), _tick(metric, y), anchor="end"))
     parts.append(_text((left + right) / 2, height - 6, "MACs", anchor="middle"))
-    parts.append(_text(12, (top + bottom) / 2, "accuracy", anchor="middle", rotate=True))
-    parts.append(f'<line x1="{left}" y1="{py(floor):.1f}" x2="{right}" y2="{py(floor):.1f}" stroke="{BAD}" '
+    # the y axis is named above the plot, not along it: a metric's label can be longer than the axis
+    parts.append(_text(10, top - 14, f"↑ {metric.label}"))
+    parts.append(f'<line x1="{left}" y1="{py(limit):.1f}" x2="{right}" y2="{py(limit):.1f}" stroke="{BAD}" '
                  'stroke-dasharray="5 4"/>')
     path = [start] + [(step.macs, step.accuracy) for step in steps if step.accepted]
     coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in path)
     parts.append(f'<polyline points="{coords}" fill="none" stroke="{AFTER}" stroke-width="2"/>')
-    parts.append(_marker("circle", px(start[0]), py(start[1]), AFTER, "original model"))
+    parts.append(_marker("circle", px(start[0]), py(start[1]), AFTER,
+                         f"original model: {_si(start[0])} MACs, {metric.label} {metric.show(start[1])}"))
     for step in steps:
-        name = f"step {step.step} ({step.stage}): {_si(step.macs)} MACs, accuracy {step.accuracy:.4f}"
+        name = f"step {step.step} ({step.stage}): {_si(step.macs)} MACs, {metric.label} {metric.show(step.accuracy)}"
         if step.accepted:
             parts.append(_marker("circle", px(step.macs), py(step.accuracy), AFTER, name))
         else:
             parts.append(_marker("ring", px(step.macs), py(step.accuracy), BAD, name + ", rolled back"))
     parts.append(_marker("diamond", px(final[0]), py(final[1]), ACCENT,
-                         f"final model after recovery: {_si(final[0])} MACs, accuracy {final[1]:.4f}"))
-    return _svg(height, "Accuracy against MACs over the pruning steps", parts)
+                         f"final model after recovery: {_si(final[0])} MACs, {metric.label} {metric.show(final[1])}"))
+    return _svg(height, f"{_sentence(metric.label)} against MACs over the pruning steps; the dashed line is the "
+                        f"budget ({metric.describe_budget(report.target.budget)})", parts)
+
+
+def _tick(metric: Metric, value: float) -> str:
+    """A y-axis tick in the metric's terms: a percentage for fractions, a plain number for perplexity."""
+    return f"{value * 100:.3g} %" if metric.is_fraction else f"{value:.3g}"
+
+
+def _sentence(text: str) -> str:
+    """`text` with its first letter capitalised and the rest as it is ("mAP@0.5" keeps its case)."""
+    return text if text[:1].isupper() or text[1:2].isupper() else text[:1].upper() + text[1:]
 
 
 def _value_width(texts: list[str]) -> float:
@@ -234,9 +250,7 @@ def _label(name: str, y: float) -> str:
             f"<title>{escape(name)}</title>{escape(shown)}</text>")
 
 
-def _text(x: float, y: float, text: str, anchor: str = "start", fill: str | None = None, rotate: bool = False) -> str:
+def _text(x: float, y: float, text: str, anchor: str = "start", fill: str | None = None) -> str:
     extra = f' fill="{fill}"' if fill else ""
-    if rotate:
-        extra += f' transform="rotate(-90 {x:.1f} {y:.1f})"'
     return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" dominant-baseline="middle"{extra}>'
             f"{escape(text)}</text>")

@@ -12,6 +12,8 @@ from starlette.templating import Jinja2Templates
 
 from api.auth import COOKIE
 from api.errors import ApiError
+from core.report import Report, ReportHeadline
+from core.tasks.kinds import Metric
 from domain.config import MAX_JOB_NAME
 from domain.models import Tenant
 from domain.settings import Settings
@@ -46,9 +48,21 @@ def percent(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value * 100:.{digits}f} %"
 
 
-def points(value: float | None) -> str:
-    """An accuracy change in percentage points, signed."""
-    return "–" if value is None else f"{value * 100:+.2f} pt".replace("-", "−")
+def minus(text: str) -> str:
+    """Signed numbers with a typographic minus."""
+    return text.replace("-", "−")
+
+
+def metric_value(value: float | None, metric: Metric) -> str:
+    """A value of the task's metric: a percentage for fractions (top-1, mIoU, ...), a plain number for perplexity."""
+    return "–" if value is None else metric.show(value)
+
+
+def metric_change(metrics: Report | ReportHeadline | None) -> str:
+    """The change of the task's metric in its budget's units: points, or percent of the original (perplexity)."""
+    if metrics is None:
+        return "–"
+    return minus(metrics.accuracy_metric.show_change(metrics.accuracy_before, metrics.accuracy_after))
 
 
 def size(value: float | None) -> str:
@@ -64,7 +78,8 @@ def when(value: datetime | None) -> str:
     return "–" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
 
 
-templates.env.filters.update(si=si, percent=percent, points=points, size=size, when=when)
+templates.env.filters.update(si=si, percent=percent, size=size, when=when, metric_value=metric_value,
+                             metric_change=metric_change)
 
 
 def page(request: Request, name: str, settings: Settings, tenant: Tenant | None, status_code: int = 200,

@@ -20,7 +20,7 @@ import httpx
 
 from idap_client.client import TARGET_KEYS, Client, Job
 from idap_client.errors import ApiError, IdapError, JobFailed
-from idap_client.models import JobInfo
+from idap_client.models import DetectionDecoder, JobInfo, Task
 from idap_client.summary import metrics_table, progress_line
 from idap_client.transport import RetryPolicy
 
@@ -49,7 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--name", metavar="LABEL", help="the job's name in lists (default: the model file's name)")
     submit.add_argument("--macs-reduction", type=float, metavar="F", help="fraction of MACs to remove")
     submit.add_argument("--params-reduction", type=float, metavar="F", help="fraction of parameters to remove")
-    submit.add_argument("--max-accuracy-drop", type=float, metavar="F", help="absolute top-1 budget (0.01 = 1 pt)")
+    submit.add_argument("--task", choices=[task.value for task in Task],
+                        help="what the model does, which sets the quality metric (default: auto, inferred from the "
+                             "model's outputs)")
+    submit.add_argument("--detection-decoder", choices=[decoder.value for decoder in DetectionDecoder],
+                        help="detection: decode an exported raw YOLO head (yolov5, yolov8); default auto")
+    submit.add_argument("--max-accuracy-drop", "--max-quality-drop", type=float, metavar="F", dest="max_accuracy_drop",
+                        help="budget on the task's quality metric: points as a fraction (0.01 = 1 pt of top-1, mAP, "
+                             "mIoU, ...), or for causal-lm the relative rise in perplexity (0.1 = 10 %%); default: "
+                             "the task's")
     submit.add_argument("--config", type=Path, metavar="FILE.json",
                         help="the rest of the job config (the API's JobConfig); the flags above override it")
     submit.add_argument("--idempotency-key", metavar="KEY",
@@ -94,7 +102,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             target[key] = getattr(args, key)
     if not {"macs_reduction", "params_reduction"} & set(target):
         raise UsageError("a size target is required: --macs-reduction F or --params-reduction F")
-    for key in ("architecture", "name"):
+    for key in ("architecture", "name", "task", "detection_decoder"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     return config | {"target": target}

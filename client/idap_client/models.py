@@ -28,6 +28,31 @@ class JobStatus(str, Enum):  # noqa: UP042  (StrEnum is 3.11+; the client suppor
 FINISHED = frozenset({JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value})
 
 
+class Task(str, Enum):  # noqa: UP042
+    """What the model does (the server's core.tasks.kinds.Task): it sets the quality metric and the budget's units."""
+
+    AUTO = "auto"
+    CLASSIFICATION = "classification"
+    EMBEDDING = "embedding"
+    DETECTION = "detection"
+    SEGMENTATION = "segmentation"
+    CAUSAL_LM = "causal-lm"
+    GENERIC = "generic"
+
+
+class DetectionDecoder(str, Enum):  # noqa: UP042
+    """How a detector's outputs become boxes (the server's core.tasks.kinds.DetectionDecoder)."""
+
+    AUTO = "auto"
+    YOLOV5 = "yolov5"
+    YOLOV8 = "yolov8"
+
+
+# Metrics whose values are not fractions and whose budget is a share of the original's value
+# (the server's Metric.is_fraction and Metric.relative): perplexity.
+RELATIVE_METRICS = frozenset({"perplexity"})
+
+
 class Progress(_Tolerant):
     stage: str | None = None
     step: int = 0
@@ -62,9 +87,11 @@ class Metrics(_Tolerant):
     params_after: int
     macs_reduction: float
     params_reduction: float
-    accuracy_metric: str
+    accuracy_metric: str  # the task's metric (top1, recall_at_10, map50, miou, perplexity, ...)
     accuracy_before: float
     accuracy_after: float
+    task: str = Task.CLASSIFICATION.value  # a server older than tasks ran classification only
+    budget: str | None = None  # the budget in words
     latency_ms_before: dict[str, float]
     latency_ms_after: dict[str, float]
     onnx_max_abs_diff: float
@@ -220,7 +247,11 @@ class Preflight(_Tolerant):
 
     macs: int
     params: int
-    num_classes: int
+    task: str = Task.CLASSIFICATION.value  # a server older than tasks ran classification only
+    metric: str = "top1"
+    budget: str | None = None
+    task_reason: str | None = None  # why auto chose the task; None when the job named it
+    num_classes: int | None = None  # for the tasks that score classes
     inputs: list[InputSignature]
     outputs: list[OutputRow]
     input_shape: list[int]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from idap_client.models import JobInfo, Metrics
+from idap_client.models import RELATIVE_METRICS, JobInfo, Metrics
 
 
 def progress_line(job: JobInfo) -> str:
@@ -32,13 +32,26 @@ def _latency(values: dict[str, float], key: str) -> str:
     return f"{values[key]:.3f} ms" if key in values else "-"
 
 
+def metric_value(metric: str, value: float) -> str:
+    """A value of the task's metric: a percentage for fractions (top-1, mIoU, ...), a plain number for perplexity."""
+    return f"{value:.3f}" if metric in RELATIVE_METRICS else f"{value:.2%}"
+
+
+def metric_change(metric: str, before: float, after: float) -> str:
+    """The change in the budget's units: points, or for perplexity percent of the original's."""
+    if metric in RELATIVE_METRICS:
+        return f"{(after - before) / max(abs(before), 1e-12):+.1%}"
+    return f"{(after - before) * 100:+.2f} pt"
+
+
 def metrics_table(metrics: Metrics) -> str:
     """The before/after table `idap prune` prints, from a job's metrics."""
+    metric = metrics.accuracy_metric
     rows = [
         ("MACs", _count(metrics.macs_before), _count(metrics.macs_after), f"-{metrics.macs_reduction:.1%}"),
         ("params", _count(metrics.params_before), _count(metrics.params_after), f"-{metrics.params_reduction:.1%}"),
-        (f"accuracy ({metrics.accuracy_metric})", f"{metrics.accuracy_before:.2%}", f"{metrics.accuracy_after:.2%}",
-         f"{(metrics.accuracy_after - metrics.accuracy_before) * 100:+.2f} pt"),
+        (metric, metric_value(metric, metrics.accuracy_before), metric_value(metric, metrics.accuracy_after),
+         metric_change(metric, metrics.accuracy_before, metrics.accuracy_after)),
     ]
     for key in sorted(set(metrics.latency_ms_before) | set(metrics.latency_ms_after)):
         before, after = metrics.latency_ms_before.get(key), metrics.latency_ms_after.get(key)
@@ -53,6 +66,7 @@ def metrics_table(metrics: Metrics) -> str:
         f"ONNX max abs diff  {metrics.onnx_max_abs_diff:.2e}",
         f"removed blocks     {removed}",
         f"target met         {'yes' if metrics.target_met else 'no'} ({metrics.stop_reason})",
+        f"task               {metrics.task}" + (f"; {metrics.budget}" if metrics.budget else ""),
         f"device, time       {metrics.device}, {metrics.seconds:.1f} s",
         metrics.message,
     ]

@@ -55,10 +55,13 @@ def log_job(job: JobInfo, files: dict[str, Path] | None = None, run_id: str | No
         raise IdapError("No MLflow run: pass --mlflow-run-id (run_id=), start a run, or set MLFLOW_RUN_ID.")
     now = int(time.time() * 1000)
     target = job.config.get("target") or {}
-    params = {"idap.job_id": job.id, "idap.architecture": job.config.get("architecture"),
+    values = metric_values(job)
+    # accuracy_before/after are in the task's metric: say which, or a perplexity reads as a percentage
+    metric = {"idap.task": job.metrics.task, "idap.metric": job.metrics.accuracy_metric} if job.metrics else {}
+    params = {"idap.job_id": job.id, "idap.architecture": job.config.get("architecture"), **metric,
               **{f"idap.target.{key}": value for key, value in target.items()}}
     tracker = mlflow.tracking.MlflowClient()
-    tracker.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metric_values(job).items()],
+    tracker.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in values.items()],
                       params=[Param(key, str(value)) for key, value in params.items() if value is not None])
     for path in (files or {}).values():
         tracker.log_artifact(run_id, str(path), artifact_path=ARTIFACT_PATH)

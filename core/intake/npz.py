@@ -29,6 +29,8 @@ LABEL_NAMES = ("y", "labels")
 _CHUNK = 1 << 24
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _SAVE_HINT = "Save it with numpy.savez(path, x=inputs, y=labels)."
+_LABELS_HINT = ("Store y with the samples on its first axis, in the task's layout (README, Tasks): class or group ids "
+                "int64 (N,), masks int64 (N, H, W), boxes float32 (N, M, 5), targets float32 shaped like the output.")
 
 
 def load_npz(path: str | Path, limits: IntakeOptions | None = None) -> Dataset:
@@ -150,14 +152,19 @@ def _checked(name: str, x: np.ndarray) -> np.ndarray:
 
 
 def _labels(y: np.ndarray | None, n: int) -> torch.Tensor | None:
+    """The labels as int64 or float32, samples on the first axis. Their layout is the task's to check
+    (core.tasks: class ids, group ids, masks, boxes, targets); here only what no task accepts is refused."""
     if y is None:
         return None
-    if y.dtype.kind not in "iu":
-        raise DataError(f"y must hold integer class ids, got dtype {y.dtype}.", hint="Store y as int64.")
-    if y.ndim != 1 or y.shape[0] != n:
-        raise DataError(f"y must have shape ({n},) to match the inputs, got {y.shape}.",
-                        hint="Give one label per sample.")
-    if (y < 0).any():
-        raise DataError("y contains negative class ids.", hint="Use class ids 0..num_classes-1.",
-                        code="labels_out_of_range")
-    return torch.from_numpy(y.astype(np.int64))
+    if y.dtype.kind not in "iubf":
+        raise DataError(f"y must be numeric, got dtype {y.dtype}.", hint=_LABELS_HINT, code="labels_wrong_format")
+    if y.ndim == 0 or y.shape[0] != n:
+        raise DataError(f"y must hold one label per sample, {n} on its first axis to match the inputs; got shape "
+                        f"{y.shape}.", hint=_LABELS_HINT, code="labels_wrong_format")
+    if y.dtype.kind != "f":
+        return torch.from_numpy(y.astype(np.int64))
+    y = y.astype(np.float32, copy=False)
+    if not np.isfinite(y).all():
+        raise DataError(f"y contains {int((~np.isfinite(y)).sum())} NaN or Inf value(s).",
+                        hint="Clean or drop those samples.", code="labels_wrong_format")
+    return torch.from_numpy(np.ascontiguousarray(y))

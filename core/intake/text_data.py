@@ -1,5 +1,7 @@
 """Text data for models that ship a tokenizer: `.jsonl` (one object per line) or `.csv`,
-with a text column and an optional label column (class ids, or the model's label names)."""
+with a text column and an optional label column: class or group ids (or the model's label names), or
+float targets (a number, or in .jsonl a list of numbers, per record). Whether they fit the run's task is
+the task's to check (core.tasks)."""
 
 from __future__ import annotations
 
@@ -67,20 +69,47 @@ def tokenize(records: list[dict[str, Any]], tokenizer: Any, text_column: str, la
     # every array the tokenizer makes (ids, attention mask, token types) is an input of the model
     inputs = Inputs({name: torch.tensor(values, dtype=torch.int64) for name, values in encoded.items()})
     has_labels = label_column in columns
-    y = torch.tensor([_label(r.get(label_column), label_names, i) for i, r in enumerate(records)]) if has_labels \
-        else None
+    y = _labels([record.get(label_column) for record in records], label_names) if has_labels else None
     return Dataset(inputs, y)
 
 
-def _label(value: Any, names: list[str] | None, index: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
+Label = int | float | list[float]
+
+
+def _labels(values: list[Any], names: list[str] | None) -> torch.Tensor:
+    """Integer labels as int64 (N,); with any float or list among them, float32 targets (N,) or (N, D)."""
+    labels = [_label(value, names, i) for i, value in enumerate(values)]
+    if all(isinstance(label, int) for label in labels):
+        return torch.tensor(labels, dtype=torch.int64)
+    rows = [label if isinstance(label, list) else [label] for label in labels]
+    if len({len(row) for row in rows}) > 1:
+        raise DataError(f"The labels hold target lists of different lengths ({min(map(len, rows))} to "
+                        f"{max(map(len, rows))}).", hint="Give every record a target of the same length.",
+                        code="invalid_labels")
+    y = torch.tensor(rows, dtype=torch.float32)
+    if not bool(y.isfinite().all()):
+        raise DataError("The labels contain NaN or Inf.", hint="Clean or drop those records.", code="invalid_labels")
+    return y if any(isinstance(label, list) for label in labels) else y[:, 0]
+
+
+def _label(value: Any, names: list[str] | None, index: int) -> Label:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
         return value
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in value):
+        return [float(v) for v in value]
     text = str(value).strip() if value is not None else ""
     if text.lstrip("-").isdigit():
         return int(text)
     if names and text in names:
         return names.index(text)
-    raise DataError(f"Record {index + 1} has label {value!r}, which is neither a class id nor one of the model's "
-                    f"labels ({', '.join(names or []) or 'the model names none'}).",
-                    hint="Use class ids 0..num_classes-1 or the label names in the model's config.",
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    raise DataError(f"Record {index + 1} has label {value!r}, which is neither a class id, one of the model's "
+                    f"labels ({', '.join(names or []) or 'the model names none'}) nor a number.",
+                    hint="Use class ids 0..num_classes-1, the label names in the model's config, or numeric targets.",
                     code="invalid_labels")

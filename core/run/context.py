@@ -37,6 +37,7 @@ class RunInputs:
     evaluation: Dataset
     calib: Inputs
     task: TaskHandler
+    task_reason: str | None  # why auto chose the task (None: the caller chose it)
     reference: Records  # what the task records of the original's outputs on the evaluation split
     feature_points: list[str]
     ignored: list[str]

@@ -317,7 +317,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     model = as_tensor_model(copy.deepcopy(model)).to(device).eval()
     notes = _drop_training_only_heads(model)
     data = data.bound(model)
-    settled = settle_task(model, data, device, opts.task, opts.output)
+    settled = settle_task(model, data, device, opts.task, opts.output, opts.detection_decoder)
     notes.append(settled.note)
     notes += convert_multihead_attention(model, data.inputs[:2].to(device)) + _attention_notes(model)
     if opts.lr is None:
@@ -335,11 +335,13 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         options=opts, device=device, example=example,
         recovery=recovery, evaluation=evaluation, calib=recovery.inputs[: opts.calibration_samples],
         task=settled.handler,
+        task_reason=settled.reason if settled.inferred else None,
         reference=collect(model, evaluation.inputs, device, settled.handler),
         feature_points=pick_feature_points(model, example),
         ignored=output_layers(model, example) + list(opts.ignored_layers),
         outputs=_output_names(model, example),
-        augment=choose_augmenter(recovery, opts.augmentation),
+        augment=choose_augmenter(recovery, opts.augmentation) if settled.handler.may_augment(recovery.labeled)
+        else None,
     )
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
     return model, inputs, notes

@@ -66,6 +66,7 @@ def preflight(model: nn.Module, data: Dataset, target: Target | None, options: C
         macs=original.macs,
         params=original.params,
         task=inputs.task.task,
+        task_reason=inputs.task_reason,
         metric=metric,
         budget=metric.describe_budget(budget),
         num_classes=inputs.task.num_classes(outputs),

@@ -39,6 +39,11 @@ class TaskHandler(ABC):
     def __init__(self, output: str | None = None) -> None:
         self.output = output
 
+    def may_augment(self, labeled: bool) -> bool:
+        """Whether recovery may augment the inputs (core.recovery.augment): not where the labels it trains on
+        are tied to positions of the input that a crop or a token swap moves (masks, boxes, next tokens)."""
+        return True
+
     @abstractmethod
     def metric(self, labeled: bool) -> Metric:
         """The measure the budget applies to, with labels or against the original's outputs."""

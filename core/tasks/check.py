@@ -13,7 +13,8 @@ from core.data import Dataset
 from core.errors import DataError
 from core.inputs import Inputs
 from core.tasks.base import TaskHandler
-from core.tasks.kinds import Task
+from core.tasks.detection import DenseDetection
+from core.tasks.kinds import DetectionDecoder, Task
 from core.tasks.registry import handler_for, infer_task
 
 
@@ -28,12 +29,15 @@ class SettledTask:
     def note(self) -> str:
         how = f"inferred: {self.reason}" if self.inferred else "as chosen"
         metric = self.handler.metric
-        return (f"Task: {self.handler.task} ({how}); quality is {metric(True).label} with labels, "
+        dense = " (no boxes to decode: the raw outputs are compared)" if isinstance(self.handler, DenseDetection) \
+            else ""
+        return (f"Task: {self.handler.task} ({how}){dense}; quality is {metric(True).label} with labels, "
                 f"{metric(False).label} without, on {self.measures}.")
 
 
 @torch.no_grad()
-def settle_task(model: nn.Module, data: Dataset, device: torch.device, task: Task, output: str | None) -> SettledTask:
+def settle_task(model: nn.Module, data: Dataset, device: torch.device, task: Task, output: str | None,
+                decoder: DetectionDecoder = DetectionDecoder.AUTO) -> SettledTask:
     """The handler of `task` (inferred when auto) for `model` (eval mode, on `device`) and `data` (bound to
     it); raises DataError when the model rejects the data or the outputs or labels do not fit the task."""
     sample = data.inputs[: min(2, len(data))].to(device)
@@ -60,7 +64,7 @@ def settle_task(model: nn.Module, data: Dataset, device: torch.device, task: Tas
     reason = ""
     if inferred:
         task, reason = infer_task(model, result, sample, output)
-    handler = handler_for(task, output)
+    handler = handler_for(task, output, result, decoder)
     return SettledTask(handler, inferred, reason, handler.check(result, data))
 
 

@@ -54,9 +54,10 @@ class Classification(TaskHandler):
                                 f"labels of shape {tuple(data.y.shape)}.",
                                 hint="Store y as int64 of shape (N,), or choose the task the labels are for.",
                                 code="labels_wrong_format")
-            if int(data.y.max()) >= classes or int(data.y.min()) < 0:
-                raise DataError(f"Labels go from {int(data.y.min())} to {int(data.y.max())} but the model has "
-                                f"{classes} classes.",
+            low, high = int(data.y.min()), int(data.y.max())
+            if high >= classes or low < 0:
+                found = f"Labels go up to {high}" if high >= classes else f"Labels go down to {low}"
+                raise DataError(f"{found} but the model has {classes} classes.",
                                 hint=f"Use class ids 0..{classes - 1}, or drop y to compress without labels.",
                                 code="labels_out_of_range")
         return f"{classes} class logits"

@@ -5,8 +5,9 @@ Without labels, the original's detections scoring at least REFERENCE_SCORE are t
 of the held-out split's does (an untrained model), each image's REFERENCE_TOP best are. Recovery distils the
 dense head outputs (torchvision's RPN head, or the single-stage head of SSD/RetinaNet/FCOS) with a
 normalised MSE, since post-NMS boxes carry no gradient worth matching; with labels, a torchvision detector
-also adds its own training losses. A model whose outputs cannot be decoded into boxes (a raw YOLO-style
-head) is compared as dense outputs: see core.tasks.registry."""
+also adds its own training losses. An exported YOLO head decoded by a chosen DetectionDecoder distils its
+raw output the same way. A model whose outputs cannot be decoded into boxes (a raw head, no decoder chosen)
+is compared as dense outputs (`DenseDetection`)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from torch import nn
 from core.data import Dataset
 from core.errors import DataError
 from core.graph.detectors import TensorDetector
-from core.graph.outputs import named_outputs
+from core.graph.outputs import named_outputs, select_output
 from core.inputs import Inputs
 from core.tasks.base import TaskHandler
-from core.tasks.generic import normalised_mse
-from core.tasks.kinds import Metric, Task
+from core.tasks.generic import Generic, normalised_mse
+from core.tasks.kinds import DetectionDecoder, Metric, Task
 from core.tasks.metrics import mean_average_precision
+from core.tasks.yolo import decode_yolo
 
 REFERENCE_SCORE = 0.5
 REFERENCE_TOP = 10
@@ -90,6 +92,22 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in named_outputs(value).values() if t.is_floating_point()]
 
 
+class DenseDetection(Generic):
+    """A detector whose outputs are not boxes (a raw head, and no decoder chosen): its outputs are held to a
+    relative error, as the generic task holds any tensors."""
+
+    task = Task.DETECTION
+
+    def check(self, output: Any, data: Dataset) -> str:
+        if all(t.ndim < 3 for t in self.tensors(output)):
+            shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named_outputs(output).items())
+            raise DataError(f"The model's outputs are not detections: no boxes, scores and labels, and no raw head "
+                            f"of N×anchors×values ({shapes}).",
+                            hint="Choose the task the model does, or export the detector with its boxes.",
+                            code="output_not_detections")
+        return "raw head outputs (no boxes to decode; " + super().check(output, data) + ")"
+
+
 class Detection(TaskHandler):
     task = Task.DETECTION
     default_budget = 0.03
@@ -97,14 +115,29 @@ class Detection(TaskHandler):
     train_mode = False
     eval_batch_size = 16
 
+    def __init__(self, output: str | None = None, decoder: DetectionDecoder = DetectionDecoder.AUTO) -> None:
+        super().__init__(output)
+        self.decoder = decoder
+
+    def may_augment(self, labeled: bool) -> bool:
+        return not labeled
+
     def metric(self, labeled: bool) -> Metric:
         return Metric.MAP50 if labeled else Metric.MAP50_AGREEMENT
 
     def detections(self, output: Any) -> Detections:
+        if self.decoder is not DetectionDecoder.AUTO:
+            try:
+                return decode_yolo(select_output(output, self.output), self.decoder)
+            except ValueError as exc:
+                raise DataError(f"The {self.decoder} decoder cannot read the model's output: {exc}",
+                                hint="Choose the decoder of the model's head layout, or auto.",
+                                code="output_not_detections") from exc
         found = decode(output)
         if found is None:
             raise DataError("The model's outputs are not detections (boxes, scores, labels per image).",
-                            hint="Choose the task generic to compare raw head outputs.", code="output_not_detections")
+                            hint="Choose a detection decoder for a raw YOLO head, or the task generic to compare raw "
+                                 "outputs.", code="output_not_detections")
         return found
 
     def check(self, output: Any, data: Dataset) -> str:
@@ -145,6 +178,10 @@ class Detection(TaskHandler):
 
     def recovery_loss(self, student: nn.Module, teacher: nn.Module, batch: Inputs, labels: torch.Tensor | None,
                       temperature: float, kd_weight: float) -> torch.Tensor:
+        if self.decoder is not DetectionDecoder.AUTO:  # the raw head is the dense output
+            with torch.no_grad():
+                target = select_output(batch.call(teacher), self.output)
+            return normalised_mse(select_output(batch.call(student), self.output), target)
         s_tap, t_tap = _Tap(dense_heads(student)), _Tap(dense_heads(teacher))
         try:
             with torch.no_grad():

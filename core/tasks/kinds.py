@@ -90,3 +90,13 @@ _LABELS = {
     Metric.PERPLEXITY: "perplexity",
     Metric.RELATIVE_ERROR: "relative output error",
 }
+
+
+class DetectionDecoder(StrEnum):
+    """How a detector's outputs become boxes. `auto`: torchvision's per-image dicts or outputs named
+    boxes/scores/labels; a model with neither (a raw head) is compared as dense outputs. The YOLO layouts
+    decode an exported raw head (core.tasks.yolo)."""
+
+    AUTO = "auto"
+    YOLOV5 = "yolov5"  # N×anchors×(4 box + objectness + classes), centre-size boxes, scores already squashed
+    YOLOV8 = "yolov8"  # N×(4 box + classes)×anchors, centre-size boxes, class scores already squashed

@@ -34,6 +34,10 @@ def token_ids(batch: Inputs) -> torch.Tensor:
 class CausalLM(TaskHandler):
     task = Task.CAUSAL_LM
     default_budget = 0.10
+    eval_batch_size = 8  # windows × tokens × vocabulary logits per pass
+
+    def may_augment(self, labeled: bool) -> bool:
+        return False  # the tokens are the labels: a swapped token would be learnt as the next one
 
     def metric(self, labeled: bool) -> Metric:
         return Metric.PERPLEXITY

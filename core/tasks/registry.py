@@ -13,10 +13,10 @@ from core.graph.outputs import named_outputs, select_output
 from core.inputs import Inputs
 from core.tasks.base import TaskHandler
 from core.tasks.classification import Classification
-from core.tasks.detection import Detection, decode
+from core.tasks.detection import DenseDetection, Detection, decode
 from core.tasks.embedding import EMBEDDING_OUTPUTS, Embedding
 from core.tasks.generic import Generic
-from core.tasks.kinds import Task
+from core.tasks.kinds import DetectionDecoder, Task
 from core.tasks.language import CausalLM
 from core.tasks.segmentation import Segmentation
 
@@ -30,9 +30,15 @@ HANDLERS: dict[Task, type[TaskHandler]] = {
 }
 
 
-def handler_for(task: Task, output: str | None) -> TaskHandler:
+def handler_for(task: Task, output: str | None, result: Any,
+                decoder: DetectionDecoder = DetectionDecoder.AUTO) -> TaskHandler:
+    """The handler of `task` for a model whose output on a small batch is `result`."""
     if task is Task.AUTO:
         raise ValueError("Task.AUTO is resolved by infer_task first.")
+    if task is Task.DETECTION:
+        if decoder is DetectionDecoder.AUTO and decode(result) is None:
+            return DenseDetection(output)
+        return Detection(output, decoder)
     return HANDLERS[task](output)
 
 

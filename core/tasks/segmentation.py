@@ -36,6 +36,9 @@ class Segmentation(TaskHandler):
         # set by check(): a one-channel map holds probabilities (already squashed) rather than logits
         self.probabilities = False
 
+    def may_augment(self, labeled: bool) -> bool:
+        return not labeled
+
     def metric(self, labeled: bool) -> Metric:
         return Metric.MIOU if labeled else Metric.MIOU_AGREEMENT
 

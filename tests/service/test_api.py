@@ -110,6 +110,21 @@ def test_method_options_reach_the_engine() -> None:
             defaults.least_squares_compensation, defaults.allocation) == (True, "layer_sum", True, True, "auto")
 
 
+def test_the_task_reaches_the_engine_and_an_unknown_one_is_a_422(client: Any, keys: dict[str, str],
+                                                                   digits: tuple[Path, Path]) -> None:
+    from api.schemas import InspectConfig
+    from core.tasks.kinds import Task
+    from domain.config import JobConfig
+
+    assert JobConfig.model_fields["task"].annotation is Task
+    assert JobConfig.model_validate({"target": {"macs_reduction": 0.5}}).options_core().task is Task.AUTO
+    chosen = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "task": "causal-lm"})
+    assert chosen.options_core().task is Task.CAUSAL_LM and chosen.target_core().max_accuracy_drop is None
+    assert InspectConfig.model_validate({"task": "segmentation"}).options_core().task is Task.SEGMENTATION
+    error = error_of(submit(client, keys["a"], digits, {"task": "regression"}), 422)
+    assert error["code"] == "invalid_config" and "task" in error["message"]
+
+
 def test_preflight_failures_are_422(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -> None:
     unreachable = {"target": {"macs_reduction": 0.99}, "stages": ["filters"]}
     error = error_of(submit(client, keys["a"], digits, unreachable), 422)
@@ -140,6 +155,73 @@ def test_inspect(client: Any, keys: dict[str, str], digits: tuple[Path, Path]) -
     assert response.status_code == 200, response.text
     report = response.json()
     assert report["macs"] > 0 and report["feasible"] is True and report["prunable_groups"]
+
+
+def _digits_npz(digits: tuple[Path, Path], y: np.ndarray | None) -> bytes:
+    """The digits' first 64 inputs with labels `y` (None: none)."""
+    with np.load(digits[1]) as arrays:
+        x = arrays["x"][:64]
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, **({} if y is None else {"y": y}))
+    return buffer.getvalue()
+
+
+def inspect_digits(client: Any, key: str, digits: tuple[Path, Path], config: dict[str, Any],
+                   data: bytes | None = None) -> Any:
+    model, npz = digits
+    return client.post("/v1/inspect", headers=auth(key),
+                       data={"config": json.dumps({"architecture": "idap:digits", **config})},
+                       files={"model": (model.name, model.read_bytes()), "data": (npz.name, data or npz.read_bytes())})
+
+
+def test_inspect_says_which_task_it_chose_with_its_metric_and_budget(client: Any, keys: dict[str, str],
+                                                                      digits: tuple[Path, Path]) -> None:
+    response = inspect_digits(client, keys["a"], digits, {})
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert (report["task"], report["metric"], report["num_classes"]) == ("classification", "top1", 10)
+    assert report["budget"] == "top-1 accuracy may drop by at most 1.00 points"
+    assert report["task_reason"] == "its output is a score per class (N×classes)"
+    assert any(note.startswith("Task: classification (inferred: its output is a score per class")
+               for note in report["notes"]), report["notes"]
+    response = inspect_digits(client, keys["a"], digits, {"task": "generic", "target": {
+        "macs_reduction": 0.3, "max_accuracy_drop": 0.2}}, _digits_npz(digits, None))
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["task_reason"] is None  # named by the job
+    assert (report["task"], report["metric"], report["num_classes"]) == ("generic", "relative_output_error", None)
+    assert report["budget"] == "relative output error may rise by at most 20.00 points"
+
+
+def test_a_task_that_does_not_fit_or_labels_in_the_wrong_layout_are_refused_before_anything_is_stored(
+        client: Any, keys: dict[str, str], digits: tuple[Path, Path], settings: Settings) -> None:
+    model, _ = digits
+    jobs = settings.data_dir / "artifacts" / "jobs"
+    stored = set(jobs.iterdir()) if jobs.exists() else set()
+    def listed() -> list[str]:  # ids only: other tests' jobs may move on meanwhile
+        return [job["id"] for job in client.get("/v1/jobs", headers=auth(keys["a"])).json()["jobs"]]
+
+    before = listed()
+    cases = [
+        ({"task": "segmentation"}, None, "output_not_map", "per-pixel map"),
+        ({"task": "causal-lm"}, None, "missing_input", "token ids"),
+        ({}, _digits_npz(digits, np.linspace(0, 9, 64)), "labels_wrong_format", "one integer class id per sample"),
+        ({"task": "embedding"}, _digits_npz(digits, np.arange(64)), "labels_wrong_format", "Every embedding label"),
+        ({"task": "detection"}, _digits_npz(digits, np.zeros((64, 2, 5), "f4")), "output_not_detections",
+         "not detections"),
+    ]
+    for config, data, code, fragment in cases:
+        inspected = error_of(inspect_digits(client, keys["a"], digits, config, data), 422)
+        submitted = error_of(client.post(
+            "/v1/jobs", headers=auth(keys["a"]), data={"config": json.dumps({"architecture": "idap:digits", **config,
+                                                                             "target": {"macs_reduction": 0.3}})},
+            files={"model": (model.name, model.read_bytes()),
+                   "data": ("data.npz", data or digits[1].read_bytes())}), 422)
+        for error in (inspected, submitted):
+            assert error["code"] == code and fragment in error["message"] and error["hint"], (config, error)
+    assert listed() == before
+    assert (set(jobs.iterdir()) if jobs.exists() else set()) == stored
+    assert not list((settings.data_dir / "uploads").glob("upload-*"))  # the requests' scratch, gone with them
 
 
 def test_webhook_urls_to_private_networks_are_refused() -> None:

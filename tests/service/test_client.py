@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from idap_client import Client, JobFailed, RetryPolicy, ServerUnavailable, models
+from idap_client import Client, JobFailed, RetryPolicy, ServerUnavailable, models, summary
 from idap_client.cli import main
 from idap_client.transport import retry_after
 from pydantic import BaseModel
@@ -49,6 +49,29 @@ def fields(model: type[BaseModel]) -> set[str]:
                          ids=lambda model: model.__name__)
 def test_the_client_models_mirror_the_api_schemas(mirror: type[BaseModel], server: type[BaseModel]) -> None:
     assert fields(mirror) == fields(server)
+
+
+def test_the_client_knows_the_server_s_tasks_and_which_metrics_are_relative() -> None:
+    from core.tasks.kinds import DetectionDecoder, Metric, Task
+
+    assert [task.value for task in models.Task] == [task.value for task in Task]
+    assert [d.value for d in models.DetectionDecoder] == [d.value for d in DetectionDecoder]
+    assert models.RELATIVE_METRICS == {metric.value for metric in Metric if metric.relative or not metric.is_fraction}
+
+
+@pytest.mark.parametrize(("metric", "before", "after", "row"), [
+    ("top1", 0.99, 0.98, "top1  99.00%  98.00%  -1.00 pt"),
+    ("perplexity", 12.0, 13.1, "perplexity  12.000  13.100  +9.2%"),
+    ("recall_at_10", 0.5, 0.525, "recall_at_10  50.00%  52.50%  +2.50 pt"),
+])
+def test_the_summary_shows_the_task_s_metric_in_its_units(metric: str, before: float, after: float, row: str) -> None:
+    from tests.report_fixtures import sample_report
+
+    headline = sample_report(accuracy_metric=metric, accuracy_before=before, accuracy_after=after,
+                             budget="its budget in words").headline()
+    table = summary.metrics_table(models.Metrics.model_validate(headline.model_dump(mode="json")))
+    assert row.split() in [line.split() for line in table.splitlines()], table
+    assert "task               classification; its budget in words" in table
 
 
 def run_onnx(path: Path, digits: tuple[Path, Path]) -> np.ndarray:
@@ -133,6 +156,14 @@ def test_cli_usage_and_refused_requests_exit_2(client: TestClient, keys: dict[st
     assert "error:" in err and "HTTP 422" in err
     assert main(["status", "nosuchjob", "--server", BASE, "--key", keys["a"]], http=client) == 2
     assert "not found" in capsys.readouterr().err
+    # --task reaches the server: the digits' class ids are not a generic model's float targets
+    assert main(base + ["--architecture", "idap:digits", "--macs-reduction", "0.3", "--task", "generic",
+                        "--max-quality-drop", "0.1"], http=client) == 2
+    err = capsys.readouterr().err
+    assert "Generic labels are target values" in err and "(labels_wrong_format, HTTP 422)" in err and "hint:" in err
+    with pytest.raises(SystemExit):
+        main(base + ["--macs-reduction", "0.3", "--task", "regression"])
+    assert "invalid choice: 'regression'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a worker without CUDA")

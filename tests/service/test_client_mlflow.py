@@ -99,6 +99,7 @@ def test_the_job_is_logged_to_the_named_run_and_to_the_active_run(
     assert metrics["idap.accuracy_after"] == pytest.approx(job["metrics"]["accuracy_after"])
     assert metrics["idap.latency_ms_after_batch_1"] == pytest.approx(job["metrics"]["latency_ms_after"]["batch_1"])
     assert params["idap.job_id"] == job_id and params["idap.target.macs_reduction"] == "0.3"
+    assert (params["idap.task"], params["idap.metric"]) == ("classification", "top1")
     assert files == {artifact["name"]: artifact["size"] for artifact in job["artifacts"]}
     assert files == {path.name: path.stat().st_size for path in (tmp_path / "out").iterdir()}
 

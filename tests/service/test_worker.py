@@ -122,6 +122,21 @@ def test_job_runs_end_to_end(client: TestClient, keys: dict[str, str], digits: t
     assert not stored.exists()
 
 
+def test_a_job_runs_the_task_its_config_names_and_reports_in_its_metric(
+        client: TestClient, keys: dict[str, str], digits: tuple[Path, Path], worker: Path) -> None:
+    """The digits' class ids serve as an embedding's group ids: the job measures retrieval recall@10."""
+    response = submit(client, keys["a"], digits, {"task": "embedding"})
+    assert response.status_code == 202, response.text
+    job = wait_for(client, keys["a"], response.json()["id"], finished)
+    assert job["status"] == "succeeded", job["error"]
+    metrics = job["metrics"]
+    assert (metrics["task"], metrics["accuracy_metric"]) == ("embedding", "recall_at_10")
+    assert metrics["budget"] == "retrieval recall@10 may drop by at most 2.00 points"
+    report = client.get(f"/v1/jobs/{job['id']}/report", headers=auth(keys["a"])).json()
+    assert report["options"]["task"] == "embedding" and report["target"]["max_accuracy_drop"] == 0.02
+    assert any(note.startswith("Task: embedding (as chosen)") for note in report["notes"]), report["notes"]
+
+
 def test_cancel_a_running_job(client: TestClient, keys: dict[str, str], digits: tuple[Path, Path],
                               worker: Path) -> None:
     job_id = submit(client, keys["a"], digits, SLOW_RECOVERY).json()["id"]

@@ -4,13 +4,19 @@ UI must show, such as a failure, without waiting for a worker to produce them)."
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from api.services.tenants import create_key, get_or_create_tenant
+from core.report import Report
 from domain import states
 from domain.db import session_scope
-from domain.models import Job, new_id
+from domain.models import Artifact, Job, new_id
+from domain.settings import Settings
 from domain.states import JobStatus
+from domain.storage import file_digest, open_storage
 
 # what the worker writes when a job outlives its time limit
 FAILURE = {"code": "time_limit", "message": "The job ran past the 21600 s limit.",
@@ -42,3 +48,16 @@ def add_job(database: str, tenant_id: str, status: str = JobStatus.QUEUED, age_s
             assert states.transition(session, job_id, JobStatus(status),
                                      **({"error": error} if status == JobStatus.FAILED else {}))
     return job_id
+
+
+def add_report(settings: Settings, job_id: str, report: Report, scratch: Path) -> None:
+    """`report` as a succeeded job's report.json and metrics, stored as the worker stores them."""
+    path = scratch / f"{job_id}-report.json"
+    report.write(path)
+    key = f"jobs/{job_id}/artifacts/report.json"
+    open_storage(settings.storage).put_file(key, path)
+    size, sha256 = file_digest(path)
+    with session_scope(settings.database) as session:
+        session.add(Artifact(job_id=job_id, name="report.json", storage_key=key, size=size, sha256=sha256))
+        session.execute(update(Job).where(Job.id == job_id).values(
+            metrics=report.headline().model_dump(mode="json")))

@@ -91,6 +91,8 @@ def open_page(browser: Browser, problems: list[str]) -> Page:
     page.on("console", lambda message: problems.append(message.text) if "Content Security Policy" in message.text
             else None)
     page.set_default_timeout(30_000)
+    # the preflight measures a real pruning step on the server: seconds when the machine is busy
+    expect.set_options(timeout=30_000)
     return page
 
 
@@ -164,6 +166,11 @@ def submit_digits_job(page: Page, model: Path, data: Path) -> str:
     assert "on a GPU" in page.inner_text("#pf-estimate")
     # every input by name, per-sample shape and dtype (the digits model takes one, x)
     assert page.inner_text("#pf-input").startswith("x 1×8×8 float32, 10 classes")
+    # auto says which task it chose and why; the empty budget field stands for that task's default
+    expect(page.locator("#pf-task")).to_contain_text("classification (inferred: its output is a score per class")
+    expect(page.locator("#pf-budget")).to_have_text("top-1 accuracy may drop by at most 1.00 points")
+    assert page.input_value("#task") == "auto" and page.input_value("#drop") == ""
+    expect(page.locator("#budget-defaults")).to_contain_text("causal-lm: perplexity may rise by at most 10.0%")
     page.focus("#macs")  # the slider by keyboard: 50 % down to 30 %
     for _ in range(4):
         page.keyboard.press("ArrowLeft")
@@ -199,8 +206,13 @@ def watch_it_succeed(page: Page) -> None:
 
 def check_results(page: Page, data: Path) -> None:
     table = page.locator("table.compare")
-    for row in ("MACs", "Params", "Accuracy", "ORT latency, batch 1", "ONNX file"):
+    for row in ("MACs", "Params", "top-1 accuracy", "ORT latency, batch 1", "ONNX file"):
         expect(table).to_contain_text(row)
+    expect(page.locator("#task")).to_have_text("classification")
+    expect(page.locator("#quality")).to_have_text(
+        "Task classification: quality is top-1 accuracy; top-1 accuracy may drop by at most 1.00 points.")
+    expect(page.locator("#chart-trajectory figcaption")).to_have_text("Top-1 accuracy against MACs, step by step")
+    expect(page.locator("#chart-trajectory svg")).to_contain_text("↑ top-1 accuracy")
     for key in ("channels", "divergence", "trajectory", "blocks"):
         svg = page.locator(f"#chart-{key} svg")
         assert svg.locator("rect, circle, text").count() > 3, key

@@ -23,7 +23,8 @@ from core.intake.npz import load_npz
 from core.options import CompressOptions, Stage, Target
 from core.report import LayerRow, RemovedBlock, Report, StepRecord
 from core.run.pipeline import compress
-from tests.report_fixtures import sample_report
+from core.tasks.kinds import Metric, Task
+from tests.report_fixtures import sample_report, sample_steps
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -118,6 +119,42 @@ def test_trajectory_marks_every_step_and_the_final_model(report: Report) -> None
     assert root.find(f"{SVG}polyline") is not None
     # the budget line: accuracy_before minus max_accuracy_drop
     assert any(line.get("stroke-dasharray") for line in root.iter(f"{SVG}line"))
+
+
+def budget_line_y(root: ET.Element) -> float:
+    return next(float(line.get("y1", 0)) for line in root.iter(f"{SVG}line") if line.get("stroke-dasharray") == "5 4")
+
+
+def y_ticks(root: ET.Element) -> dict[str, float]:
+    """The y axis's tick labels (anchored at their end, left of the plot) and their heights."""
+    return {(node.text or ""): float(node.get("y", 0)) for node in root.iter(f"{SVG}text")
+            if node.get("text-anchor") == "end"}
+
+
+def test_trajectory_is_drawn_in_the_task_s_metric_with_its_budget_line() -> None:
+    """Top-1 reads in percent with the budget line below the original; perplexity in plain numbers with the
+    line above it, at the original's value plus the relative budget."""
+    top1 = parse(trajectory_chart(sample_report()))
+    assert {"↑ top-1 accuracy", "budget"} <= set(texts(top1))
+    assert all(tick.endswith(" %") for tick in y_ticks(top1)), y_ticks(top1)
+    ticks = {float(tick.removesuffix(" %")) / 100: y for tick, y in y_ticks(top1).items()}
+    assert budget_line_y(top1) > ticks[min(ticks, key=lambda value: abs(value - 0.99))]  # below the original
+    steps = [StepRecord.model_validate(step.model_dump() | {"accuracy": value})
+             for step, value in zip(sample_steps(), (12.4, 12.9, 14.0))]
+    report = sample_report(task=Task.CAUSAL_LM, accuracy_metric=Metric.PERPLEXITY, accuracy_before=12.0,
+                           accuracy_after=12.6, steps=steps,
+                           target=Target(macs_reduction=0.5, max_accuracy_drop=0.1))
+    root = parse(trajectory_chart(report))
+    assert "↑ perplexity" in texts(root) and not any(tick.endswith("%") for tick in y_ticks(root)), y_ticks(root)
+    titles = ["".join(node.itertext()) for node in root.iter(f"{SVG}title")]
+    assert "final model after recovery: 2M MACs, perplexity 12.600" in titles, titles
+    # 13.2, the most the budget allows, sits between the original (12.0) and the rolled-back step (14.0)
+    ticks = {float(tick): y for tick, y in y_ticks(root).items()}
+    (low, y_low), (high, y_high) = min(ticks.items()), max(ticks.items())
+    expected = y_low + (13.2 - low) / (high - low) * (y_high - y_low)
+    assert abs(budget_line_y(root) - expected) < 0.2, (budget_line_y(root), expected)
+    assert "Perplexity against MACs, step by step" in [chart.title for chart in charts(report)]
+    assert_text_fits(root)
 
 
 def test_blocks_chart_shows_every_block_stage_two_tried_and_its_outcome(report: Report) -> None:

@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from html import unescape
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from core.tasks.kinds import Metric, Task
 from domain.db import upgrade
 from domain.settings import Settings
-from tests.ui.helpers import FAILURE, add_job, tenant_with_key
+from tests.report_fixtures import sample_report
+from tests.ui.helpers import FAILURE, add_job, add_report, tenant_with_key
 
 SAME = {"Origin": "http://testserver"}
 EVIL = {"Origin": "https://evil.example"}
@@ -161,6 +164,50 @@ def test_a_succeeded_job_without_a_report_still_has_its_page(client: TestClient,
     client.cookies.set("idap_key", key)
     page = client.get(f"/ui/jobs/{job_id}")
     assert page.status_code == 200 and "no report.json" in page.text and "<svg" not in page.text
+
+
+@pytest.mark.parametrize(("changes", "label", "before", "after", "change", "budget"), [
+    ({}, "top-1 accuracy", "99.00%", "98.00%", "−1.00 pt", "top-1 accuracy may drop by at most 1.00 points"),
+    ({"task": Task.CAUSAL_LM, "accuracy_metric": Metric.PERPLEXITY, "accuracy_before": 12.0, "accuracy_after": 13.1,
+      "budget": Metric.PERPLEXITY.describe_budget(0.1)},
+     "perplexity", "12.000", "13.100", "+9.2%", "perplexity may rise by at most 10.0% of the original's"),
+    ({"task": Task.SEGMENTATION, "accuracy_metric": Metric.MIOU, "accuracy_before": 0.625, "accuracy_after": 0.6,
+      "budget": Metric.MIOU.describe_budget(0.02)}, "mIoU", "62.50%", "60.00%", "−2.50 pt",
+     "mIoU may drop by at most 2.00 points"),
+], ids=["classification", "causal-lm", "segmentation"])
+def test_a_succeeded_job_shows_its_task_and_metric_formatted_by_the_metric(
+        client: TestClient, settings: Settings, tmp_path: Path, changes: dict, label: str, before: str, after: str,
+        change: str, budget: str) -> None:
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    job_id = add_job(settings.database, alice, "succeeded")
+    report = sample_report(**({"budget": Metric.TOP1.describe_budget(0.01)} | changes))
+    add_report(settings, job_id, report, tmp_path)
+    client.cookies.set("idap_key", key)
+    page = client.get(f"/ui/jobs/{job_id}").text
+    assert re.search(r'id="task">([^<]*)<', page).group(1) == report.task  # type: ignore[union-attr]
+    quality = re.search(r'id="quality">(.*?)</p>', page, re.S).group(1)  # type: ignore[union-attr]
+    quality = unescape(re.sub(r"\s+", " ", quality))
+    assert quality == f"Task {report.task}: quality is {label}; {budget}."
+    row = re.search(rf'<th scope="row">{re.escape(label)}</th>(.*?)</tr>', page, re.S)
+    assert row, page
+    assert re.findall(r'<td class="num">([^<]*)</td>', row.group(1)) == [before, after, change]
+    assert f'<th scope="col" class="num">{label}</th>' in page  # the steps' table names the metric too
+    listing = client.get("/ui/jobs").text
+    assert f'<span class="task">{report.task}</span>' in listing
+    assert re.search(rf'data-label="Quality" class="num">{re.escape(change)} <span class="sub">{re.escape(label)}'
+                     "</span>", listing), listing
+
+
+def test_the_new_job_form_offers_every_task_with_its_default_budget(client: TestClient, settings: Settings) -> None:
+    _, key = tenant_with_key(settings.database, "ui-alice")
+    client.cookies.set("idap_key", key)
+    form = client.get("/ui/jobs/new").text
+    assert re.findall(r'<option value="([^"]+)">', form.split('id="task"')[1].split("</select>")[0]) == list(Task)
+    assert 'id="drop" name="drop" type="number"' in form and 'value="1"' not in form.split('id="drop"')[1][:120]
+    defaults = re.findall(r"<li><strong>([^<]+)</strong>: ([^<]+)</li>", unescape(form))
+    assert ("classification", "top-1 accuracy may drop by at most 1.00 points") in defaults
+    assert ("causal-lm", "perplexity may rise by at most 10.0% of the original's") in defaults
+    assert [task for task, _ in defaults] == [task for task in Task if task is not Task.AUTO]
 
 
 def test_a_running_job_shows_its_elapsed_time_and_eta(client: TestClient, settings: Settings) -> None:

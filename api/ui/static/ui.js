@@ -178,7 +178,8 @@ function initNewJob() {
     const config = buildConfig();
     // without a size target the preflight still describes the model
     const target = config.target.macs_reduction || config.target.params_reduction ? config.target : null;
-    body.append("config", JSON.stringify({ target, stages: config.stages, architecture: config.architecture }));
+    body.append("config", JSON.stringify({ target, stages: config.stages, architecture: config.architecture,
+                                           task: config.task }));
     const status = $("preflight-status");
     const section = $("preflight");
     status.textContent = "Uploading…";
@@ -272,8 +273,10 @@ function buildConfig() {
   }
   return {
     name: $("job-name").value.trim() || null,
+    // an empty budget is left to the server: the task's default
     target: { macs_reduction: macs > 0 ? macs : null, params_reduction: numberOrNull("params", 0.01),
-              max_accuracy_drop: numberOrNull("drop", 0.01) ?? 0.01 },
+              max_accuracy_drop: numberOrNull("drop", 0.01) },
+    task: $("task").value,
     stages: [...document.querySelectorAll("input[name=stages]:checked")].map((box) => box.value),
     architecture: $("architecture").value.trim() || null,
     device: $("device").value,
@@ -296,8 +299,10 @@ function showPreflight(report) {
   $("pf-params").textContent = count.format(report.params);
   // every input the model takes, by name: token ids and their attention mask, or an image and its features
   const inputs = report.inputs.map((input) => input.name + " " + input.shape.join("×") + " " + input.dtype).join("; ");
-  $("pf-input").textContent = inputs + ", " + report.num_classes + " classes"
+  $("pf-input").textContent = inputs + (report.num_classes === null ? "" : ", " + report.num_classes + " classes")
     + (report.samples ? ", " + report.samples + " samples" : "");
+  $("pf-task").textContent = report.task + (report.task_reason ? " (inferred: " + report.task_reason + ")" : "");
+  $("pf-budget").textContent = report.budget;
   $("pf-outputs").textContent = report.outputs.map((output) => output.name + " " + output.shape.join("×")).join(", ");
   $("pf-groups").textContent = String(report.prunable_groups.length);
   $("pf-blocks").textContent = String(report.blocks.length);
