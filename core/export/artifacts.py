@@ -6,15 +6,23 @@ import copy
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from core.errors import ExportError
+from core.export.detections import detection_difference
 from core.export.spec import ONNX_RELATIVE_TOLERANCE, OnnxSpec, ort_feed
+from core.graph.detectors import one_image_per_call
 from core.graph.outputs import named_outputs
 from core.inputs import Inputs
+
+# Images a one-image-per-call export (core.graph.detectors) is checked on, one ONNX Runtime run each.
+PER_IMAGE_CHECKS = 8
+DETECTOR_PT2_ERROR = ("torch.export cannot capture a detector's post-processing (non-maximum suppression keeps a "
+                      "data-dependent number of boxes); use model.onnx")
 
 
 class _Exportable(nn.Module):
@@ -80,12 +88,16 @@ def export_onnx(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | 
     """ONNX with the names, input dtypes and dynamic axes of `spec` (default: those the example's
     inputs call for, OnnxSpec.of), and every output of the model (named as in `spec`, else as
     core.graph.outputs names them). The TorchScript-based exporter is tried first (fast, robust
-    with dynamic axes); the dynamo exporter is the fallback."""
+    with dynamic axes); the dynamo exporter is the fallback. A model that runs one image per call
+    (core.graph.detectors) is exported for one image, with no dynamic axis."""
+    per_image = one_image_per_call(model)
+    if per_image:
+        example = example[:1]
     wrapped = _exportable(model, example)
     output_names = _output_names(wrapped, example, spec)
     spec = _spec_for(example, spec)
     args = _declared(example, spec)
-    axes = {name: spec.axes_of(name) for name in [*spec.input_names, *output_names]}
+    axes = {} if per_image else {name: spec.axes_of(name) for name in [*spec.input_names, *output_names]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -100,7 +112,7 @@ def export_onnx(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | 
                 torch.onnx.export(
                     wrapped, args, str(path), dynamo=True, verbose=False,
                     input_names=spec.input_names, output_names=output_names,
-                    dynamic_shapes=(tuple(_dims(spec.axes_of(name)) for name in spec.input_names),),
+                    dynamic_shapes=None if per_image else (tuple(_dims(axes[name]) for name in spec.input_names),),
                 )
         except Exception as dynamo_error:
             raise ExportError(
@@ -111,23 +123,35 @@ def export_onnx(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | 
 
 @torch.no_grad()
 def verify_onnx(model: nn.Module, path: Path, inputs: Inputs) -> float:
-    """Max abs difference between PyTorch and ONNX Runtime on real inputs; raises past 1e-3 relative."""
+    """Max abs difference between PyTorch and ONNX Runtime on real inputs; raises past 1e-3 relative.
+    A one-image-per-call export (a detector) is run on the first PER_IMAGE_CHECKS inputs, one at a
+    time, and its detections compared up to the order of tied scores (core.export.detections)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    exportable = _exportable(model, inputs)
+    if not one_image_per_call(model):
+        return _compare(session, exportable, inputs, detections=False)
+    return max(_compare(session, exportable, inputs[i : i + 1], detections=True)
+               for i in range(min(len(inputs), PER_IMAGE_CHECKS)))
+
+
+def _compare(session: Any, exportable: _Exportable, inputs: Inputs, detections: bool) -> float:
+    """verify_onnx on one batch that `session` (an ONNX Runtime session of the export) can take."""
     # the export may take other dtypes than the data (the original ONNX model's); both sides see the same values
     feed = ort_feed(session.get_inputs(), inputs)
-    exported = _exportable(model, inputs)(*(torch.from_numpy(array) for array in feed.values()))
+    exported = exportable(*(torch.from_numpy(array) for array in feed.values()))
     references = [output.numpy() for output in named_outputs(exported).values()]
     results = session.run(None, feed)
     if len(results) != len(references):
         raise ExportError(f"The ONNX model has {len(results)} outputs where PyTorch has {len(references)}.")
-    max_abs = 0.0
-    for name, got, reference in zip((value.name for value in session.get_outputs()), results, references):
+    names = [value.name for value in session.get_outputs()]
+    for name, got, reference in zip(names, results, references):
         if got.shape != reference.shape:
             raise ExportError(f"ONNX output {name!r} has shape {got.shape} where PyTorch gives {reference.shape}.")
-        max_abs = max(max_abs, _relative_check(name, got, reference))
-    return max_abs
+    if detections:
+        return detection_difference(dict(zip(names, references)), dict(zip(names, results)))
+    return max(_relative_check(name, got, reference) for name, got, reference in zip(names, results, references))
 
 
 def _relative_check(name: str, got: np.ndarray, reference: np.ndarray) -> float:
@@ -149,8 +173,12 @@ def export_pt2(model: nn.Module, example: Inputs, path: Path, spec: OnnxSpec | N
     and check it reloads to the same outputs.
 
     Returns None on success, or the reason torch.export could not capture the model
-    (the other artifacts are still produced).
+    (the other artifacts are still produced). A detector (core.graph.detectors) is not tried:
+    its post-processing (score thresholds, non-maximum suppression) sizes tensors by their values,
+    which torch.export refuses, after tens of seconds and pages of log.
     """
+    if one_image_per_call(model):
+        return DETECTOR_PT2_ERROR
     spec = _spec_for(example, spec)
     wrapped = _exportable(model, example)
     args = _declared(example, spec)

@@ -18,8 +18,9 @@ from core.export.artifacts import export_onnx, export_pt2, verify_onnx
 from core.export.spec import OnnxSpec
 from core.graph.attention import convert_multihead_attention, find_sites, holds_attention
 from core.graph.blocks import find_blocks, remove_block
+from core.graph.detectors import as_tensor_model, one_image_per_call
 from core.graph.outputs import named_outputs
-from core.graph.tracing import forward_once
+from core.graph.predictors import output_layers
 from core.importance.divergence import filter_divergence
 from core.inputs import Inputs
 from core.measure.latency import ort_latency_ms
@@ -105,19 +106,6 @@ def _attention_notes(model: nn.Module) -> list[str]:
             f"({shown}); the widths around them (MLP, hidden size) are pruned."]
 
 
-def _output_layers(model: nn.Module, example: Inputs) -> list[str]:
-    """The last Conv/Linear executed produces the output (the classes, the vocabulary, an embedding's width, a
-    map's classes): its width is the interface and is never pruned."""
-    executed: list[str] = []
-    handles = [
-        module.register_forward_hook(lambda _m, _i, _o, name=name: executed.append(name))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-    ]
-    forward_once(model, example, handles)
-    return executed[-1:]
-
-
 @torch.no_grad()
 def _output_names(model: nn.Module, example: Inputs) -> tuple[str, ...]:
     return tuple(named_outputs(example.call(model.eval())))
@@ -192,7 +180,9 @@ def _onnx_metrics(model: nn.Module, example: Inputs, path: Path, verify_on: Inpu
                   opts: CompressOptions, spec: OnnxSpec | None) -> tuple[float, Latency]:
     export_onnx(model, example, path, spec)
     diff = verify_onnx(model, path, verify_on)
-    latency = ort_latency_ms(path, example, (1, opts.latency_batch), opts.latency_runs)
+    # a detector's export takes one image (core.graph.detectors)
+    batches = (1,) if one_image_per_call(model) else (1, opts.latency_batch)
+    latency = ort_latency_ms(path, example, batches, opts.latency_runs)
     return diff, latency
 
 
@@ -324,7 +314,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
              reporter: Reporter) -> tuple[nn.Module, RunInputs, list[str]]:
     """Copy the model to the device, check the data against it, split it, and set up the run's inputs."""
     device = resolve_device(opts.device)
-    model = copy.deepcopy(model).to(device).eval()
+    model = as_tensor_model(copy.deepcopy(model)).to(device).eval()
     notes = _drop_training_only_heads(model)
     data = data.bound(model)
     settled = settle_task(model, data, device, opts.task, opts.output, opts.detection_decoder)
@@ -348,7 +338,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         task_reason=settled.reason if settled.inferred else None,
         reference=collect(model, evaluation.inputs, device, settled.handler),
         feature_points=pick_feature_points(model, example),
-        ignored=_output_layers(model, example) + list(opts.ignored_layers),
+        ignored=output_layers(model, example) + list(opts.ignored_layers),
         outputs=_output_names(model, example),
         augment=choose_augmenter(recovery, opts.augmentation) if settled.handler.may_augment(recovery.labeled)
         else None,

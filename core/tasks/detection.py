@@ -19,6 +19,7 @@ from torch import nn
 
 from core.data import Dataset
 from core.errors import DataError
+from core.graph.detectors import TensorDetector
 from core.graph.outputs import named_outputs, select_output
 from core.inputs import Inputs
 from core.tasks.base import TaskHandler
@@ -38,7 +39,8 @@ Detections = list[dict[str, torch.Tensor]]
 
 def decode(output: Any) -> Detections | None:
     """Per-image detections from a torchvision-style list of dicts, or from outputs named boxes/scores/labels
-    (one image's, or batched with an image axis); None when the outputs are not detections."""
+    (one image's, or batched with an image axis, where an output named num_detections says how many rows of
+    each image are real, as core.graph.detectors pads them); None when the outputs are not detections."""
     if isinstance(output, (list, tuple)) and output and all(
             isinstance(o, Mapping) and all(k in o for k in _KEYS) for o in output):
         return [{k: o[k] for k in _KEYS} for o in output]
@@ -49,11 +51,13 @@ def decode(output: Any) -> Detections | None:
         return None
     if boxes.ndim == 2:
         return [{"boxes": boxes, "scores": scores, "labels": labels}]
-    return [{"boxes": b, "scores": s, "labels": c} for b, s, c in zip(boxes, scores, labels)]
+    counts = next((t for n, t in named.items() if n.rsplit(".", 1)[-1] == "num_detections"), None)
+    rows = [len(b) for b in boxes] if counts is None else [int(n) for n in counts]
+    return [{"boxes": b[:n], "scores": s[:n], "labels": c[:n]} for b, s, c, n in zip(boxes, scores, labels, rows)]
 
 
 def dense_heads(model: nn.Module) -> list[nn.Module]:
-    modules = dict(model.named_modules())
+    modules = dict((model.detector if isinstance(model, TensorDetector) else model).named_modules())
     return [modules[name] for name in DENSE_HEADS if name in modules]
 
 
