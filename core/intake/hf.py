@@ -108,6 +108,34 @@ class ImageClassifier(nn.Module):
 _WRAPPERS = (TextClassifier, TextEncoder, CausalLanguageModel, ImageClassifier)
 
 
+# Set on the nn.Linear that stands in for a transformers Conv1D (GPT-2's projections: x @ W + b, W stored
+# inputs × outputs), which the dependency graph and the attention finder know how to prune. A plain Linear,
+# not a subclass: torch-pruning's MAC counter looks layers up by their exact type.
+FROM_CONV1D = "idap_from_conv1d"
+
+
+def _swap_conv1d(model: nn.Module, to_linear: bool) -> None:
+    """Every Conv1D of `model` as the Linear it computes (`to_linear`), or those Linears back as Conv1Ds,
+    as from_pretrained builds the model (save_pretrained_zip)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        swapped: nn.Module
+        if to_linear and isinstance(module, Conv1D):
+            swapped = nn.Linear(module.nx, module.nf)
+            swapped.weight.data, swapped.bias.data = module.weight.data.T.contiguous(), module.bias.data
+            setattr(swapped, FROM_CONV1D, True)
+        elif not to_linear and isinstance(module, nn.Linear) and getattr(module, FROM_CONV1D, False):
+            swapped = Conv1D(module.out_features, module.in_features)
+            swapped.weight.data = module.weight.data.T.contiguous()
+            if module.bias is not None:
+                swapped.bias.data = module.bias.data
+        else:
+            continue
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, swapped)
+
+
 # config.json is read before anything is unpacked; a real one is a few kB
 CONFIG_MAX_BYTES = 1 << 20
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -161,6 +189,7 @@ def load_hf_directory(root: Path) -> LoadedModel:
     if name.endswith(_CAUSAL_LMS):
         from core.intake.text_data import token_windows
 
+        _swap_conv1d(model, to_linear=True)
         example = token_windows(["a short example of text, and another one"] * 4, tokenizer, 8)[:2]
         return LoadedModel(CausalLanguageModel(model), "hf", example=example, tokenizer=tokenizer, text_windows=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -235,6 +264,7 @@ def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example:
         raise TypeError(f"save_pretrained_zip takes the wrapper of a Hugging Face model (load_hf_directory), "
                         f"not {type(wrapper).__name__}.")
     model = copy.deepcopy(wrapper.model).cpu().eval()
+    _swap_conv1d(model, to_linear=False)
     reason = _describe_in_config(model)
     if reason is not None:
         return reason
@@ -263,6 +293,10 @@ def save_pretrained_zip(wrapper: nn.Module, tokenizer: Any, path: Path, example:
     return None
 
 
+# The first projection of every layer's MLP (BERT's, Llama's, GPT-2's Conv1D) and the config field of its width.
+_MLP_WIDTHS = {"intermediate.dense": "intermediate_size", "mlp.up_proj": "intermediate_size", "mlp.c_fc": "n_inner"}
+
+
 def _describe_in_config(model: PreTrainedModel) -> str | None:
     """Update `model.config` to the pruned shape, or say which pruned shape it cannot hold."""
     config = model.config
@@ -277,8 +311,9 @@ def _describe_in_config(model: PreTrainedModel) -> str | None:
     if len(heads) > 1:
         return (f"layers kept different numbers of attention heads ({', '.join(map(str, heads))}); "
                 "transformers configs hold one head count for all layers")
-    widths = sorted({m.out_features for name, m in model.named_modules()
-                     if name.endswith("intermediate.dense") and isinstance(m, nn.Linear)})
+    mlp = [(field, int(getattr(m, "out_features", getattr(m, "nf", 0)))) for name, m in model.named_modules()
+           for suffix, field in _MLP_WIDTHS.items() if name.endswith(suffix)]
+    widths = sorted({width for _, width in mlp})
     if len(widths) > 1:
         return (f"layers kept different feed-forward widths ({', '.join(map(str, widths))}); "
                 "transformers configs hold one intermediate_size for all layers")
@@ -290,6 +325,6 @@ def _describe_in_config(model: PreTrainedModel) -> str | None:
                     "derives the head size as hidden_size / num_attention_heads")
         config.hidden_size, config.num_attention_heads = hidden_size, heads[0]
     if widths:
-        config.intermediate_size = widths[0]
+        setattr(config, mlp[0][0], widths[0])
     return None
 
