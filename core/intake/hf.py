@@ -82,11 +82,12 @@ class TextEncoder(nn.Module):
 
 
 class CausalLanguageModel(nn.Module):
-    """Token ids (and an attention mask, when the data has one) in; next-token logits N×tokens×vocab out,
-    without the key/value cache (an output of its own that pruning and the export have no use for).
+    """Token ids and an attention mask (text data makes both: core.intake.text_data.token_windows) in;
+    next-token logits N×tokens×vocab out, without the key/value cache (an output of its own that pruning
+    and the export have no use for).
 
-    Without a mask every token is attended: perplexity (core.tasks.language) counts every position then,
-    and text data for a causal LM is windows of real tokens (core.intake.text_data.token_windows)."""
+    Without a mask (token ids alone in an .npz) every token is attended, not derived from a padding token:
+    perplexity (core.tasks.language) counts every position then too."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()

@@ -86,8 +86,10 @@ def windows(records: list[dict[str, Any]], tokenizer: Any, text_column: str, max
 
 def token_windows(texts: list[str], tokenizer: Any, length: int) -> Inputs:
     """`input_ids` of the texts' tokens end to end (the end-of-text token between texts, where the tokenizer
-    has one), cut into windows of `length`: every position is a real token, so no padding and no mask.
-    The tokens after the last full window are dropped, unless there are fewer than `length` in all."""
+    has one), cut into windows of `length`, and their `attention_mask`: all ones, since every position is a
+    real token, but an input of the export all the same, which then takes padded batches as a causal LM's
+    ONNX export usually does. The tokens after the last full window are dropped, unless there are fewer than
+    `length` in all."""
     separator = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
@@ -97,7 +99,8 @@ def token_windows(texts: list[str], tokenizer: Any, length: int) -> Inputs:
                         hint="Upload longer texts.", code="sequence_too_short")
     width = min(length, len(stream))
     count = len(stream) // width
-    return Inputs({"input_ids": torch.tensor(stream[: count * width], dtype=torch.int64).view(count, width)})
+    ids = torch.tensor(stream[: count * width], dtype=torch.int64).view(count, width)
+    return Inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 
 
 def _label(value: Any, names: list[str] | None, index: int) -> int:
