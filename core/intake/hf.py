@@ -26,6 +26,7 @@ from core.graph.blocks import SkippedLayer
 from core.graph.outputs import named_outputs
 from core.inputs import Inputs
 from core.intake.loaded import LoadedModel
+from core.intake.text_data import token_windows
 
 if TYPE_CHECKING:  # imported when a directory is loaded, after HF_HUB_OFFLINE is set
     from transformers import PreTrainedModel
@@ -188,8 +189,6 @@ def load_hf_directory(root: Path) -> LoadedModel:
         return _image_classifier(model, config)
     tokenizer = _tokenizer(root, transformers)
     if name.endswith(_CAUSAL_LMS):
-        from core.intake.text_data import token_windows
-
         _swap_conv1d(model, to_linear=True)
         example = token_windows(["a short example of text, and another one"] * 4, tokenizer, 8)[:2]
         return LoadedModel(CausalLanguageModel(model), "hf", example=example, tokenizer=tokenizer, text_windows=True)
