@@ -1,4 +1,5 @@
-"""The Fashion-MNIST and MiniLM benchmarks end to end in --quick mode, and Fashion-MNIST's missing-data error."""
+"""The Fashion-MNIST and MiniLM benchmarks end to end in --quick mode, Fashion-MNIST's missing-data error, and the
+embedding benchmark's data split."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import minilm
@@ -159,3 +161,36 @@ def test_compensation_benchmark_measures_real_tokens_and_orders_the_fits() -> No
     # measured on the calibration rows themselves, each fit is at least as good as the one before
     errors = [relative_error(layer, removed, s, rows) for s in (None, InputStats(stats.mean), stats)]
     assert errors[0] > errors[1] > errors[2] > 0
+
+
+@pytest.mark.skipif(minilm.missing_packages() is not None, reason=str(minilm.missing_packages()))
+def test_embedding_benchmark_evaluates_on_snippets_compress_never_sees() -> None:
+    from benchmarks.minilm_embedding import Settings, split
+
+    settings = Settings()
+    (texts, groups), rest = split(settings.eval_per_movie, seed=0)
+    assert len(texts) == len(groups)
+    # the corpus repeats 3 snippets, so the split is by row; none of the repeats reaches what compress gets
+    assert not set(texts) & set(rest[: settings.compress_samples])
+    # every movie has partners to retrieve, and a seed fixes the split
+    counts = np.bincount(groups)
+    assert len(counts) == 156 and counts.min() >= 2 and counts.max() == settings.eval_per_movie
+    assert split(settings.eval_per_movie, seed=0) == ((texts, groups), rest)
+    assert split(settings.eval_per_movie, seed=1)[0][0] != texts
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(minilm.missing_packages() is not None, reason=str(minilm.missing_packages()))
+def test_quick_embedding_benchmark_keeps_the_embedding_width_and_measures_both_metrics(tmp_path: Path) -> None:
+    out = tmp_path / "embedding.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.minilm_embedding", "--quick", "--methods", "idap,l2",
+                           "--levels", "0.3", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert 0.0 < result["reference"]["recall_at_10"] < 1.0
+    for row in result["rows"]:
+        assert row["error"] is None, row["error"]
+        assert row["architecture_after"]["hidden"] == result["reference"]["architecture"]["hidden"]
+        assert row["target_met"] and row["encoder_params_reduction"] >= 0.27, (row["method"], row["stop_reason"])
+        assert 0.0 < row["cosine_to_original"] < 1.0 and 0.0 < row["recall_at_10_after"] <= 1.0

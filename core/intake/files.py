@@ -17,7 +17,7 @@ from core.intake.image_data import load_image_folder_zip
 from core.intake.loaded import LoadedModel
 from core.intake.model_io import check_input_file, open_model
 from core.intake.npz import load_npz, too_many_samples
-from core.intake.text_data import read_records, tokenize
+from core.intake.text_data import read_records, tokenize, windows
 from core.options import CompressOptions, IntakeOptions, Target
 from core.progress import CancelFn, ProgressFn
 from core.report import PreflightReport
@@ -36,8 +36,9 @@ def open_data(path: Path, model: LoadedModel, intake: IntakeOptions) -> Dataset:
         data = load_npz(path, intake) if _is_npz(path) else _image_folder(path, model, intake)
     elif model.tokenizer is not None:
         records = read_records(path, intake.max_samples)
-        data = tokenize(records, model.tokenizer, intake.text_column, intake.label_column, intake.max_length,
-                        model.label_names)
+        data = windows(records, model.tokenizer, intake.text_column, intake.max_length) if model.text_windows \
+            else tokenize(records, model.tokenizer, intake.text_column, intake.label_column, intake.max_length,
+                          model.label_names)
     else:
         raise DataError(f"{path.name} is not a readable .npz or zip archive; text data (.jsonl/.csv) needs a model "
                         "that ships a tokenizer (a zipped Hugging Face directory).", hint=_DATA_HINT,

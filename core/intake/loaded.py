@@ -21,6 +21,8 @@ class LoadedModel:
     # One input batch the model accepts (two samples), when the format says what inputs look like.
     example: Inputs | None = None
     tokenizer: Any = None
+    # text data becomes windows of tokens (a causal language model), not one padded row per record
+    text_windows: bool = False
     onnx_spec: OnnxSpec | None = None  # of an ONNX upload: the export keeps its names and axes
     # the names the data calls the inputs -> the forward parameters they feed (an ONNX upload's input names)
     input_aliases: dict[str, str] = field(default_factory=dict)

@@ -1,7 +1,8 @@
 """Text data for models that ship a tokenizer: `.jsonl` (one object per line) or `.csv`,
 with a text column and an optional label column: class or group ids (or the model's label names), or
 float targets (a number, or in .jsonl a list of numbers, per record). Whether they fit the run's task is
-the task's to check (core.tasks)."""
+the task's to check (core.tasks). For a causal language model the texts become windows of tokens without
+labels: the tokens are their own targets."""
 
 from __future__ import annotations
 
@@ -57,20 +58,49 @@ def _csv(text: str) -> list[dict[str, Any]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def tokenize(records: list[dict[str, Any]], tokenizer: Any, text_column: str, label_column: str,
-             max_length: int, label_names: list[str] | None) -> Dataset:
+def _texts(records: list[dict[str, Any]], text_column: str) -> list[str]:
     columns = set().union(*(record.keys() for record in records))
     if text_column not in columns:
         raise DataError(f"The text data has no {text_column!r} column (found: {', '.join(sorted(columns))}).",
                         hint=f"Name the column {text_column!r}, or set text_column in the job config.",
                         code="missing_text_column")
-    texts = [str(record.get(text_column) or "") for record in records]
+    return [str(record.get(text_column) or "") for record in records]
+
+
+def tokenize(records: list[dict[str, Any]], tokenizer: Any, text_column: str, label_column: str,
+             max_length: int, label_names: list[str] | None) -> Dataset:
+    texts = _texts(records, text_column)
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length)
     # every array the tokenizer makes (ids, attention mask, token types) is an input of the model
     inputs = Inputs({name: torch.tensor(values, dtype=torch.int64) for name, values in encoded.items()})
-    has_labels = label_column in columns
+    has_labels = any(label_column in record for record in records)
     y = _labels([record.get(label_column) for record in records], label_names) if has_labels else None
     return Dataset(inputs, y)
+
+
+def windows(records: list[dict[str, Any]], tokenizer: Any, text_column: str, max_length: int) -> Dataset:
+    """The records' texts as `token_windows` of `max_length` tokens, for a causal language model (a label
+    column is not read: the tokens are the targets)."""
+    return Dataset(token_windows(_texts(records, text_column), tokenizer, max_length))
+
+
+def token_windows(texts: list[str], tokenizer: Any, length: int) -> Inputs:
+    """`input_ids` of the texts' tokens end to end (the end-of-text token between texts, where the tokenizer
+    has one), cut into windows of `length`, and their `attention_mask`: all ones, since every position is a
+    real token, but an input of the export all the same, which then takes padded batches as a causal LM's
+    ONNX export usually does. The tokens after the last full window are dropped, unless there are fewer than
+    `length` in all."""
+    separator = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream += [*ids, *separator]
+    if len(stream) < 2:
+        raise DataError(f"The texts hold {len(stream)} token(s); a causal language model needs at least 2.",
+                        hint="Upload longer texts.", code="sequence_too_short")
+    width = min(length, len(stream))
+    count = len(stream) // width
+    ids = torch.tensor(stream[: count * width], dtype=torch.int64).view(count, width)
+    return Inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 
 
 Label = int | float | list[float]
