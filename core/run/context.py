@@ -188,7 +188,7 @@ class Run:
             stage.value, step.step, opts.max_steps + opts.max_removals,
             0.05 + 0.8 * goals.progress(size) if accepted else None,
             f"{stage} step {step.step}: MACs -{reduction['macs']:.1%}, params -{reduction['params']:.1%}, "
-            f"top-1 {accuracy:.4f}{_outcome(step)}",
+            f"{goals.metric.label} {goals.metric.show(accuracy)}{_outcome(step)}",
             macs=size.macs, params=size.params, accuracy=accuracy, accepted=accepted,
         )
         return state
