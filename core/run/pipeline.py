@@ -392,7 +392,8 @@ def _baseline(run: Run, original: nn.Module, onnx_spec: OnnxSpec | None) -> _Ori
     macs, params = goals.original
     run.reporter.emit("baseline", 1, 1, 0.05,
                       f"Original: {macs / 1e6:.2f} M MACs, {params / 1e6:.3f} M params, "
-                      f"{goals.metric.label} {goals.metric.show(goals.accuracy)}", macs=macs, params=params, accuracy=goals.accuracy)
+                      f"{goals.metric.label} {goals.metric.show(goals.accuracy)}",
+                      macs=macs, params=params, accuracy=goals.accuracy)
     return _OriginalNumbers({names[m]: float(s.mean()) for m, s in scores.items()}, diff, latency, size)
 
 
