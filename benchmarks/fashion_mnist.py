@@ -266,7 +266,8 @@ def compression_data(data: Splits, settings: Settings) -> Dataset:
     return Dataset(Inputs.single(data.x_train[index].contiguous()), data.y_train[index].contiguous())
 
 
-def _progress(prefix: str) -> ProgressFn:
+def progress_logger(prefix: str) -> ProgressFn:
+    """Logs a run's step and end messages, prefixed with the run's name."""
     def show(event: ProgressEvent) -> None:
         if event.stage in ("filters", "layers", "done"):
             log(f"  {prefix} {event.message}")
@@ -274,7 +275,7 @@ def _progress(prefix: str) -> ProgressFn:
     return show
 
 
-def _reduction(before: float, after: float) -> float:
+def reduction(before: float, after: float) -> float:
     return 1.0 - after / before if before else 0.0
 
 
@@ -292,7 +293,7 @@ def row_from_report(method: str, level: float, report: Report, settings: Setting
         "params_before": report.params_before, "params_after": report.params_after,
         "params_reduction": report.params_reduction,
         "latency_ms_before": lat_before, "latency_ms_after": lat_after,
-        "latency_reduction": {k: round(_reduction(lat_before[k], lat_after[k]), 4) for k in lat_before},
+        "latency_reduction": {k: round(reduction(lat_before[k], lat_after[k]), 4) for k in lat_before},
         "removed_blocks": report.removed_blocks,
         "steps": len(report.steps),
         # every recorded step (accepted or rolled back) was recovered; the final recovery comes on top
@@ -311,7 +312,7 @@ def run_one(model: nn.Module, method: str, level: float, settings: Settings, dat
     target = Target(macs_reduction=level, max_accuracy_drop=settings.max_accuracy_drop)
     try:
         result = compress(model, data, target, options_for(method, settings), out_root / f"{method}_{level:g}",
-                          progress=_progress(name))
+                          progress=progress_logger(name))
     except Exception:
         trace = traceback.format_exc()
         log(f"{name}: FAILED\n{trace}")
@@ -354,7 +355,7 @@ def add_interleaved_latency(rows: list[dict[str, Any]], model: nn.Module, sample
     for row in _ok(rows):
         after = latency[f"{row['method']}@{row['level']:g}"]
         row["latency_ms_interleaved_before"], row["latency_ms_interleaved_after"] = before, after
-        row["latency_reduction_interleaved"] = {k: round(_reduction(before[k], after[k]), 4) for k in before}
+        row["latency_reduction_interleaved"] = {k: round(reduction(before[k], after[k]), 4) for k in before}
 
 
 # --------------------------------------------------------------------------- output

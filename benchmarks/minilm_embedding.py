@@ -39,7 +39,7 @@ from torch import nn
 
 from benchmarks import minilm
 from benchmarks.cli_types import floats, method_list
-from benchmarks.fashion_mnist import environment, log
+from benchmarks.fashion_mnist import environment, log, progress_logger, reduction
 from benchmarks.minilm_rotten_tomatoes import latency_samples
 from core.data import Dataset
 from core.export.artifacts import export_onnx
@@ -49,7 +49,6 @@ from core.intake.loaded import LoadedModel
 from core.intake.model_io import open_model
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, IntakeOptions, Target
-from core.progress import ProgressEvent, ProgressFn
 from core.tasks.kinds import Task
 from core.tasks.metrics import recall_at_k
 
@@ -204,10 +203,6 @@ def cosine_to(embeddings: torch.Tensor, reference: torch.Tensor) -> float:
     return float(nn.functional.cosine_similarity(embeddings.double(), reference.double(), dim=1).mean())
 
 
-def _reduction(before: float, after: float) -> float:
-    return 1.0 - after / before if before else 0.0
-
-
 # --------------------------------------------------------------------------- runs
 
 @dataclass
@@ -222,14 +217,6 @@ class Inputs:
     example: ModelInputs  # one row of `max_length` tokens, for MACs
 
 
-def _progress(prefix: str) -> ProgressFn:
-    def show(event: ProgressEvent) -> None:
-        if event.stage in ("filters", "layers", "done"):
-            log(f"  {prefix} {event.message}")
-
-    return show
-
-
 def run_one(method: str, level: float, settings: Settings, inputs: Inputs, before: dict[str, Any],
             out_root: Path) -> dict[str, Any]:
     """One compression; a crash inside core becomes a row with its traceback so the others still run."""
@@ -242,7 +229,7 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
     try:
         result = compress_files(inputs.model_zip, inputs.train_jsonl, target, options_for(method, settings),
                                 IntakeOptions(max_length=settings.max_length), out_root / f"{method}_{level:g}",
-                                progress=_progress(name))
+                                progress=progress_logger(name))
         onnx_path = result.artifacts["model.onnx"]
         embeddings = onnx_embeddings(onnx_path, inputs.eval_data)
         macs, params = count_macs_params(result.model, inputs.example)
@@ -260,10 +247,10 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
         "heldout_metric": report.accuracy_metric.value, "heldout_before": report.accuracy_before,
         "heldout_after": report.accuracy_after,
         "params_before": before["params"], "params_after": params,
-        "params_reduction": round(_reduction(before["params"], params), 4),
+        "params_reduction": round(reduction(before["params"], params), 4),
         "encoder_params_before": before["encoder_params"], "encoder_params_after": encoder,
-        "encoder_params_reduction": round(_reduction(before["encoder_params"], encoder), 4),
-        "macs_before": before["macs"], "macs_after": macs, "macs_reduction": round(_reduction(before["macs"], macs), 4),
+        "encoder_params_reduction": round(reduction(before["encoder_params"], encoder), 4),
+        "macs_before": before["macs"], "macs_after": macs, "macs_reduction": round(reduction(before["macs"], macs), 4),
         # compress's own ORT timings, minutes apart on a shared machine: indicative only
         "latency_ms_before": report.latency_ms_before, "latency_ms_after": report.latency_ms_after,
         "architecture_after": shape, "removed_blocks": report.removed_blocks, "steps": len(report.steps),

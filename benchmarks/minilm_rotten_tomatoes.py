@@ -30,7 +30,7 @@ from torch import nn
 
 from benchmarks import minilm
 from benchmarks.cli_types import floats, method_list, option_override
-from benchmarks.fashion_mnist import environment, log
+from benchmarks.fashion_mnist import environment, log, progress_logger, reduction
 from core.data import Dataset
 from core.export.artifacts import export_onnx
 from core.graph.attention import find_sites
@@ -41,7 +41,6 @@ from core.intake.model_io import open_model
 from core.measure.latency import ort_latency_ms
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, IntakeOptions, Target
-from core.progress import ProgressEvent, ProgressFn
 
 HERE = Path(__file__).resolve().parent
 CACHE_DIR = HERE / "cache"
@@ -136,10 +135,6 @@ def options_for(method: str, settings: Settings) -> CompressOptions:
 
 
 # --------------------------------------------------------------------------- measurements
-
-def _reduction(before: float, after: float) -> float:
-    return 1.0 - after / before if before else 0.0
-
 
 def encoder_params(module: nn.Module) -> int:
     """Parameters of the encoder layers: the part that width pruning can shrink in every dimension
@@ -244,14 +239,6 @@ class Inputs:
     example: ModelInputs  # one row of `max_length` tokens, for MACs
 
 
-def _progress(prefix: str) -> ProgressFn:
-    def show(event: ProgressEvent) -> None:
-        if event.stage in ("filters", "layers", "done"):
-            log(f"  {prefix} {event.message}")
-
-    return show
-
-
 def run_one(method: str, level: float, settings: Settings, inputs: Inputs, before: dict[str, Any],
             out_root: Path) -> dict[str, Any]:
     """One compression; a crash inside core becomes a row with its traceback so the others still run."""
@@ -270,7 +257,7 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
     try:
         result = compress_files(model, data, target, options_for(method, settings),
                                 IntakeOptions(max_length=settings.max_length), out_root / f"{method}_{level:g}",
-                                progress=_progress(name))
+                                progress=progress_logger(name))
         onnx_path = result.artifacts["model.onnx"]
         accuracy = onnx_top1(onnx_path, inputs.eval_data)
         macs, params = count_macs_params(result.model, inputs.example)
@@ -287,14 +274,14 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
         "drop_points": round(100 * (before["accuracy"] - accuracy), 3),
         "heldout_accuracy_before": report.accuracy_before, "heldout_accuracy_after": report.accuracy_after,
         "params_before": before["params"], "params_after": params,
-        "params_reduction": round(_reduction(before["params"], params), 4),
+        "params_reduction": round(reduction(before["params"], params), 4),
         # what both routes can be compared on: the weights in the exported files
         "onnx_params_before": before["onnx_params"], "onnx_params_after": onnx_params(onnx_path),
-        "onnx_params_reduction": round(_reduction(before["onnx_params"], onnx_params(onnx_path)), 4),
+        "onnx_params_reduction": round(reduction(before["onnx_params"], onnx_params(onnx_path)), 4),
         "encoder_params_before": before["encoder_params"], "encoder_params_after": encoder,
         "encoder_params_reduction": None if encoder is None
-        else round(_reduction(before["encoder_params"], encoder), 4),
-        "macs_before": before["macs"], "macs_after": macs, "macs_reduction": round(_reduction(before["macs"], macs), 4),
+        else round(reduction(before["encoder_params"], encoder), 4),
+        "macs_before": before["macs"], "macs_after": macs, "macs_reduction": round(reduction(before["macs"], macs), 4),
         "architecture_after": shape,
         "removed_blocks": report.removed_blocks,
         "steps": len(report.steps),
@@ -368,7 +355,7 @@ def run(settings: Settings, cache_dir: Path, out: Path) -> dict[str, Any]:
     for row in ok:
         after = latency[f"{row['method']}@{row['level']:g}"]
         row["latency_ms_before"], row["latency_ms_after"] = before["latency_ms"], after
-        row["latency_reduction"] = {k: round(_reduction(before["latency_ms"][k], ms), 4) for k, ms in after.items()}
+        row["latency_reduction"] = {k: round(reduction(before["latency_ms"][k], ms), 4) for k, ms in after.items()}
 
     result = {"settings": dataclasses.asdict(settings), "reference": {"eval_samples": len(inputs.eval_data),
               "finetune": finetune, **before}, "environment": env, "rows": rows}
