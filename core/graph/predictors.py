@@ -12,13 +12,17 @@ from core.graph.outputs import named_outputs
 from core.inputs import Inputs
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+# A layer norm ends the walk: behind it is a transformer's residual stream, written by every layer's output
+# projection, whose width (the hidden size) the groups' own check keeps where an output depends on it;
+# counting those writers as output layers would also freeze the attention heads and MLPs they read.
+_NORMALISED = ("NativeLayerNormBackward",)
 
 
 def output_layers(model: nn.Module, example: Inputs) -> list[str]:
     """Conv/Linear layers whose output reaches a model output with no other Conv/Linear in between,
     in execution order: found by walking the autograd graph back from every output, so it sees
-    through reshapes, softmax, box decoding and detection post-processing alike. A path the model
-    detaches (a detector's proposals) is no output's.
+    through reshapes, softmax, box decoding and detection post-processing alike, but not through a
+    layer norm (_NORMALISED). A path the model detaches (a detector's proposals) is no output's.
 
     Falls back to the last layer executed when no output depends on a layer through autograd."""
     produced: dict[Node, str] = {}
@@ -58,6 +62,8 @@ def _reached(produced: dict[Node, str], roots: list[Node]) -> set[str]:
         seen.add(node)
         if node in produced:
             found.add(produced[node])
+            continue
+        if type(node).__name__.startswith(_NORMALISED):
             continue
         stack.extend(parent for parent, _ in node.next_functions)
     return found

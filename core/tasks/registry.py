@@ -56,10 +56,7 @@ def infer_task(model: nn.Module, output: Any, example: Inputs, chosen_output: st
     if decode(output) is not None:
         return Task.DETECTION, "the model returns boxes, scores and labels"
     named = named_outputs(output)
-    try:
-        out = select_output(output, chosen_output)
-    except Exception:
-        return Task.GENERIC, "no single output holds class logits"
+    out = select_output(output, chosen_output)  # an output the caller named and the model lacks is an error
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return Task.CAUSAL_LM, f"the model is a {name}"
     sequences = [s for s in example.signature if s.is_sequence]
