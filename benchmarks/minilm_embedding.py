@@ -40,7 +40,8 @@ from torch import nn
 from benchmarks import minilm
 from benchmarks.cli_types import floats, method_list
 from benchmarks.fashion_mnist import environment, log, progress_logger, reduction
-from benchmarks.minilm_rotten_tomatoes import latency_samples
+from benchmarks.minilm_rotten_tomatoes import METHODS as CLASSIFIER_METHODS
+from benchmarks.minilm_rotten_tomatoes import ONNX_ROUTE, architecture, encoder_params, latency_samples
 from core.data import Dataset
 from core.export.artifacts import export_onnx
 from core.inputs import Inputs as ModelInputs
@@ -55,17 +56,13 @@ from core.tasks.metrics import recall_at_k
 HERE = Path(__file__).resolve().parent
 RESULTS_PATH = HERE / "results" / "minilm_embedding.json"
 EXIT_MISSING_PACKAGES = 2
-ENCODER = "model.encoder"  # in core.intake.hf's TextEncoder wrapper
+BERT = "model"  # the BertModel in core.intake.hf's TextEncoder wrapper
+ENCODER = f"{BERT}.encoder"
 WORD_EMBEDDINGS = "model.embeddings.word_embeddings"
 RECALL_K = 10
 
-# name -> (criterion, stages, label). Baselines are width criteria, so they run Stage 1 only.
-METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "idap": ("divergence", ("filters", "layers"), "IDAP++"),
-    "idap_stage1": ("divergence", ("filters",), "IDAP++ stage 1 only"),
-    "l2": ("l2", ("filters",), "torch-pruning l2"),
-    "taylor": ("taylor", ("filters",), "torch-pruning taylor"),
-}
+# name -> (criterion, stages, label): the classification benchmark's, but its ONNX route (a classifier export)
+METHODS = {name: method for name, method in CLASSIFIER_METHODS.items() if name != ONNX_ROUTE}
 DEFAULT_METHODS = ("idap", "l2", "taylor")
 
 
@@ -168,21 +165,6 @@ def options_for(method: str, settings: Settings) -> CompressOptions:
     )
 
 
-def encoder_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.get_submodule(ENCODER).parameters())
-
-
-def architecture(module: nn.Module) -> dict[str, Any]:
-    """Hidden size and, per encoder layer, heads and MLP width (None: the layer was removed)."""
-    bert = module.get_submodule("model")
-    layers: list[dict[str, int] | None] = []
-    for layer in bert.encoder.layer:
-        attention = getattr(getattr(layer, "attention", None), "self", None)
-        layers.append(None if attention is None else {"heads": int(attention.num_attention_heads),
-                                                      "intermediate": layer.intermediate.dense.out_features})
-    return {"hidden": bert.embeddings.word_embeddings.embedding_dim, "layers": layers}
-
-
 def onnx_embeddings(path: Path, data: Dataset, batch_size: int = 64) -> torch.Tensor:
     """The sentence embeddings of an exported model.onnx, single-threaded."""
     import onnxruntime as ort
@@ -233,8 +215,8 @@ def run_one(method: str, level: float, settings: Settings, inputs: Inputs, befor
         onnx_path = result.artifacts["model.onnx"]
         embeddings = onnx_embeddings(onnx_path, inputs.eval_data)
         macs, params = count_macs_params(result.model, inputs.example)
-        encoder = encoder_params(result.model)
-        shape = architecture(result.model)
+        encoder = encoder_params(result.model, ENCODER)
+        shape = architecture(result.model, BERT)
     except Exception:
         row["error"] = traceback.format_exc()
         log(f"{name}: FAILED\n{row['error']}")
@@ -291,8 +273,8 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
     inputs = prepare_inputs(settings, runs_dir)
     module = inputs.original.module
     macs, params = count_macs_params(module, inputs.example)
-    before = {"params": params, "encoder_params": encoder_params(module), "macs": macs,
-              "architecture": architecture(module),
+    before = {"params": params, "encoder_params": encoder_params(module, ENCODER), "macs": macs,
+              "architecture": architecture(module, BERT),
               "recall_at_10": round(recall_at_k(inputs.reference, inputs.groups, RECALL_K), 5),
               "eval_samples": len(inputs.eval_data), "movies": len(torch.unique(inputs.groups))}
     before["encoder_share"] = before["encoder_params"] / params

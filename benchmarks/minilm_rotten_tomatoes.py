@@ -136,24 +136,25 @@ def options_for(method: str, settings: Settings) -> CompressOptions:
 
 # --------------------------------------------------------------------------- measurements
 
-def encoder_params(module: nn.Module) -> int:
-    """Parameters of the encoder layers: the part that width pruning can shrink in every dimension
-    (the 30522-row word embedding table only loses columns when the hidden size shrinks)."""
-    return sum(p.numel() for p in module.get_submodule(ENCODER).parameters())
+def encoder_params(module: nn.Module, encoder: str = ENCODER) -> int:
+    """Parameters of the encoder layers (at `encoder` in the wrapper): the part that width pruning can shrink
+    in every dimension (the 30522-row word embedding table only loses columns when the hidden size shrinks)."""
+    return sum(p.numel() for p in module.get_submodule(encoder).parameters())
 
 
-def architecture(module: nn.Module) -> dict[str, Any]:
-    """Hidden size and, per encoder layer, heads, q/k/v width and MLP width (None: the layer was removed)."""
-    bert = module.get_submodule("model.bert")
+def architecture(module: nn.Module, bert: str = "model.bert") -> dict[str, Any]:
+    """Hidden size and, per encoder layer of the BertModel at `bert` in the wrapper, heads, q/k/v width and
+    MLP width (None: the layer was removed)."""
+    model = module.get_submodule(bert)
     layers: list[dict[str, int] | None] = []
-    for layer in bert.encoder.layer:
+    for layer in model.encoder.layer:
         attention = getattr(getattr(layer, "attention", None), "self", None)
         if attention is None:
             layers.append(None)
             continue
         layers.append({"heads": int(attention.num_attention_heads), "qkv_width": attention.query.out_features,
                        "intermediate": layer.intermediate.dense.out_features})
-    return {"hidden": bert.embeddings.word_embeddings.embedding_dim, "layers": layers}
+    return {"hidden": model.embeddings.word_embeddings.embedding_dim, "layers": layers}
 
 
 def converted_architecture(module: nn.Module) -> dict[str, Any]:
