@@ -57,6 +57,28 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+class Work(StrEnum):
+    """The kinds of work a run is made of."""
+
+    CALIBRATION = "calibration"  # checking and splitting the data, the original's reference outputs
+    SCORING = "scoring"  # calibration passes: divergence and compensation statistics, block scores
+    PROBES = "probes"  # drift allocation's probes (core.run.allocation)
+    SURGERY = "surgery"  # dependency graphs, group checks, plans applied, sizes measured
+    RECOVERY = "recovery"
+    EVALUATION = "evaluation"  # the held-out split, after each step
+    EXPORT = "export"  # ONNX (and its check against PyTorch) and .pt2
+    LATENCY = "latency"  # ONNX Runtime timings
+
+
+class PhaseCost(_Frozen):
+    """One kind of work's share of a run (core.run.phases): its own time (work nested in it counts
+    where it is nested, not twice) and the most accelerator memory allocated while it ran."""
+
+    work: Work
+    seconds: float
+    peak_gpu_mb: float | None = None  # None on the CPU
+
+
 class BudgetResolution(_Frozen):
     """How finely the held-out split measures the budget (core.run.goals.budget_resolution); only a top-1
     budget can be finer than the split: the other metrics are resolved and `top1_tolerance` is the budget."""
@@ -218,6 +240,9 @@ class Report(_FromUpload, _BeforeAndAfter):
     # the model back in Hugging Face format: its file name, or why it could not be written
     hf_pretrained: str | None = None
     hf_pretrained_error: str | None = None
+    # where the run's time went (core.run.phases); reports written before issue #20 lack these
+    phases: list[PhaseCost] = []
+    peak_rss_mb: float | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -16,7 +16,7 @@ from core.errors import Cancelled, TargetUnreachableError
 from core.inputs import Inputs
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, Stage, Target
-from core.report import Report, StopReason
+from core.report import Report, StopReason, Work
 from core.run.pipeline import compress
 from tests.test_report import REPORT_JSON_KEYS
 
@@ -52,6 +52,11 @@ def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, 
     for step in written["steps"]:
         assert {"stage", "macs", "params", "accuracy", "seconds"} <= set(step)
     assert any(row.channels_after < row.channels_before for row in report.layers)
+    # every kind of work is timed once: the phases add up to the run's time, less what no phase holds
+    timed = {phase.work: phase.seconds for phase in report.phases}
+    assert {Work.SCORING, Work.SURGERY, Work.RECOVERY, Work.EVALUATION, Work.EXPORT, Work.LATENCY} <= set(timed)
+    assert 0.8 * report.seconds <= sum(timed.values()) <= report.seconds
+    assert report.peak_rss_mb is not None and report.peak_rss_mb > 0
 
     x = digits_arrays[0][:200]
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])

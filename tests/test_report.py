@@ -15,7 +15,7 @@ REPORT_JSON_KEYS = {
     "onnx_max_abs_diff", "onnx_max_abs_diff_before", "onnx_bytes_before", "onnx_bytes_after", "pt2_error",
     "removed_blocks", "blocks", "layers", "attention_heads", "steps", "target", "target_met", "reachable_reduction",
     "stop_reason", "message", "notes", "device", "options", "seconds", "resumed_at_step",
-    "budget_resolution", "soft_agreement_before", "soft_agreement_after", "task", "budget",
+    "budget_resolution", "soft_agreement_before", "soft_agreement_after", "task", "budget", "phases", "peak_rss_mb",
 }
 # set by core.intake for uploads, and for Hugging Face uploads
 UPLOAD_KEYS = {"input_format"}

@@ -177,6 +177,12 @@ class RemovedBlock(_Tolerant):
     divergence: float
 
 
+class PhaseCost(_Tolerant):
+    work: str
+    seconds: float
+    peak_gpu_mb: float | None = None
+
+
 class Report(Metrics):
     """GET /v1/jobs/{id}/report (report.json): the headline numbers and the rest. Nested option objects
     stay dicts."""
@@ -200,6 +206,9 @@ class Report(Metrics):
     input_format: str | None = None
     hf_pretrained: str | None = None
     hf_pretrained_error: str | None = None
+    phases: list[PhaseCost] = []
+    peak_rss_mb: float | None = None
+
 
 class GroupRow(_Tolerant):
     name: str

@@ -18,9 +18,10 @@ from core.options import CompressOptions, Stage
 from core.progress import Reporter
 from core.recovery.augment import Augmenter
 from core.recovery.distill import iterations_for, recover
-from core.report import RemovedBlock, StepRecord, WidthComparison
+from core.report import RemovedBlock, StepRecord, WidthComparison, Work
 from core.run.eta import Clock, schedule_steps
 from core.run.goals import Goals, Size, Verdict
+from core.run.phases import PhaseTimer
 from core.surgery.units import UnitKey
 from core.tasks.base import Records, TaskHandler, collect
 
@@ -141,6 +142,7 @@ class Run:
     reporter: Reporter
     clock: Clock = field(default_factory=Clock)
     on_accept: AcceptFn | None = None
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     def accepted(self, model: nn.Module, state: StageState, essential: frozenset[str] = frozenset()) -> None:
         """`model` was accepted as the step `state` ends with."""
@@ -148,7 +150,16 @@ class Run:
             self.on_accept(model, state, essential)
 
     def measure(self, model: nn.Module) -> Size:
-        return self.cache.measure(model, self.spec.example)
+        with self.timer(Work.SURGERY):
+            return self.cache.measure(model, self.spec.example)
+
+    def verdict(self, model: nn.Module) -> Verdict:
+        with self.timer(Work.EVALUATION):
+            return self.spec.verdict(model)
+
+    def drift(self, model: nn.Module) -> float:
+        with self.timer(Work.EVALUATION):
+            return self.spec.drift(model)
 
     def recover(self, state: StageState, student: nn.Module, teacher: nn.Module, *,
                 final: bool = False) -> StageState:
@@ -157,12 +168,14 @@ class Run:
         state = dataclasses.replace(state, recoveries=state.recoveries + 1)
         iterations = self.spec.recovery_iterations(final)
         started = time.monotonic()
-        recover(
-            student, teacher, self.spec.recovery, self.spec.feature_points, iterations,
-            device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
-            temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
-            seed=opts.seed + state.recoveries, reporter=self.reporter, task=self.spec.task, augment=self.spec.augment,
-        )
+        with self.timer(Work.RECOVERY):
+            recover(
+                student, teacher, self.spec.recovery, self.spec.feature_points, iterations,
+                device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
+                temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
+                seed=opts.seed + state.recoveries, reporter=self.reporter, task=self.spec.task,
+                augment=self.spec.augment,
+            )
         if iterations:
             self.clock.iteration_s.append((time.monotonic() - started) / iterations)
         return state

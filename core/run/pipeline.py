@@ -28,10 +28,11 @@ from core.options import CompressOptions, Stage, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery.augment import choose_augmenter
 from core.recovery.features import pick_feature_points
-from core.report import HeadRow, Latency, LayerRow, Report, StopReason
+from core.report import HeadRow, Latency, LayerRow, Report, StopReason, Work
 from core.run.checkpoint import Checkpoint, CheckpointFn, Phase, Saver
 from core.run.context import Run, RunCache, RunInputs, RunSpec, StageState
 from core.run.goals import TARGET_TOLERANCE, Goals, Size, Verdict, budget_resolution, reductions
+from core.run.phases import PhaseTimer, peak_rss_mb
 from core.run.stages import group_candidates, is_large, last_layer_of_its_stack, prune_filters, remove_layers
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
@@ -176,13 +177,15 @@ def _head_table(original: nn.Module, pruned: nn.Module) -> list[HeadRow]:
             for site in find_sites(original)[0]]
 
 
-def _onnx_metrics(model: nn.Module, example: Inputs, path: Path, verify_on: Inputs,
+def _onnx_metrics(timer: PhaseTimer, model: nn.Module, example: Inputs, path: Path, verify_on: Inputs,
                   opts: CompressOptions, spec: OnnxSpec | None) -> tuple[float, Latency]:
-    export_onnx(model, example, path, spec)
-    diff = verify_onnx(model, path, verify_on)
+    with timer(Work.EXPORT):
+        export_onnx(model, example, path, spec)
+        diff = verify_onnx(model, path, verify_on)
     # a detector's export takes one image (core.graph.detectors)
     batches = (1,) if one_image_per_call(model) else (1, opts.latency_batch)
-    latency = ort_latency_ms(path, example, batches, opts.latency_runs)
+    with timer(Work.LATENCY):
+        latency = ort_latency_ms(path, example, batches, opts.latency_runs)
     return diff, latency
 
 
@@ -240,16 +243,19 @@ def prune_and_export(
     started = time.monotonic()
     torch.manual_seed(opts.seed)
     reporter = Reporter(progress, should_cancel)
-    model, inputs, notes = _prepare(model, data, opts, reporter)
+    timer = PhaseTimer(resolve_device(opts.device))
+    with timer(Work.CALIBRATION):
+        model, inputs, notes = _prepare(model, data, opts, reporter)
     if resume is not None and not resume.matches(inputs.options, target):
         notes.append("A checkpoint of another target or other options was not used; the run started over.")
         resume = None
     if resume is not None:
         started -= resume.elapsed  # the time budget counts the time spent before the checkpoint
     cache = RunCache()
-    original_size = cache.measure(model, inputs.example)
-    reachable = _check_reachable(inputs, cache, original_size, target, model)
-    run = start_run(model, inputs, cache, target, reporter, started)
+    with timer(Work.SURGERY):
+        original_size = cache.measure(model, inputs.example)
+        reachable = _check_reachable(inputs, cache, original_size, target, model)
+    run = start_run(model, inputs, cache, target, reporter, started, timer)
     spec, goals = run.spec, run.spec.goals
     original = copy.deepcopy(model)
     baseline = _baseline(run, original, onnx_spec)
@@ -273,8 +279,10 @@ def prune_and_export(
     out.mkdir(parents=True, exist_ok=True)
     onnx_path, pt2_path = out / "model.onnx", out / "model.pt2"
     example = spec.example.to("cpu")
-    diff_after, latency_after = _onnx_metrics(model, example, onnx_path, spec.evaluation.inputs[:64], opts, onnx_spec)
-    pt2_error = export_pt2(model, example, pt2_path, onnx_spec)
+    diff_after, latency_after = _onnx_metrics(timer, model, example, onnx_path, spec.evaluation.inputs[:64], opts,
+                                              onnx_spec)
+    with timer(Work.EXPORT):
+        pt2_error = export_pt2(model, example, pt2_path, onnx_spec)
     artifacts = {"model.onnx": onnx_path} | ({} if pt2_error else {"model.pt2": pt2_path})
 
     reduction = goals.reductions(size)
@@ -305,6 +313,8 @@ def prune_and_export(
         options=spec.options,
         seconds=round(time.monotonic() - started, 3),
         resumed_at_step=None if resume is None else resume.steps,
+        phases=timer.costs(),
+        peak_rss_mb=round(peak_rss_mb(), 1),
     )
     reporter.emit("done", 1, 1, 1.0, report.message, macs=size.macs, params=size.params, accuracy=accuracy)
     return Result(model=model, report=report, artifacts=artifacts)
@@ -348,11 +358,13 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
 
 
 def start_run(model: nn.Module, inputs: RunInputs, cache: RunCache, target: Target, reporter: Reporter,
-              started: float) -> Run:
+              started: float, timer: PhaseTimer | None = None) -> Run:
     """The run of `model` (as _prepare returned it) towards `target`, once its accuracy is measured;
-    `started` is when the time budget began."""
+    `started` is when the time budget began; `timer` (a new one if None) takes the run's phases."""
+    timer = timer or PhaseTimer(inputs.device)
     begin = time.monotonic()
-    verdict = inputs.verdict(model)
+    with timer(Work.EVALUATION):
+        verdict = inputs.verdict(model)
     eval_s = time.monotonic() - begin
     target = target.with_budget(inputs.task.default_budget)
     metric = inputs.task.metric(inputs.evaluation.labeled)
@@ -361,7 +373,7 @@ def start_run(model: nn.Module, inputs: RunInputs, cache: RunCache, target: Targ
                   metric)
     if resolution.warning:
         reporter.emit("baseline", 0, 1, None, "Warning: " + resolution.warning)
-    run = Run(RunSpec.of(inputs, goals, started), cache, reporter)
+    run = Run(RunSpec.of(inputs, goals, started), cache, reporter, timer=timer)
     run.clock.eval_s = eval_s
     return run
 
@@ -380,13 +392,15 @@ def _baseline(run: Run, original: nn.Module, onnx_spec: OnnxSpec | None) -> _Ori
     """Per-layer divergence and ONNX numbers of the original model, for the report."""
     spec, goals = run.spec, run.spec.goals
     names = {module: name for name, module in original.named_modules()}
-    scores = filter_divergence(original, build_graph(original, spec.example), spec.calib, spec.device,
-                               spec.options.batch_size)
+    with run.timer(Work.SURGERY):
+        graph = build_graph(original, spec.example)
+    with run.timer(Work.SCORING):
+        scores = filter_divergence(original, graph, spec.calib, spec.device, spec.options.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "original.onnx"
         begin = time.monotonic()
-        diff, latency = _onnx_metrics(original, spec.example, path, spec.evaluation.inputs[:64], spec.options,
-                                      onnx_spec)
+        diff, latency = _onnx_metrics(run.timer, original, spec.example, path, spec.evaluation.inputs[:64],
+                                      spec.options, onnx_spec)
         run.clock.export_s = time.monotonic() - begin
         size = path.stat().st_size
     macs, params = goals.original
@@ -445,9 +459,9 @@ def _final_recovery(run: Run, state: StageState, model: nn.Module,
         run.reporter.set_eta(remaining)
     run.reporter.emit("recovery", 0, 1, 0.85, "Final recovery (distillation from the original model)")
     before = copy.deepcopy(model.state_dict())
-    verdict_before = run.spec.verdict(model)
+    verdict_before = run.verdict(model)
     state = run.recover(state, model, original, final=True)
-    verdict = run.spec.verdict(model)
+    verdict = run.verdict(model)
     run.reporter.set_eta(run.clock.export_s)
     if not run.spec.goals.better(verdict, verdict_before):
         model.load_state_dict(before)

@@ -27,7 +27,7 @@ from core.importance.divergence import (
 from core.importance.heads import head_divergence, head_taylor, head_weight_norms
 from core.importance.statistics import InputStats, linear_input_stats
 from core.options import Allocation, Criterion, GroupScores, Stage
-from core.report import RemovedBlock, StopReason, WidthComparison
+from core.report import RemovedBlock, StopReason, WidthComparison, Work
 from core.run.allocation import drift_per_size
 from core.run.context import Run, RunCache, RunInputs, StageState
 from core.run.goals import Size
@@ -129,7 +129,8 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
     model.zero_grad(set_to_none=True)  # Taylor's gradients
     if criterion == Criterion.DIVERGENCE and spec.task.smooth_drift and allocates_by_drift(
             spec.options.allocation, groups, large=is_large(spec.goals.original.params)):
-        scores = drift_per_size(run, model, groups, scores, means)
+        with run.timer(Work.PROBES):
+            scores = drift_per_size(run, model, groups, scores, means)
     return Scoring(scores, means)
 
 
@@ -162,8 +163,9 @@ def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: Attentio
 def pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
                  k: int) -> tuple[nn.Module, int]:
     plan = make_plan(groups, scoring.scores, k, run.spec.options.round_to)
-    candidate = copy.deepcopy(model)
-    apply_plan(candidate, run.spec.example, plan, scoring.means)
+    with run.timer(Work.SURGERY):
+        candidate = copy.deepcopy(model)
+        apply_plan(candidate, run.spec.example, plan, scoring.means)
     return candidate, planned_units(plan)
 
 
@@ -212,12 +214,14 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
         run.reporter.check_cancel()
         started = time.monotonic()
         t = state.filter_steps
-        graph = build_graph(model, spec.example)
-        groups = group_candidates(spec, run.cache, model, graph)
+        with run.timer(Work.SURGERY):
+            graph = build_graph(model, spec.example)
+            groups = group_candidates(spec, run.cache, model, graph)
         capacity = sum(g.capacity for g in groups)
         if capacity == 0:
             return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
-        scoring = step_scoring(run, model, graph, groups)
+        with run.timer(Work.SCORING):
+            scoring = step_scoring(run, model, graph, groups)
         width = sum(g.width for g in groups)
         smallest = max(1, math.ceil(opts.min_step_fraction * width))
         rho = opts.p0 * (1 + t / total) ** opts.alpha
@@ -230,7 +234,7 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
             if removed == 0:
                 return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
             state = run.recover(state, candidate, model)
-            verdict = spec.verdict(candidate)
+            verdict = run.verdict(candidate)
             accepted = goals.within_budget(verdict)
             state = run.record(state, Stage.FILTERS, run.measure(candidate), verdict, time.monotonic() - started,
                                accepted, units_removed=removed, step_scale=state.step_scale)
@@ -293,15 +297,17 @@ def remove_layers(run: Run, model: nn.Module, state: StageState,
         if not live:
             return model, state, StopReason.NO_REMOVABLE_BLOCKS
         started = time.monotonic()
-        scores = block_divergence(model, {c.name: c.shortcut for c in live}, spec.calib, spec.device,
-                                  opts.batch_size)
+        with run.timer(Work.SCORING):
+            scores = block_divergence(model, {c.name: c.shortcut for c in live}, spec.calib, spec.device,
+                                      opts.batch_size)
         choice = None
         for block in sorted(live, key=lambda c: scores[c.name]):
             if last_layer_of_its_stack(model, block):
                 kept.add(block.name)  # an encoder with no layer left is not a pruned model
                 continue
-            trial = copy.deepcopy(model)
-            remove_block(trial, block)
+            with run.timer(Work.SURGERY):
+                trial = copy.deepcopy(model)
+                remove_block(trial, block)
             if goals.overshoots(run.measure(trial)):
                 kept.add(block.name)  # too big to remove; it only gets bigger relative to the rest
                 continue
@@ -311,15 +317,15 @@ def remove_layers(run: Run, model: nn.Module, state: StageState,
             return model, state, StopReason.NO_REMOVABLE_BLOCKS
         block, trial = choice
         state = run.recover(state, trial, model)
-        verdict = spec.verdict(trial)
+        verdict = run.verdict(trial)
         accepted = goals.within_budget(verdict)
         width = _width_alternative(run, model, run.measure(trial)) \
             if accepted and opts.layers_must_beat_width and Stage.FILTERS in opts.stages else None
         comparison = None
         if width is not None:
             state = run.recover(state, width[0], model)
-            width_verdict = spec.verdict(width[0])
-            drift, width_drift = spec.drift(trial), spec.drift(width[0])
+            width_verdict = run.verdict(width[0])
+            drift, width_drift = run.drift(trial), run.drift(width[0])
             wins = goals.within_budget(width_verdict) and width_drift < drift
             comparison = WidthComparison(
                 drift=round(drift, 6), width_drift=round(width_drift, 6),
@@ -357,12 +363,14 @@ def _width_alternative(run: Run, model: nn.Module, size: Size) -> tuple[nn.Modul
     """One Stage 1 step from `model` that is no larger than `size` (a block removal's result), with the
     fewest units removed, to compare the removal with; None when width alone cannot get there."""
     goals = run.spec.goals
-    graph = build_graph(model, run.spec.example)
-    groups = group_candidates(run.spec, run.cache, model, graph)
+    with run.timer(Work.SURGERY):
+        graph = build_graph(model, run.spec.example)
+        groups = group_candidates(run.spec, run.cache, model, graph)
     capacity = sum(g.capacity for g in groups)
     if capacity == 0:
         return None
-    scoring = step_scoring(run, model, graph, groups)
+    with run.timer(Work.SCORING):
+        scoring = step_scoring(run, model, graph, groups)
     full = pruned_copy(run, model, groups, scoring, capacity)
     if not goals.no_larger(run.measure(full[0]), than=size):
         return None

@@ -38,6 +38,7 @@ MIRRORS: list[tuple[type[BaseModel], type[BaseModel]]] = [
     (models.GroupRow, server_report.GroupRow), (models.NotPrunableRow, server_report.NotPrunableRow),
     (models.OutputRow, server_report.OutputRow), (models.BlockRow, server_report.BlockRow),
     (models.Estimate, server_report.Estimate), (models.InputSignature, server_report.InputSignature),
+    (models.PhaseCost, server_report.PhaseCost),
 ]
 
 
