@@ -32,7 +32,7 @@ def test_units_that_barely_reach_the_output_go_first_whatever_their_scores():
     k = groups[names.index("narrow")].capacity
     assert {key.name for key in make_plan(groups, scoring.scores, k, None)} == {"narrow", "wide"}
 
-    calibrated = drift_per_size(run, model, groups, scoring.scores, scoring.means)
+    calibrated = drift_per_size(run, model, graph, groups, scoring.scores, scoring.means)
     assert {key.name for key in make_plan(groups, calibrated, k, None)} == {"narrow"}
     wide, narrow = calibrated[names.index("wide")], calibrated[names.index("narrow")]
     assert narrow.median() * 20 < wide.median()
@@ -44,7 +44,7 @@ def test_a_group_that_cannot_be_cut_ranks_last():
     model, run, groups, graph = two_paths_run(TwoPaths(), options)
     assert all(g.capacity == 0 for g in groups)
     scores = [torch.ones(g.width) for g in groups]
-    assert all(torch.isinf(s).all() for s in drift_per_size(run, model, groups, scores, {}))
+    assert all(torch.isinf(s).all() for s in drift_per_size(run, model, graph, groups, scores, {}))
 
 
 def test_auto_allocation_measures_drift_where_heads_compete_with_channels():
@@ -110,8 +110,8 @@ def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
     probes: dict[UnitKey, allocation._Probe] = {}
     original = allocation._probe
 
-    def recorded(run, model, size, group, unit_scores, means, n):
-        probe = original(run, model, size, group, unit_scores, means, n)
+    def recorded(run, model, graph, size, group, unit_scores, means, n):
+        probe = original(run, model, graph, size, group, unit_scores, means, n)
         probes[group.key] = probe
         return probe
 
@@ -119,8 +119,9 @@ def test_every_probe_removes_about_the_same_share_of_the_target(monkeypatch):
     options = CompressOptions(device="cpu", round_to=None, calibration_samples=128)
     model, run = prepared_run(small_bert(), Dataset(Inputs.single(tokens()), torch.arange(48) % 3),
                               Target(params_reduction=0.5), options)
-    groups = group_candidates(run.spec, run.cache, model, build_graph(model, run.spec.example))
-    step_scoring(run, model, build_graph(model, run.spec.example), groups)
+    graph = build_graph(model, run.spec.example)
+    groups = group_candidates(run.spec, run.cache, model, graph)
+    step_scoring(run, model, graph, groups)
     assert len(probes) == len(groups)
     for group in groups:
         probe = probes[group.key]

@@ -130,7 +130,7 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
     if criterion == Criterion.DIVERGENCE and spec.task.smooth_drift and allocates_by_drift(
             spec.options.allocation, groups, large=is_large(spec.goals.original.params)):
         with run.timer(Work.PROBES):
-            scores = drift_per_size(run, model, groups, scores, means)
+            scores = drift_per_size(run, model, graph, groups, scores, means)
     return Scoring(scores, means)
 
 

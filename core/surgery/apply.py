@@ -44,12 +44,14 @@ def _output_shapes(output: object) -> dict[str, torch.Size]:
     return {name: tensor.shape for name, tensor in named_outputs(output).items()}
 
 
-def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | None = None) -> None:
+def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | None = None,
+               graph: tp.DependencyGraph | None = None) -> None:
     """Remove the planned heads, then the planned channels, in place (BN, consumers and residual
     partners follow). Heads go first: removing them leaves every channel index of the plan valid.
 
     With `means`, the consumer of every removed unit that has an entry makes up for it first (see
-    core.surgery.compensation.compensate_linear).
+    core.surgery.compensation.compensate_linear). `graph`, the dependency graph of `model` if the
+    caller has it, saves tracing the model again.
     """
     # compensation goes into a bias: a Linear without one (Llama's projections) makes up for nothing, and
     # checking which fits a plan undoes costs a second dependency graph
@@ -59,14 +61,17 @@ def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | Non
     channels = {key: idxs for key, idxs in plan.items() if key.kind is UnitKind.CHANNELS}
     sites = {site.name: site for site in find_sites(model)[0]} if heads else {}
     if channels and any(stats.cov is not None for _, stats in means.values()):
-        means = _mean_only_where_inputs_change(model, example, channels, means, sites)
+        graph = graph or build_graph(model, example)
+        means = _mean_only_where_inputs_change(model, graph, channels, means, sites)
     if heads:
         for name, idxs in heads.items():
             entry = means.get(UnitKey(UnitKind.HEADS, name))
             remove_heads(model, sites[name], idxs, None if entry is None else entry[1])
     if not channels:
         return
-    graph = build_graph(model, example)
+    if graph is None or heads:
+        # the graph follows the widths the heads' removal left
+        graph = build_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
     means = dict(means)  # reader statistics follow the columns each group takes away
     for key, idxs in channels.items():
@@ -78,14 +83,13 @@ def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | Non
             group.prune()
 
 
-def _mean_only_where_inputs_change(model: nn.Module, example: Inputs, channels: Plan, means: Means,
+def _mean_only_where_inputs_change(model: nn.Module, graph: tp.DependencyGraph, channels: Plan, means: Means,
                                    sites: dict[str, AttentionSite]) -> Means:
     """`means` without the covariance for units whose fit this plan undoes: the least-squares fit
     predicts removed units from the kept inputs as they were, so it no longer holds when the units'
     own inputs lose channels too (a residual-stream cut narrows every MLP's and head's input), or
     when their consumer loses other inputs (head-size channels under the removed heads' output
     projection). Their mean still stands as the best constant."""
-    graph = build_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
     narrowed_by: dict[str, set[UnitKey]] = {}  # layer -> the groups that cut its inputs
     for group_key, idxs in channels.items():
