@@ -94,14 +94,17 @@ def pinned_environment(gpu: int, environ: Mapping[str, str]) -> dict[str, str]:
 
     In a container given some GPUs (compose `device_ids`, `docker run --gpus`), the NVIDIA runtime
     lists them in NVIDIA_VISIBLE_DEVICES and CUDA numbers just those from 0, so the host's index
-    becomes the GPU's place among them."""
-    given = environ.get("NVIDIA_VISIBLE_DEVICES", "all").strip()
-    if given in ("", "all"):
+    becomes the GPU's place among them. Where it gives every GPU (all, or no runtime at all) CUDA's
+    numbers are the host's; where it names GPUs by UUID (as Kubernetes' device plugin does), the
+    host's numbers are unknown and `gpu` is taken as the container's own."""
+    given = [part.strip() for part in environ.get("NVIDIA_VISIBLE_DEVICES", "all").split(",")]
+    if not all(part.isdigit() for part in given):
         index = gpu
     else:
-        present = sorted(int(part) for part in given.split(",") if part.strip().isdigit())
+        present = sorted(int(part) for part in given)
         if gpu not in present:
-            raise SystemExit(f"GPU {gpu} is not among this container's GPUs (NVIDIA_VISIBLE_DEVICES={given}): "
+            raise SystemExit(f"GPU {gpu} is not among this container's GPUs (NVIDIA_VISIBLE_DEVICES="
+                             f"{environ['NVIDIA_VISIBLE_DEVICES']}): "
                              f"reserve it for the container (device_ids: [\"{gpu}\"]).")
         index = present.index(gpu)
     # nvidia-smi numbers GPUs by PCI bus; CUDA's default order (fastest first) may not

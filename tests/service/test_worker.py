@@ -303,5 +303,7 @@ def test_a_pinned_worker_in_a_container_counts_its_gpu_among_those_it_was_given(
     assert pinned_environment(2, {"NVIDIA_VISIBLE_DEVICES": "2"})["CUDA_VISIBLE_DEVICES"] == "0"
     assert pinned_environment(2, {"NVIDIA_VISIBLE_DEVICES": "3,2"})["CUDA_VISIBLE_DEVICES"] == "0"
     assert pinned_environment(3, {"NVIDIA_VISIBLE_DEVICES": "3,2"})["IDAP_WORKER_GPU"] == "3"
+    uuids = {"NVIDIA_VISIBLE_DEVICES": "GPU-6f1c0d2e-aaaa-bbbb-cccc-0123456789ab,GPU-7e2d1c3f-aaaa-bbbb-cccc-01234567"}
+    assert pinned_environment(1, uuids)["CUDA_VISIBLE_DEVICES"] == "1", "the container's own numbers"
     with pytest.raises(SystemExit, match="GPU 1 is not among this container's GPUs"):
         pinned_environment(1, {"NVIDIA_VISIBLE_DEVICES": "0"})
