@@ -121,10 +121,10 @@ def _worker(args: argparse.Namespace) -> int:
                     pinned_environment(gpu, os.environ)) for gpu in args.gpus}
     if len(pinned) == 1:
         os.execve(sys.executable, *pinned[args.gpus[0]])
-    return _supervise(pinned)
+    return supervise(pinned)
 
 
-def _supervise(pinned: dict[int, tuple[list[str], dict[str, str]]]) -> int:
+def supervise(pinned: dict[int, tuple[list[str], dict[str, str]]]) -> int:
     """Run one worker per GPU until SIGTERM, or until one of them ends: then stop the others too and
     fail, so that a restart policy (compose's, systemd's) brings the whole set back."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

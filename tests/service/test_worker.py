@@ -25,7 +25,7 @@ from sqlalchemy import select
 from standardwebhooks import Webhook
 
 from api.app import create_app
-from api.cli import pinned_environment
+from api.cli import pinned_environment, supervise
 from core.report import Report
 from domain.db import session_scope
 from domain.models import Job, JobEvent, Worker
@@ -307,3 +307,17 @@ def test_a_pinned_worker_in_a_container_counts_its_gpu_among_those_it_was_given(
     assert pinned_environment(1, uuids)["CUDA_VISIBLE_DEVICES"] == "1", "the container's own numbers"
     with pytest.raises(SystemExit, match="GPU 1 is not among this container's GPUs"):
         pinned_environment(1, {"NVIDIA_VISIBLE_DEVICES": "0"})
+
+
+def test_when_one_pinned_worker_ends_the_supervisor_stops_the_others_and_fails(tmp_path: Path) -> None:
+    """So that a restart policy brings the whole set back (stand-in processes: what matters is the exits)."""
+    pid_file = tmp_path / "sleeper.pid"
+    sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                     "time.sleep(120)"]
+    dying = [sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(3)"]
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert supervise({0: (sleeper, dict(os.environ)), 1: (dying, dict(os.environ))}) == 1
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not Path(f"/proc/{pid_file.read_text()}").exists(), "the other worker was stopped"
