@@ -10,7 +10,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 
 from api import errors, openapi
-from api.routes import health, inspect, jobs, ui
+from api.routes import health, inspect, jobs, queue, ui
 from api.services.intake import sandbox_pool
 from api.services.jobs import scratch_root
 from api.services.metrics import DatabaseCollector
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, start_sandboxes: bool = False) 
     app.state.storage = open_storage(settings.storage, settings.s3_endpoint_url)
     app.state.queue = CeleryQueue(settings)
     app.state.registry = CollectorRegistry()
-    app.state.registry.register(DatabaseCollector(settings.database))
+    app.state.registry.register(DatabaseCollector(settings))
     if not settings.auth_required:
         # Without keys, a web page could reach this server through a DNS name rebound to 127.0.0.1;
         # answering only to loopback host names closes that door.
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, start_sandboxes: bool = False) 
     openapi.install(app, settings)
     app.include_router(jobs.router)
     app.include_router(inspect.router)
+    app.include_router(queue.router)
     app.include_router(health.router)
     app.include_router(ui.router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,11 @@ def register(commands: Any) -> None:
     worker.add_argument("--concurrency", type=int, default=1, help="jobs at a time (default: %(default)s)")
     worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
                         help="(default: %(default)s; time limits need prefork)")
+    worker.add_argument("--gpus", type=_gpu_list, metavar="LIST",
+                        help="comma-separated GPU indices as nvidia-smi numbers them (e.g. 0,1): one worker per GPU, "
+                             "pinned to it (node gpuN@host; CUDA sees only that GPU, as cuda:0), taking the gpu and "
+                             "cpu queues unless --queues says otherwise; with several, this process supervises them "
+                             "and stops them all on SIGTERM")
     worker.set_defaults(func=_worker)
 
 
@@ -72,8 +79,65 @@ def worker_argv(settings: Settings, queues: str | None, concurrency: int, pool: 
             f"--pool={pool}", "--loglevel=INFO", "--without-gossip", "--without-mingle", *named]
 
 
+def _gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of GPU indices") from None
+    if any(gpu < 0 for gpu in gpus) or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU indices are distinct and not negative")
+    return gpus
+
+
+def pinned_environment(gpu: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` for a worker pinned to the host's GPU `gpu`: CUDA sees that GPU alone, as cuda:0.
+
+    In a container given some GPUs (compose `device_ids`, `docker run --gpus`), the NVIDIA runtime
+    lists them in NVIDIA_VISIBLE_DEVICES and CUDA numbers just those from 0, so the host's index
+    becomes the GPU's place among them. Where it gives every GPU (all, or no runtime at all) CUDA's
+    numbers are the host's; where it names GPUs by UUID (as Kubernetes' device plugin does), the
+    host's numbers are unknown and `gpu` is taken as the container's own."""
+    given = [part.strip() for part in environ.get("NVIDIA_VISIBLE_DEVICES", "all").split(",")]
+    if not all(part.isdigit() for part in given):
+        index = gpu
+    else:
+        present = sorted(int(part) for part in given)
+        if gpu not in present:
+            raise SystemExit(f"GPU {gpu} is not among this container's GPUs (NVIDIA_VISIBLE_DEVICES="
+                             f"{environ['NVIDIA_VISIBLE_DEVICES']}): "
+                             f"reserve it for the container (device_ids: [\"{gpu}\"]).")
+        index = present.index(gpu)
+    # nvidia-smi numbers GPUs by PCI bus; CUDA's default order (fastest first) may not
+    return {**environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(index),
+            "IDAP_WORKER_GPU": str(gpu)}
+
+
 def _worker(args: argparse.Namespace) -> int:
-    os.execv(sys.executable, worker_argv(get_settings(), args.queues, args.concurrency, args.pool))
+    settings = get_settings()
+    if not args.gpus:
+        os.execv(sys.executable, worker_argv(settings, args.queues, args.concurrency, args.pool))
+    queues = args.queues or f"{settings.gpu_queue},{settings.cpu_queue}"
+    pinned = {gpu: (worker_argv(settings, queues, args.concurrency, args.pool, f"gpu{gpu}"),
+                    pinned_environment(gpu, os.environ)) for gpu in args.gpus}
+    if len(pinned) == 1:
+        os.execve(sys.executable, *pinned[args.gpus[0]])
+    return supervise(pinned)
+
+
+def supervise(pinned: dict[int, tuple[list[str], dict[str, str]]]) -> int:
+    """Run one worker per GPU until SIGTERM, or until one of them ends: then stop the others too and
+    fail, so that a restart policy (compose's, systemd's) brings the whole set back."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    workers = {gpu: subprocess.Popen(argv, env=environment) for gpu, (argv, environment) in pinned.items()}
+    try:
+        while all(worker.poll() is None for worker in workers.values()):
+            time.sleep(1)
+        gpu, ended = next((gpu, worker) for gpu, worker in workers.items() if worker.returncode is not None)
+        print(f"the worker of GPU {gpu} ended (exit code {ended.returncode}): stopping the others",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        _stop(list(workers.values()))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -108,8 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(settings, start_sandboxes=True), host=settings.host, port=settings.port,
                     log_level="info")
     finally:
-        for worker in workers:
-            _stop(worker)
+        _stop(workers)
     return 0
 
 
@@ -132,12 +195,16 @@ def _first_start(settings: Settings) -> None:
           f"  API key ({where}): {key}\n  webhook signing secret: {tenant.webhook_secret}", flush=True)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to all at once (each finishes its warm shutdown in parallel), then SIGKILL to any still
+    running after 30 s."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for process in running:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

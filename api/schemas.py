@@ -11,6 +11,7 @@ from core import CompressOptions, Target
 from core.options import Stage
 from domain.config import InputHints, MethodIn, TargetIn
 from domain.read_model import JobOut
+from domain.workers import WorkerKind
 
 
 class InspectConfig(InputHints):
@@ -49,3 +50,29 @@ class WebhookDeliveryOut(BaseModel):
 
 class WebhookDeliveryList(BaseModel):
     deliveries: list[WebhookDeliveryOut]
+
+
+class WorkerOut(BaseModel):
+    name: str = Field(description="Celery node name; gpuN@host for a worker pinned to GPU N")
+    kind: WorkerKind = Field(description="gpu: takes the gpu queue and sees a CUDA device; cpu: takes a job queue "
+                                         "otherwise; webhooks: delivers webhooks only")
+    queues: list[str]
+    cuda_devices: int = Field(description="CUDA devices the worker sees (1 when pinned to a GPU)")
+    pinned_gpu: int | None = Field(description="the host's index (nvidia-smi's) of the GPU it is pinned to; "
+                                               "null: not pinned")
+    started_at: datetime
+    seen_at: datetime
+
+
+class QueueOut(BaseModel):
+    """The whole service, every tenant: jobs waiting and running, and the workers seen within
+    IDAP_DEVICE_REPORT_TTL_S (each reports itself every IDAP_REAPER_INTERVAL_S)."""
+
+    queued: int = Field(description="jobs waiting for a worker")
+    queued_by_queue: dict[str, int] = Field(description="waiting jobs by the queue they wait on (cpu, gpu)")
+    running: int
+    workers_live: int
+    gpu_workers_live: int
+    workers_by_kind: dict[WorkerKind, int]
+    gpus: list[int] = Field(description="the GPUs (host indices) that live pinned GPU workers hold")
+    workers: list[WorkerOut] = Field(description="the live workers, by name")

@@ -146,12 +146,14 @@ class WebhookDelivery(Base):
 
 class Worker(Base):
     """A worker process as it last reported itself: its queues and CUDA devices (what `device`
-    in a job config is checked against), and when it was last seen alive."""
+    in a job config is checked against), the GPU it is pinned to, and when it was last seen alive."""
 
     __tablename__ = "workers"
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     queues: Mapped[list[str]] = mapped_column(JSON)
     cuda_devices: Mapped[int] = mapped_column(Integer)
+    # the host's index of the one GPU it is pinned to (`idap worker --gpus N`); None: not pinned
+    pinned_gpu: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -81,7 +81,10 @@ class Settings(BaseSettings):
     # path; those of dead processes are swept when a worker starts and before each job). None: the
     # system's temporary directory.
     scratch_dir: Path | None = None
-    # CUDA devices a job may ask for: those of workers seen in this many seconds.
+    # The host's index of the GPU this worker process is pinned to: set (with CUDA_VISIBLE_DEVICES) by
+    # `idap worker --gpus N` for the worker it starts, which reports it in its Worker row.
+    worker_gpu: int | None = Field(default=None, ge=0)
+    # CUDA devices a job may ask for, and the workers GET /v1/queue counts as live: those seen in this many seconds.
     device_report_ttl_s: float = Field(default=3600.0, ge=0)
     broker_visibility_timeout_s: int = 12 * 3600
 

@@ -1,11 +1,13 @@
 """The workers' reports of themselves: each worker upserts its row when it starts and on every
-reaper tick, so the API can check a job's `device` against the CUDA devices workers have."""
+reaper tick, so the API can check a job's `device` against the CUDA devices workers have and show
+which workers are live (seen within device_report_ttl_s)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
+from enum import StrEnum
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from domain.clock import utcnow
@@ -14,30 +16,60 @@ from domain.models import Worker
 from domain.settings import Settings
 
 
-def report_worker(settings: Settings, name: str, queues: list[str], cuda_devices: int) -> None:
+class WorkerKind(StrEnum):
+    # GPU: takes the gpu queue and has a CUDA device; CPU: takes a job queue otherwise; WEBHOOKS: no job queue
+    CPU = "cpu"
+    GPU = "gpu"
+    WEBHOOKS = "webhooks"
+
+
+def report_worker(settings: Settings, name: str, queues: list[str], cuda_devices: int,
+                  pinned_gpu: int | None = None) -> None:
     now = utcnow()
     with session_scope(settings.database) as session:
         row = session.get(Worker, name)
         if row is None:
-            session.add(Worker(name=name, queues=queues, cuda_devices=cuda_devices, started_at=now, seen_at=now))
+            session.add(Worker(name=name, queues=queues, cuda_devices=cuda_devices, pinned_gpu=pinned_gpu,
+                               started_at=now, seen_at=now))
         else:
-            row.queues, row.cuda_devices, row.seen_at = queues, cuda_devices, now
+            row.queues, row.cuda_devices, row.pinned_gpu, row.seen_at = queues, cuda_devices, pinned_gpu, now
 
 
-def cuda_devices(session: Session, settings: Settings) -> int:
-    """The most CUDA devices any worker seen within device_report_ttl_s has."""
+def live_workers(session: Session, settings: Settings) -> list[Worker]:
+    """Workers seen within device_report_ttl_s, by name."""
     since = utcnow() - timedelta(seconds=settings.device_report_ttl_s)
-    return session.scalar(select(func.max(Worker.cuda_devices)).where(Worker.seen_at >= since)) or 0
+    return list(session.scalars(select(Worker).where(Worker.seen_at >= since).order_by(Worker.name)))
+
+
+def worker_kind(settings: Settings, worker: Worker) -> WorkerKind:
+    # A worker on the gpu queue without CUDA (`idap serve` on a CPU machine takes both queues) runs jobs on the CPU.
+    if settings.gpu_queue in worker.queues and worker.cuda_devices > 0:
+        return WorkerKind.GPU
+    if settings.gpu_queue in worker.queues or settings.cpu_queue in worker.queues:
+        return WorkerKind.CPU
+    return WorkerKind.WEBHOOKS
+
+
+def count_kinds(settings: Settings, workers: list[Worker]) -> dict[WorkerKind, int]:
+    """How many of `workers` are of each kind (every kind present, zero included)."""
+    counts = dict.fromkeys(WorkerKind, 0)
+    for worker in workers:
+        counts[worker_kind(settings, worker)] += 1
+    return counts
 
 
 def device_problem(session: Session, settings: Settings, device: str) -> str | None:
-    """Why no worker can run a job on `device` ("cuda" or "cuda:N"), or None when one can."""
+    """Why no worker can run a job on `device` ("cuda" or "cuda:N"), or None when one can.
+
+    A job on the gpu queue may be taken by any GPU worker, so `cuda:N` needs device N on every live
+    one; a worker pinned to one GPU sees it as cuda:0."""
     if not device.startswith("cuda"):
         return None
-    count = cuda_devices(session, settings)
+    counts = [w.cuda_devices for w in live_workers(session, settings) if worker_kind(settings, w) is WorkerKind.GPU]
     index = int(device.partition(":")[2] or 0)
-    if index < count:
-        return None
-    if count == 0:
+    if not counts:
         return f"No worker reports a CUDA device, so device {device} cannot run."
-    return f"There is no CUDA device {index}: the workers report {count} (cuda:0 to cuda:{count - 1})."
+    if index < min(counts):
+        return None
+    return (f"There is no CUDA device {index} on every GPU worker: each sees at least {min(counts)} "
+            f"(cuda:0 to cuda:{min(counts) - 1}); a worker pinned to one GPU sees it as cuda:0, so ask for cuda.")

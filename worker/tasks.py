@@ -38,9 +38,12 @@ def _reaper(settings: Settings, name: str, queues: list[str]) -> None:
     """Each tick: report this worker (its devices, that it is alive), and take over the jobs of dead ones."""
     storage = open_storage(settings.storage, settings.s3_endpoint_url)
     devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if settings.worker_gpu is not None and devices == 0:
+        # it still takes the gpu queue, so the operator has to hear that its GPU is missing
+        log.error("pinned to GPU %s, but CUDA sees no device here: its CUDA jobs will fail", settings.worker_gpu)
     while True:
         try:
-            report_worker(settings, name, queues, devices)
+            report_worker(settings, name, queues, devices, settings.worker_gpu)
             for job_id in reap_stale_jobs(settings, queue):
                 checkpoints.drop(settings, storage, job_id)
                 fire(settings, queue, job_id, "job.failed")

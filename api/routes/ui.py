@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.auth import COOKIE, OptionalCallerDep, check_csrf
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
-from api.services import jobs
+from api.services import jobs, queue
 from api.services.tenants import tenant_for_key
 from api.ui.charts import charts
 from api.ui.render import error_page, page
@@ -105,7 +105,8 @@ def jobs_page(request: Request, session: SessionDep, settings: SettingsDep, tena
     except ApiError as err:
         return error_page(request, settings, tenant, err)
     return page(request, "jobs.html", settings, tenant, page_name="jobs", listing=listing, status=status,
-                statuses=tuple(JobStatus), first_page=cursor is not None)
+                statuses=tuple(JobStatus), first_page=cursor is not None,
+                gpu_workers=queue.gpu_workers_live(session, settings))
 
 
 @router.get("/ui/jobs/new", response_class=HTMLResponse)

@@ -12,22 +12,25 @@ from sqlalchemy import func, select
 from domain.clock import aware
 from domain.db import get_sessionmaker
 from domain.models import Job, WebhookDelivery
+from domain.settings import Settings
 from domain.states import JobStatus
+from domain.workers import WorkerKind, count_kinds, live_workers
 
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
 
 
 class DatabaseCollector(Collector):
-    def __init__(self, database: str) -> None:
-        self.database = database
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
-        with get_sessionmaker(self.database)() as session:
+        with get_sessionmaker(self.settings.database)() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             finished = session.execute(select(Job.started_at, Job.finished_at).where(
                 Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None))).all()
             webhook_failures = session.scalar(select(func.count()).select_from(WebhookDelivery)
                                               .where(WebhookDelivery.succeeded.is_(False))) or 0
+            workers = count_kinds(self.settings, live_workers(session, self.settings))
         jobs = GaugeMetricFamily("idap_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus:
             jobs.add_metric([status], counts.get(status, 0))
@@ -39,3 +42,8 @@ class DatabaseCollector(Collector):
         yield HistogramMetricFamily("idap_job_duration_seconds", "Run time of succeeded jobs",
                                     buckets=buckets, sum_value=sum(durations))
         yield CounterMetricFamily("idap_webhook_failures", "Failed webhook delivery attempts", value=webhook_failures)
+        live = GaugeMetricFamily("idap_workers_live", "Workers seen within IDAP_DEVICE_REPORT_TTL_S, by kind",
+                                 labels=["kind"])
+        for kind in WorkerKind:
+            live.add_metric([kind], workers[kind])
+        yield live

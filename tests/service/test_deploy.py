@@ -67,11 +67,39 @@ def test_compose_has_a_cpu_and_a_gpu_stack() -> None:
 
 def test_long_running_services_restart_and_workers_have_their_own_healthcheck() -> None:
     stack = services()
-    for name in ("postgres", "redis", "api", "worker-cpu", "worker-gpu", "webhooks"):
+    for name in ("postgres", "redis", "api", "worker-cpu", "worker-gpu", "webhooks", *pinned_workers(stack)):
         assert stack[name]["restart"] == "unless-stopped", name
     assert stack["migrate"]["restart"] == "on-failure"
-    for name in ("worker-cpu", "worker-gpu", "webhooks"):
+    for name in ("worker-cpu", "worker-gpu", "webhooks", *pinned_workers(stack)):
         assert "celery -A worker.app inspect ping" in stack[name]["healthcheck"]["test"][-1]
+
+
+def pinned_workers(stack: dict[str, Any]) -> dict[str, int]:
+    """The multi-gpu profile's workers (worker-gpuN) and the GPU each is named for."""
+    return {name: int(name.removeprefix("worker-gpu")) for name in stack if re.fullmatch(r"worker-gpu\d+", name)}
+
+
+def check_pinned_workers(stack: dict[str, Any]) -> None:
+    """Each worker-gpuN reserves GPU N alone, is pinned to it, pings its own node gpuN@ and takes
+    both job queues on the GPU image; no two share a GPU."""
+    pinned = pinned_workers(stack)
+    assert sorted(pinned.values()) == list(range(len(pinned))) and len(pinned) >= 2, pinned
+    for name, gpu in pinned.items():
+        service = stack[name]
+        assert service["profiles"] == ["multi-gpu"] and service["build"]["target"] == "gpu", name
+        [device] = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and "count" not in device, name
+        assert [str(d) for d in device["device_ids"]] == [str(gpu)], name
+        command = service["command"]
+        assert command[:2] == ["idap", "worker"] and command[command.index("--gpus") + 1] == str(gpu), name
+        assert set(command[command.index("--queues") + 1].split(",")) == {"cpu", "gpu"}, name
+        assert f"--destination gpu{gpu}@$$HOSTNAME" in service["healthcheck"]["test"][-1], name
+        assert "artifacts:/data" in " ".join(service["volumes"]), name
+        assert service["environment"]["IDAP_DATABASE_URL"].startswith("postgresql"), name
+
+
+def test_a_multi_gpu_machine_runs_one_worker_pinned_to_each_gpu() -> None:
+    check_pinned_workers(services())
 
 
 def test_dockerfile_layers_dependencies_before_source_in_stages_with_cpu_and_gpu_targets() -> None:
@@ -93,12 +121,15 @@ def test_dockerfile_layers_dependencies_before_source_in_stages_with_cpu_and_gpu
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="no docker-compose client here")
-@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "multi-gpu"])
 def test_docker_compose_config_accepts_each_stack(profile: str) -> None:
     done = subprocess.run(["docker-compose", "-f", str(COMPOSE), "--profile", profile, "config"],
                           check=True, capture_output=True, text=True)
     rendered = yaml.safe_load(done.stdout)["services"]
-    assert rendered[f"worker-{profile}"]["profiles"] == [profile]
+    if profile == "multi-gpu":  # as compose itself reads the shared anchors and merge keys
+        check_pinned_workers(rendered)
+    else:
+        assert rendered[f"worker-{profile}"]["profiles"] == [profile]
 
 
 def test_the_worker_healthcheck_pings_a_real_worker(settings: Settings, worker: Path) -> None:

@@ -8,6 +8,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,12 +25,13 @@ from sqlalchemy import select
 from standardwebhooks import Webhook
 
 from api.app import create_app
+from api.cli import pinned_environment, supervise
 from core.report import Report
 from domain.db import session_scope
-from domain.models import Job, JobEvent
+from domain.models import Job, JobEvent, Worker
 from domain.queue import CeleryQueue
 from domain.settings import Settings
-from tests.service.helpers import Receiver, auth, finished, start_worker, stop_worker, submit, wait_for
+from tests.service.helpers import ROOT, Receiver, auth, finished, start_worker, stop_worker, submit, wait_for
 
 # Long enough to be caught running (a few seconds), short enough for the suite.
 SLOW_RECOVERY = {"recovery": {"recovery_iterations": 150, "final_recovery_iterations": 150}}
@@ -231,3 +235,89 @@ def test_a_user_error_in_the_worker_fails_at_once(keys: dict[str, str], digits: 
     assert job["status"] == "failed" and job["attempts"] == 1
     assert job["error"]["code"] == "invalid_options" and "CUDA" in job["error"]["message"]
     assert job["error"]["hint"]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _pinned_rows(settings: Settings, names: list[str], timeout: float = 90) -> dict[str, Worker]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(settings.database) as session:
+            rows = {row.name: row for row in session.scalars(select(Worker).where(Worker.name.in_(names)))}
+            session.expunge_all()
+        if len(rows) == len(names):
+            return rows
+        assert time.monotonic() < deadline, f"only {sorted(rows)} of {names} reported"
+        time.sleep(0.3)
+
+
+def test_gpu_pinned_workers_see_only_their_gpu_and_report_it(keys: dict[str, str], settings: Settings,
+                                                             tmp_path: Path) -> None:
+    """`idap worker --gpus 1` becomes one worker pinned to GPU 1; `--gpus 2,3` supervises one per GPU and
+    stops them all on SIGTERM. No GPU here: CUDA sees none, but each pin is in its process's environment
+    and its Worker row, and the queue lists it."""
+    own = settings.model_copy(update={"cpu_queue": settings.cpu_queue + "-pinned",
+                                      "gpu_queue": settings.gpu_queue + "-pinned"})
+    env = own.child_environment() | {"OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "core", "worker", "--pool", "solo", "--gpus"]
+    log = (tmp_path / "pinned.log").open("wb")
+    single = subprocess.Popen([*argv, "1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    several = subprocess.Popen([*argv, "2,3"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    names = [f"gpu{gpu}@{socket.gethostname()}" for gpu in (1, 2, 3)]
+    try:
+        rows = _pinned_rows(own, names)
+        for gpu, name in zip((1, 2, 3), names):
+            assert rows[name].pinned_gpu == gpu and rows[name].queues == sorted([own.cpu_queue, own.gpu_queue])
+        pinned = {int(_environ(pid)["IDAP_WORKER_GPU"]): _environ(pid) for pid in [single.pid, *_children(several.pid)]}
+        assert sorted(pinned) == [1, 2, 3]
+        for gpu, environ in pinned.items():
+            assert environ["CUDA_VISIBLE_DEVICES"] == str(gpu) and environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        with TestClient(create_app(own)) as client:
+            listed = {w["name"]: w for w in client.get("/v1/queue", headers=auth(keys["a"])).json()["workers"]}
+        assert [listed[name]["pinned_gpu"] for name in names] == [1, 2, 3]
+        children = _children(several.pid)
+        several.send_signal(signal.SIGTERM)
+        assert several.wait(timeout=60) == 0
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "its workers stopped with it"
+        if not torch.cuda.is_available():
+            assert "pinned to GPU 1, but CUDA sees no device" in (tmp_path / "pinned.log").read_text()
+    finally:
+        for process in (single, several):
+            stop_worker(process)
+        with session_scope(own.database) as session:  # the next tests' devices and queue counts are their own
+            session.execute(Worker.__table__.delete().where(Worker.name.in_(names)))
+
+
+def test_a_pinned_worker_in_a_container_counts_its_gpu_among_those_it_was_given() -> None:
+    """Compose's device_ids ["2"] has the NVIDIA runtime set NVIDIA_VISIBLE_DEVICES=2, and CUDA there
+    calls that GPU 0: a worker pinned to GPU 2 must not hide it with CUDA_VISIBLE_DEVICES=2."""
+    assert pinned_environment(2, {})["CUDA_VISIBLE_DEVICES"] == "2"
+    assert pinned_environment(2, {"NVIDIA_VISIBLE_DEVICES": "all"})["CUDA_VISIBLE_DEVICES"] == "2"
+    assert pinned_environment(2, {"NVIDIA_VISIBLE_DEVICES": "2"})["CUDA_VISIBLE_DEVICES"] == "0"
+    assert pinned_environment(2, {"NVIDIA_VISIBLE_DEVICES": "3,2"})["CUDA_VISIBLE_DEVICES"] == "0"
+    assert pinned_environment(3, {"NVIDIA_VISIBLE_DEVICES": "3,2"})["IDAP_WORKER_GPU"] == "3"
+    uuids = {"NVIDIA_VISIBLE_DEVICES": "GPU-6f1c0d2e-aaaa-bbbb-cccc-0123456789ab,GPU-7e2d1c3f-aaaa-bbbb-cccc-01234567"}
+    assert pinned_environment(1, uuids)["CUDA_VISIBLE_DEVICES"] == "1", "the container's own numbers"
+    with pytest.raises(SystemExit, match="GPU 1 is not among this container's GPUs"):
+        pinned_environment(1, {"NVIDIA_VISIBLE_DEVICES": "0"})
+
+
+def test_when_one_pinned_worker_ends_the_supervisor_stops_the_others_and_fails(tmp_path: Path) -> None:
+    """So that a restart policy brings the whole set back (stand-in processes: what matters is the exits)."""
+    pid_file = tmp_path / "sleeper.pid"
+    sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                     "time.sleep(120)"]
+    dying = [sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(3)"]
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert supervise({0: (sleeper, dict(os.environ)), 1: (dying, dict(os.environ))}) == 1
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not Path(f"/proc/{pid_file.read_text()}").exists(), "the other worker was stopped"
