@@ -533,6 +533,7 @@ def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mea
     """A residual-stream cut changes every kept MLP neuron and head the fit predicts from; a plan
     of MLP neurons and heads alone keeps the fit."""
     from core.surgery.apply import _mean_only_where_inputs_change
+    from core.surgery.groups import build_graph
     from core.surgery.units import UnitKey, UnitKind
 
     model = small_bert()
@@ -540,11 +541,12 @@ def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mea
     sites, _ = find_sites(model)
     means = compensation_stats(model, x, fit=True)
     by_site = {site.name: site for site in sites}
+    graph = build_graph(model, as_ids(x[:2]))
     mlp = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.intermediate.dense")
-    units_only = _mean_only_where_inputs_change(model, as_ids(x[:2]), {mlp: [3]}, means, by_site)
+    units_only = _mean_only_where_inputs_change(model, graph, {mlp: [3]}, means, by_site)
     assert all(stats.cov is not None for _, stats in units_only.values())
     residual = {mlp: [3], UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.1.output.dense"): [0, 1]}
-    with_residual = _mean_only_where_inputs_change(model, as_ids(x[:2]), residual, means, by_site)
+    with_residual = _mean_only_where_inputs_change(model, graph, residual, means, by_site)
     encoder = [key for key in means if ".encoder." in key.name]
     assert len(encoder) == 4  # two MLPs and two attention modules
     for key in encoder:
@@ -552,5 +554,5 @@ def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mea
         assert torch.equal(with_residual[key][1].mean, means[key][1].mean)
     # head-size channels cut under layer 0's output projection undo the fit of its heads only
     value = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.attention.self.value")
-    head_size = _mean_only_where_inputs_change(model, as_ids(x[:2]), {value: [0]}, means, by_site)
+    head_size = _mean_only_where_inputs_change(model, graph, {value: [0]}, means, by_site)
     assert [key for key in encoder if head_size[key][1].cov is None] == [UnitKey(UnitKind.HEADS, sites[0].name)]

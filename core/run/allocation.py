@@ -21,6 +21,7 @@ from torch import nn
 
 from core.run.context import Run
 from core.run.goals import Size
+from core.run.prefix import PrefixCache
 from core.surgery.groups import PrunableGroup
 from core.surgery.plan import make_plan
 from core.surgery.trial import applied
@@ -56,7 +57,7 @@ def drift_per_size(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups
     they found it."""
     x = run.spec.calib[:PROBE_SAMPLES]
     task = run.spec.task
-    reference = collect(model, x, run.spec.device, task)
+    prefix = PrefixCache.record(model, run.spec.example, x, run.spec.device, task)
     size = run.measure(model)
     out = []
     for group, unit_scores in zip(groups, scores):
@@ -67,9 +68,9 @@ def drift_per_size(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups
         wanted = min(group.capacity, math.ceil(PROBE_SHARE * len(probe.units) / probe.cost))
         if wanted > len(probe.units):
             probe = _probe(run, model, graph, size, group, unit_scores, means, wanted) or probe
-        with applied(model, run.spec.example, graph, probe.plan, means):
+        with applied(model, run.spec.example, graph, probe.plan, means) as touched, prefix.skipping(touched):
             # floored, so that a probe below measurement keeps its units' order by score
-            drift = max(task.drift(collect(model, x, run.spec.device, task), reference), MIN_DRIFT)
+            drift = max(task.drift(collect(model, x, run.spec.device, task), prefix.reference), MIN_DRIFT)
         taken = unit_scores[probe.units].clamp(min=0.0)
         # a unit's share of the probe's drift follows its score; an all-zero probe shares it evenly
         weights = unit_scores.clamp(min=0.0) + 1e-12

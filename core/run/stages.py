@@ -31,10 +31,11 @@ from core.report import RemovedBlock, StopReason, WidthComparison, Work
 from core.run.allocation import drift_per_size
 from core.run.context import Run, RunCache, RunInputs, StageState
 from core.run.goals import Size
-from core.surgery.apply import apply_plan, survives_channel_cut
+from core.surgery.apply import survives_channel_cut
 from core.surgery.groups import PrunableGroup, build_graph, prunable_groups
 from core.surgery.heads import removable
 from core.surgery.plan import make_plan, planned_units, score_groups
+from core.surgery.trial import applied
 from core.surgery.units import Means, UnitKey, UnitKind
 
 
@@ -77,10 +78,11 @@ def _head_groups(inputs: RunInputs, cache: RunCache, model: nn.Module) -> list[P
 class Scoring:
     """Unit scores of every group, comparable across groups, and (with mean compensation) the
     statistics the consumers and readers of the units compensate with, for the plans made from
-    these scores."""
+    these scores; `graph` is the dependency graph of the model they score."""
 
     scores: list[torch.Tensor]
     means: Means
+    graph: tp.DependencyGraph
 
 
 def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: list[PrunableGroup]) -> Scoring:
@@ -131,7 +133,7 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
             spec.options.allocation, groups, large=is_large(spec.goals.original.params)):
         with run.timer(Work.PROBES):
             scores = drift_per_size(run, model, graph, groups, scores, means)
-    return Scoring(scores, means)
+    return Scoring(scores, means, graph)
 
 
 def allocates_by_drift(allocation: Allocation, groups: list[PrunableGroup], large: bool = False) -> bool:
@@ -163,9 +165,9 @@ def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: Attentio
 def pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
                  k: int) -> tuple[nn.Module, int]:
     plan = make_plan(groups, scoring.scores, k, run.spec.options.round_to)
-    with run.timer(Work.SURGERY):
+    # pruned in place through the step's graph and copied, rather than copied and traced again
+    with run.timer(Work.SURGERY), applied(model, run.spec.example, scoring.graph, plan, scoring.means):
         candidate = copy.deepcopy(model)
-        apply_plan(candidate, run.spec.example, plan, scoring.means)
     return candidate, planned_units(plan)
 
 

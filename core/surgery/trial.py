@@ -103,16 +103,18 @@ def _holder(model: nn.Module, graph: tp.DependencyGraph, target: nn.Module | nn.
 
 @contextmanager
 def applied(model: nn.Module, example: Inputs, graph: tp.DependencyGraph, plan: Plan,
-            means: Means | None = None) -> Iterator[nn.Module]:
+            means: Means | None = None) -> Iterator[list[nn.Module]]:
     """`model` with `plan` applied (as apply_plan applies it, through `graph`, which must be the graph of
-    `model`), for the duration of the block; restored afterwards, even when the block raises."""
+    `model`), for the duration of the block, which is given the modules the plan touches; restored
+    afterwards, even when the block raises."""
     sites = {site.name: site for site in find_sites(model)[0]} if any(
         key.kind is UnitKind.HEADS for key in plan) else {}
-    saved = [_Saved.of(module) for module in touched_modules(model, graph, plan, sites)]
+    touched = touched_modules(model, graph, plan, sites)
+    saved = [_Saved.of(module) for module in touched]
     saved_graph = _SavedGraph.of(graph)
     try:
         apply_plan(model, example, plan, means, graph=graph)
-        yield model
+        yield touched
     finally:
         for entry in saved:
             entry.restore()
