@@ -283,7 +283,7 @@ def markdown_table(rows: list[dict[str, Any]], codes: list[str]) -> str:
         label = f"`{Path(r['code']).name}`"
         if r.get("error"):
             lines.append(f"| {label} | {r['model']} | | {r['samples']} | | | | " + "| " * len(work)
-                         + f"| | {r['error'].strip().splitlines()[-1][:120]} |")
+                         + f"| | {r['error'].strip().splitlines()[-1][:120].replace('|', '/')} |")
             continue
         phases = r["phases_s"] or {}
         rss = r["peak_rss_mb"] or r["child_peak_rss_mb"]
