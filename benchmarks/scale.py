@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,8 @@ def run_point(model_name: str, samples: int, settings: Settings, out_dir: Path) 
 
 def point_main(model_name: str, samples: int, settings: Settings, out: Path) -> int:
     """The point process: writes its row (or its error) to `out`."""
+    # torch-pruning names every RMSNorm weight of SmolLM2 on each graph build; they are left whole anyway
+    warnings.filterwarnings("ignore", message="Unwrapped parameters")
     started = time.monotonic()
     try:
         with tempfile.TemporaryDirectory() as scratch:
