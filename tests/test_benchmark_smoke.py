@@ -208,7 +208,7 @@ def test_scale_fit_recovers_known_exponents() -> None:
     assert scale.fit_exponent([500, 500], [1.0, 2.0]) is None
 
 
-@pytest.mark.slow  # ~50 s on a shared 2-core machine: two points, each a process that loads torch and exports ONNX
+@pytest.mark.slow  # 50-60 s on a shared 2-core machine: two points, each a process that loads torch and exports ONNX
 def test_scale_quick_writes_a_row_per_point_with_phases_within_the_wall_time(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--out-dir", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
