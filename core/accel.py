@@ -1,6 +1,5 @@
-"""How the passes over data use an accelerator: the arithmetic of recovery (bf16 autocast), the memory
-layout of convolution nets (channels_last), and data that stays on the device instead of being copied
-there batch by batch."""
+"""How the passes over data use an accelerator: the arithmetic of recovery (bf16 autocast) and the memory
+layout of convolution nets (channels_last). Data on the device: core.data."""
 
 from __future__ import annotations
 
@@ -10,13 +9,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from core.data import Dataset
 from core.inputs import Inputs
 from core.options import Precision
-
-# A split at most this large is copied to the device once and sliced there; a larger one goes batch by
-# batch from pinned memory, so that a 50k-image upload does not take the GPU's memory.
-RESIDENT_BYTES = 1 << 30
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Precision:
@@ -68,31 +62,3 @@ def memory_layout(models: Sequence[nn.Module], sample: Inputs, device: torch.dev
     finally:
         for model in models:
             model.to(memory_format=torch.contiguous_format)
-
-
-def nbytes(inputs: Inputs) -> int:
-    return sum(t.numel() * t.element_size() for t in inputs.tensors.values())
-
-
-def to_device(batch: Inputs, device: torch.device) -> Inputs:
-    """`batch` on `device`; to CUDA from pinned memory without blocking the host (the pinned copy belongs to
-    this transfer alone, and the caching host allocator keeps it until the copy is done)."""
-    if device.type != "cuda" or batch.first.device.type != "cpu":
-        return batch.to(device)
-    return Inputs({name: t.pin_memory().to(device, non_blocking=True) for name, t in batch.tensors.items()},
-                  batch.positional)
-
-
-def device_batches(inputs: Inputs, device: torch.device, batch_size: int) -> Iterator[Inputs]:
-    """`inputs` in consecutive batches on `device`: sliced there after one copy when they fit RESIDENT_BYTES,
-    else copied batch by batch (`to_device`)."""
-    if nbytes(inputs) <= RESIDENT_BYTES:
-        inputs = inputs.to(device)
-    for i in range(0, len(inputs), batch_size):
-        yield to_device(inputs[i : i + batch_size], device)
-
-
-def resident(data: Dataset, device: torch.device) -> bool:
-    """Whether `data` is small enough to live on `device` for a whole recovery."""
-    labels = 0 if data.y is None else data.y.numel() * data.y.element_size()
-    return nbytes(data.inputs) + labels <= RESIDENT_BYTES

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.accel import channels_last, device_batches, resolve_precision, uses_channels_last
-from core.data import Dataset
+from core.accel import channels_last, resolve_precision, uses_channels_last
+from core.data import Dataset, device_batches
 from core.errors import OptionsError
 from core.inputs import Inputs
 from core.options import CompressOptions, Precision, Target
@@ -107,7 +107,7 @@ def test_channels_last_is_for_conv_nets_on_cuda_only(digits_model: nn.Module) ->
 def test_device_batches_are_the_batches_whether_resident_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = Inputs.single(torch.arange(10.0)[:, None])
     resident = [b.first for b in device_batches(inputs, CPU, 4)]
-    monkeypatch.setattr("core.accel.RESIDENT_BYTES", 0)
+    monkeypatch.setattr("core.data.RESIDENT_BYTES", 0)
     streamed = [b.first for b in device_batches(inputs, CPU, 4)]
     assert [len(b) for b in resident] == [4, 4, 2]
     assert all(torch.equal(a, b) for a, b in zip(resident, streamed, strict=True))

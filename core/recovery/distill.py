@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from core.accel import autocast, channels_last, memory_layout, resident, to_device
-from core.data import Dataset
+from core.accel import autocast, channels_last, memory_layout
+from core.data import Dataset, resident, to_device
 from core.options import Precision
 from core.progress import Reporter
 from core.recovery.augment import Augmenter
@@ -63,7 +63,7 @@ def recover(
     With `augment`, teacher and student see the same augmented batch (core.recovery.augment).
     The forward passes autocast to `precision` (core.accel: the losses are taken in float32, the weights stay
     float32) and run in channels_last where core.accel.uses_channels_last says so. The data lives on the
-    device for the whole recovery when it fits (core.accel.resident).
+    device for the whole recovery when it fits (core.data.resident).
     Cancellation is checked every iteration.
     """
     if iterations <= 0:
@@ -77,7 +77,7 @@ def recover(
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    home = device if resident(data, device) else torch.device("cpu")
+    home = device if resident(data) else torch.device("cpu")
     inputs, y = data.inputs.to(home), None if data.y is None else data.y.to(home)
     batches = _shuffled_batches(len(data), min(batch_size, len(data)), generator, home)
     # its own generator, so that augmenting leaves the batches' order as it is

@@ -66,7 +66,7 @@ class Classification(TaskHandler):
         return int(self.logits(output).shape[1])
 
     def record(self, output: Any, batch: Inputs) -> torch.Tensor:
-        return self.logits(output).detach().float().cpu()
+        return self.logits(output).detach().float()
 
     def quality(self, records: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None) -> float:
         target = labels if labels is not None else reference.argmax(1)
