@@ -194,3 +194,20 @@ def test_quick_embedding_benchmark_keeps_the_embedding_width_and_measures_both_m
         assert row["architecture_after"]["hidden"] == result["reference"]["architecture"]["hidden"]
         assert row["target_met"] and row["encoder_params_reduction"] >= 0.27, (row["method"], row["stop_reason"])
         assert 0.0 < row["cosine_to_original"] < 1.0 and 0.0 < row["recall_at_10_after"] <= 1.0
+
+
+def test_gpu_latency_quick_measures_what_this_machine_has(tmp_path: Path) -> None:
+    from core.measure.latency import Provider, available_providers
+
+    out = tmp_path / "gpu_latency.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_latency", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    measured = {(row["provider"], row["batch"]) for row in result["rows"]}
+    assert {("cpu", 1), ("cpu", 32)} <= measured
+    assert all(row["original_ms"] > 0 and row["pruned_ms"] > 0 for row in result["rows"])
+    if Provider.CUDA not in available_providers():
+        assert "measuring the CPU only" in done.stderr
+        assert measured == {("cpu", 1), ("cpu", 32)}
+    assert "original ms" in done.stdout
