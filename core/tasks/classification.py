@@ -84,7 +84,7 @@ class Classification(TaskHandler):
         soft = distillation_kl(s_logits, t_logits, temperature)
         if labels is None:
             return soft
-        return nn.functional.cross_entropy(s_logits, labels) + kd_weight * soft
+        return nn.functional.cross_entropy(s_logits.float(), labels) + kd_weight * soft
 
     def taylor_loss(self, output: Any, batch: Inputs, labels: torch.Tensor | None) -> torch.Tensor:
         logits = self.logits(output)
