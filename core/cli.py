@@ -23,7 +23,7 @@ from tqdm import tqdm
 from core.errors import ExportError, OptionsError, UserError
 from core.intake.files import compress_files, inspect_files
 from core.intake.model_io import detect_format, is_factory_spec
-from core.options import CompressOptions, IntakeOptions, Target, parse_stages
+from core.options import CompressOptions, IntakeOptions, Precision, Target, parse_stages
 from core.progress import ProgressEvent
 from core.report import PreflightReport, Report, to_json
 from core.tasks.kinds import DetectionDecoder, Task
@@ -134,6 +134,9 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
                         metavar="F", help="fine-tuning epochs at the end (default: %(default)s)")
     method.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
                         help="(default: %(default)s)")
+    method.add_argument("--precision", default=defaults.precision.value, choices=[p.value for p in Precision],
+                        help="arithmetic of recovery's forward passes: auto is bf16 autocast on CUDA devices that "
+                             "support it, fp32 elsewhere (default: %(default)s)")
     method.add_argument("--round-to", type=int, default=defaults.round_to, metavar="N",
                         help="keep channel counts multiples of N; 1 turns it off (default: %(default)s)")
     method.add_argument("--min-width-fraction", type=float, default=defaults.min_width_fraction, metavar="F",
@@ -256,6 +259,7 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
         recovery_iterations=args.recovery_iterations,
         final_recovery_epochs=args.final_recovery_epochs,
         batch_size=args.batch_size,
+        precision=Precision(args.precision),
         time_budget_s=args.time_budget,
         eval_fraction=args.eval_fraction,
         layers_must_beat_width=not args.layers_unconditional,

@@ -10,6 +10,10 @@ from torch import nn
 
 from core.inputs import Inputs
 
+# A split at most this large is copied to the device once and sliced there; a larger one goes batch by
+# batch from pinned memory, so that a 50k-image upload does not take the GPU's memory.
+RESIDENT_BYTES = 1 << 30
+
 
 @dataclass
 class Dataset:
@@ -46,3 +50,32 @@ def batches(inputs: Inputs, batch_size: int) -> Iterator[Inputs]:
     """`inputs` in consecutive slices of `batch_size` samples (the last one shorter)."""
     for i in range(0, len(inputs), batch_size):
         yield inputs[i : i + batch_size]
+
+
+def nbytes(inputs: Inputs) -> int:
+    """The bytes `inputs` hold."""
+    return sum(t.numel() * t.element_size() for t in inputs.tensors.values())
+
+
+def to_device(batch: Inputs, device: torch.device) -> Inputs:
+    """`batch` on `device`; to CUDA from pinned memory without blocking the host (the pinned copy belongs to
+    this transfer alone, and the caching host allocator keeps it until the copy is done)."""
+    if device.type != "cuda" or batch.first.device.type != "cpu":
+        return batch.to(device)
+    return Inputs({name: t.pin_memory().to(device, non_blocking=True) for name, t in batch.tensors.items()},
+                  batch.positional)
+
+
+def device_batches(inputs: Inputs, device: torch.device, batch_size: int) -> Iterator[Inputs]:
+    """`inputs` in consecutive batches on `device`: sliced there after one copy when they fit RESIDENT_BYTES,
+    else copied batch by batch (`to_device`)."""
+    if nbytes(inputs) <= RESIDENT_BYTES:
+        inputs = inputs.to(device)
+    for i in range(0, len(inputs), batch_size):
+        yield to_device(inputs[i : i + batch_size], device)
+
+
+def resident(data: Dataset) -> bool:
+    """Whether `data` is small enough to live on the device for a whole recovery."""
+    labels = 0 if data.y is None else data.y.numel() * data.y.element_size()
+    return nbytes(data.inputs) + labels <= RESIDENT_BYTES

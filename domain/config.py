@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.options import Allocation, CompressOptions, GroupScores, IntakeOptions, Stage, Target
+from core.options import Allocation, CompressOptions, GroupScores, IntakeOptions, Precision, Stage, Target
 from core.tasks.kinds import DetectionDecoder, Task
 from domain.settings import Settings
 
@@ -57,6 +57,10 @@ class RecoveryIn(_Strict):
     final_recovery_iterations: int | None = Field(default=None, ge=0, le=MAX_ITERATIONS)
     batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1, le=MAX_BATCH)
     lr: float | None = Field(default=None, gt=0, le=10, description="None: 1e-3, or 1e-4 for models with attention")
+    precision: Precision = Field(
+        default=_DEFAULTS.precision,
+        description="arithmetic of recovery's forward passes: auto is bf16 autocast on CUDA devices that support "
+                    "it, fp32 elsewhere")
 
 
 class MethodIn(_Strict):

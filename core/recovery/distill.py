@@ -8,16 +8,20 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from core.data import Dataset
+from core.accel import autocast, channels_last, memory_layout
+from core.data import Dataset, resident, to_device
+from core.options import Precision
 from core.progress import Reporter
 from core.recovery.augment import Augmenter
 from core.recovery.features import FeatureTap, feature_loss
 from core.tasks.base import TaskHandler
 
 
-def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator,
+                      device: torch.device) -> Iterator[torch.Tensor]:
+    """Sample indices batch by batch, on `device` (the data's): one copy per epoch, none per batch."""
     while True:
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(device)
         for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
             yield order[i : i + batch_size]
 
@@ -50,12 +54,16 @@ def recover(
     reporter: Reporter,
     task: TaskHandler,
     augment: Augmenter | None = None,
+    precision: Precision = Precision.FP32,
 ) -> None:
     """Fine-tune `student` in place for `iterations` steps.
 
     loss = the task's loss (core.tasks: its own loss against labels + kd_weight·distillation on the outputs,
     distillation alone without labels) + w·Σ L1(adapter(f_s), f_t) on the feature points.
     With `augment`, teacher and student see the same augmented batch (core.recovery.augment).
+    The forward passes autocast to `precision` (core.accel: the losses are taken in float32, the weights stay
+    float32) and run in channels_last where core.accel.uses_channels_last says so. The data lives on the
+    device for the whole recovery when it fits (core.data.resident).
     Cancellation is checked every iteration.
     """
     if iterations <= 0:
@@ -69,22 +77,29 @@ def recover(
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    batches = _shuffled_batches(len(data), min(batch_size, len(data)), generator)
+    home = device if resident(data) else torch.device("cpu")
+    inputs, y = data.inputs.to(home), None if data.y is None else data.y.to(home)
+    batches = _shuffled_batches(len(data), min(batch_size, len(data)), generator, home)
     # its own generator, so that augmenting leaves the batches' order as it is
     augment_generator = torch.Generator().manual_seed(seed + 1)
+    layout = memory_layout([student, teacher], inputs[:1], device)
     try:
-        for _ in range(iterations):
-            reporter.check_cancel()
-            index = next(batches)
-            x = data.inputs[index].to(device)
-            if augment is not None:
-                x = augment(x, augment_generator)
-            labels = None if data.y is None else data.y[index].to(device)
-            loss = task.recovery_loss(student, teacher, x, labels, temperature, kd_weight)
-            loss = loss + feature_weight * feature_loss(s_tap, t_tap, adapters, optimizer, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        with layout as nhwc:
+            for _ in range(iterations):
+                reporter.check_cancel()
+                index = next(batches)
+                x = to_device(inputs[index], device)
+                if augment is not None:
+                    x = augment(x, augment_generator)
+                if nhwc:
+                    x = channels_last(x)
+                labels = None if y is None else y[index].to(device, non_blocking=True)
+                with autocast(precision, device):
+                    loss = task.recovery_loss(student, teacher, x, labels, temperature, kd_weight)
+                    loss = loss + feature_weight * feature_loss(s_tap, t_tap, adapters, optimizer, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     finally:
         s_tap.close()
         t_tap.close()

@@ -89,5 +89,6 @@ def feature_loss(s_tap: FeatureTap, t_tap: FeatureTap, adapters: dict[str, nn.Mo
         adapter = adapters[name]
         mapped = adapter(s_feat) if adapter is not None else s_feat
         if mapped.shape == t_feat.shape:
-            total = total + nn.functional.l1_loss(mapped, t_feat.detach())
+            # in float32 whatever the autocast: bf16 features would round the loss's small differences away
+            total = total + nn.functional.l1_loss(mapped.float(), t_feat.detach().float())
     return total

@@ -174,7 +174,7 @@ class Run:
                 device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
                 temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
                 seed=opts.seed + state.recoveries, reporter=self.reporter, task=self.spec.task,
-                augment=self.spec.augment,
+                augment=self.spec.augment, precision=opts.precision,
             )
         if iterations:
             self.clock.iteration_s.append((time.monotonic() - started) / iterations)

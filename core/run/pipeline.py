@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.accel import resolve_precision
 from core.data import Dataset, split
 from core.errors import OptionsError, TargetUnreachableError
 from core.export.artifacts import export_onnx, export_pt2, verify_onnx
@@ -334,6 +335,8 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         large = is_large(sum(p.numel() for p in model.parameters()))
         lr = TRANSFORMER_LR if holds_attention(model) else PRETRAINED_LR if large else DEFAULT_LR
         opts = dataclasses.replace(opts, lr=lr)
+    # the precision recovery uses, as the report's options show it
+    opts = dataclasses.replace(opts, precision=resolve_precision(opts.precision, device))
     unknown = [name for name in opts.ignored_layers if name not in dict(model.named_modules())]
     if unknown:
         raise OptionsError(f"Layers to leave alone not found in the model: {', '.join(unknown)}.",

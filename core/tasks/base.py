@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from core.data import Dataset
+from core.data import Dataset, device_batches
 from core.inputs import Inputs
 from core.tasks.kinds import Metric, Task
 
@@ -55,7 +55,8 @@ class TaskHandler(ABC):
 
     @abstractmethod
     def record(self, output: Any, batch: Inputs) -> Records:
-        """What the held-out split keeps of `output`, the model's output on `batch`, on the CPU."""
+        """What the held-out split keeps of `output`, the model's output on `batch`, on the batch's device
+        (`collect` moves the split's records to the CPU at once)."""
 
     def merge(self, records: list[Records]) -> Records:
         """One split's records from its batches'."""
@@ -98,11 +99,19 @@ class TaskHandler(ABC):
 @torch.no_grad()
 def collect(model: nn.Module, x: Inputs, device: torch.device, task: TaskHandler,
             batch_size: int | None = None) -> Records:
-    """What `task` records of `model`'s outputs on `x` (in eval mode), batch by batch."""
+    """What `task` records of `model`'s outputs on `x` (in eval mode), batch by batch, on the CPU: copied there
+    once at the end, since a copy per batch would wait for the device every batch."""
     model.eval()
-    size = batch_size or task.eval_batch_size
-    records = []
-    for i in range(0, len(x), size):
-        batch = x[i : i + size].to(device)
-        records.append(task.record(batch.call(model), batch))
-    return task.merge(records)
+    records = [task.record(batch.call(model), batch)
+               for batch in device_batches(x, device, batch_size or task.eval_batch_size)]
+    return _on_cpu(task.merge(records))
+
+
+def _on_cpu(records: Records) -> Records:
+    if isinstance(records, torch.Tensor):
+        return records.cpu()
+    if isinstance(records, dict):
+        return {key: _on_cpu(value) for key, value in records.items()}
+    if isinstance(records, list):
+        return [_on_cpu(value) for value in records]
+    return records

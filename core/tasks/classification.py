@@ -66,7 +66,7 @@ class Classification(TaskHandler):
         return int(self.logits(output).shape[1])
 
     def record(self, output: Any, batch: Inputs) -> torch.Tensor:
-        return self.logits(output).detach().float().cpu()
+        return self.logits(output).detach().float()
 
     def quality(self, records: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None) -> float:
         target = labels if labels is not None else reference.argmax(1)
@@ -84,7 +84,7 @@ class Classification(TaskHandler):
         soft = distillation_kl(s_logits, t_logits, temperature)
         if labels is None:
             return soft
-        return nn.functional.cross_entropy(s_logits, labels) + kd_weight * soft
+        return nn.functional.cross_entropy(s_logits.float(), labels) + kd_weight * soft
 
     def taylor_loss(self, output: Any, batch: Inputs, labels: torch.Tensor | None) -> torch.Tensor:
         logits = self.logits(output)

@@ -152,7 +152,7 @@ class Detection(TaskHandler):
         return "boxes, scores and labels per image"
 
     def record(self, output: Any, batch: Inputs) -> Detections:
-        return [{k: v.detach().cpu() for k, v in d.items()} for d in self.detections(output)]
+        return [{k: v.detach() for k, v in d.items()} for d in self.detections(output)]
 
     def merge(self, records: list[Detections]) -> Detections:
         return [d for batch in records for d in batch]

@@ -72,7 +72,7 @@ class Embedding(TaskHandler):
         return f"{out.shape[-1]}-dimensional embeddings{pooled}"
 
     def record(self, output: Any, batch: Inputs) -> torch.Tensor:
-        return self.embedding(output, batch).detach().cpu()
+        return self.embedding(output, batch).detach()
 
     def quality(self, records: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None) -> float:
         if labels is not None:

@@ -55,7 +55,7 @@ class Generic(TaskHandler):
         return f"{len(tensors)} output(s) compared as values ({', '.join(names)})"
 
     def record(self, output: Any, batch: Inputs) -> torch.Tensor:
-        return self.flat(output).detach().cpu()
+        return self.flat(output).detach()
 
     def quality(self, records: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None) -> float:
         target = reference if labels is None else labels.reshape(len(labels), -1).float()

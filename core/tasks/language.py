@@ -72,7 +72,7 @@ class CausalLM(TaskHandler):
     def record(self, output: Any, batch: Inputs) -> torch.Tensor:
         logits, targets, keep = self._shifted(output, batch)
         nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-        return torch.stack([(nll * keep).sum(1), keep.sum(1)], dim=1).detach().double().cpu()
+        return torch.stack([(nll * keep).sum(1), keep.sum(1)], dim=1).detach().double()
 
     def quality(self, records: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None) -> float:
         return float(torch.exp(records[:, 0].sum() / records[:, 1].sum().clamp(min=1)))

@@ -89,7 +89,7 @@ class Segmentation(TaskHandler):
         probabilities = self.probabilities_of(self.map(output).detach())
         side = (min(POOLED_SIDE, probabilities.shape[2]), min(POOLED_SIDE, probabilities.shape[3]))
         pooled = nn.functional.adaptive_avg_pool2d(probabilities, side)
-        return {"classes": probabilities.argmax(1).to(torch.int16).cpu(), "pooled": pooled.half().cpu()}
+        return {"classes": probabilities.argmax(1).to(torch.int16), "pooled": pooled.half()}
 
     def merge(self, records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return {key: torch.cat([r[key] for r in records]) for key in records[0]}

@@ -103,11 +103,14 @@ def test_method_options_reach_the_engine() -> None:
     options = config.options_core()
     assert (options.layers_must_beat_width, options.group_scores, options.mean_compensation,
             options.least_squares_compensation, options.allocation) == (False, "mean", False, False, "scores")
+    precise = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "recovery": {"precision": "fp32"}})
+    assert precise.options_core().precision == "fp32"
     named = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "output": "aux"})
     assert named.options_core().output == "aux"
     defaults = JobConfig.model_validate({"target": {"macs_reduction": 0.5}}).options_core()
     assert (defaults.layers_must_beat_width, defaults.group_scores, defaults.mean_compensation,
             defaults.least_squares_compensation, defaults.allocation) == (True, "layer_sum", True, True, "auto")
+    assert defaults.precision == "auto"
 
 
 def test_the_task_reaches_the_engine_and_an_unknown_one_is_a_422(client: Any, keys: dict[str, str],
