@@ -46,7 +46,8 @@ def consumer_inputs(model: TextClassifier, x: torch.Tensor, layer: nn.Linear) ->
         with torch.no_grad():
             for batch in x.split(64):
                 model(batch)
-                seen[-1] = token_rows(seen[-1], real_tokens(model, Inputs({"input_ids": batch})))
+                rows, real = token_rows(seen[-1], real_tokens(model, Inputs({"input_ids": batch})))
+                seen[-1] = rows if real is None else rows[real.bool()]
     finally:
         handle.remove()
     return torch.cat(seen)
