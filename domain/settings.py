@@ -84,8 +84,12 @@ class Settings(BaseSettings):
     # The host's index of the GPU this worker process is pinned to: set (with CUDA_VISIBLE_DEVICES) by
     # `idap worker --gpus N` for the worker it starts, which reports it in its Worker row.
     worker_gpu: int | None = Field(default=None, ge=0)
-    # CUDA devices a job may ask for, and the workers GET /v1/queue counts as live: those seen in this many seconds.
+    # CUDA devices a job may ask for: those of the GPU workers seen in this many seconds (long, so that a
+    # job submitted while its workers restart is not refused).
     device_report_ttl_s: float = Field(default=3600.0, ge=0)
+    # A worker counts as live (GET /v1/queue, /metrics) when it reported within this many seconds: each
+    # reports every reaper_interval_s while it runs.
+    worker_live_s: float = Field(default=30.0, gt=0)
     broker_visibility_timeout_s: int = 12 * 3600
 
     webhook_allow_private: bool = False

@@ -1,6 +1,6 @@
 """The workers' reports of themselves: each worker upserts its row when it starts and on every
 reaper tick, so the API can check a job's `device` against the CUDA devices workers have and show
-which workers are live (seen within device_report_ttl_s)."""
+which workers are live (reported within worker_live_s)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,12 @@ def report_worker(settings: Settings, name: str, queues: list[str], cuda_devices
 
 
 def live_workers(session: Session, settings: Settings) -> list[Worker]:
-    """Workers seen within device_report_ttl_s, by name."""
-    since = utcnow() - timedelta(seconds=settings.device_report_ttl_s)
+    """Workers that reported within worker_live_s (they report every reaper tick), by name."""
+    return _seen_within(session, settings.worker_live_s)
+
+
+def _seen_within(session: Session, seconds: float) -> list[Worker]:
+    since = utcnow() - timedelta(seconds=seconds)
     return list(session.scalars(select(Worker).where(Worker.seen_at >= since).order_by(Worker.name)))
 
 
@@ -61,11 +65,13 @@ def count_kinds(settings: Settings, workers: list[Worker]) -> dict[WorkerKind, i
 def device_problem(session: Session, settings: Settings, device: str) -> str | None:
     """Why no worker can run a job on `device` ("cuda" or "cuda:N"), or None when one can.
 
-    A job on the gpu queue may be taken by any GPU worker, so `cuda:N` needs device N on every live
-    one; a worker pinned to one GPU sees it as cuda:0."""
+    A job on the gpu queue may be taken by any GPU worker, so `cuda:N` needs device N on every one
+    seen within device_report_ttl_s (not only the live ones: a job submitted while the workers restart
+    waits for them); a worker pinned to one GPU sees it as cuda:0."""
     if not device.startswith("cuda"):
         return None
-    counts = [w.cuda_devices for w in live_workers(session, settings) if worker_kind(settings, w) is WorkerKind.GPU]
+    counts = [w.cuda_devices for w in _seen_within(session, settings.device_report_ttl_s)
+              if worker_kind(settings, w) is WorkerKind.GPU]
     index = int(device.partition(":")[2] or 0)
     if not counts:
         return f"No worker reports a CUDA device, so device {device} cannot run."

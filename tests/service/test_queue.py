@@ -42,7 +42,8 @@ def _key(settings: Settings) -> str:
 
 def _workers(settings: Settings) -> None:
     """Two workers pinned to GPUs 0 and 1 (each sees its GPU alone), a CPU worker, a webhook worker, a
-    `idap serve` worker on a machine without CUDA (both job queues), and a GPU worker gone quiet."""
+    `idap serve` worker on a machine without CUDA (both job queues), a GPU worker gone quiet long ago and
+    one that stopped reporting a minute ago (not live, but its devices still count for the device check)."""
     jobs = [settings.cpu_queue, settings.gpu_queue]
     report_worker(settings, "gpu0@box", jobs, 1, 0)
     report_worker(settings, "gpu1@box", jobs, 1, 1)
@@ -52,6 +53,9 @@ def _workers(settings: Settings) -> None:
     old = utcnow() - timedelta(seconds=settings.device_report_ttl_s + 60)
     with session_scope(settings.database) as session:
         session.add(Worker(name="gpu2@box", queues=jobs, cuda_devices=1, pinned_gpu=2, started_at=old, seen_at=old))
+        quiet = utcnow() - timedelta(seconds=settings.worker_live_s + 30)
+        session.add(Worker(name="gpu3@box", queues=jobs, cuda_devices=1, pinned_gpu=3, started_at=quiet,
+                           seen_at=quiet))
 
 
 def test_the_queue_counts_live_workers_by_kind_and_names_the_pinned_gpus(own: Settings) -> None:
@@ -67,7 +71,7 @@ def test_the_queue_counts_live_workers_by_kind_and_names_the_pinned_gpus(own: Se
     assert queue["queued_by_queue"] == {own.gpu_queue: 2, own.cpu_queue: 1}
     assert queue["workers_live"] == 5 and queue["gpu_workers_live"] == 2
     assert queue["workers_by_kind"] == {"cpu": 2, "gpu": 2, "webhooks": 1}
-    assert queue["gpus"] == [0, 1], "the stale worker's GPU 2 is not live"
+    assert queue["gpus"] == [0, 1], "the stale workers' GPUs 2 and 3 are not live"
     workers = {worker["name"]: worker for worker in queue["workers"]}
     assert sorted(workers) == ["celery@cpu-box", "gpu0@box", "gpu1@box", "jobs@laptop", "webhooks@box"]
     assert workers["gpu1@box"]["kind"] == "gpu" and workers["gpu1@box"]["pinned_gpu"] == 1
@@ -94,5 +98,6 @@ def test_with_workers_pinned_to_one_gpu_each_a_job_asks_for_cuda(own: Settings) 
         assert device_problem(session, own, "cuda:0") is None
         assert "ask for cuda" in (device_problem(session, own, "cuda:1") or "")
     report_worker(own, "gpu0@box", [own.gpu_queue], 2)  # unpinned now, seeing two GPUs: gpu1@box still sees one
+    report_worker(own, "gpu1@box", [own.gpu_queue], 2)  # ... and gpu3@box, restarting, was last seen with one
     with session_scope(own.database) as session:
         assert "cuda:0 to cuda:0" in (device_problem(session, own, "cuda:1") or "")
