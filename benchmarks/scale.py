@@ -20,6 +20,7 @@ meaning; only the cost is measured); SmolLM2 gets windows of the licences' text 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -138,6 +139,22 @@ def phase_row(report: Any) -> dict[str, Any]:
     return row
 
 
+def train_step_s(model: nn.Module, data: Any, batch_size: int, device: str) -> float:
+    """Seconds of one forward and backward pass of `model` on a batch of `data` (after one on two samples, so
+    that one-time set-up is not counted): the model's own cost on this machine, the unit that says whether
+    compress's time grows with anything but what every training step of the model costs."""
+    trained = copy.deepcopy(model).to(device).train()
+    for batch in (data.inputs[:2], data.inputs[:batch_size]):
+        begin = time.perf_counter()
+        out = batch.to(device).call(trained)
+        logits = out.logits if hasattr(out, "logits") else out
+        logits.float().logsumexp(-1).mean().backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - begin
+    return seconds
+
+
 def run_point(model_name: str, samples: int, settings: Settings, out_dir: Path) -> dict[str, Any]:
     """Compresses one model on `samples` samples and returns its row (the caller adds the process's own numbers)."""
     from benchmarks.fashion_mnist import log, progress_logger
@@ -155,6 +172,7 @@ def run_point(model_name: str, samples: int, settings: Settings, out_dir: Path) 
     row["macs"], row["params"] = count_macs_params(model, data.inputs)
     options = options_for(model_name, settings)
     row["options"] = _json_options(options)
+    row["train_step_s"] = round(train_step_s(model, data, options.batch_size, settings.device), 3)
     log(f"{model_name} @ {samples}: {row['params'] / 1e6:.1f} M params, {row['macs'] / 1e9:.2f} G MACs; compressing")
     result = compress(model, data, Target(macs_reduction=TARGET_MACS, max_accuracy_drop=1.0), options, out_dir,
                       progress=progress_logger(f"{model_name}@{samples}"))
@@ -266,11 +284,20 @@ def fits(rows: list[dict[str, Any]], code: str) -> dict[str, Any]:
     by_samples = {m: fit_exponent([r["samples"] for r in ok if r["model"] == m],
                                   [r["wall_s"] for r in ok if r["model"] == m])
                   for m in dict.fromkeys(r["model"] for r in ok)}
+    counts = sorted({r["samples"] for r in ok})
     by_params = {str(n): fit_exponent([r["params"] for r in ok if r["samples"] == n],
-                                      [r["wall_s"] for r in ok if r["samples"] == n])
-                 for n in sorted({r["samples"] for r in ok})}
+                                      [r["wall_s"] for r in ok if r["samples"] == n]) for n in counts}
+    # the same against the model's own training step: how much of the growth is compress's, not the model's
+    timed = [r for r in ok if r.get("train_step_s")]
+    step_by_params = {str(n): fit_exponent([r["params"] for r in timed if r["samples"] == n],
+                                           [r["train_step_s"] for r in timed if r["samples"] == n]) for n in counts}
+    per_step_by_params = {str(n): fit_exponent([r["params"] for r in timed if r["samples"] == n],
+                                               [r["wall_s"] / r["train_step_s"] for r in timed if r["samples"] == n])
+                          for n in counts}
     return {"time_vs_samples": {m: f for m, f in by_samples.items() if f},
-            "time_vs_params": {n: f for n, f in by_params.items() if f}}
+            "time_vs_params": {n: f for n, f in by_params.items() if f},
+            "train_step_vs_params": {n: f for n, f in step_by_params.items() if f},
+            "time_in_train_steps_vs_params": {n: f for n, f in per_step_by_params.items() if f}}
 
 
 def _cell(value: float | None, fmt: str = "{:.1f}") -> str:
@@ -279,19 +306,21 @@ def _cell(value: float | None, fmt: str = "{:.1f}") -> str:
 
 def markdown_table(rows: list[dict[str, Any]], codes: list[str]) -> str:
     work = ("calibration", "scoring", "probes", "surgery", "recovery", "evaluation", "export", "latency")
-    head = ["Code", "Model", "Params M", "Samples", "Wall s", "Step s", "Probes/step", *work, "Peak RSS MB",
+    head = ["Code", "Model", "Params M", "Samples", "Wall s", "Train step s", "Step s", "Probes/step", *work,
+            "Peak RSS MB",
             "Peak GPU MB", "Error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         label = f"`{Path(r['code']).name}`"
         if r.get("error"):
-            lines.append(f"| {label} | {r['model']} | | {r['samples']} | | | | " + "| " * len(work)
+            lines.append(f"| {label} | {r['model']} | | {r['samples']} | | | | | " + "| " * len(work)
                          + f"| | {r['error'].strip().splitlines()[-1][:120].replace('|', '/')} |")
             continue
         phases = r["phases_s"] or {}
         rss = r["peak_rss_mb"] or r["child_peak_rss_mb"]
         lines.append(f"| {label} | {r['model']} | {r['params'] / 1e6:.1f} | {r['samples']} | {r['wall_s']:.1f} | "
-                     f"{sum(r['step_s']):.1f} | {_cell(r['probes_share'], '{:.0%}')} | "
+                     f"{_cell(r.get('train_step_s'), '{:.2f}')} | {sum(r['step_s']):.1f} | "
+                     f"{_cell(r['probes_share'], '{:.0%}')} | "
                      + " | ".join(_cell(phases.get(w)) for w in work)
                      + f" | {rss:.0f} | {_cell(r['peak_gpu_mb'], '{:.0f}')} | |")
     if len(codes) == 2:

@@ -12,13 +12,14 @@ from core.importance.statistics import linear_input_stats
 from core.inputs import Inputs
 from core.options import Allocation, CompressOptions, Target
 from core.run.allocation import drift_per_size
+from core.run.pipeline import prepared_run
 from core.run.stages import allocates_by_drift, group_candidates, step_scoring
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
 from core.surgery.plan import make_plan
 from core.surgery.units import UnitKey, UnitKind
 from tests.test_transformers import small_bert, tokens
-from tests.two_paths import TwoPaths, prepared_run, two_paths_run
+from tests.two_paths import TwoPaths, two_paths_run
 
 
 def test_units_that_barely_reach_the_output_go_first_whatever_their_scores():

@@ -208,6 +208,16 @@ def test_scale_fit_recovers_known_exponents() -> None:
     assert scale.fit_exponent([500, 500], [1.0, 2.0]) is None
 
 
+def test_scale_fits_time_against_the_models_own_training_step() -> None:
+    # compress costs 400 of the model's training steps whatever its size; the steps grow as params^1.4
+    rows = [{"code": "c", "model": m, "samples": 500, "params": p, "wall_s": 400 * 2e-9 * p**1.4,
+             "train_step_s": 2e-9 * p**1.4} for m, p in (("a", 11.7e6), ("b", 25.6e6), ("c", 86.6e6))]
+    fitted = scale.fits(rows, "c")
+    assert fitted["time_vs_params"]["500"]["exponent"] == pytest.approx(1.4, abs=1e-4)
+    assert fitted["train_step_vs_params"]["500"]["exponent"] == pytest.approx(1.4, abs=1e-4)
+    assert fitted["time_in_train_steps_vs_params"]["500"]["exponent"] == pytest.approx(0.0, abs=1e-4)
+
+
 @pytest.mark.slow  # 50-60 s on a shared 2-core machine: two points, each a process that loads torch and exports ONNX
 def test_scale_quick_writes_a_row_per_point_with_phases_within_the_wall_time(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--out-dir", str(tmp_path)], cwd=REPO,
@@ -224,7 +234,7 @@ def test_scale_quick_writes_a_row_per_point_with_phases_within_the_wall_time(tmp
         assert row["probes_share"] is not None and 0 <= row["probes_share"] <= 1
         assert len(row["step_s"]) == quick.steps and row["params"] > 0 and row["macs"] > 0
         assert row["options"]["recovery_iterations"] == 1 and row["options"]["stages"] == ["filters"]
-        assert row["peak_rss_mb"] > 0 and row["child_peak_rss_mb"] > 0
+        assert row["peak_rss_mb"] > 0 and row["child_peak_rss_mb"] > 0 and 0 < row["train_step_s"] < row["wall_s"]
     assert "resnet18" in result["fits"][str(REPO)]["time_vs_samples"]
     assert (tmp_path / "scale.png").stat().st_size > 0
     assert "| resnet18 |" in (tmp_path / "scale.md").read_text()

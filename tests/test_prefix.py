@@ -1,4 +1,5 @@
-"""Probes skip the blocks they cannot change (core.run.prefix), and measure what a full pass measures."""
+"""Probes cost little: they skip the blocks they cannot change (core.run.prefix) and measure what a full pass
+measures, and a model with many groups probes each on fewer inputs (core.run.allocation.probe_samples)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from torch import nn
 from core.data import Dataset
 from core.inputs import Inputs
 from core.options import CompressOptions, Target
-from core.run import prefix
+from core.run import allocation, prefix
 from core.run.allocation import drift_per_size
+from core.run.pipeline import prepared_run
 from core.run.prefix import PrefixCache
 from core.run.stages import group_candidates, step_scoring
 from core.surgery.groups import build_graph
+from core.tasks.base import collect
 from tests.test_trial import MODELS
-from tests.two_paths import prepared_run
 
 OPTIONS = CompressOptions(device="cpu", allocation="scores", calibration_samples=32)
 
@@ -48,6 +50,26 @@ def test_probes_that_skip_blocks_measure_what_full_passes_measure(name: str, mon
     assert with_cache < len(calls)
     for a, b in zip(skipped, full, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=0), (a, b)
+
+
+def test_a_model_with_more_groups_than_the_budget_covers_probes_each_on_fewer_inputs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, run, graph, groups, scoring = _scored("llama")
+    probed: list[int] = []  # how many inputs each probe's pass ran
+
+    def counted(model: nn.Module, x: Inputs, *args, **kwargs):
+        probed.append(len(x))
+        return collect(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(allocation, "collect", counted)
+    drift_per_size(run, model, graph, groups, scoring.scores, scoring.means)
+    assert len(probed) == len(groups) and set(probed) == {len(run.spec.calib)}, "within the budget: all of them"
+    probed.clear()
+    monkeypatch.setattr(allocation, "PROBE_BUDGET", 4 * len(groups))
+    monkeypatch.setattr(allocation, "MIN_PROBE_SAMPLES", 4)
+    fewer = drift_per_size(run, model, graph, groups, scoring.scores, scoring.means)
+    assert len(probed) == len(groups) and set(probed) == {4}
+    assert all(torch.isfinite(s).any() for s in fewer), "every group is still priced"
 
 
 class _Stateful(nn.Module):

@@ -15,6 +15,7 @@ from core.graph.outputs import named_outputs
 from core.inputs import Inputs
 from core.options import CompressOptions, Target
 from core.run.context import Run
+from core.run.pipeline import prepared_run
 from core.run.stages import group_candidates, step_scoring
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
@@ -23,7 +24,6 @@ from core.surgery.trial import applied
 from tests.test_llama import tiny_llama
 from tests.test_llama import tokens as llama_tokens
 from tests.test_transformers import small_bert, tokens
-from tests.two_paths import prepared_run
 
 
 def _digits(digits_model: nn.Module, digits_arrays) -> tuple[nn.Module, Dataset]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -11,9 +9,8 @@ from torch import nn
 from core.data import Dataset
 from core.inputs import Inputs
 from core.options import CompressOptions, Target
-from core.progress import Reporter
-from core.run.context import Run, RunCache
-from core.run.pipeline import _prepare, start_run
+from core.run.context import Run
+from core.run.pipeline import prepared_run
 from core.run.stages import group_candidates
 from core.surgery.groups import PrunableGroup, build_graph
 
@@ -35,12 +32,6 @@ class TwoPaths(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.wide(x))
         return self.from_wide(h) + self.from_narrow(torch.relu(self.narrow(h)))
-
-
-def prepared_run(model: nn.Module, data: Dataset, target: Target, options: CompressOptions) -> tuple[nn.Module, Run]:
-    """The model as compress holds it, and the run compress would start for it (without progress)."""
-    model, inputs, _ = _prepare(model, data, options, Reporter(None, None))
-    return model, start_run(model, inputs, RunCache(), target, Reporter(None, None), time.monotonic())
 
 
 def two_paths_run(model: nn.Module, options: CompressOptions

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from core.data import batches
-from core.importance.statistics import InputMoments, InputStats, run_calibration, token_rows
+from core.importance.statistics import CalibrationPass, InputMoments, InputStats, run_calibration, token_rows
 from core.inputs import Inputs
 from core.options import Criterion
 from core.tasks.base import TaskHandler
@@ -110,7 +110,6 @@ def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: Inputs)
     return pairs
 
 
-@torch.no_grad()
 def filter_divergence(
     model: nn.Module,
     graph: tp.DependencyGraph,
@@ -128,17 +127,30 @@ def filter_divergence(
     calibration mean instead, and the consumer and the statistics of its inputs (with `with_cov`,
     their covariance too) are stored in `means_out` for `compensate_linear`.
     """
-    layers = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     consumers = direct_consumers(model, graph, calib[:2].to(device)) if means_out is not None else {}
-    centre = set(consumers)
+    calibration = CalibrationPass(model)
+    finish = attach_filter_divergence(calibration, graph, consumers, means_out, with_cov)
+    calibration.run(calib, device, batch_size)
+    return finish()
+
+
+def attach_filter_divergence(
+    calibration: CalibrationPass,
+    graph: tp.DependencyGraph,
+    consumers: dict[nn.Module, nn.Linear],
+    means_out: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = None,
+    with_cov: bool = False,
+) -> Callable[[], dict[nn.Module, torch.Tensor]]:
+    """`filter_divergence` as hooks of `calibration`, centring the layers in `consumers` (with
+    `means_out` only); the returned function gives the scores (and fills `means_out`) once the pass ran."""
+    layers = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    centre = set(consumers) if means_out is not None else set()
     # filled by the hooks for `layers`
     sums: dict[ScoredLayer, list[torch.Tensor]] = {}
     moments = {layer: InputMoments(with_cov) for layer in centre}
     squares: dict[ScoredLayer, list[torch.Tensor]] = {}
     positions: dict[ScoredLayer, int] = {}
     sizes: dict[ScoredLayer, int] = {}
-    tokens: dict[str, torch.Tensor | None] = {"mask": None}  # of the batch being run
-    handles = []
 
     def hook_for(layer: ScoredLayer, channel_dim: int, activation: Callable[[torch.Tensor], torch.Tensor]):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -151,7 +163,7 @@ def filter_divergence(
             squares.setdefault(layer, []).append(act.pow(2).sum(1))
             if layer in centre:
                 sums.setdefault(layer, []).append(act.sum(1))
-                moments[layer].add(*token_rows(act, tokens["mask"]))
+                moments[layer].add(*token_rows(act, calibration.tokens["mask"]))
             positions[layer] = act.shape[1]
             sizes[layer] = int(output[0].numel())
 
@@ -161,28 +173,31 @@ def filter_divergence(
         source = _follower_norms(graph, layer)
         is_conv = isinstance(layer, nn.modules.conv._ConvNd)
         activation = _consumer_activation(graph, source) or torch.relu
-        handles.append(source.register_forward_hook(hook_for(layer, 1 if is_conv else -1, activation)))
-    run_calibration(model, calib, device, batch_size, handles, tokens)
+        calibration.forward_hook(source, hook_for(layer, 1 if is_conv else -1, activation))
 
-    scores: dict[nn.Module, torch.Tensor] = {}
-    for layer, parts in squares.items():
-        sq = torch.cat(parts)  # samples x units
-        if layer in centre:
-            s1 = torch.cat(sums[layer])
-            mean = s1.sum(0) / (len(s1) * positions[layer])
-            # Σ_t (a_t − μ)² = Σ a_t² − 2μ Σ a_t + T μ², per sample
-            sq = (sq - 2 * mean * s1 + positions[layer] * mean.pow(2)).clamp_min(0)
-            assert means_out is not None  # `centre` is empty without it
-            means_out[layer] = (consumers[layer], moments[layer].stats())
-        total = sq.sqrt().sum(0)
-        weight = layer.weight.detach().float()
-        if isinstance(layer, nn.modules.conv._ConvNd) and getattr(layer, "transposed", False):
-            weight = weight.transpose(0, 1)
-        w_norm = weight.flatten(1).norm(dim=1).to(total.device)
-        if w_norm.numel() != total.numel():
-            continue
-        scores[layer] = ((total / len(sq)) * w_norm / sizes[layer]).cpu()
-    return scores
+    @torch.no_grad()
+    def finish() -> dict[nn.Module, torch.Tensor]:
+        scores: dict[nn.Module, torch.Tensor] = {}
+        for layer, parts in squares.items():
+            sq = torch.cat(parts)  # samples x units
+            if layer in centre:
+                s1 = torch.cat(sums[layer])
+                mean = s1.sum(0) / (len(s1) * positions[layer])
+                # Σ_t (a_t − μ)² = Σ a_t² − 2μ Σ a_t + T μ², per sample
+                sq = (sq - 2 * mean * s1 + positions[layer] * mean.pow(2)).clamp_min(0)
+                assert means_out is not None  # `centre` is empty without it
+                means_out[layer] = (consumers[layer], moments[layer].stats())
+            total = sq.sqrt().sum(0)
+            weight = layer.weight.detach().float()
+            if isinstance(layer, nn.modules.conv._ConvNd) and getattr(layer, "transposed", False):
+                weight = weight.transpose(0, 1)
+            w_norm = weight.flatten(1).norm(dim=1).to(total.device)
+            if w_norm.numel() != total.numel():
+                continue
+            scores[layer] = ((total / len(sq)) * w_norm / sizes[layer]).cpu()
+        return scores
+
+    return finish
 
 
 class DivergenceScorer:

@@ -3,15 +3,16 @@ weight-norm and Taylor baselines for heads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from core.graph.attention import AttentionSite
-from core.importance.statistics import InputMoments, InputStats, run_calibration, token_rows
+from core.importance.statistics import CalibrationPass, InputMoments, InputStats, token_rows
 from core.inputs import Inputs
 
 
-@torch.no_grad()
 def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: Inputs, device: torch.device,
                     batch_size: int, means_out: dict[str, InputStats] | None = None,
                     with_cov: bool = False) -> dict[str, torch.Tensor]:
@@ -23,12 +24,22 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: Inputs,
     output projection's inputs (the mean, with `with_cov` the covariance too) are stored per site
     for `core.surgery.heads.remove_heads` to compensate with.
     """
+    calibration = CalibrationPass(model)
+    finish = attach_head_divergence(calibration, sites, means_out, with_cov)
+    calibration.run(calib, device, batch_size)
+    return finish()
+
+
+def attach_head_divergence(calibration: CalibrationPass, sites: list[AttentionSite],
+                           means_out: dict[str, InputStats] | None = None,
+                           with_cov: bool = False) -> Callable[[], dict[str, torch.Tensor]]:
+    """`head_divergence` as hooks of `calibration`; the returned function gives the scores (and fills
+    `means_out`) once the pass ran."""
+    model = calibration.model
     squares: dict[str, list[torch.Tensor]] = {}
     sums: dict[str, list[torch.Tensor]] = {}
     tokens: dict[str, int] = {}
     moments = {site.name: InputMoments(with_cov) for site in sites}
-    batch_mask: dict[str, torch.Tensor | None] = {"mask": None}  # of the batch being run
-    handles = []
     for site in sites:
         heads = site.num_heads(model)
 
@@ -39,23 +50,27 @@ def head_divergence(model: nn.Module, sites: list[AttentionSite], calib: Inputs,
             squares.setdefault(site.name, []).append(x.pow(2).sum(dim=(1, 3)))
             if means_out is not None:
                 sums.setdefault(site.name, []).append(x.sum(dim=1))  # batch, heads, head size
-                moments[site.name].add(*token_rows(x.flatten(2), batch_mask["mask"]))
+                moments[site.name].add(*token_rows(x.flatten(2), calibration.tokens["mask"]))
             tokens[site.name] = x.shape[1]
 
-        handles.append(model.get_submodule(site.out).register_forward_pre_hook(pre))
-    run_calibration(model, calib, device, batch_size, handles, batch_mask)
-    scores = {}
-    for site in sites:
-        if site.name not in squares:
-            continue
-        sq, n = torch.cat(squares[site.name]), tokens[site.name]
-        if means_out is not None:
-            s1 = torch.cat(sums[site.name])
-            mean = s1.sum(0) / (len(s1) * n)
-            sq = (sq - 2 * (mean * s1).sum(-1) + n * mean.pow(2).sum(-1)).clamp_min(0)
-            means_out[site.name] = moments[site.name].stats()
-        scores[site.name] = (sq.sqrt() / n).mean(0).cpu() * head_weight_norms(model, site)
-    return scores
+        calibration.forward_pre_hook(model.get_submodule(site.out), pre)
+
+    @torch.no_grad()
+    def finish() -> dict[str, torch.Tensor]:
+        scores = {}
+        for site in sites:
+            if site.name not in squares:
+                continue
+            sq, n = torch.cat(squares[site.name]), tokens[site.name]
+            if means_out is not None:
+                s1 = torch.cat(sums[site.name])
+                mean = s1.sum(0) / (len(s1) * n)
+                sq = (sq - 2 * (mean * s1).sum(-1) + n * mean.pow(2).sum(-1)).clamp_min(0)
+                means_out[site.name] = moments[site.name].stats()
+            scores[site.name] = (sq.sqrt() / n).mean(0).cpu() * head_weight_norms(model, site)
+        return scores
+
+    return finish
 
 
 def head_weight_norms(model: nn.Module, site: AttentionSite) -> torch.Tensor:

@@ -3,7 +3,9 @@ the mean and covariance of a Linear's inputs that scoring centres on and compens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,6 +84,36 @@ def run_calibration(model: nn.Module, calib: Inputs, device: torch.device, batch
             handle.remove()
 
 
+ForwardHook = Callable[[nn.Module, tuple, Any], None]
+PreHook = Callable[[nn.Module, tuple], None]
+
+
+@dataclass
+class CalibrationPass:
+    """One run of the calibration batches that several statistics share: each gatherer adds its hooks
+    (which read `tokens["mask"]`, the real tokens of the batch being run) and keeps what they see, `run`
+    runs the batches once with all of them, and each gatherer then finishes from what it kept. A step's
+    unit scores, head scores and reader statistics cost one pass over the calibration set, not three.
+    Hooks are registered only for the run, so a gatherer may run the model while it adds them."""
+
+    model: nn.Module
+    tokens: dict[str, torch.Tensor | None] = field(default_factory=lambda: {"mask": None})
+    _forward: list[tuple[nn.Module, ForwardHook]] = field(default_factory=list)
+    _pre: list[tuple[nn.Module, PreHook]] = field(default_factory=list)
+
+    def forward_hook(self, module: nn.Module, hook: ForwardHook) -> None:
+        self._forward.append((module, hook))
+
+    def forward_pre_hook(self, module: nn.Module, hook: PreHook) -> None:
+        self._pre.append((module, hook))
+
+    @torch.no_grad()
+    def run(self, calib: Inputs, device: torch.device, batch_size: int) -> None:
+        handles = [m.register_forward_pre_hook(h) for m, h in self._pre] + [
+            m.register_forward_hook(h) for m, h in self._forward]
+        run_calibration(self.model, calib, device, batch_size, handles, self.tokens)
+
+
 def token_rows(act: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The unit vectors of `act` (batch × positions × units) as rows, and which of them are real tokens
     (None: all): a padding position's activations never reach the output, so they must not shape the
@@ -98,7 +130,6 @@ def token_rows(act: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
 MAX_FIT_INPUTS = 4096
 
 
-@torch.no_grad()
 def linear_input_stats(model: nn.Module, calib: Inputs, device: torch.device, batch_size: int,
                        with_cov: bool, known: dict[nn.Linear, InputStats] | None = None
                        ) -> dict[nn.Linear, InputStats]:
@@ -108,14 +139,24 @@ def linear_input_stats(model: nn.Module, calib: Inputs, device: torch.device, ba
     attention's query, key and value) share one set of statistics. Those in `known` (consumers the
     unit scoring already gathered them for) are returned as they are, not gathered again."""
     known = known or {}
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m not in known]
+    calibration = CalibrationPass(model)
+    finish = attach_linear_inputs(calibration, with_cov, skip=set(known))
+    calibration.run(calib, device, batch_size)
+    return finish() | known
+
+
+def attach_linear_inputs(calibration: CalibrationPass, with_cov: bool, skip: set[nn.Module]
+                         ) -> Callable[[], dict[nn.Linear, InputStats]]:
+    """`linear_input_stats` as hooks of `calibration`, for every Linear but those in `skip`; the
+    returned function gives the statistics once the pass ran."""
+    linears = [m for m in calibration.model.modules() if isinstance(m, nn.Linear) and m not in skip]
     moments: dict[int, InputMoments] = {}
     source: dict[nn.Linear, int] = {}  # reader -> the moments of the tensor it read
     # the last tensor read and its moments: readers of one tensor run one after another
     last: dict[str, tuple[torch.Tensor, int] | None] = {"read": None}
-    tokens: dict[str, torch.Tensor | None] = {"mask": None}
 
-    def hook(module: nn.Linear, inputs: tuple) -> None:  # registered on `linears` only
+    def hook(module: nn.Module, inputs: tuple) -> None:  # registered on `linears` only
+        assert isinstance(module, nn.Linear)
         if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[-1] != module.in_features:
             return
         x = inputs[0]
@@ -126,9 +167,15 @@ def linear_input_stats(model: nn.Module, calib: Inputs, device: torch.device, ba
         if key not in moments:
             moments[key] = InputMoments(with_cov and module.in_features <= MAX_FIT_INPUTS)
         rows = x.detach().float()
-        moments[key].add(*token_rows(rows if rows.dim() > 2 else rows[:, None], tokens["mask"]))
+        moments[key].add(*token_rows(rows if rows.dim() > 2 else rows[:, None], calibration.tokens["mask"]))
         last["read"] = (x, key)
 
-    run_calibration(model, calib, device, batch_size, [m.register_forward_pre_hook(hook) for m in linears], tokens)
-    stats = {key: moment.stats() for key, moment in moments.items() if moment.rows}
-    return {m: stats[key] for m, key in source.items() if key in stats} | known
+    for linear in linears:
+        calibration.forward_pre_hook(linear, hook)
+
+    @torch.no_grad()
+    def finish() -> dict[nn.Linear, InputStats]:
+        stats = {key: moment.stats() for key, moment in moments.items() if moment.rows}
+        return {m: stats[key] for m, key in source.items() if key in stats}
+
+    return finish

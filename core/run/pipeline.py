@@ -381,6 +381,13 @@ def start_run(model: nn.Module, inputs: RunInputs, cache: RunCache, target: Targ
     return run
 
 
+def prepared_run(model: nn.Module, data: Dataset, target: Target, options: CompressOptions) -> tuple[nn.Module, Run]:
+    """The model as compress holds it, and the run compress would start for it (without progress):
+    for looking at one step's parts (tests, benchmarks/probe_samples.py) without running the stages."""
+    model, inputs, _ = _prepare(model, data, options, Reporter(None, None))
+    return model, start_run(model, inputs, RunCache(), target, Reporter(None, None), time.monotonic())
+
+
 @dataclass(frozen=True)
 class _OriginalNumbers:
     """What the report says about the original model beyond its size and accuracy."""

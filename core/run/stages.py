@@ -19,13 +19,14 @@ from core.graph.blocks import BlockCandidate, SkippedLayer, find_blocks, remove_
 from core.importance.divergence import (
     DivergenceScorer,
     GroupScorer,
+    attach_filter_divergence,
     baseline_scorer,
     block_divergence,
-    filter_divergence,
+    direct_consumers,
     taylor_gradients,
 )
-from core.importance.heads import head_divergence, head_taylor, head_weight_norms
-from core.importance.statistics import InputStats, linear_input_stats
+from core.importance.heads import attach_head_divergence, head_taylor, head_weight_norms
+from core.importance.statistics import CalibrationPass, InputStats, attach_linear_inputs
 from core.options import Allocation, Criterion, GroupScores, Stage
 from core.report import RemovedBlock, StopReason, WidthComparison, Work
 from core.run.allocation import drift_per_size
@@ -99,22 +100,28 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
         fit = compensate and spec.options.least_squares_compensation
         layer_means: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = {} if compensate else None
         head_means: dict[str, InputStats] | None = {} if compensate else None
-        channels: GroupScorer = DivergenceScorer(
-            filter_divergence(model, graph, spec.calib, spec.device, batch, means_out=layer_means, with_cov=fit),
-            layer_sum=layer_sum)
-        heads = head_divergence(model, sites, spec.calib, spec.device, batch, means_out=head_means,
-                                with_cov=fit) if sites else {}
-        if layer_means is not None and head_means is not None:
+        consumers = direct_consumers(model, graph, spec.calib[:2].to(spec.device)) if compensate else {}
+        # unit scores, head scores and the readers' statistics from one pass over the calibration set
+        calibration = CalibrationPass(model)
+        filters = attach_filter_divergence(calibration, graph, consumers, means_out=layer_means, with_cov=fit)
+        head_scores = attach_head_divergence(calibration, sites, means_out=head_means, with_cov=fit)
+        # consumers and output projections get their statistics from the scoring's own hooks
+        known = set(consumers.values()) | {model.get_submodule(site.out) for site in sites}
+        readers = attach_linear_inputs(calibration, fit, skip=known) if compensate else None
+        calibration.run(spec.calib, spec.device, batch)
+        channels: GroupScorer = DivergenceScorer(filters(), layer_sum=layer_sum)
+        heads = head_scores()
+        if layer_means is not None and head_means is not None and readers is not None:
             names = {module: name for name, module in model.named_modules()}
             means = {
                 UnitKey(UnitKind.CHANNELS, names[m]): (names[c], mean) for m, (c, mean) in layer_means.items()} | {
                 UnitKey(UnitKind.HEADS, site.name): (site.out, head_means[site.name])
                 for site in sites if site.name in head_means}
-            consumers = {c: stats for c, stats in layer_means.values()} | {
+            gathered = {c: stats for c, stats in layer_means.values()} | {
                 cast(nn.Linear, model.get_submodule(site.out)): head_means[site.name]
                 for site in sites if site.name in head_means}
-            means |= {UnitKey(UnitKind.READERS, names[m]): (names[m], stats) for m, stats in
-                      linear_input_stats(model, spec.calib, spec.device, batch, fit, consumers).items()}
+            means |= {UnitKey(UnitKind.READERS, names[m]): (names[m], stats)
+                      for m, stats in (readers() | gathered).items()}
         if layer_sum:
             heads = {name: s / (s.mean() + 1e-12) for name, s in heads.items()}
     else:
