@@ -18,9 +18,9 @@ from core.run.context import Run
 from core.run.pipeline import prepared_run
 from core.run.stages import group_candidates, step_scoring
 from core.surgery.apply import apply_plan
-from core.surgery.groups import build_graph
+from core.surgery.groups import build_graph, prunable_groups
 from core.surgery.plan import make_plan
-from core.surgery.trial import applied
+from core.surgery.trial import applied, survives_channel_cut
 from tests.test_llama import tiny_llama
 from tests.test_llama import tokens as llama_tokens
 from tests.test_transformers import small_bert, tokens
@@ -128,3 +128,40 @@ def test_a_trial_that_raises_still_restores_the_model() -> None:
     with pytest.raises(RuntimeError), applied(model, run.spec.example, graph, plan):
         raise RuntimeError("a probe's forward failed")
     assert _close(_outputs(model, x), before)
+
+
+class _TwoOutputs(nn.Module):
+    """Its hidden layer is also an output: a channel cut there changes the model's interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = nn.Linear(8, 16)
+        self.inner = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.hidden(x)
+        return self.head(torch.relu(self.norm(self.inner(h)))), h
+
+
+def test_the_cut_check_tries_each_group_on_the_model_itself_and_leaves_it_as_it_was() -> None:
+    model = _TwoOutputs()
+    example = Inputs.single(torch.randn(4, 8))
+    graph = build_graph(model, example)
+    groups = prunable_groups(graph, model, [], {}, 0.125, 1)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    verdicts = {g.key.name: survives_channel_cut(model, example, graph, g) for g in groups}
+    assert verdicts == {"hidden": False, "inner": True, "head": False}
+    # in eval mode while it tries, and as it was after: the norm's running statistics did not move
+    assert model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # the graph it tried through still prunes the model as a freshly traced one prunes a copy
+    inner = next(g for g in groups if g.key.name == "inner")
+    plan = {inner.key: [0, 5]}
+    fresh = copy.deepcopy(model).eval()
+    apply_plan(fresh, example, plan)
+    apply_plan(model.eval(), example, plan, graph=graph)
+    assert _close(_outputs(model, example), _outputs(fresh, example))

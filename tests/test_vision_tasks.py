@@ -27,9 +27,10 @@ from core.inputs import Inputs
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, Target
 from core.run.pipeline import compress
-from core.surgery.apply import apply_plan, survives_channel_cut
+from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph, prunable_groups
 from core.surgery.plan import make_plan
+from core.surgery.trial import survives_channel_cut
 from core.tasks.kinds import Task
 
 SIZE = 64
@@ -102,7 +103,7 @@ def test_lraspp_keeps_its_predictors_loses_a_third_of_its_macs_to_a_plan_and_exp
 
     graph = build_graph(model, example)
     groups = prunable_groups(graph, model, [model.get_submodule(p) for p in predictors], {}, 0.125, 1,
-                             lambda group: survives_channel_cut(model, example, group), check_every_group=True)
+                             lambda group: survives_channel_cut(model, example, graph, group), check_every_group=True)
     assert not {group.key.name for group in groups} & set(predictors)
     plan = make_plan(groups, [torch.zeros(group.width) for group in groups],
                      int(0.6 * sum(group.capacity for group in groups)), 8)

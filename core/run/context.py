@@ -96,7 +96,7 @@ class RunCache:
 
     `sizes`: MACs and params by architecture signature (they do not depend on weight values).
     `cuttable`: per group key, whether the group survives a one-channel cut (see
-    surgery.survives_channel_cut), which only depends on the architecture around it.
+    surgery.trial.survives_channel_cut), which only depends on the architecture around it.
     `original_widths`: per group, its width when first seen, which is on the original model.
     """
 

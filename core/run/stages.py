@@ -32,11 +32,10 @@ from core.report import RemovedBlock, StopReason, WidthComparison, Work
 from core.run.allocation import drift_per_size
 from core.run.context import Run, RunCache, RunInputs, StageState
 from core.run.goals import Size
-from core.surgery.apply import survives_channel_cut
 from core.surgery.groups import PrunableGroup, build_graph, prunable_groups
 from core.surgery.heads import removable
 from core.surgery.plan import make_plan, planned_units, score_groups
-from core.surgery.trial import applied
+from core.surgery.trial import applied, survives_channel_cut
 from core.surgery.units import Means, UnitKey, UnitKind
 
 
@@ -49,7 +48,7 @@ def group_candidates(inputs: RunInputs, cache: RunCache, model: nn.Module,
 
     def survives(group: PrunableGroup) -> bool:
         if group.key not in cache.cuttable:
-            cache.cuttable[group.key] = survives_channel_cut(model, inputs.example, group)
+            cache.cuttable[group.key] = survives_channel_cut(model, inputs.example, graph, group)
         return cache.cuttable[group.key]
 
     # one output is the logits, whose layer is ignored; where there are more, any group may reach one

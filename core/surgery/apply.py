@@ -3,45 +3,19 @@ consumers and residual partners follow), with compensation in the Linears that l
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from core.graph.attention import AttentionSite, find_sites
-from core.graph.outputs import named_outputs
 from core.importance.statistics import InputStats
 from core.inputs import Inputs
 from core.surgery.compensation import compensate_linear
-from core.surgery.groups import PrunableGroup, build_graph
+from core.surgery.groups import build_graph
 from core.surgery.heads import remove_heads
 from core.surgery.units import Means, Plan, UnitKey, UnitKind
 
 _IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
-
-
-def survives_channel_cut(model: nn.Module, example: Inputs, group: PrunableGroup) -> bool:
-    """Whether `model` still runs, every output keeping its shape, with one channel of `group`
-    removed (checked on a copy).
-
-    A reshape into fixed-size parts (attention heads: view(batch, seq, -1, head_dim)) accepts
-    only whole parts, which per-channel pruning cannot promise; such groups are left alone. A
-    group whose channels reach an output (an embedding, a second head) is the model's interface.
-    """
-    candidate = copy.deepcopy(model)
-    with torch.no_grad():
-        shapes = _output_shapes(example.call(candidate))
-    try:
-        apply_plan(candidate, example, {group.key: [g * group.width for g in range(group.ch_groups)]})
-        with torch.no_grad():
-            return _output_shapes(example.call(candidate)) == shapes
-    except Exception:  # any failure means this group cannot be cut channel by channel
-        return False
-
-
-def _output_shapes(output: object) -> dict[str, torch.Size]:
-    return {name: tensor.shape for name, tensor in named_outputs(output).items()}
 
 
 def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | None = None,

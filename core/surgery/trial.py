@@ -22,8 +22,10 @@ import torch_pruning as tp
 from torch import nn
 
 from core.graph.attention import AttentionSite, find_sites
+from core.graph.outputs import named_outputs
 from core.inputs import Inputs
 from core.surgery.apply import apply_plan
+from core.surgery.groups import PrunableGroup
 from core.surgery.units import Means, Plan, UnitKind
 
 
@@ -119,3 +121,30 @@ def applied(model: nn.Module, example: Inputs, graph: tp.DependencyGraph, plan: 
         for entry in saved:
             entry.restore()
         saved_graph.restore()
+
+
+def survives_channel_cut(model: nn.Module, example: Inputs, graph: tp.DependencyGraph, group: PrunableGroup) -> bool:
+    """Whether `model` still runs, every output keeping its shape, with one channel of `group` removed
+    (tried on the model itself through `graph`, its dependency graph, in eval mode, and undone: a copy and
+    a trace per group cost more than the rest of a large model's first step).
+
+    A reshape into fixed-size parts (attention heads: view(batch, seq, -1, head_dim)) accepts
+    only whole parts, which per-channel pruning cannot promise; such groups are left alone. A
+    group whose channels reach an output (an embedding, a second head) is the model's interface.
+    """
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shapes = _output_shapes(example.call(model))
+            try:
+                with applied(model, example, graph, {group.key: [g * group.width for g in range(group.ch_groups)]}):
+                    return _output_shapes(example.call(model)) == shapes
+            except Exception:  # any failure means this group cannot be cut channel by channel
+                return False
+    finally:
+        model.train(training)
+
+
+def _output_shapes(output: object) -> dict[str, torch.Size]:
+    return {name: tensor.shape for name, tensor in named_outputs(output).items()}
