@@ -10,6 +10,7 @@ from torch.autograd.graph import Node
 
 from core.graph.outputs import named_outputs
 from core.inputs import Inputs
+from core.modes import evaluating
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 # A layer norm ends the walk: behind it is a transformer's residual stream, written by every layer's output
@@ -35,15 +36,12 @@ def output_layers(model: nn.Module, example: Inputs) -> list[str]:
 
     handles = [module.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
                for name, module in model.named_modules() if isinstance(module, _LAYERS)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
+        with evaluating(model), torch.enable_grad():
             outputs = named_outputs(example.call(model))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     found = _reached(produced, [t.grad_fn for t in outputs.values() if t.grad_fn is not None])
     if not found:
         return executed[-1:]

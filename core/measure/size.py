@@ -9,6 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 from core.inputs import Inputs
+from core.modes import evaluating
 
 
 class _Positional(nn.Module):
@@ -27,10 +28,7 @@ class _Positional(nn.Module):
 
 def count_macs_params(model: nn.Module, example: Inputs) -> tuple[int, int]:
     """Multiply-accumulates for one sample, and the parameter count."""
-    was_training = model.training
-    model.eval()
     one = example[:1]
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(_Positional(model, one), tuple(one.tensors.values()))
-    model.train(was_training)
     return int(macs), int(params)

@@ -24,6 +24,7 @@ from torch import nn
 from core.graph.attention import AttentionSite, find_sites
 from core.graph.outputs import named_outputs
 from core.inputs import Inputs
+from core.modes import evaluating
 from core.surgery.apply import apply_plan
 from core.surgery.groups import PrunableGroup
 from core.surgery.units import Means, Plan, UnitKind
@@ -132,18 +133,13 @@ def survives_channel_cut(model: nn.Module, example: Inputs, graph: tp.Dependency
     only whole parts, which per-channel pruning cannot promise; such groups are left alone. A
     group whose channels reach an output (an embedding, a second head) is the model's interface.
     """
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            shapes = _output_shapes(example.call(model))
-            try:
-                with applied(model, example, graph, {group.key: [g * group.width for g in range(group.ch_groups)]}):
-                    return _output_shapes(example.call(model)) == shapes
-            except Exception:  # any failure means this group cannot be cut channel by channel
-                return False
-    finally:
-        model.train(training)
+    with evaluating(model), torch.no_grad():
+        shapes = _output_shapes(example.call(model))
+        try:
+            with applied(model, example, graph, {group.key: [g * group.width for g in range(group.ch_groups)]}):
+                return _output_shapes(example.call(model)) == shapes
+        except Exception:  # any failure means this group cannot be cut channel by channel
+            return False
 
 
 def _output_shapes(output: object) -> dict[str, torch.Size]:
