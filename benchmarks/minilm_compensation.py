@@ -32,7 +32,7 @@ from core.importance.statistics import InputMoments, InputStats, real_tokens, to
 from core.inputs import Inputs
 from core.intake.hf import TextClassifier
 from core.surgery import compensation
-from core.surgery.compensation import compensate_linear
+from core.surgery.compensation import compensate
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HEAD_DIM = 32
@@ -69,7 +69,7 @@ def relative_error(layer: nn.Linear, removed: list[int], stats: InputStats | Non
         reference = layer(unseen)
         pruned = copy.deepcopy(layer)
         if stats is not None:
-            compensate_linear(pruned, removed, stats)
+            compensate(pruned, removed, stats)
         pruned.weight[:, removed] = 0  # what removing the input columns does to the output
         error = (pruned(unseen) - reference).pow(2).mean()
         return float(error / (reference - reference.mean(0)).pow(2).mean())

@@ -176,7 +176,7 @@ def test_drift_is_zero_for_the_original_and_grows_with_damage(digits_model, digi
 def test_least_squares_compensation_rebuilds_a_removed_input_from_the_kept_ones(monkeypatch) -> None:
     from core.importance.statistics import InputMoments, InputStats
     from core.surgery import compensation
-    from core.surgery.compensation import compensate_linear
+    from core.surgery.compensation import compensate
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 6, generator=gen) + 1.0
@@ -193,7 +193,7 @@ def test_least_squares_compensation_rebuilds_a_removed_input_from_the_kept_ones(
     def error_after_removal(stats: InputStats, ridge: float) -> float:
         monkeypatch.setattr(compensation, "RIDGE", ridge)
         pruned = copy.deepcopy(layer)
-        compensate_linear(pruned, [5], stats)
+        compensate(pruned, [5], stats)
         with torch.no_grad():
             pruned.weight[:, 5] = 0  # what removing the column does to the output
             return float((pruned(x) - before).abs().max())

@@ -13,6 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from core.data import batches
+from core.graph.layers import mixes_densely
 from core.importance.statistics import CalibrationPass, InputMoments, InputStats, run_calibration, token_rows
 from core.inputs import Inputs
 from core.options import Criterion
@@ -40,8 +41,12 @@ def _follower_norms(graph: tp.DependencyGraph, layer: nn.Module) -> nn.Module:
     return layer
 
 
+# Traced ops are known by their backward's name only. F.relu6 traces as hardtanh and an ONNX Clip as clamp,
+# without their bounds: both are taken as ReLU6, the one clamp that follows convolutions in practice
+# (MobileNet, EfficientNet-Lite); pairs with other bounds fail direct_consumers' check and go unpaired.
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu6": lambda t: torch.clamp(t, 0, 6), "relu": torch.relu, "gelu": nn.functional.gelu,
+    "relu6": lambda t: torch.clamp(t, 0, 6), "hardtanh": lambda t: torch.clamp(t, 0, 6),
+    "clamp": lambda t: torch.clamp(t, 0, 6), "relu": torch.relu, "gelu": nn.functional.gelu,
     "silu": nn.functional.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
     "hardswish": nn.functional.hardswish, "hardsigmoid": nn.functional.hardsigmoid,
 }
@@ -68,46 +73,63 @@ def _consumer_activation(graph: tp.DependencyGraph, source: nn.Module) -> Callab
 
 
 @torch.no_grad()
-def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: Inputs) -> dict[nn.Module, nn.Linear]:
-    """Linear layers whose output, after the activation that follows them, is exactly the input of
-    one other Linear (with a bias), checked on `batch` (an architecture-independent test: traced
-    graphs put reshapes and matmul nodes between the two). Only for such a pair is the mean output
-    of a removed unit exact to fold into the consumer's bias (see `compensate_linear`)."""
-    linears = [m for m in graph.module2node if isinstance(m, nn.Linear)]
-    produced: dict[nn.Linear, torch.Tensor] = {}  # filled by the hooks on `linears`
-    consumed: dict[nn.Linear, torch.Tensor] = {}
+def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: Inputs) -> dict[nn.Module, nn.Module]:
+    """Layers whose output, after the BatchNorm and the activation that follow them, is exactly the
+    input of one other layer that mixes channels densely (a Linear with a bias, or an ungrouped
+    convolution: core.graph.layers), checked on `batch` (an architecture-independent test:
+    traced graphs put reshapes and matmul nodes between two Linears). Only for such a pair is the
+    mean output of a removed unit exact to fold into the consumer's bias (see `compensate`)."""
+    layers = [m for m in graph.module2node if isinstance(m, ScoredLayer)]
+    produced: dict[nn.Module, torch.Tensor] = {}  # filled by the hooks on `layers`
+    consumed: dict[nn.Module, torch.Tensor] = {}
     handles = []
-    for layer in linears:
+    for layer in layers:
+        if mixes_densely(layer) and (not isinstance(layer, nn.Linear) or layer.bias is not None):
 
-        def pre(_m: nn.Module, inputs: tuple, layer=layer) -> None:
-            if inputs and isinstance(inputs[0], torch.Tensor):
-                consumed[layer] = inputs[0].detach().reshape(-1, layer.in_features)
+            def pre(_m: nn.Module, inputs: tuple, layer=layer) -> None:
+                if inputs and isinstance(inputs[0], torch.Tensor):
+                    consumed[layer] = inputs[0].detach()
 
-        handles.append(layer.register_forward_pre_hook(pre))
+            handles.append(layer.register_forward_pre_hook(pre))
+        source = _follower_norms(graph, layer)
         # the same φ the score uses; without an activation the score's φ is ReLU, which the
         # consumer does not see, so such a layer gets no pair
-        activation = _consumer_activation(graph, layer)
+        activation = _consumer_activation(graph, source)
         if activation is None:
             continue
 
         def post(_m: nn.Module, _inputs: tuple, output: torch.Tensor, layer=layer, activation=activation) -> None:
             if isinstance(output, torch.Tensor):
-                produced[layer] = activation(output.detach()).reshape(-1, layer.out_features)
+                produced[layer] = activation(output.detach())
 
-        handles.append(layer.register_forward_hook(post))
+        handles.append(source.register_forward_hook(post))
     model.eval()
     try:
         batch.call(model)
     finally:
         for handle in handles:
             handle.remove()
-    pairs: dict[nn.Module, nn.Linear] = {}
-    for layer, out in produced.items():
-        matches = [m for m, seen in consumed.items() if m is not layer and m.bias is not None
+    pairs: dict[nn.Module, nn.Module] = {}
+    for producer, out in produced.items():
+        matches = [m for m, seen in consumed.items() if m is not producer
                    and seen.shape == out.shape and torch.allclose(seen, out, rtol=1e-5, atol=1e-6)]
-        if len(matches) == 1:
-            pairs[layer] = matches[0]
+        if len(matches) == 1 and _sole_reader(graph, _follower_norms(graph, producer), matches[0]):
+            pairs[producer] = matches[0]
     return pairs
+
+
+def _sole_reader(graph: tp.DependencyGraph, source: nn.Module, consumer: nn.Module) -> bool:
+    """Whether `consumer` is the only layer that reads `source`'s output: the graph leads from one to
+    the other through ops with one output each. A residual block's last layer also feeds the sum
+    that a matching comparison cannot see; compensating only its next layer would leave the sum short."""
+    node = graph.module2node.get(source)
+    while node is not None and len(node.outputs) == 1:
+        node = node.outputs[0]
+        if node.module is consumer:
+            return True
+        if isinstance(node.module, ScoredLayer):
+            return False
+    return False
 
 
 def filter_divergence(
@@ -116,16 +138,16 @@ def filter_divergence(
     calib: Inputs,
     device: torch.device,
     batch_size: int,
-    means_out: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = None,
+    means_out: dict[nn.Module, tuple[nn.Module, InputStats]] | None = None,
     with_cov: bool = False,
 ) -> dict[nn.Module, torch.Tensor]:
     """s_i = mean_b ‖φ(A[b,i])‖₂ · ‖W[i]‖₂ / (C·H·W) for every Conv/Linear output unit.
 
     φ is the nonlinearity that follows the unit (method §2: the actual post-activation value of
     the consumer), ReLU when none does (the method's formula). With `means_out` (a dict to fill),
-    layers that feed a Linear directly (`direct_consumers`) are scored on φ(A) minus its
+    layers that feed a dense layer directly (`direct_consumers`) are scored on φ(A) minus its
     calibration mean instead, and the consumer and the statistics of its inputs (with `with_cov`,
-    their covariance too) are stored in `means_out` for `compensate_linear`.
+    their covariance too) are stored in `means_out` for `compensate`.
     """
     consumers = direct_consumers(model, graph, calib[:2].to(device)) if means_out is not None else {}
     calibration = CalibrationPass(model)
@@ -137,8 +159,8 @@ def filter_divergence(
 def attach_filter_divergence(
     calibration: CalibrationPass,
     graph: tp.DependencyGraph,
-    consumers: dict[nn.Module, nn.Linear],
-    means_out: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = None,
+    consumers: dict[nn.Module, nn.Module],
+    means_out: dict[nn.Module, tuple[nn.Module, InputStats]] | None = None,
     with_cov: bool = False,
 ) -> Callable[[], dict[nn.Module, torch.Tensor]]:
     """`filter_divergence` as hooks of `calibration`, centring the layers in `consumers` (with

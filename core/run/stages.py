@@ -97,7 +97,7 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
     if criterion == Criterion.DIVERGENCE:
         compensate = spec.options.mean_compensation
         fit = compensate and spec.options.least_squares_compensation
-        layer_means: dict[nn.Module, tuple[nn.Linear, InputStats]] | None = {} if compensate else None
+        layer_means: dict[nn.Module, tuple[nn.Module, InputStats]] | None = {} if compensate else None
         head_means: dict[str, InputStats] | None = {} if compensate else None
         consumers = direct_consumers(model, graph, spec.calib[:2].to(spec.device)) if compensate else {}
         # unit scores, head scores and the readers' statistics from one pass over the calibration set

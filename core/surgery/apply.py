@@ -1,5 +1,5 @@
 """Applying a plan in place: heads first, then channel groups through the dependency graph (BN,
-consumers and residual partners follow), with compensation in the Linears that lose inputs."""
+consumers and residual partners follow), with compensation in the layers that lose inputs."""
 
 from __future__ import annotations
 
@@ -8,14 +8,23 @@ import torch_pruning as tp
 from torch import nn
 
 from core.graph.attention import AttentionSite, find_sites
+from core.graph.layers import DenseLayer, mixes_densely
 from core.importance.statistics import InputStats
 from core.inputs import Inputs
-from core.surgery.compensation import compensate_linear
+from core.surgery.compensation import compensate
 from core.surgery.groups import build_graph
 from core.surgery.heads import remove_heads
 from core.surgery.units import Means, Plan, UnitKey, UnitKind
 
 _IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+_OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
+
+
+def _takes_offset(layer: nn.Module) -> bool:
+    """Whether compensation may fold a constant into `layer`'s bias: a Linear must have one (Llama's
+    projections have none, and giving them one would change the architecture a user exported); a
+    convolution is given one if it lacks it (the BatchNorm that then follows it absorbs it in training)."""
+    return mixes_densely(layer) and (getattr(layer, "bias", None) is not None or not isinstance(layer, nn.Linear))
 
 
 def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | None = None,
@@ -24,13 +33,11 @@ def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | Non
     partners follow). Heads go first: removing them leaves every channel index of the plan valid.
 
     With `means`, the consumer of every removed unit that has an entry makes up for it first (see
-    core.surgery.compensation.compensate_linear). `graph`, the dependency graph of `model` if the
+    core.surgery.compensation.compensate). `graph`, the dependency graph of `model` if the
     caller has it, saves tracing the model again.
     """
-    # compensation goes into a bias: a Linear without one (Llama's projections) makes up for nothing, and
-    # checking which fits a plan undoes costs a second dependency graph
-    means = {key: entry for key, entry in (means or {}).items()
-             if getattr(model.get_submodule(entry[0]), "bias", None) is not None}
+    # checking which fits a plan undoes costs a second dependency graph: only for layers that compensate
+    means = {key: entry for key, entry in (means or {}).items() if _takes_offset(model.get_submodule(entry[0]))}
     heads = {key.name: idxs for key, idxs in plan.items() if key.kind is UnitKind.HEADS}
     channels = {key: idxs for key, idxs in plan.items() if key.kind is UnitKind.CHANNELS}
     sites = {site.name: site for site in find_sites(model)[0]} if heads else {}
@@ -89,30 +96,29 @@ def _mean_only_where_inputs_change(model: nn.Module, graph: tp.DependencyGraph, 
 
 def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Module, str], means: Means) -> None:
     """Make up for the group's removed units in their consumers, and for every other removed input
-    column in the Linear that reads it (`compensate_linear`, statistics from `means`). Reader
+    column in the Linear that reads it (`compensate`, statistics from `means`). Reader
     statistics in `means` lose the removed columns, so a later group of the plan indexes them as
     pruned."""
     removed_inputs = {dep.target.module: sorted(idxs) for dep, idxs in group
-                      if dep.handler == tp.prune_linear_in_channels}
+                      if dep.handler in _IN_FNS and mixes_densely(dep.target.module)}
     made_up = set()
     for dep, idxs in group:
         entry = means.get(UnitKey(UnitKind.CHANNELS, names.get(dep.target.module, "")))
-        if entry is None or dep.handler != tp.prune_linear_out_channels:
+        if entry is None or dep.handler not in _OUT_FNS:
             continue
         consumer = model.get_submodule(entry[0])
         # only when the group removes the same input columns as output units (no index remapping)
         if removed_inputs.get(consumer) == sorted(idxs):
-            # removed_inputs holds only modules that torch-pruning's Linear pruner handles: nn.Linear
-            assert isinstance(consumer, nn.Linear)
-            compensate_linear(consumer, list(idxs), entry[1])
+            assert isinstance(consumer, DenseLayer)  # mixes_densely held
+            compensate(consumer, list(idxs), entry[1])
             made_up.add(consumer)
     for reader, columns in removed_inputs.items():
         key = UnitKey(UnitKind.READERS, names.get(reader, ""))
         entry = means.get(key)
-        if entry is None or len(entry[1].mean) != reader.in_features:
+        if entry is None or not isinstance(reader, nn.Linear) or len(entry[1].mean) != reader.in_features:
             continue
         if reader not in made_up and reader.bias is not None:
-            compensate_linear(reader, columns, entry[1])
+            compensate(reader, columns, entry[1])
         kept = torch.ones(len(entry[1].mean), dtype=torch.bool)
         kept[columns] = False
         cov = entry[1].cov

@@ -10,7 +10,7 @@ from torch import nn
 from core.graph.attention import AttentionSite
 from core.importance.statistics import InputStats
 from core.inputs import Inputs
-from core.surgery.compensation import compensate_linear
+from core.surgery.compensation import compensate
 
 
 def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], stats: InputStats | None = None) -> None:
@@ -18,7 +18,7 @@ def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], stats:
     module's head counts (and all-heads size). Under grouped-query attention a head is a key-value
     group: its key and value rows, and the rows of the query heads that share them. With `stats` (of
     the output projection's inputs), the projection makes up for the removed heads first
-    (`compensate_linear`)."""
+    (`compensate`)."""
     module = model.get_submodule(site.name)
     count = site.num_heads(model)
     keep_heads = [h for h in range(count) if h not in set(heads)]
@@ -27,7 +27,7 @@ def remove_heads(model: nn.Module, site: AttentionSite, heads: list[int], stats:
     assert isinstance(out, nn.Linear)
     width = site.unit_width
     if stats is not None and out.bias is not None:
-        compensate_linear(out, [h * width + i for h in heads for i in range(width)], stats)
+        compensate(out, [h * width + i for h in heads for i in range(width)], stats)
     device = out.weight.device
     for attr, rows in zip(site.qkv, site.rows_per_unit(), strict=True):
         _keep_rows(getattr(module, attr), _units(keep_heads, rows, device))
