@@ -3,6 +3,7 @@ budget's resolution, the ETA, augmentation and the time estimate, on the digits 
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from core.data import Dataset
 from core.inputs import Inputs
-from core.options import Augmentation, CompressOptions, Target
+from core.options import Augmentation, CompressOptions, NormStatistics, Target
 from core.progress import ProgressEvent
 from core.recovery.augment import PHOTO_MIN_SIDE, SMALL_DATA, choose_augmenter
 from core.recovery.distill import iterations_for
@@ -206,3 +207,35 @@ def test_augmentation_is_for_small_sets_of_photos_unless_asked_for():
 
     images = augment(photos.inputs, torch.Generator().manual_seed(0)).tensors["x"]
     assert images.shape == photos.inputs.first.shape and not torch.equal(images, photos.inputs.first)
+
+
+class _Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(("mode", "samples", "frozen"), [
+    (NormStatistics.AUTO, 80, True), (NormStatistics.UPDATE, 80, False), (NormStatistics.FROZEN, 80, True),
+    (NormStatistics.AUTO, 2 * SMALL_DATA, False)])  # the recovery split is 80 %
+def test_recovery_on_a_small_split_keeps_the_batchnorm_statistics(mode, samples, frozen):
+    """A batch of a few hundred samples is not the population a pretrained BatchNorm was fitted on:
+    on a small recovery split its statistics stay as they are, and only its weights train."""
+    from core.run.context import StageState
+    from core.run.pipeline import prepared_run
+
+    x = torch.randn(samples, 3, 6, 6) * 3 + 1  # far from the fresh BatchNorm's statistics (0, 1)
+    options = CompressOptions(device="cpu", norm_statistics=mode, recovery_iterations=3, batch_size=16)
+    teacher, run = prepared_run(_Normed().eval(), Dataset(Inputs.single(x)), Target(macs_reduction=0.3), options)
+    assert run.spec.frozen_norms is frozen
+    student = copy.deepcopy(teacher)
+    run.recover(StageState(), student, teacher)
+    kept = torch.equal(student.bn.running_mean, teacher.bn.running_mean)
+    assert kept is frozen
+    assert not torch.equal(student.bn.weight, teacher.bn.weight)  # its affine parameters still train

@@ -10,9 +10,9 @@ from torch import nn
 
 from core.accel import autocast, channels_last, memory_layout
 from core.data import Dataset, resident, to_device
-from core.options import Precision
+from core.options import NormStatistics, Precision
 from core.progress import Reporter
-from core.recovery.augment import Augmenter
+from core.recovery.augment import SMALL_DATA, Augmenter
 from core.recovery.features import FeatureTap, feature_loss
 from core.tasks.base import TaskHandler
 
@@ -36,6 +36,20 @@ def iterations_for(n: int, batch_size: int, epochs: float, iterations: int | Non
     return max(floor, math.ceil(epochs * n / min(batch_size, n)))
 
 
+def freezes_norms(recovery: Dataset, mode: NormStatistics) -> bool:
+    """Whether recovery on `recovery` (the recovery split) keeps BatchNorm statistics as they are under `mode`
+    (CompressOptions.norm_statistics)."""
+    return mode == NormStatistics.FROZEN or (mode == NormStatistics.AUTO and len(recovery) < SMALL_DATA)
+
+
+def freeze_norms(model: nn.Module) -> None:
+    """BatchNorms normalise with their running statistics and leave them as they are; their affine
+    parameters still train."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
@@ -55,12 +69,14 @@ def recover(
     task: TaskHandler,
     augment: Augmenter | None = None,
     precision: Precision = Precision.FP32,
+    frozen_norms: bool = False,
 ) -> None:
     """Fine-tune `student` in place for `iterations` steps.
 
     loss = the task's loss (core.tasks: its own loss against labels + kd_weight·distillation on the outputs,
     distillation alone without labels) + w·Σ L1(adapter(f_s), f_t) on the feature points.
-    With `augment`, teacher and student see the same augmented batch (core.recovery.augment).
+    With `augment`, teacher and student see the same augmented batch (core.recovery.augment); with
+    `frozen_norms`, the student's BatchNorms keep their statistics (`freeze_norms`).
     The forward passes autocast to `precision` (core.accel: the losses are taken in float32, the weights stay
     float32) and run in channels_last where core.accel.uses_channels_last says so. The data lives on the
     device for the whole recovery when it fits (core.data.resident).
@@ -72,6 +88,8 @@ def recover(
     for p in teacher.parameters():
         p.requires_grad_(False)
     student.train(task.train_mode)
+    if frozen_norms:
+        freeze_norms(student)
     s_tap, t_tap = FeatureTap(student, feature_points), FeatureTap(teacher, feature_points)
     adapters: dict[str, nn.Module | None] = {}
     params = [p for p in student.parameters() if p.requires_grad]

@@ -44,6 +44,7 @@ class RunInputs:
     ignored: list[str]
     outputs: tuple[str, ...]  # the model's outputs by name (core.graph.outputs), every one kept as it is
     augment: Augmenter | None  # what recovery augments its batches with (core.recovery.augment)
+    frozen_norms: bool  # whether recovery keeps BatchNorm statistics as they are (core.recovery.distill.freezes_norms)
 
     @property
     def lr(self) -> float:
@@ -174,7 +175,7 @@ class Run:
                 device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
                 temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
                 seed=opts.seed + state.recoveries, reporter=self.reporter, task=self.spec.task,
-                augment=self.spec.augment, precision=opts.precision,
+                augment=self.spec.augment, precision=opts.precision, frozen_norms=self.spec.frozen_norms,
             )
         if iterations:
             self.clock.iteration_s.append((time.monotonic() - started) / iterations)

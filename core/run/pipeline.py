@@ -28,6 +28,7 @@ from core.measure.latency import ort_latency_ms
 from core.options import CompressOptions, Stage, Target
 from core.progress import CancelFn, ProgressFn, Reporter
 from core.recovery.augment import choose_augmenter
+from core.recovery.distill import freezes_norms
 from core.recovery.features import pick_feature_points
 from core.report import HeadRow, Latency, LayerRow, Report, StopReason, Work
 from core.run.checkpoint import Checkpoint, CheckpointFn, Phase, Saver
@@ -92,11 +93,15 @@ def _uncut_notes(cache: RunCache) -> list[str]:
             f"an output's width): {shown}."]
 
 
-def _augment_notes(inputs: RunInputs) -> list[str]:
-    if inputs.augment is None:
-        return []
-    return [f"Recovery fine-tuned on augmented batches ({inputs.augment.describe()}); scoring and the held-out "
-            f"evaluation used the data as it is."]
+def _recovery_notes(inputs: RunInputs) -> list[str]:
+    notes = []
+    if inputs.augment is not None:
+        notes.append(f"Recovery fine-tuned on augmented batches ({inputs.augment.describe()}); scoring and the "
+                     "held-out evaluation used the data as it is.")
+    if inputs.frozen_norms:
+        notes.append(f"Recovery kept the BatchNorm statistics as they were ({len(inputs.recovery)} recovery samples: "
+                     "a batch's statistics would stand in for the population's); norm_statistics=update trains them.")
+    return notes
 
 
 def _attention_notes(model: nn.Module) -> list[str]:
@@ -309,7 +314,7 @@ def prune_and_export(
         reachable_reduction={k: round(v, 4) for k, v in reachable.items()},
         stop_reason=stop_reason,
         message=_explain(stop_reason, met, reduction, target),
-        notes=notes + _uncut_notes(cache) + _augment_notes(spec),
+        notes=notes + _uncut_notes(cache) + _recovery_notes(spec),
         device=str(spec.device),
         options=spec.options,
         seconds=round(time.monotonic() - started, 3),
@@ -355,6 +360,8 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         outputs=_output_names(model, example),
         augment=choose_augmenter(recovery, opts.augmentation) if settled.handler.may_augment(recovery.labeled)
         else None,
+        frozen_norms=freezes_norms(recovery, opts.norm_statistics)
+        and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
     )
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
     return model, inputs, notes

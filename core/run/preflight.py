@@ -24,6 +24,7 @@ from core.graph.blocks import find_blocks
 from core.graph.outputs import named_outputs
 from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
+from core.recovery.distill import freeze_norms
 from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, OutputRow, PreflightReport
 from core.run.context import Run, RunCache, RunInputs
 from core.run.eta import BACKOFF_ALLOWANCE, schedule_steps, target_goal
@@ -230,6 +231,8 @@ def _timed_iterations(run: Run, student: nn.Module, teacher: nn.Module) -> float
     that a service's preflight (answering an upload) should not pay."""
     spec = run.spec
     student = copy.deepcopy(student).train(spec.task.train_mode)
+    if spec.frozen_norms:
+        freeze_norms(student)
     batch = spec.recovery.inputs[: spec.options.batch_size].to(spec.device)
     generator = torch.Generator().manual_seed(spec.options.seed)
     parameters = [p for p in student.parameters() if p.requires_grad]
