@@ -130,3 +130,21 @@ def test_a_cnn_step_makes_up_for_removed_channels_in_the_convolutions_that_read_
         mean_only = _cut_error(plan, compensate=True, fit=False)
         none = _cut_error(plan, compensate=False, fit=False)
         assert fitted < 0.1 * mean_only < 0.1 * none, plan
+
+
+class _SamePadding(nn.Conv2d):
+    """A convolution subclass as EfficientNet's packages write them: padding in its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+def test_layers_of_a_subclass_count_their_multiply_accumulates() -> None:
+    from core.measure.size import count_macs_params
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    subclassed = nn.Sequential(_SamePadding(3, 8, 3), nn.ReLU(), _SamePadding(8, 4, 3))
+    x = Inputs.single(torch.randn(2, 3, 10, 10))
+    macs, params = count_macs_params(plain, x.bind(plain))
+    assert macs > 8 * 3 * 9 * 100
+    assert count_macs_params(subclassed, x.bind(subclassed)) == (macs, params)

@@ -26,9 +26,25 @@ class _Positional(nn.Module):
         return Inputs(dict(zip(self.names, args, strict=True)), self.positional).call(self.model)
 
 
+def _subclass_counters(model: nn.Module) -> dict[type, Any]:
+    """Counters for the layers whose class derives from one torch-pruning counts (EfficientNet's
+    Conv2dStaticSamePadding is an nn.Conv2d): the counter matches classes exactly, and would count
+    such a model's convolutions as no work at all."""
+    known = tp.utils.op_counter.MODULES_MAPPING
+    counters = {}
+    for module in model.modules():
+        kind = type(module)
+        base = next((b for b in kind.__mro__[1:] if b in known), None) if kind not in known else None
+        if base is not None:
+            counters[kind] = known[base]
+    return counters
+
+
 def count_macs_params(model: nn.Module, example: Inputs) -> tuple[int, int]:
     """Multiply-accumulates for one sample, and the parameter count."""
     one = example[:1]
+    # the counter reads this module global and clears it when it is done
+    tp.utils.op_counter.CUSTOM_MODULES_MAPPING = _subclass_counters(model)
     with evaluating(model), torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(_Positional(model, one), tuple(one.tensors.values()))
     return int(macs), int(params)
