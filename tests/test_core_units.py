@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import onnxruntime  # noqa: F401  (fail fast if the runtime is missing)
@@ -187,19 +188,46 @@ def test_least_squares_compensation_rebuilds_a_removed_input_from_the_kept_ones(
         moments.add(part)
     stats = moments.stats()
     assert torch.allclose(stats.mean, x.mean(0), atol=1e-5)
+    assert stats.half is not None and torch.allclose(stats.half.mean, torch.cat([x[:1000], x[2000:3000]]).mean(0),
+                                                     atol=1e-5)
     with torch.no_grad():
         before = layer(x)
 
-    def error_after_removal(stats: InputStats, ridge: float) -> float:
-        monkeypatch.setattr(compensation, "RIDGE", ridge)
+    def error_after_removal(stats: InputStats) -> float:
         pruned = copy.deepcopy(layer)
         compensate(pruned, [5], stats)
         with torch.no_grad():
             pruned.weight[:, 5] = 0  # what removing the column does to the output
             return float((pruned(x) - before).abs().max())
 
-    default = compensation.RIDGE
-    mean_only = error_after_removal(InputStats(stats.mean), default)
+    mean_only = error_after_removal(InputStats(stats.mean))
     assert mean_only > 0.5
-    assert error_after_removal(stats, 1e-9) < 1e-4
-    assert error_after_removal(stats, default) < 0.2 * mean_only
+    assert error_after_removal(stats) < 0.01 * mean_only  # the held-out halves choose the smallest ridge
+    monkeypatch.setattr(compensation, "RIDGE", 1e-9)  # the ridge of statistics without halves
+    assert error_after_removal(dataclasses.replace(stats, half=None)) < 1e-4
+
+
+def test_the_ridge_that_predicts_held_out_batches_best_is_chosen() -> None:
+    """Few calibration vectors for many inputs that do not predict each other: a small ridge fits
+    the calibration set's noise, and the held-out half of its batches says so."""
+    from core.importance.statistics import InputMoments
+    from core.surgery.compensation import RIDGE, RIDGES, _fit, chosen_ridge
+
+    gen = torch.Generator().manual_seed(0)
+    x, unseen = torch.randn(96, 64, generator=gen) + 1.0, torch.randn(4000, 64, generator=gen) + 1.0
+    moments = InputMoments(with_cov=True)
+    for part in x.split(16):
+        moments.add(part)
+    stats = moments.stats()
+    kept, removed = torch.arange(32, 64), torch.arange(32)
+    w_removed = torch.randn(8, 32, 1, generator=gen, dtype=torch.float64)
+
+    def unseen_error(ridge: float) -> float:
+        coef, offset = _fit(stats, kept, removed, ridge)
+        residual = unseen[:, removed].double() - offset - unseen[:, kept].double() @ coef
+        return float((residual @ w_removed[..., 0].T).pow(2).mean())
+
+    chosen = chosen_ridge(stats, kept, removed, w_removed)
+    assert chosen >= 1.0
+    assert unseen_error(chosen) < 0.8 * unseen_error(RIDGE)
+    assert unseen_error(chosen) <= 1.1 * min(unseen_error(r) for r in RIDGES)

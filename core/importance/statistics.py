@@ -17,41 +17,62 @@ from core.inputs import Inputs
 
 @dataclass(frozen=True)
 class InputStats:
-    """Calibration statistics of a consumer Linear's inputs: their mean and, for least-squares
-    compensation, their covariance (None: compensate with the mean only)."""
+    """Calibration statistics of a consumer's inputs: their mean and, for least-squares compensation,
+    their covariance (None: compensate with the mean only). `half` holds the same statistics of every
+    other calibration batch (the first, the third, ...) and `rows` how many input vectors the whole
+    counts, so that the fit can be tried on one half and judged on the other (core.surgery.compensation);
+    None when the calibration ran in a single batch."""
 
     mean: torch.Tensor
     cov: torch.Tensor | None = None
+    half: InputStats | None = None
+    rows: float = 0.0
+
+    def restricted(self, kept: torch.Tensor) -> InputStats:
+        """The statistics of the inputs where `kept` (a boolean mask) is true."""
+        return InputStats(self.mean[kept], None if self.cov is None else self.cov[kept][:, kept],
+                          None if self.half is None else self.half.restricted(kept), self.rows)
 
 
 class InputMoments:
-    """Running sums of a layer's inputs (rows of a 2-D tensor) for `InputStats`."""
+    """Running sums of a layer's inputs (rows of a 2-D tensor) for `InputStats`, and with the covariance,
+    those of every other batch for its `half`."""
 
-    def __init__(self, with_cov: bool) -> None:
+    def __init__(self, with_cov: bool, halved: bool = True) -> None:
         self.with_cov = with_cov
         # a device tensor once weighted rows come: counting them on the host would wait for the device
         self.rows: torch.Tensor | int = 0
         self.total: torch.Tensor | None = None
         self.gram: torch.Tensor | None = None
+        self.batches = 0
+        self.half = InputMoments(with_cov, halved=False) if with_cov and halved else None
 
     def add(self, rows: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Add `rows`, only those where `keep` (0 or 1 per row) is 1 when given."""
         rows = rows.double()
         weighted = rows if keep is None else rows * keep.to(rows.dtype)[:, None]
         total = weighted.sum(0)
+        gram = weighted.T @ rows if self.with_cov else None
+        count = len(rows) if keep is None else keep.sum()
+        self._accumulate(total, gram, count)
+        if self.half is not None and self.batches % 2 == 0:
+            self.half._accumulate(total, gram, count)
+        self.batches += 1
+
+    def _accumulate(self, total: torch.Tensor, gram: torch.Tensor | None, count: torch.Tensor | int) -> None:
         self.total = total if self.total is None else self.total + total
-        if self.with_cov:
-            gram = weighted.T @ rows
+        if gram is not None:
             self.gram = gram if self.gram is None else self.gram + gram
-        self.rows = self.rows + (len(rows) if keep is None else keep.sum())
+        self.rows = self.rows + count
 
     def stats(self) -> InputStats:
         assert self.total is not None
         mean = self.total / self.rows
         # summed in float64, where E[x²] − E[x]² does not cancel away; kept in float32 (a ViT-B's
-        # twelve 3072-wide MLPs would hold 900 MB of covariances in float64)
+        # twelve 3072-wide MLPs would hold 900 MB of covariances in float64, and as much for their halves)
         cov = None if self.gram is None else self.gram / self.rows - torch.outer(mean, mean)
-        return InputStats(mean.float().cpu(), None if cov is None else cov.float().cpu())
+        half = self.half.stats() if self.half is not None and self.batches >= 2 else None
+        return InputStats(mean.float().cpu(), None if cov is None else cov.float().cpu(), half, float(self.rows))
 
 
 def real_tokens(model: nn.Module, batch: Inputs) -> torch.Tensor | None:

@@ -121,5 +121,4 @@ def _compensate(model: nn.Module, group: tp.dependency.Group, names: dict[nn.Mod
             compensate(reader, columns, entry[1])
         kept = torch.ones(len(entry[1].mean), dtype=torch.bool)
         kept[columns] = False
-        cov = entry[1].cov
-        means[key] = (entry[0], InputStats(entry[1].mean[kept], None if cov is None else cov[kept][:, kept]))
+        means[key] = (entry[0], entry[1].restricted(kept))
