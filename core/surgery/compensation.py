@@ -16,7 +16,7 @@ from core.importance.statistics import InputStats
 # from by trying each on half of the calibration batches and measuring it on the other half. A few
 # hundred images give a late convolution fewer input vectors than it has channels, where a small ridge
 # fits the calibration set and nothing else; the largest ridges come close to the mean alone.
-RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+RIDGES: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # The ridge when the statistics have no halves to choose with (a calibration set of one batch).
 RIDGE = 1e-2
 
