@@ -43,6 +43,7 @@ from core.options import CompressOptions, Target
 from core.progress import ProgressEvent, ProgressFn
 from core.report import Report
 from core.run.pipeline import compress
+from core.run.preflight import preflight
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 HERE = Path(__file__).resolve().parent
@@ -311,6 +312,8 @@ def run_one(model: nn.Module, method: str, level: float, settings: Settings, dat
     log(f"{name}: compressing")
     target = Target(macs_reduction=level, max_accuracy_drop=settings.max_accuracy_drop)
     try:
+        # what the service's preflight would have promised for this run, to hold the run's wall time against
+        estimate = preflight(model, data, target, options_for(method, settings)).estimate_seconds
         result = compress(model, data, target, options_for(method, settings), out_root / f"{method}_{level:g}",
                           progress=progress_logger(name))
     except Exception:
@@ -319,6 +322,8 @@ def run_one(model: nn.Module, method: str, level: float, settings: Settings, dat
         return {"method": method, "label": METHODS[method][2], "level": level, "error": trace}
     row = row_from_report(method, level, result.report, settings, top1_before, top1(result.model, *test))
     row["onnx"] = str(result.artifacts["model.onnx"])
+    row["estimate_s"] = estimate.cpu if estimate.measured_on == "cpu" else estimate.gpu
+    row["estimate_range_s"] = [estimate.low_s, estimate.high_s]
     log(f"{name}: test top-1 {row['test_top1_after']:.4f} (drop {row['drop_points']:.2f} pts), "
         f"MACs -{row['macs_reduction']:.1%}, {row['wall_s']:.0f} s")
     return row
@@ -366,11 +371,15 @@ def _ms(row: dict[str, Any], batch: str, source: str = "") -> str:
     return f"{before:.2f} → {after:.2f} ({-row[f'latency_reduction{source}'][batch]:+.0%})"
 
 
+def _estimate(row: dict[str, Any]) -> str:
+    return f"{row['estimate_s']:.0f} ({row['wall_s'] / row['estimate_s']:.2f})"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ["Method", "Level", "Top-1 before", "Top-1 after", "Drop (pts)", "Held-out drop", "MACs after",
               "MACs red.", "Params after", "ORT b1 ms (change)", "ORT b32 ms (change)",
               "ORT b1 ms interleaved", "ORT b32 ms interleaved", "Removed blocks",
-              "Steps", "Recovery its", "Stop", "Wall s"]
+              "Steps", "Recovery its", "Stop", "Wall s", "Estimate s (wall / est.)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if row.get("error"):
@@ -387,7 +396,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                 ", ".join(row["removed_blocks"]) or "–", str(row["steps"]),
                 str(row["recovery_iterations_total"]),
                 row["stop_reason"] + ("" if row["target_met"] else " (target missed)"),
-                f"{row['wall_s']:.0f}",
+                f"{row['wall_s']:.0f}", _estimate(row),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
