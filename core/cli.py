@@ -23,7 +23,7 @@ from tqdm import tqdm
 from core.errors import ExportError, OptionsError, UserError
 from core.intake.files import compress_files, inspect_files
 from core.intake.model_io import detect_format, is_factory_spec
-from core.options import CompressOptions, IntakeOptions, Precision, Target, parse_stages
+from core.options import CompressOptions, IntakeOptions, NormStatistics, Precision, Target, parse_stages
 from core.progress import ProgressEvent
 from core.report import PreflightReport, Report, to_json
 from core.tasks.kinds import DetectionDecoder, Task
@@ -137,6 +137,10 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
     method.add_argument("--precision", default=defaults.precision.value, choices=[p.value for p in Precision],
                         help="arithmetic of recovery's forward passes: auto is bf16 autocast on CUDA devices that "
                              "support it, fp32 elsewhere (default: %(default)s)")
+    method.add_argument("--norm-statistics", default=defaults.norm_statistics.value,
+                        choices=[n.value for n in NormStatistics],
+                        help="BatchNorm statistics in recovery: auto freezes them when fewer than 5,000 samples are "
+                             "left for recovery (default: %(default)s)")
     method.add_argument("--round-to", type=int, default=defaults.round_to, metavar="N",
                         help="keep channel counts multiples of N; 1 turns it off (default: %(default)s)")
     method.add_argument("--min-width-fraction", type=float, default=defaults.min_width_fraction, metavar="F",
@@ -260,6 +264,7 @@ def _target_and_options(args: argparse.Namespace) -> tuple[Target, CompressOptio
         final_recovery_epochs=args.final_recovery_epochs,
         batch_size=args.batch_size,
         precision=Precision(args.precision),
+        norm_statistics=NormStatistics(args.norm_statistics),
         time_budget_s=args.time_budget,
         eval_fraction=args.eval_fraction,
         layers_must_beat_width=not args.layers_unconditional,

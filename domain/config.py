@@ -7,7 +7,16 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.options import Allocation, CompressOptions, GroupScores, IntakeOptions, Precision, Stage, Target
+from core.options import (
+    Allocation,
+    CompressOptions,
+    GroupScores,
+    IntakeOptions,
+    NormStatistics,
+    Precision,
+    Stage,
+    Target,
+)
 from core.tasks.kinds import DetectionDecoder, Task
 from domain.settings import Settings
 
@@ -61,6 +70,10 @@ class RecoveryIn(_Strict):
         default=_DEFAULTS.precision,
         description="arithmetic of recovery's forward passes: auto is bf16 autocast on CUDA devices that support "
                     "it, fp32 elsewhere")
+    norm_statistics: NormStatistics = Field(
+        default=_DEFAULTS.norm_statistics,
+        description="BatchNorm statistics in recovery: update them as in training, keep them frozen, or auto "
+                    "(frozen when fewer than 5,000 samples are left for recovery)")
 
 
 class MethodIn(_Strict):

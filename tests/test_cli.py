@@ -159,6 +159,14 @@ def test_precision_reaches_the_options(tmp_path):
     assert options.precision == "bf16"
 
 
+def test_norm_statistics_reach_the_options(tmp_path):
+    base = ["prune", "model.pt", "--data", "d.npz", "--out", str(tmp_path / "o"), "--macs-reduction", "0.5"]
+    _, options = cli._target_and_options(cli.build_parser().parse_args(base))
+    assert options.norm_statistics == "auto"
+    _, options = cli._target_and_options(cli.build_parser().parse_args([*base, "--norm-statistics", "update"]))
+    assert options.norm_statistics == "update"
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [

@@ -54,6 +54,13 @@ def test_nan_and_infinities_are_called_what_they_are(field: str, value: str) -> 
         JobConfig.model_validate_json(text)
 
 
+def test_recovery_norm_statistics_are_one_of_the_choices() -> None:
+    config = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "recovery": {"norm_statistics": "frozen"}})
+    assert config.options_core().norm_statistics == "frozen"
+    with pytest.raises(ValidationError, match="norm_statistics"):
+        JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "recovery": {"norm_statistics": "sometimes"}})
+
+
 def test_the_largest_allowed_values_are_accepted() -> None:
     config = JobConfig.model_validate({"target": {"macs_reduction": 0.5}, "method": {"seed": 2**32 - 1},
                                        "recovery": {"batch_size": 65_536}})
