@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from core.data import batches
-from core.graph.layers import mixes_densely
+from core.graph.layers import compensates
 from core.importance.statistics import CalibrationPass, InputMoments, InputStats, run_calibration, token_rows
 from core.inputs import Inputs
 from core.options import Criterion
@@ -84,7 +84,7 @@ def direct_consumers(model: nn.Module, graph: tp.DependencyGraph, batch: Inputs)
     consumed: dict[nn.Module, torch.Tensor] = {}
     handles = []
     for layer in layers:
-        if mixes_densely(layer) and (not isinstance(layer, nn.Linear) or layer.bias is not None):
+        if compensates(layer):
 
             def pre(_m: nn.Module, inputs: tuple, layer=layer) -> None:
                 if inputs and isinstance(inputs[0], torch.Tensor):

@@ -8,7 +8,7 @@ import torch_pruning as tp
 from torch import nn
 
 from core.graph.attention import AttentionSite, find_sites
-from core.graph.layers import DenseLayer, mixes_densely
+from core.graph.layers import DenseLayer, compensates, mixes_densely
 from core.importance.statistics import InputStats
 from core.inputs import Inputs
 from core.surgery.compensation import compensate
@@ -18,13 +18,6 @@ from core.surgery.units import Means, Plan, UnitKey, UnitKind
 
 _IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
-
-
-def _takes_offset(layer: nn.Module) -> bool:
-    """Whether compensation may fold a constant into `layer`'s bias: a Linear must have one (Llama's
-    projections have none, and giving them one would change the architecture a user exported); a
-    convolution is given one if it lacks it (the BatchNorm that then follows it absorbs it in training)."""
-    return mixes_densely(layer) and (getattr(layer, "bias", None) is not None or not isinstance(layer, nn.Linear))
 
 
 def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | None = None,
@@ -37,7 +30,7 @@ def apply_plan(model: nn.Module, example: Inputs, plan: Plan, means: Means | Non
     caller has it, saves tracing the model again.
     """
     # checking which fits a plan undoes costs a second dependency graph: only for layers that compensate
-    means = {key: entry for key, entry in (means or {}).items() if _takes_offset(model.get_submodule(entry[0]))}
+    means = {key: entry for key, entry in (means or {}).items() if compensates(model.get_submodule(entry[0]))}
     heads = {key.name: idxs for key, idxs in plan.items() if key.kind is UnitKind.HEADS}
     channels = {key: idxs for key, idxs in plan.items() if key.kind is UnitKind.CHANNELS}
     sites = {site.name: site for site in find_sites(model)[0]} if heads else {}
