@@ -139,8 +139,8 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
                              "support it, fp32 elsewhere (default: %(default)s)")
     method.add_argument("--norm-statistics", default=defaults.norm_statistics.value,
                         choices=[n.value for n in NormStatistics],
-                        help="BatchNorm statistics in recovery: auto freezes them when fewer than 5,000 samples are "
-                             "left for recovery (default: %(default)s)")
+                        help="BatchNorm statistics in recovery: auto freezes them in a network of >= 1 M parameters "
+                             "when fewer than 5,000 samples are left for recovery (default: %(default)s)")
     method.add_argument("--round-to", type=int, default=defaults.round_to, metavar="N",
                         help="keep channel counts multiples of N; 1 turns it off (default: %(default)s)")
     method.add_argument("--min-width-fraction", type=float, default=defaults.min_width_fraction, metavar="F",

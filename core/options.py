@@ -225,9 +225,11 @@ class CompressOptions:
     augmentation: Augmentation = Augmentation.AUTO
     # BatchNorm layers during recovery: "update" normalises with each batch's statistics and updates
     # the running ones, as in training; "frozen" normalises with the running statistics and keeps them;
-    # "auto" freezes them when the recovery split is small (core.recovery.augment.SMALL_DATA), where a
-    # batch's statistics are not the population's: one recovered step of EfficientNet-Lite0 on 240
-    # photo crops kept 36 % top-1 agreement with the original updating them and 82 % frozen (README, Decisions).
+    # "auto" freezes them in a large pretrained network (>= 1 M parameters, as for the learning rate) when
+    # the recovery split is small (core.recovery.augment.SMALL_DATA), where a batch's statistics are not
+    # the population its statistics came from: one recovered step of EfficientNet-Lite0 on 240 photo crops
+    # kept 36 % top-1 agreement with the original updating them and 82 % frozen. A small network trained on
+    # the user's own data needs them updated after its channels change (README, Decisions).
     norm_statistics: NormStatistics = NormStatistics.AUTO
     batch_size: int = 64
     # Recovery's forward passes (student and teacher) under bfloat16 autocast, losses and weights in

@@ -73,7 +73,7 @@ class RecoveryIn(_Strict):
     norm_statistics: NormStatistics = Field(
         default=_DEFAULTS.norm_statistics,
         description="BatchNorm statistics in recovery: update them as in training, keep them frozen, or auto "
-                    "(frozen when fewer than 5,000 samples are left for recovery)")
+                    "(frozen in a network of >= 1 M parameters when fewer than 5,000 samples are left for recovery)")
 
 
 class MethodIn(_Strict):

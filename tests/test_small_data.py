@@ -210,29 +210,35 @@ def test_augmentation_is_for_small_sets_of_photos_unless_asked_for():
 
 
 class _Normed(torch.nn.Module):
-    def __init__(self) -> None:
+    """A convolution with a BatchNorm, and a head `hidden` wide: 1024 makes it a large network (1 M parameters)."""
+
+    def __init__(self, hidden: int) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.bn = torch.nn.BatchNorm2d(8)
-        self.head = torch.nn.Linear(8, 4)
+        self.head = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                                        torch.nn.ReLU(), torch.nn.Linear(hidden, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-@pytest.mark.parametrize(("mode", "samples", "frozen"), [
-    (NormStatistics.AUTO, 80, True), (NormStatistics.UPDATE, 80, False), (NormStatistics.FROZEN, 80, True),
-    (NormStatistics.AUTO, 2 * SMALL_DATA, False)])  # the recovery split is 80 %
-def test_recovery_on_a_small_split_keeps_the_batchnorm_statistics(mode, samples, frozen):
+@pytest.mark.parametrize(("mode", "hidden", "samples", "frozen"), [
+    (NormStatistics.AUTO, 1024, 80, True), (NormStatistics.AUTO, 16, 80, False),
+    (NormStatistics.UPDATE, 1024, 80, False), (NormStatistics.FROZEN, 16, 80, True),
+    (NormStatistics.AUTO, 1024, 2 * SMALL_DATA, False)])  # the recovery split is 80 %
+def test_recovery_on_a_small_split_keeps_a_pretrained_networks_batchnorm_statistics(mode, hidden, samples, frozen):
     """A batch of a few hundred samples is not the population a pretrained BatchNorm was fitted on:
-    on a small recovery split its statistics stay as they are, and only its weights train."""
+    on a small recovery split a large network's statistics stay as they are, and only its weights
+    train. A small network, trained on the user's data, gets them re-estimated after its cuts."""
     from core.run.context import StageState
     from core.run.pipeline import prepared_run
 
     x = torch.randn(samples, 3, 6, 6) * 3 + 1  # far from the fresh BatchNorm's statistics (0, 1)
     options = CompressOptions(device="cpu", norm_statistics=mode, recovery_iterations=3, batch_size=16)
-    teacher, run = prepared_run(_Normed().eval(), Dataset(Inputs.single(x)), Target(macs_reduction=0.3), options)
+    teacher, run = prepared_run(_Normed(hidden).eval(), Dataset(Inputs.single(x)), Target(macs_reduction=0.3),
+                                options)
     assert run.spec.frozen_norms is frozen
     student = copy.deepcopy(teacher)
     run.recover(StageState(), student, teacher)

@@ -36,10 +36,11 @@ def iterations_for(n: int, batch_size: int, epochs: float, iterations: int | Non
     return max(floor, math.ceil(epochs * n / min(batch_size, n)))
 
 
-def freezes_norms(recovery: Dataset, mode: NormStatistics) -> bool:
+def freezes_norms(recovery: Dataset, mode: NormStatistics, pretrained: bool) -> bool:
     """Whether recovery on `recovery` (the recovery split) keeps BatchNorm statistics as they are under `mode`
-    (CompressOptions.norm_statistics)."""
-    return mode == NormStatistics.FROZEN or (mode == NormStatistics.AUTO and len(recovery) < SMALL_DATA)
+    (CompressOptions.norm_statistics): with "auto", for a `pretrained` network (core.run.stages.is_large)
+    on a small split."""
+    return mode == NormStatistics.FROZEN or (mode == NormStatistics.AUTO and pretrained and len(recovery) < SMALL_DATA)
 
 
 def freeze_norms(model: nn.Module) -> None:

@@ -336,8 +336,8 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
     settled = settle_task(model, data, device, opts.task, opts.output, opts.detection_decoder)
     notes.append(settled.note)
     notes += convert_multihead_attention(model, data.inputs[:2].to(device)) + _attention_notes(model)
+    large = is_large(sum(p.numel() for p in model.parameters()))
     if opts.lr is None:
-        large = is_large(sum(p.numel() for p in model.parameters()))
         lr = TRANSFORMER_LR if holds_attention(model) else PRETRAINED_LR if large else DEFAULT_LR
         opts = dataclasses.replace(opts, lr=lr)
     # the precision recovery uses, as the report's options show it
@@ -360,7 +360,7 @@ def _prepare(model: nn.Module, data: Dataset, opts: CompressOptions,
         outputs=_output_names(model, example),
         augment=choose_augmenter(recovery, opts.augmentation) if settled.handler.may_augment(recovery.labeled)
         else None,
-        frozen_norms=freezes_norms(recovery, opts.norm_statistics)
+        frozen_norms=freezes_norms(recovery, opts.norm_statistics, large)
         and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
     )
     reporter.emit("baseline", 0, 1, 0.0, "Measuring the original model")
