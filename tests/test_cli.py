@@ -314,7 +314,10 @@ def test_ctrl_c_during_a_real_run_leaves_nothing(digits_files, tmp_path):
     out = tmp_path / "pruned"
     args = prune_args(*digits_files, out, "--macs-reduction", 0.5)
     command = [sys.executable, "-m", "core", *map(str, args)]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C at its default, as a shell gives it: a child inherits an ignored SIGINT, and a test worker that
+    # ran a Celery pool in-process before this test may have left it ignored (billiard's workers do)
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # The staging directory appears once the inputs are loaded, i.e. while compress runs.
         deadline = time.monotonic() + 120
