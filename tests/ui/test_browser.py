@@ -243,7 +243,10 @@ def bad_upload_shows_its_error(page: Page, data: Path) -> None:
     # dropped on the box, as a user drags a file from the desktop
     dropped = page.evaluate_handle("""() => {
       const transfer = new DataTransfer();
-      transfer.items.add(new File([crypto.getRandomValues(new Uint8Array(4096))], "model.safetensors"));
+      const bytes = crypto.getRandomValues(new Uint8Array(4096));
+      // the format is read from the first bytes: random ones start like a pickle or an ONNX file 1 time in 128
+      bytes.set(new TextEncoder().encode("not a model file"));
+      transfer.items.add(new File([bytes], "model.safetensors"));
       return transfer;
     }""")
     page.dispatch_event(".drop[data-for=model]", "drop", {"dataTransfer": dropped})
