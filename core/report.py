@@ -102,6 +102,8 @@ class StepRecord(_Frozen):
     seconds: float
     accepted: bool
     soft_agreement: float | None = None  # the mean probability of the original's class (core.run.goals.Verdict)
+    # whether the step's recovery was kept: one that left the held-out measure worse is undone (Run.recovered)
+    recovery_kept: bool | None = None
     # Stage 1: units removed, and the step's size relative to the schedule's (halved by each back-off)
     units_removed: int | None = None
     step_scale: float | None = None

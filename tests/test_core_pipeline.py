@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, 
     assert Report.model_validate_json((tmp_path / "report.json").read_text()) == report
     for step in written["steps"]:
         assert {"stage", "macs", "params", "accuracy", "seconds"} <= set(step)
+    # a trained-from-scratch CNN with 1,800 labeled samples: its step recoveries help and are kept
+    assert sum(bool(step.recovery_kept) for step in report.steps) >= len(report.steps) - 1
     assert any(row.channels_after < row.channels_before for row in report.layers)
     # every kind of work is timed once: the phases add up to the run's time, less what no phase holds
     timed = {phase.work: phase.seconds for phase in report.phases}
@@ -128,6 +131,30 @@ def test_accuracy_budget_rolls_back_the_failing_step(digits_model, digits_arrays
     assert len(rolled_back) >= 2 and not report.steps[-1].accepted
     assert report.steps[-1].step_scale == rolled_back[0].step_scale / 2 ** (len(rolled_back) - 1)
     assert report.macs_after > max(s.macs for s in rolled_back)
+
+
+def test_a_recovery_that_hurts_is_undone_and_the_rate_lowered(digits_model, digits_arrays, tmp_path: Path) -> None:
+    # AdamW at lr 10 throws the weights away: every recovery must be undone, leaving the run that
+    # had no recovery at all, step for step
+    target = Target(macs_reduction=0.3, max_accuracy_drop=0.05)
+    plain = dict(stages=("filters",), latency_runs=1)
+    harmful = compress(copy.deepcopy(digits_model), _data(digits_arrays), target,
+                       CompressOptions(**plain, lr=10.0, recovery_iterations=5, final_recovery_iterations=5),
+                       tmp_path / "harmful").report
+    none = compress(digits_model, _data(digits_arrays), target,
+                    CompressOptions(**plain, recovery_iterations=0, final_recovery_iterations=0),
+                    tmp_path / "none").report
+    assert len(harmful.steps) >= 2
+    assert all(step.recovery_kept is False for step in harmful.steps)
+    assert all(step.recovery_kept is None for step in none.steps)
+    assert [(s.macs, s.accuracy, s.accepted) for s in harmful.steps] == [(s.macs, s.accuracy, s.accepted)
+                                                                         for s in none.steps]
+    assert harmful.accuracy_after == none.accuracy_after
+    # each undone recovery divides the later ones' rate by 10, down to a hundredth
+    steps = len(harmful.steps)
+    assert f"Recovery was undone after {steps} of {steps} steps" in " ".join(harmful.notes)
+    assert "(lr 0.1 at the end, from 10)" in " ".join(harmful.notes)
+    assert not any("Recovery was undone" in note for note in none.notes)
 
 
 def test_unlabeled_data_is_distilled_against_the_original(digits_model, digits_arrays, tmp_path: Path) -> None:

@@ -51,15 +51,17 @@ def test_a_rejected_step_is_halved_and_retried_from_the_same_model(digits_model,
 
 
 def test_only_the_smallest_step_breaking_the_budget_stops_stage_one(digits_model, digits_arrays, tmp_path):
-    options = CompressOptions(stages=("filters",), p0=0.4, min_step_fraction=0.05, recovery_iterations=0,
+    # the minimum step is a tenth of the units: unrecovered, that costs the model a held-out sample (a
+    # twentieth did not always: a well-trained digits model kept all 359)
+    options = CompressOptions(stages=("filters",), p0=0.4, min_step_fraction=0.1, recovery_iterations=0,
                               final_recovery_iterations=0, latency_runs=1)
     report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.9, max_accuracy_drop=0.0),
                       options, tmp_path).report
     assert report.stop_reason == StopReason.ACCURACY_BUDGET and not report.target_met
     assert "smallest step" in report.message
     rolled_back = [s for s in report.steps if not s.accepted]
-    # 40 %, 20 %, 10 % and 5 % of the units: the minimum step is the last try
-    assert [s.step_scale for s in rolled_back] == [1.0, 0.5, 0.25, 0.125]
+    # 40 %, 20 % and 10 % of the units: the minimum step is the last try
+    assert [s.step_scale for s in rolled_back] == [1.0, 0.5, 0.25]
     assert report.macs_after == report.macs_before
 
 

@@ -156,6 +156,7 @@ class StepRecord(_Tolerant):
     declined: str | None = None
     soft_agreement: float | None = None
     step_scale: float | None = None
+    recovery_kept: bool | None = None
 
 
 class LayerRow(_Tolerant):

@@ -3,6 +3,7 @@ and what its stages carry from step to step (`StageState`)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -126,7 +127,16 @@ class StageState:
     recoveries: int = 0
     # Stage 1's step size relative to its schedule, halved by each back-off after a rejected step
     step_scale: float = 1.0
+    # recovery's learning rate relative to options.lr, lowered by each recovery that was undone (Run.recovered)
+    lr_scale: float = 1.0
     removed: tuple[RemovedBlock, ...] = ()
+
+
+# A recovery that was undone divides the learning rate of the later ones by LR_BACKOFF, down to
+# MIN_LR_SCALE of options.lr (README, Decisions: on a pretrained network with a few hundred samples,
+# recovery at the default rate moved the weights away from the original's outputs on held-out data).
+LR_BACKOFF = 10.0
+MIN_LR_SCALE = 0.01
 
 
 # Called with the model of each accepted step, the state that records it, and (Stage 2) the blocks
@@ -162,9 +172,31 @@ class Run:
         with self.timer(Work.EVALUATION):
             return self.spec.drift(model)
 
+    def recovered(self, state: StageState, student: nn.Module, teacher: nn.Module, *,
+                  final: bool = False) -> tuple[StageState, Verdict, bool | None]:
+        """Distil `teacher` into `student` in place and judge it on the held-out split.
+
+        A recovery that leaves `student` worse than it was before by the measure that decides the budget
+        (Goals.better) is undone, and the later recoveries run at a lower learning rate (LR_BACKOFF): the
+        step is then judged as its surgery and compensation left it. Returns the state, the verdict, and
+        whether the recovery was kept (None when there was none).
+        """
+        if self.spec.recovery_iterations(final) == 0:
+            return state, self.verdict(student), None
+        before = copy.deepcopy(student.state_dict())
+        verdict_before = self.verdict(student)
+        state = self.recover(state, student, teacher, final=final)
+        verdict = self.verdict(student)
+        if self.spec.goals.better(verdict, verdict_before):
+            return state, verdict, True
+        student.load_state_dict(before)
+        lower = max(MIN_LR_SCALE, state.lr_scale / LR_BACKOFF)
+        return dataclasses.replace(state, lr_scale=lower), verdict_before, False
+
     def recover(self, state: StageState, student: nn.Module, teacher: nn.Module, *,
                 final: bool = False) -> StageState:
-        """Distil `teacher` into `student` in place (one step's budget, or the final recovery's)."""
+        """Distil `teacher` into `student` in place (one step's budget, or the final recovery's), at the
+        state's learning rate."""
         opts = self.spec.options
         state = dataclasses.replace(state, recoveries=state.recoveries + 1)
         iterations = self.spec.recovery_iterations(final)
@@ -172,7 +204,8 @@ class Run:
         with self.timer(Work.RECOVERY):
             recover(
                 student, teacher, self.spec.recovery, self.spec.feature_points, iterations,
-                device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
+                device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr * state.lr_scale,
+                weight_decay=opts.weight_decay,
                 temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
                 seed=opts.seed + state.recoveries, reporter=self.reporter, task=self.spec.task,
                 augment=self.spec.augment, precision=opts.precision, frozen_norms=self.spec.frozen_norms,
@@ -182,7 +215,8 @@ class Run:
         return state
 
     def record(self, state: StageState, stage: Stage, size: Size, verdict: Verdict, seconds: float,
-               accepted: bool, *, units_removed: int | None = None, step_scale: float | None = None,
+               accepted: bool, *, recovery_kept: bool | None = None, units_removed: int | None = None,
+               step_scale: float | None = None,
                block: str | None = None, divergence: float | None = None,
                comparison: WidthComparison | None = None) -> StageState:
         """The state with this step's record added; the step is reported as progress."""
@@ -190,8 +224,8 @@ class Run:
         step = StepRecord(
             stage=stage, step=len(state.steps) + 1, macs=size.macs, params=size.params,
             accuracy=round(accuracy, 6), soft_agreement=round(verdict.soft_agreement, 6), seconds=round(seconds, 3),
-            accepted=accepted, units_removed=units_removed, step_scale=step_scale, block=block,
-            divergence=divergence, **(comparison.model_dump() if comparison is not None else {}),
+            accepted=accepted, recovery_kept=recovery_kept, units_removed=units_removed, step_scale=step_scale,
+            block=block, divergence=divergence, **(comparison.model_dump() if comparison is not None else {}),
         )
         self.clock.step_s.append(seconds)
         state = dataclasses.replace(state, steps=(*state.steps, step))

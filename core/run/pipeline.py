@@ -104,6 +104,16 @@ def _recovery_notes(inputs: RunInputs) -> list[str]:
     return notes
 
 
+def _undone_notes(inputs: RunInputs, state: StageState) -> list[str]:
+    undone = sum(step.recovery_kept is False for step in state.steps)
+    if not undone:
+        return []
+    recovered = sum(step.recovery_kept is not None for step in state.steps)
+    return [f"Recovery was undone after {undone} of {recovered} steps: it left the held-out measure worse than the "
+            f"step's surgery alone, so the later recoveries ran at a lower learning rate (lr "
+            f"{inputs.lr * state.lr_scale:.2g} at the end, from {inputs.lr:.2g})."]
+
+
 def _attention_notes(model: nn.Module) -> list[str]:
     _, unrecognised = find_sites(model)
     if not unrecognised:
@@ -314,7 +324,7 @@ def prune_and_export(
         reachable_reduction={k: round(v, 4) for k, v in reachable.items()},
         stop_reason=stop_reason,
         message=_explain(stop_reason, met, reduction, target),
-        notes=notes + _uncut_notes(cache) + _recovery_notes(spec),
+        notes=notes + _uncut_notes(cache) + _recovery_notes(spec) + _undone_notes(spec, state),
         device=str(spec.device),
         options=spec.options,
         seconds=round(time.monotonic() - started, 3),
@@ -475,14 +485,8 @@ def _final_recovery(run: Run, state: StageState, model: nn.Module,
     if remaining is not None:
         run.reporter.set_eta(remaining)
     run.reporter.emit("recovery", 0, 1, 0.85, "Final recovery (distillation from the original model)")
-    before = copy.deepcopy(model.state_dict())
-    verdict_before = run.verdict(model)
-    state = run.recover(state, model, original, final=True)
-    verdict = run.verdict(model)
+    state, verdict, _ = run.recovered(state, model, original, final=True)
     run.reporter.set_eta(run.clock.export_s)
-    if not run.spec.goals.better(verdict, verdict_before):
-        model.load_state_dict(before)
-        return verdict_before, state
     return verdict, state
 
 

@@ -142,8 +142,9 @@ def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Targ
     iteration_s = step.iteration_s if step is not None else _iteration_seconds(inputs, cache, model)
     eval_s = step.eval_s if step is not None else _eval_seconds(inputs, model)
     export_s = _export_seconds(inputs, eval_s, trace_s)
+    # a recovered step is evaluated before its recovery and after it (Run.recovered)
     per_step = (step.score_s + step.apply_s if step is not None else 0.0) + \
-        inputs.recovery_iterations() * iteration_s + eval_s
+        inputs.recovery_iterations() * iteration_s + (2 if inputs.recovery_iterations() else 1) * eval_s
     filters = Stage.FILTERS in opts.stages and bool(groups)
     halvings = _halvings(opts, step.drop if step is not None else 0.0, budget)
     filter_steps = halvings + schedule_steps(opts, target_goal(opts, goal, n_blocks), scale=0.5**halvings) \

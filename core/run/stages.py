@@ -241,11 +241,10 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
             candidate, removed = step
             if removed == 0:
                 return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
-            state = run.recover(state, candidate, model)
-            verdict = run.verdict(candidate)
+            state, verdict, kept = run.recovered(state, candidate, model)
             accepted = goals.within_budget(verdict)
             state = run.record(state, Stage.FILTERS, run.measure(candidate), verdict, time.monotonic() - started,
-                               accepted, units_removed=removed, step_scale=state.step_scale)
+                               accepted, recovery_kept=kept, units_removed=removed, step_scale=state.step_scale)
             if accepted:
                 break
             if k <= smallest or spec.out_of_time():
@@ -324,15 +323,13 @@ def remove_layers(run: Run, model: nn.Module, state: StageState,
         if choice is None:
             return model, state, StopReason.NO_REMOVABLE_BLOCKS
         block, trial = choice
-        state = run.recover(state, trial, model)
-        verdict = run.verdict(trial)
+        state, verdict, recovery_kept = run.recovered(state, trial, model)
         accepted = goals.within_budget(verdict)
         width = _width_alternative(run, model, run.measure(trial)) \
             if accepted and opts.layers_must_beat_width and Stage.FILTERS in opts.stages else None
         comparison = None
         if width is not None:
-            state = run.recover(state, width[0], model)
-            width_verdict = run.verdict(width[0])
+            state, width_verdict, _ = run.recovered(state, width[0], model)
             drift, width_drift = run.drift(trial), run.drift(width[0])
             wins = goals.within_budget(width_verdict) and width_drift < drift
             comparison = WidthComparison(
@@ -341,8 +338,8 @@ def remove_layers(run: Run, model: nn.Module, state: StageState,
                 declined="pruning width to the same size did better" if wins else None)
         width_wins = comparison is not None and comparison.declined is not None
         state = run.record(state, Stage.LAYERS, run.measure(trial), verdict, time.monotonic() - started,
-                           accepted and not width_wins, block=block.name, divergence=round(scores[block.name], 6),
-                           comparison=comparison)
+                           accepted and not width_wins, recovery_kept=recovery_kept, block=block.name,
+                           divergence=round(scores[block.name], 6), comparison=comparison)
         if not accepted:
             kept.add(block.name)
             continue

@@ -215,7 +215,10 @@ def check_results(page: Page, data: Path) -> None:
     expect(page.locator("#chart-trajectory svg")).to_contain_text("↑ top-1 accuracy")
     for key in ("channels", "divergence", "trajectory", "blocks"):
         svg = page.locator(f"#chart-{key} svg")
-        assert svg.locator("rect, circle, text").count() > 3, key
+        # Stage 2 tries a block only when one fits in what Stage 1 left of the target (tests/ui/test_charts.py
+        # covers both of the blocks chart's forms)
+        if key != "blocks" or "Stage 2 tried no residual blocks." not in (svg.text_content() or ""):
+            assert svg.locator("rect, circle, text").count() > 3, key
         assert svg.bounding_box()["height"] > 30, key
     assert page.locator("#chart-trajectory circle").count() >= 3
     page.click("#chart-trajectory summary")
