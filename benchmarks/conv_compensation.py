@@ -49,11 +49,12 @@ from core.importance.statistics import InputStats
 from core.inputs import Inputs
 from core.measure.size import count_macs_params
 from core.options import CompressOptions, Target
+from core.run.context import Run
 from core.run.pipeline import prepared_run
-from core.run.stages import group_candidates, step_scoring
+from core.run.stages import Scoring, group_candidates, step_scoring
 from core.surgery import compensation
 from core.surgery.apply import apply_plan
-from core.surgery.groups import build_graph
+from core.surgery.groups import PrunableGroup, build_graph
 from core.surgery.plan import make_plan
 from core.surgery.units import Means
 
@@ -72,7 +73,7 @@ def _means_for(mode: str, means: Means, model: nn.Module) -> Means:
 
 
 @torch.no_grad()
-def _compare(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+def compare(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     model.eval()
     logits = torch.cat([model(part) for part in x.split(250)])
     top1 = reference.argmax(1)
@@ -80,6 +81,22 @@ def _compare(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> dict
     return {"top1_agreement": float((logits.argmax(1) == top1).float().mean()),
             "top5_hit": float((logits.topk(5, 1).indices == top1[:, None]).any(1).float().mean()),
             "kl": float((log_p.exp() * (log_p - log_q)).sum(1).mean())}
+
+
+def units_for(model: nn.Module, run: Run, groups: list[PrunableGroup], scoring: Scoring, step: float) -> int:
+    """The fewest units whose removal takes away `step` of `model`'s MACs, found by bisection as a step
+    sizes itself."""
+    macs_before = count_macs_params(model, run.spec.example)[0]
+    low, high = 1, sum(g.capacity for g in groups)
+    while low < high:
+        k = (low + high) // 2
+        trial = copy.deepcopy(model)
+        apply_plan(trial, run.spec.example, make_plan(groups, scoring.scores, k, run.spec.options.round_to))
+        if 1 - count_macs_params(trial, run.spec.example)[0] / macs_before >= step:
+            high = k
+        else:
+            low = k + 1
+    return low
 
 
 def measure(crops: int, test_crops: int, steps: Sequence[float]) -> dict[str, Any]:
@@ -93,26 +110,16 @@ def measure(crops: int, test_crops: int, steps: Sequence[float]) -> dict[str, An
     groups = group_candidates(run.spec, run.cache, model, graph)
     scoring = step_scoring(run, model, graph, groups)
     macs_before = count_macs_params(model, run.spec.example)[0]
-    capacity = sum(g.capacity for g in groups)
     rows = []
     for step in steps:
-        # the fewest units whose removal takes away `step` of the MACs, found by bisection as a step sizes itself
-        low, high = 1, capacity
-        while low < high:
-            k = (low + high) // 2
-            trial = copy.deepcopy(model)
-            apply_plan(trial, run.spec.example, make_plan(groups, scoring.scores, k, run.spec.options.round_to))
-            if 1 - count_macs_params(trial, run.spec.example)[0] / macs_before >= step:
-                high = k
-            else:
-                low = k + 1
+        low = units_for(model, run, groups, scoring, step)
         plan = make_plan(groups, scoring.scores, low, run.spec.options.round_to)
         for mode in MODES:
             pruned = copy.deepcopy(model)
             apply_plan(pruned, run.spec.example, plan, _means_for(mode, scoring.means, pruned))
             macs = count_macs_params(pruned, run.spec.example)[0]
             rows.append({"step": step, "units": low, "macs_reduction": round(1 - macs / macs_before, 4), "mode": mode,
-                         **{k: round(v, 4) for k, v in _compare(pruned, test, reference).items()}})
+                         **{k: round(v, 4) for k, v in compare(pruned, test, reference).items()}})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {"model": "efficientnet-lite0", "crops": crops, "test_crops": test_crops, "ridges": compensation.RIDGES,
             "threads": torch.get_num_threads(), "rows": rows}
