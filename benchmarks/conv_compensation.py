@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +37,9 @@ from torch import nn
 from benchmarks.cli_types import floats
 from benchmarks.pretrained_cnn import (
     CALIBRATION_SEED,
-    EXIT_MISSING_PACKAGES,
     TEST_SEED,
     efficientnet_lite0,
-    packages_installed,
+    measured,
     photo_crops,
 )
 from core.data import Dataset
@@ -144,16 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="fit with this ridge (relative to the kept inputs' mean variance) instead of choosing it")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if not packages_installed():
-        return EXIT_MISSING_PACKAGES
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.fixed_ridge is not None:
         compensation.RIDGES = (args.fixed_ridge,)
-    result = measure(args.crops, args.test_crops, args.steps or (0.05, 0.1, 0.2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(table(result))
-    return 0
+    return measured(lambda: measure(args.crops, args.test_crops, args.steps or (0.05, 0.1, 0.2)), args.out, table)
 
 
 if __name__ == "__main__":

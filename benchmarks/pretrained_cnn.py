@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,19 @@ def packages_installed() -> bool:
             print(f"error: {name} is not installed: {INSTALL_HINT}", file=sys.stderr)
             return False
     return True
+
+
+def measured(measure: Callable[[], dict[str, Any]], out: Path, table: Callable[[dict[str, Any]], str]) -> int:
+    """The exit status of a one-model benchmark's command: `measure` on OMP_NUM_THREADS threads, its result
+    written to `out` as JSON and printed by `table`; EXIT_MISSING_PACKAGES without the packages."""
+    if not packages_installed():
+        return EXIT_MISSING_PACKAGES
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    result = measure()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    return 0
 
 
 def efficientnet_lite0() -> torch.nn.Module:

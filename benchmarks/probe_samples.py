@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.pretrained_cnn import EXIT_MISSING_PACKAGES, efficientnet_lite0, packages_installed, photo_crops
+from benchmarks.pretrained_cnn import efficientnet_lite0, measured, photo_crops
 from core.data import Dataset
 from core.inputs import Inputs
 from core.options import CompressOptions, Target
@@ -105,14 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=1 / 6, help="share of the prunable units one step removes")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if not packages_installed():
-        return EXIT_MISSING_PACKAGES
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    result = measure(args.crops, [int(n) for n in args.samples.split(",")], args.step)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(table(result))
-    return 0
+    return measured(lambda: measure(args.crops, [int(n) for n in args.samples.split(",")], args.step), args.out,
+                    table)
 
 
 if __name__ == "__main__":

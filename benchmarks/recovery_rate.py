@@ -21,7 +21,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -34,10 +33,9 @@ from benchmarks.cli_types import floats
 from benchmarks.conv_compensation import compare, units_for
 from benchmarks.pretrained_cnn import (
     CALIBRATION_SEED,
-    EXIT_MISSING_PACKAGES,
     TEST_SEED,
     export_original,
-    packages_installed,
+    measured,
     photo_crops,
 )
 from core.data import Dataset
@@ -106,15 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, help="recovery iterations (default: compress's for this data)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if not packages_installed():
-        return EXIT_MISSING_PACKAGES
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    result = measure(args.crops, args.test_crops, args.step, args.rates or (1e-4, 3e-5, 1e-5, 3e-6, 1e-6),
-                     args.iterations)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(table(result))
-    return 0
+    rates = args.rates or (1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
+    return measured(lambda: measure(args.crops, args.test_crops, args.step, rates, args.iterations), args.out, table)
 
 
 if __name__ == "__main__":
