@@ -71,7 +71,8 @@ def measure(crops: int, test_crops: int, step: float, rates: Sequence[float], it
         spec = run.spec if augmented else dataclasses.replace(run.spec, augment=None)
         for lr in rates:
             student = copy.deepcopy(pruned)
-            dataclasses.replace(run, spec=spec).recover(StageState(lr_scale=lr / run.spec.lr), student, model)
+            at_rate = dataclasses.replace(spec, options=dataclasses.replace(spec.options, lr=lr))
+            dataclasses.replace(run, spec=at_rate).recover(StageState(), student, model)
             rows.append({"lr": lr, "augmented": augmented, **compare(student, test, reference),
                          "held_out_after": spec.verdict(student).soft_agreement})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

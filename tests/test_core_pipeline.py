@@ -133,7 +133,7 @@ def test_accuracy_budget_rolls_back_the_failing_step(digits_model, digits_arrays
     assert report.macs_after > max(s.macs for s in rolled_back)
 
 
-def test_a_recovery_that_hurts_is_undone_and_the_rate_lowered(digits_model, digits_arrays, tmp_path: Path) -> None:
+def test_a_recovery_that_hurts_is_undone(digits_model, digits_arrays, tmp_path: Path) -> None:
     # AdamW at lr 10 throws the weights away: every recovery must be undone, leaving the run that
     # had no recovery at all, step for step
     target = Target(macs_reduction=0.3, max_accuracy_drop=0.05)
@@ -150,10 +150,8 @@ def test_a_recovery_that_hurts_is_undone_and_the_rate_lowered(digits_model, digi
     assert [(s.macs, s.accuracy, s.accepted) for s in harmful.steps] == [(s.macs, s.accuracy, s.accepted)
                                                                          for s in none.steps]
     assert harmful.accuracy_after == none.accuracy_after
-    # each undone recovery divides the later ones' rate by 10, down to a hundredth
     steps = len(harmful.steps)
     assert f"Recovery was undone after {steps} of {steps} steps" in " ".join(harmful.notes)
-    assert "(lr 0.1 at the end, from 10)" in " ".join(harmful.notes)
     assert not any("Recovery was undone" in note for note in none.notes)
 
 

@@ -127,16 +127,7 @@ class StageState:
     recoveries: int = 0
     # Stage 1's step size relative to its schedule, halved by each back-off after a rejected step
     step_scale: float = 1.0
-    # recovery's learning rate relative to options.lr, lowered by each recovery that was undone (Run.recovered)
-    lr_scale: float = 1.0
     removed: tuple[RemovedBlock, ...] = ()
-
-
-# A recovery that was undone divides the learning rate of the later ones by LR_BACKOFF, down to
-# MIN_LR_SCALE of options.lr (README, Decisions: on a pretrained network with a few hundred samples,
-# recovery at the default rate moved the weights away from the original's outputs on held-out data).
-LR_BACKOFF = 10.0
-MIN_LR_SCALE = 0.01
 
 
 # Called with the model of each accepted step, the state that records it, and (Stage 2) the blocks
@@ -177,9 +168,8 @@ class Run:
         """Distil `teacher` into `student` in place and judge it on the held-out split.
 
         A recovery that leaves `student` worse than it was before by the measure that decides the budget
-        (Goals.better) is undone, and the later recoveries run at a lower learning rate (LR_BACKOFF): the
-        step is then judged as its surgery and compensation left it. Returns the state, the verdict, and
-        whether the recovery was kept (None when there was none).
+        (Goals.better) is undone: the step is then judged as its surgery and compensation left it. Returns
+        the state, the verdict, and whether the recovery was kept (None when there was none).
         """
         if self.spec.recovery_iterations(final) == 0:
             return state, self.verdict(student), None
@@ -190,13 +180,11 @@ class Run:
         if self.spec.goals.better(verdict, verdict_before):
             return state, verdict, True
         student.load_state_dict(before)
-        lower = max(MIN_LR_SCALE, state.lr_scale / LR_BACKOFF)
-        return dataclasses.replace(state, lr_scale=lower), verdict_before, False
+        return state, verdict_before, False
 
     def recover(self, state: StageState, student: nn.Module, teacher: nn.Module, *,
                 final: bool = False) -> StageState:
-        """Distil `teacher` into `student` in place (one step's budget, or the final recovery's), at the
-        state's learning rate."""
+        """Distil `teacher` into `student` in place (one step's budget, or the final recovery's)."""
         opts = self.spec.options
         state = dataclasses.replace(state, recoveries=state.recoveries + 1)
         iterations = self.spec.recovery_iterations(final)
@@ -204,8 +192,7 @@ class Run:
         with self.timer(Work.RECOVERY):
             recover(
                 student, teacher, self.spec.recovery, self.spec.feature_points, iterations,
-                device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr * state.lr_scale,
-                weight_decay=opts.weight_decay,
+                device=self.spec.device, batch_size=opts.batch_size, lr=self.spec.lr, weight_decay=opts.weight_decay,
                 temperature=opts.kd_temperature, kd_weight=opts.kd_weight, feature_weight=opts.feature_weight,
                 seed=opts.seed + state.recoveries, reporter=self.reporter, task=self.spec.task,
                 augment=self.spec.augment, precision=opts.precision, frozen_norms=self.spec.frozen_norms,

@@ -104,14 +104,13 @@ def _recovery_notes(inputs: RunInputs) -> list[str]:
     return notes
 
 
-def _undone_notes(inputs: RunInputs, state: StageState) -> list[str]:
+def _undone_notes(state: StageState) -> list[str]:
     undone = sum(step.recovery_kept is False for step in state.steps)
     if not undone:
         return []
     recovered = sum(step.recovery_kept is not None for step in state.steps)
     return [f"Recovery was undone after {undone} of {recovered} steps: it left the held-out measure worse than the "
-            f"step's surgery alone, so the later recoveries ran at a lower learning rate (lr "
-            f"{inputs.lr * state.lr_scale:.2g} at the end, from {inputs.lr:.2g})."]
+            "step's surgery and compensation alone (lower lr if that is most steps)."]
 
 
 def _attention_notes(model: nn.Module) -> list[str]:
@@ -324,7 +323,7 @@ def prune_and_export(
         reachable_reduction={k: round(v, 4) for k, v in reachable.items()},
         stop_reason=stop_reason,
         message=_explain(stop_reason, met, reduction, target),
-        notes=notes + _uncut_notes(cache) + _recovery_notes(spec) + _undone_notes(spec, state),
+        notes=notes + _uncut_notes(cache) + _recovery_notes(spec) + _undone_notes(state),
         device=str(spec.device),
         options=spec.options,
         seconds=round(time.monotonic() - started, 3),
