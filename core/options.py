@@ -23,6 +23,9 @@ class Criterion(StrEnum):
     L2 = "l2"
     TAYLOR = "taylor"
     RANDOM = "random"
+    FPGM = "fpgm"  # distance to the layer's geometric median (He et al. 2019)
+    LAMP = "lamp"  # layer-adaptive magnitude (Lee et al. 2021): its own normaliser ranks across layers
+    BN_SCALE = "bn_scale"  # |γ| of the BatchNorm after the channel (network slimming, Liu et al. 2017)
 
 
 class GroupScores(StrEnum):

@@ -265,13 +265,20 @@ def taylor_gradients(model: nn.Module, calib: Inputs, labels: torch.Tensor | Non
 
 
 def baseline_scorer(criterion: Criterion) -> GroupScorer:
-    """torch-pruning's own importance criteria, for comparisons (no normaliser: the planner normalises)."""
+    """torch-pruning's own importance criteria, for comparisons (no normaliser: the planner normalises; LAMP's
+    normaliser is the criterion itself)."""
     if criterion == Criterion.L2:
         return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
     if criterion == Criterion.TAYLOR:
         return tp.importance.GroupTaylorImportance(normalizer=None)
     if criterion == Criterion.RANDOM:
         return tp.importance.RandomImportance()
+    if criterion == Criterion.FPGM:
+        return tp.importance.FPGMImportance(p=2, normalizer=None)
+    if criterion == Criterion.LAMP:
+        return tp.importance.LAMPImportance(p=2)
+    if criterion == Criterion.BN_SCALE:
+        return tp.importance.BNScaleImportance(normalizer=None)
     raise ValueError(f"Unknown criterion {criterion!r}.")
 
 

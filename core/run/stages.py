@@ -133,7 +133,8 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
     def score(group: object) -> torch.Tensor | None:
         return heads.get(group.name) if isinstance(group, AttentionSite) else channels(group)
 
-    scores = score_groups(groups, score, normalise=not (criterion == Criterion.DIVERGENCE and layer_sum))
+    comparable = (criterion == Criterion.DIVERGENCE and layer_sum) or criterion == Criterion.LAMP
+    scores = score_groups(groups, score, normalise=not comparable)
     model.zero_grad(set_to_none=True)  # Taylor's gradients
     if criterion == Criterion.DIVERGENCE and spec.task.smooth_drift and allocates_by_drift(
             spec.options.allocation, groups, large=is_large(spec.goals.original.params)):
@@ -161,11 +162,12 @@ def is_large(params: int) -> bool:
 
 
 def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: AttentionSite) -> torch.Tensor:
-    if criterion == Criterion.L2:
-        return head_weight_norms(model, site)
     if criterion == Criterion.TAYLOR:
         return head_taylor(model, site)
-    return torch.rand(site.num_heads(model))
+    if criterion == Criterion.RANDOM:
+        return torch.rand(site.num_heads(model))
+    # heads have no BatchNorm, and FPGM's and LAMP's head forms are not in torch-pruning: their magnitude
+    return head_weight_norms(model, site)
 
 
 def pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
