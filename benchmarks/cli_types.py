@@ -12,6 +12,10 @@ def floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
 def method_list(known: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
     """A type for `--methods a,b` that refuses names outside `known`."""
     names_known = tuple(known)

@@ -262,3 +262,30 @@ def test_gpu_latency_quick_measures_what_this_machine_has(tmp_path: Path) -> Non
         assert "measuring the CPU only" in done.stderr
         assert measured == {("cpu", 1), ("cpu", 32)}
     assert "original ms" in done.stdout
+
+
+def test_fashion_mnist_summary_pairs_idap_with_the_best_baseline_seed_by_seed() -> None:
+    from benchmarks.fashion_mnist import Settings, goals, method_summary, paired_difference
+
+    def row(method: str, seed: int, top1: float, macs: float = 0.7) -> dict[str, object]:
+        return {"method": method, "level": 0.7, "seed": seed, "test_top1_after": top1, "macs_reduction": macs,
+                "error": None}
+
+    rows = [row("idap", 0, 0.905), row("idap", 1, 0.910), row("idap", 2, 0.912),
+            row("l2", 0, 0.900), row("l2", 1, 0.904), row("l2", 2, 0.907),
+            row("fpgm", 0, 0.899), row("fpgm", 1, 0.903), row("fpgm", 2, 0.906, macs=0.725)]
+    summary = {m["method"]: m for m in method_summary(rows)}
+    assert summary["idap"]["top1_mean"] == pytest.approx(90.9)
+    assert summary["idap"]["top1_std"] == pytest.approx(float(np.std([90.5, 91.0, 91.2], ddof=1)))
+    assert summary["l2"]["equal_macs"] and not summary["fpgm"]["equal_macs"]
+    paired = paired_difference(rows, 0.7)
+    assert paired is not None and paired["best_baseline"] == "l2" and paired["seeds"] == [0, 1, 2]
+    diffs = np.array([0.5, 0.6, 0.5])
+    assert paired["mean_points"] == pytest.approx(diffs.mean())
+    half = 4.302653 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert paired["interval"] == pytest.approx([diffs.mean() - half, diffs.mean() + half], abs=1e-5)
+    verdict = goals(rows, Settings(levels=(0.7,), compress_seeds=(0, 1, 2)))[0]
+    assert verdict["holds"] is True and "l2" in verdict["detail"]
+    # one point behind at one seed: the interval then spans 0 and the goal fails
+    rows[0] = row("idap", 0, 0.890)
+    assert goals(rows, Settings(levels=(0.7,), compress_seeds=(0, 1, 2)))[0]["holds"] is False
