@@ -70,6 +70,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "random": ("random", ("filters",), "torch-pruning random"),
 }
 BASELINES = ("l2", "taylor", "fpgm", "lamp", "bn_scale", "random")
+IDAP = ("idap", "idap_stage1")
 # Runs compare at equal MACs when each lands within this of the level (compress itself stops within
 # core.run.goals.TARGET_TOLERANCE, 3 points, of it)
 EQUAL_MACS = 0.01
@@ -329,7 +330,8 @@ def run_one(model: nn.Module, method: str, level: float, seed: int, settings: Se
     options = options_for(method, settings, seed)
     try:
         # what the service's preflight would have promised for this run, to hold the run's wall time against
-        estimate = preflight(model, data, target, options).estimate_seconds
+        # (IDAP++'s runs only: a preflight costs about a third of a run here)
+        estimate = preflight(model, data, target, options).estimate_seconds if method in IDAP else None
         result = compress(model, data, target, options, out_root / f"{method}_{level:g}_{seed}",
                           progress=progress_logger(name))
     except Exception:
@@ -338,8 +340,9 @@ def run_one(model: nn.Module, method: str, level: float, seed: int, settings: Se
         return {"method": method, "label": METHODS[method][2], "level": level, "seed": seed, "error": trace}
     row = row_from_report(method, level, seed, result.report, settings, top1_before, top1(result.model, *test))
     row["onnx"] = str(result.artifacts["model.onnx"])
-    row["estimate_s"] = estimate.cpu if estimate.measured_on == "cpu" else estimate.gpu
-    row["estimate_range_s"] = [estimate.low_s, estimate.high_s]
+    if estimate is not None:
+        row["estimate_s"] = estimate.cpu if estimate.measured_on == "cpu" else estimate.gpu
+        row["estimate_range_s"] = [estimate.low_s, estimate.high_s]
     log(f"{name}: test top-1 {row['test_top1_after']:.4f} (drop {row['drop_points']:.2f} pts), "
         f"MACs -{row['macs_reduction']:.1%}, {row['wall_s']:.0f} s")
     return row
@@ -388,6 +391,8 @@ def _ms(row: dict[str, Any], batch: str, source: str = "") -> str:
 
 
 def _estimate(row: dict[str, Any]) -> str:
+    if "estimate_s" not in row:
+        return "–"
     return f"{row['estimate_s']:.0f} ({row['wall_s'] / row['estimate_s']:.2f})"
 
 
