@@ -289,3 +289,29 @@ def test_fashion_mnist_summary_pairs_idap_with_the_best_baseline_seed_by_seed() 
     # one point behind at one seed: the interval then spans 0 and the goal fails
     rows[0] = row("idap", 0, 0.890)
     assert goals(rows, Settings(levels=(0.7,), compress_seeds=(0, 1, 2)))[0]["holds"] is False
+
+
+def test_the_larger_fashion_mnist_proxy_has_depthwise_layers_and_is_pruned_in_width_and_depth(tmp_path: Path) -> None:
+    import torch
+
+    from benchmarks.fashion_mnist import MOBILENET_TRAIN, TrainConfig
+    from core.data import Dataset
+    from core.inputs import Inputs
+    from core.measure.size import count_macs_params
+    from core.options import CompressOptions, Target
+    from core.run.pipeline import compress
+
+    assert TrainConfig().key() == "44a08fc8758b06f9"  # the ResNet proxy's cached weights keep their name
+    torch.manual_seed(0)
+    model = MOBILENET_TRAIN.model().eval()
+    example = Inputs.single(torch.zeros(2, 1, 28, 28))
+    assert count_macs_params(model, example)[0] >= 50_000_000
+    assert any(isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 for m in model.modules())
+    data = Dataset(Inputs.single(torch.randn(96, 1, 28, 28)), torch.randint(0, 10, (96,)))
+    options = CompressOptions(recovery_iterations=1, final_recovery_iterations=0, latency_runs=1, batch_size=32,
+                              calibration_samples=32)
+    report = compress(model, data, Target(macs_reduction=0.3, max_accuracy_drop=1.0), options, tmp_path).report
+    assert report.target_met
+    assert any(step.stage == "filters" and step.accepted for step in report.steps)
+    # its inverted residuals with a shortcut are Stage 2's candidates
+    assert any(step.stage == "layers" and step.block for step in report.steps)
