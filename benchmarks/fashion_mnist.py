@@ -302,6 +302,7 @@ class Settings:
     p0: float = 0.1
     alpha: float = 1.5
     max_steps: int = 20
+    round_to: int | None = 8  # compress's default
     seed: int = 0  # the data subset's
     compress_seeds: tuple[int, ...] = (0,)
     threads: int = 1
@@ -319,7 +320,7 @@ def options_for(method: str, settings: Settings, seed: int) -> CompressOptions:
     criterion, stages, _ = METHODS[method]
     return CompressOptions(
         stages=stages, criterion=criterion, device="cpu", seed=seed,
-        p0=settings.p0, alpha=settings.alpha, max_steps=settings.max_steps,
+        p0=settings.p0, alpha=settings.alpha, max_steps=settings.max_steps, round_to=settings.round_to,
         recovery_iterations=settings.recovery_iterations,
         final_recovery_iterations=settings.final_recovery_iterations,
         calibration_samples=settings.calibration_samples, latency_runs=settings.latency_runs,
@@ -619,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-accuracy-drop", type=float, help="compress's accuracy budget (default: 1.0 = off)")
     p.add_argument("--seed", type=int, help="seed of the data subset (default: 0)")
     p.add_argument("--seeds", type=ints, help="compress's seeds, one run per method, level and seed (default: 0)")
+    p.add_argument("--round-to", type=int,
+                   help="channel counts kept to multiples of this (default: compress's 8; 1 lands closer to the level)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: 1; on a shared machine more threads run far slower)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (~1-2 minutes)")
@@ -641,7 +644,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                 "test_samples": args.test_samples, "recovery_iterations": args.recovery_iterations,
                 "final_recovery_iterations": args.final_recovery_iterations,
                 "max_accuracy_drop": args.max_accuracy_drop, "seed": args.seed, "threads": args.threads,
-                "compress_seeds": args.seeds}
+                "compress_seeds": args.seeds, "round_to": args.round_to}
     values.update({k: v for k, v in explicit.items() if v is not None})
     return Settings(**values)
 
