@@ -110,7 +110,7 @@ def _undone_notes(state: StageState) -> list[str]:
         return []
     recovered = sum(step.recovery_kept is not None for step in state.steps)
     return [f"Recovery was undone after {undone} of {recovered} steps: it left the held-out measure worse than the "
-            "step's surgery and compensation alone (lower lr if that is most steps)."]
+            "step's surgery and compensation alone. Where most steps undo it, a lower lr may let it help."]
 
 
 def _attention_notes(model: nn.Module) -> list[str]:
