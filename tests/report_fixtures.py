@@ -11,14 +11,15 @@ LATENCY = {"batch_1": 1.0, "batch_32": 4.0}
 
 
 def sample_steps() -> list[StepRecord]:
-    """A Stage 1 step, a Stage 2 removal, and a Stage 2 removal declined because width did better."""
+    """A Stage 1 step, a Stage 2 removal (its recovery undone), and a Stage 2 removal declined because width
+    did better (no recovery)."""
     comparison = WidthComparison(drift=0.02, width_drift=0.01, width_accuracy=0.97, width_units_removed=16,
                                  declined="pruning width to the same size did better")
     return [
         StepRecord(stage=Stage.FILTERS, step=1, macs=3_000_000, params=80_000, accuracy=0.985, seconds=1.5,
-                   accepted=True, units_removed=24),
+                   accepted=True, recovery_kept=True, units_removed=24),
         StepRecord(stage=Stage.LAYERS, step=2, macs=2_000_000, params=50_000, accuracy=0.98, seconds=2.0,
-                   accepted=True, block="blocks.1", divergence=0.125),
+                   accepted=True, recovery_kept=False, block="blocks.1", divergence=0.125),
         StepRecord(stage=Stage.LAYERS, step=3, macs=1_500_000, params=40_000, accuracy=0.95, seconds=2.5,
                    accepted=False, block="blocks.2", divergence=0.25, **comparison.model_dump()),
     ]

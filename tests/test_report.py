@@ -44,8 +44,9 @@ def test_report_json_has_todays_keys_and_shapes() -> None:
 
 def test_steps_carry_only_their_stages_fields() -> None:
     filters, removal, declined = sample_report().model_dump(mode="json")["steps"]
-    assert set(filters) == STEP_KEYS | {"units_removed"} and filters["stage"] == "filters"
-    assert set(removal) == STEP_KEYS | {"block", "divergence"} and removal["stage"] == "layers"
+    assert set(filters) == STEP_KEYS | {"units_removed", "recovery_kept"} and filters["stage"] == "filters"
+    assert set(removal) == STEP_KEYS | {"block", "divergence", "recovery_kept"} and removal["stage"] == "layers"
+    assert (filters["recovery_kept"], removal["recovery_kept"]) == (True, False)  # a False is written, not dropped
     assert set(declined) == STEP_KEYS | {"block", "divergence", "drift", "width_drift", "width_accuracy",
                                          "width_units_removed", "declined"}
 

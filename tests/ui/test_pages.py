@@ -166,6 +166,18 @@ def test_a_succeeded_job_without_a_report_still_has_its_page(client: TestClient,
     assert page.status_code == 200 and "no report.json" in page.text and "<svg" not in page.text
 
 
+def test_the_steps_table_says_whether_each_recovery_was_kept(client: TestClient, settings: Settings,
+                                                            tmp_path: Path) -> None:
+    alice, key = tenant_with_key(settings.database, "ui-alice")
+    job_id = add_job(settings.database, alice, "succeeded")
+    add_report(settings, job_id, sample_report(), tmp_path)
+    client.cookies.set("idap_key", key)
+    page = client.get(f"/ui/jobs/{job_id}").text
+    table = re.search(r"The steps as a table.*?<tbody>(.*?)</tbody>", page, re.S).group(1)  # type: ignore[union-attr]
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
+    assert [re.findall(r"<td>([^<]*)</td>", row)[-1] for row in rows] == ["kept", "undone: it did harm", "–"]
+
+
 @pytest.mark.parametrize(("changes", "label", "before", "after", "change", "budget"), [
     ({}, "top-1 accuracy", "99.00%", "98.00%", "−1.00 pt", "top-1 accuracy may drop by at most 1.00 points"),
     ({"task": Task.CAUSAL_LM, "accuracy_metric": Metric.PERPLEXITY, "accuracy_before": 12.0, "accuracy_after": 13.1,
