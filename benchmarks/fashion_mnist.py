@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -123,26 +123,30 @@ def require_data(data_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- model
 
+def _stem(width: int, stride: int, activation: type[nn.ReLU] | type[nn.ReLU6]) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, width, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width),
+                         activation(inplace=True))
+
+
+def _stages(widths: Sequence[int], block: Callable[[int, int, int], nn.Module]) -> list[nn.Sequential]:
+    """A stage of two blocks (in channels, out channels, stride) per width, stages 2 and 3 starting strided."""
+    stages, channels = [], widths[0]
+    for index, width in enumerate(widths):
+        stages.append(nn.Sequential(block(channels, width, 1 if index == 0 else 2), block(width, width, 1)))
+        channels = width
+    return stages
+
+
 class FashionResNet(nn.Module):
     """Stem conv, three stages of two BasicBlocks (stages 2 and 3 start strided), pool, linear."""
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64), stem_stride: int = 2,
                  num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, widths[0], 3, stride=stem_stride, padding=1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True),
-        )
-        stages = []
-        channels = widths[0]
-        for index, width in enumerate(widths):
-            stride = 1 if index == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(channels, width, stride), BasicBlock(width, width)))
-            channels = width
-        self.layer1, self.layer2, self.layer3 = stages
+        self.stem = _stem(widths[0], stem_stride, nn.ReLU)
+        self.layer1, self.layer2, self.layer3 = _stages(widths, BasicBlock)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
@@ -158,20 +162,10 @@ class FashionMobileNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (32, 64, 128), stem_stride: int = 1, head: int = 256,
                  num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, widths[0], 3, stride=stem_stride, padding=1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU6(inplace=True),
-        )
-        stages = []
-        channels = widths[0]
-        for index, width in enumerate(widths):
-            stride = 1 if index == 0 else 2
-            stages.append(nn.Sequential(InvertedResidual(channels, width, stride, expand_ratio=6),
-                                        InvertedResidual(width, width, 1, expand_ratio=6)))
-            channels = width
-        self.layer1, self.layer2, self.layer3 = stages
-        self.head = nn.Sequential(nn.Conv2d(channels, head, 1, bias=False), nn.BatchNorm2d(head),
+        self.stem = _stem(widths[0], stem_stride, nn.ReLU6)
+        self.layer1, self.layer2, self.layer3 = _stages(
+            widths, lambda inp, oup, stride: InvertedResidual(inp, oup, stride, expand_ratio=6))
+        self.head = nn.Sequential(nn.Conv2d(widths[-1], head, 1, bias=False), nn.BatchNorm2d(head),
                                   nn.ReLU6(inplace=True))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(head, num_classes)
