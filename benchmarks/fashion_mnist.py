@@ -2,7 +2,9 @@
 
 Every method compresses the same trained ResNet-style model with the same options
 (schedule, per-step and final recovery iterations, seed, data); only the criterion and
-the stages differ. Accuracy is measured here on the full 10k test split; size, wall time and
+the stages differ. Accuracy is measured here on the full 10k test split (or, with `--split validation`, on
+5k samples of the train split that neither the reference nor compress sees, for choosing IDAP++'s
+parameters with `--idap-option`); size, wall time and
 ONNX Runtime latency come from the `compress` report, and latency is timed once more after
 all runs with the models interleaved (see `interleaved_latency`). With several `--seeds` (compress's
 seed; the reference model and the data subset stay fixed), a summary gives each method's mean ± std
@@ -39,12 +41,13 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models.mobilenetv2 import InvertedResidual
 
-from benchmarks.cli_types import floats, ints, method_list
+from benchmarks.cli_types import floats, ints, method_list, option_override
 from core.data import Dataset
 from core.examples import BasicBlock
 from core.export.artifacts import export_onnx
 from core.inputs import Inputs
 from core.measure.latency import ort_latency_ms
+from core.errors import OptionsError
 from core.options import CompressOptions, Target
 from core.progress import ProgressEvent, ProgressFn
 from core.report import Report
@@ -89,12 +92,33 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+VALIDATION_SAMPLES = 5000
+
+
+class Split(StrEnum):
+    """Where the runs' top-1 is measured."""
+
+    TEST = "test"
+    VALIDATION = "validation"
+
+
 @dataclass
 class Splits:
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    def training(self, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of the train split the reference is trained on and compress draws its data from."""
+        return self.x_train[: config.train_samples], self.y_train[: config.train_samples]
+
+    def validation(self, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        end = config.train_samples + VALIDATION_SAMPLES
+        return self.x_train[config.train_samples: end], self.y_train[config.train_samples: end]
+
+    def evaluation(self, split: Split, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.x_test, self.y_test) if split == Split.TEST else self.validation(config)
 
 
 def _images(path: Path) -> torch.Tensor:
@@ -195,7 +219,10 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    train_samples: int | None = None  # None = the whole train split
+    # The first samples of the train split; the next VALIDATION_SAMPLES are the validation split, which
+    # neither the reference nor compress ever sees: IDAP++'s free parameters are chosen on it, never on
+    # the test split (issue 21).
+    train_samples: int = 55_000
     version: int = 1  # bump when the model or training code changes meaning
 
     def key(self) -> str:
@@ -220,8 +247,7 @@ def fit(config: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = config.model()
-    if config.train_samples is not None:
-        x, y = x[: config.train_samples], y[: config.train_samples]
+    x, y = x[: config.train_samples], y[: config.train_samples]
     order_rng = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * -(-len(x) // config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -281,7 +307,8 @@ class Settings:
     methods: tuple[str, ...] = tuple(METHODS)
     # 24k rather than 12k: the final recovery then makes ~4 passes over its recovery split, not ~8.
     train_samples: int = 24_000
-    test_samples: int | None = None  # None = the whole 10k test split
+    test_samples: int | None = None  # None = the whole evaluation split (10k test, 5k validation)
+    split: Split = Split.TEST
     recovery_iterations: int = 100
     final_recovery_iterations: int = 1200
     # Off (1.0): the held-out split comes from the train split the reference was trained on, so its
@@ -301,6 +328,10 @@ class Settings:
     compress_seeds: tuple[int, ...] = (0,)
     threads: int = 1
     train: TrainConfig = TrainConfig()
+    # the preflight's estimate for IDAP++'s runs, to hold their wall time against (it costs a third of a run)
+    estimate: bool = True
+    # CompressOptions fields set for IDAP++'s runs only (its free parameters, for a sweep on the validation split)
+    idap_options: tuple[tuple[str, Any], ...] = ()
 
 
 QUICK: dict[str, Any] = {
@@ -312,20 +343,22 @@ QUICK_TRAINING: dict[str, Any] = {"epochs": 1, "train_samples": 6000}
 
 def options_for(method: str, settings: Settings, seed: int) -> CompressOptions:
     criterion, stages, _ = METHODS[method]
-    return CompressOptions(
+    options = CompressOptions(
         stages=stages, criterion=criterion, device="cpu", seed=seed,
         p0=settings.p0, alpha=settings.alpha, max_steps=settings.max_steps, round_to=settings.round_to,
         recovery_iterations=settings.recovery_iterations,
         final_recovery_iterations=settings.final_recovery_iterations,
         calibration_samples=settings.calibration_samples, latency_runs=settings.latency_runs,
     )
+    return dataclasses.replace(options, **dict(settings.idap_options)) if method in IDAP else options
 
 
 def compression_data(data: Splits, settings: Settings) -> Dataset:
-    """A fixed random subset of the train split (compress holds out eval_fraction of it itself)."""
-    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(settings.seed))
+    """A fixed random subset of the reference's training data (compress holds out eval_fraction of it itself)."""
+    x, y = data.training(settings.train)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(settings.seed))
     index = order[: settings.train_samples]
-    return Dataset(Inputs.single(data.x_train[index].contiguous()), data.y_train[index].contiguous())
+    return Dataset(Inputs.single(x[index].contiguous()), y[index].contiguous())
 
 
 def progress_logger(prefix: str) -> ProgressFn:
@@ -347,7 +380,7 @@ def row_from_report(method: str, level: float, seed: int, report: Report, settin
     return {
         "method": method, "label": METHODS[method][2], "level": level, "seed": seed,
         "criterion": METHODS[method][0], "stages": list(METHODS[method][1]),
-        "test_top1_before": top1_before, "test_top1_after": top1_after,
+        "split": settings.split.value, "top1_before": top1_before, "top1_after": top1_after,
         "drop_points": round(100 * (top1_before - top1_after), 3),
         "val_top1_before": report.accuracy_before, "val_top1_after": report.accuracy_after,
         "macs_before": report.macs_before, "macs_after": report.macs_after,
@@ -380,7 +413,8 @@ def run_one(model: nn.Module, method: str, level: float, seed: int, settings: Se
     try:
         # what the service's preflight would have promised for this run, to hold the run's wall time against
         # (IDAP++'s runs only: a preflight costs about a third of a run here)
-        estimate = preflight(model, data, target, options).estimate_seconds if method in IDAP else None
+        estimate = preflight(model, data, target, options).estimate_seconds \
+            if method in IDAP and settings.estimate else None
         result = compress(model, data, target, options, out_root / f"{method}_{level:g}_{seed}",
                           progress=progress_logger(name))
     except Exception:
@@ -392,7 +426,7 @@ def run_one(model: nn.Module, method: str, level: float, seed: int, settings: Se
     if estimate is not None:
         row["estimate_s"] = estimate.cpu if estimate.measured_on == "cpu" else estimate.gpu
         row["estimate_range_s"] = [estimate.low_s, estimate.high_s]
-    log(f"{name}: test top-1 {row['test_top1_after']:.4f} (drop {row['drop_points']:.2f} pts), "
+    log(f"{name}: {settings.split} top-1 {row['top1_after']:.4f} (drop {row['drop_points']:.2f} pts), "
         f"MACs -{row['macs_reduction']:.1%}, {row['wall_s']:.0f} s")
     return row
 
@@ -458,8 +492,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             cells += [""] * (len(header) - len(cells))
         else:
             cells = [
-                row["label"], f"{row['level']:.0%}", str(row["seed"]), f"{row['test_top1_before']:.2%}",
-                f"{row['test_top1_after']:.2%}", f"{row['drop_points']:.2f}",
+                row["label"], f"{row['level']:.0%}", str(row["seed"]), f"{row['top1_before']:.2%}",
+                f"{row['top1_after']:.2%}", f"{row['drop_points']:.2f}",
                 f"{100 * (row['val_top1_before'] - row['val_top1_after']):.2f}",
                 f"{row['macs_after'] / 1e6:.2f} M", f"{row['macs_reduction']:.1%}",
                 f"{row['params_after'] / 1e3:.1f} k", _ms(row, "batch_1"), _ms(row, "batch_32"),
@@ -483,7 +517,7 @@ def method_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for level, method in dict.fromkeys((r["level"], r["method"]) for r in _ok(rows)):
         runs = [r for r in _ok(rows) if (r["level"], r["method"]) == (level, method)]
-        top1s = np.array([100 * r["test_top1_after"] for r in runs])
+        top1s = np.array([100 * r["top1_after"] for r in runs])
         out.append({"level": level, "method": method, "label": METHODS[method][2], "seeds": [r["seed"] for r in runs],
                     "top1_mean": float(top1s.mean()), "top1_std": float(top1s.std(ddof=1)) if len(runs) > 1 else 0.0,
                     "macs_reduction_mean": float(np.mean([r["macs_reduction"] for r in runs])),
@@ -499,7 +533,7 @@ def paired_difference(rows: list[dict[str, Any]], level: float) -> dict[str, Any
     if not baselines or not any(m["method"] == "idap" for m in summaries):
         return None
     best = max(baselines, key=lambda m: m["top1_mean"])
-    by_seed = {(r["method"], r["seed"]): 100 * r["test_top1_after"] for r in _ok(rows) if r["level"] == level}
+    by_seed = {(r["method"], r["seed"]): 100 * r["top1_after"] for r in _ok(rows) if r["level"] == level}
     seeds = [seed for seed in best["seeds"] if ("idap", seed) in by_seed]
     diffs = np.array([by_seed[("idap", seed)] - by_seed[(best["method"], seed)] for seed in seeds])
     mean = float(diffs.mean())
@@ -553,7 +587,7 @@ def goals(rows: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]
 
 
 def summary_table(rows: list[dict[str, Any]], levels: Sequence[float]) -> str:
-    lines = ["| Level | Method | Seeds | Test top-1 (mean ± std) | MACs red. (mean) | Within ±1 pt of the level |",
+    lines = ["| Level | Method | Seeds | Top-1 (mean ± std) | MACs red. (mean) | Within ±1 pt of the level |",
              "|---|---|---|---|---|---|"]
     for m in method_summary(rows):
         lines.append(f"| {m['level']:.0%} | {m['label']} | {len(m['seeds'])} | {m['top1_mean']:.2f} ± "
@@ -608,7 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=method_list(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--train-samples", type=int,
                    help="train-split samples passed to compress (default: 24000)")
-    p.add_argument("--test-samples", type=int, help="test-split samples to evaluate on (default: all 10000)")
+    p.add_argument("--test-samples", type=int, help="samples of the evaluation split to use (default: all)")
+    p.add_argument("--split", type=Split, choices=list(Split),
+                   help="where top-1 is measured: test (default) or the validation split, for choosing parameters")
+    p.add_argument("--idap-option", action="append", type=option_override, default=[], metavar="KEY=VALUE",
+                   help="a CompressOptions field for IDAP++'s runs only, e.g. filter_share=1.0 (repeatable)")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="skip the preflight's time estimate of IDAP++'s runs (a third of a run each)")
     p.add_argument("--recovery-iterations", type=int, help="recovery iterations per step (default: 100)")
     p.add_argument("--final-recovery-iterations", type=int, help="final recovery iterations (default: 1200)")
     p.add_argument("--max-accuracy-drop", type=float, help="compress's accuracy budget (default: 1.0 = off)")
@@ -638,8 +678,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
                 "test_samples": args.test_samples, "recovery_iterations": args.recovery_iterations,
                 "final_recovery_iterations": args.final_recovery_iterations,
                 "max_accuracy_drop": args.max_accuracy_drop, "seed": args.seed, "threads": args.threads,
-                "compress_seeds": args.seeds, "round_to": args.round_to}
+                "compress_seeds": args.seeds, "round_to": args.round_to, "split": args.split}
     values.update({k: v for k, v in explicit.items() if v is not None})
+    values["idap_options"] = tuple(args.idap_option)
+    values["estimate"] = args.estimate
     return Settings(**values)
 
 
@@ -648,19 +690,19 @@ def run(settings: Settings, data_dir: Path, cache_dir: Path, out: Path) -> dict[
     torch.set_num_threads(settings.threads)
     env = environment(settings.threads)  # at the start: the code that gets imported and the load now
     data = load_fashion_mnist(data_dir)
-    if settings.test_samples is not None:
-        data.x_test, data.y_test = data.x_test[: settings.test_samples], data.y_test[: settings.test_samples]
+    x_eval, y_eval = data.evaluation(settings.split, settings.train)
+    x_eval, y_eval = x_eval[: settings.test_samples], y_eval[: settings.test_samples]
     model, trained = reference_model(settings.train, data, cache_dir)
-    before = top1(model, data.x_test, data.y_test)
-    log(f"Reference test top-1 {before:.4f} on {len(data.x_test)} test samples")
+    before = top1(model, x_eval, y_eval)
+    log(f"Reference {settings.split} top-1 {before:.4f} on {len(x_eval)} samples")
     subset = compression_data(data, settings)
     runs_dir = out.parent / f"{out.stem}_runs"
-    rows = [run_one(model, method, level, seed, settings, subset, (data.x_test, data.y_test), before, runs_dir)
+    rows = [run_one(model, method, level, seed, settings, subset, (x_eval, y_eval), before, runs_dir)
             for level in settings.levels for seed in settings.compress_seeds for method in settings.methods]
-    add_interleaved_latency(rows, model, data.x_test[:1], runs_dir, settings)
+    add_interleaved_latency(rows, model, x_eval[:1], runs_dir, settings)
     result = {
         "settings": dataclasses.asdict(settings),
-        "reference": {"test_top1": before, "test_samples": len(data.x_test), **trained},
+        "reference": {"split": settings.split.value, "top1": before, "samples": len(x_eval), **trained},
         "environment": env,
         "rows": rows,
         "summary": method_summary(rows),
@@ -673,12 +715,18 @@ def run(settings: Settings, data_dir: Path, cache_dir: Path, out: Path) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     require_data(args.data_dir)
     settings = settings_from(args)
+    try:
+        dataclasses.replace(CompressOptions(), **dict(settings.idap_options)).validate()
+    except (TypeError, OptionsError) as error:
+        parser.error(f"--idap-option: {error}")
     result = run(settings, args.data_dir, args.cache_dir, args.out)
-    print(f"Fashion-MNIST, reference test top-1 {result['reference']['test_top1']:.2%} "
-          f"on {result['reference']['test_samples']} test samples; "
+    reference = result["reference"]
+    print(f"Fashion-MNIST, reference {reference['split']} top-1 {reference['top1']:.2%} "
+          f"on {reference['samples']} {reference['split']} samples; "
           "MACs are multiply-accumulates per sample.\n")
     print(markdown_table(result["rows"]))
     print("\n" + summary_table(result["rows"], settings.levels))

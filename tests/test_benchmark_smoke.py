@@ -60,8 +60,8 @@ def test_quick_benchmark_writes_a_sane_row_per_method_and_level(tmp_path: Path) 
     assert set(rows) == {(method, level) for method in METHODS for level in LEVELS}
     for (method, level), row in rows.items():
         assert row["error"] is None, row["error"]
-        assert 0.0 <= row["test_top1_after"] <= 1.0
-        assert row["test_top1_before"] == result["reference"]["test_top1"]
+        assert 0.0 <= row["top1_after"] <= 1.0 and row["split"] == "test"
+        assert row["top1_before"] == result["reference"]["top1"]
         # the benchmark switches the accuracy budget off, so every run must reach its size target
         assert row["target_met"], (method, level, row["stop_reason"])
         assert row["macs_after"] < row["macs_before"] and row["params_after"] < row["params_before"]
@@ -73,7 +73,7 @@ def test_quick_benchmark_writes_a_sane_row_per_method_and_level(tmp_path: Path) 
         assert Path(row["onnx"]).is_file()
         if "layers" not in METHODS[method][1]:
             assert row["removed_blocks"] == []
-    assert result["reference"]["test_samples"] == 500
+    assert result["reference"]["samples"] == 500
     assert {goal["holds"] for goal in result["goals"]} <= {True, False}
     assert "| IDAP++ | 50% |" in done.stdout
 
@@ -268,7 +268,7 @@ def test_fashion_mnist_summary_pairs_idap_with_the_best_baseline_seed_by_seed() 
     from benchmarks.fashion_mnist import Settings, goals, method_summary, paired_difference
 
     def row(method: str, seed: int, top1: float, macs: float = 0.7) -> dict[str, object]:
-        return {"method": method, "level": 0.7, "seed": seed, "test_top1_after": top1, "macs_reduction": macs,
+        return {"method": method, "level": 0.7, "seed": seed, "top1_after": top1, "macs_reduction": macs,
                 "error": None}
 
     rows = [row("idap", 0, 0.905), row("idap", 1, 0.910), row("idap", 2, 0.912),
@@ -291,17 +291,51 @@ def test_fashion_mnist_summary_pairs_idap_with_the_best_baseline_seed_by_seed() 
     assert goals(rows, Settings(levels=(0.7,), compress_seeds=(0, 1, 2)))[0]["holds"] is False
 
 
+def test_fashion_mnist_validation_split_is_unseen_and_idap_options_reach_idap_runs_only() -> None:
+    import torch
+
+    from benchmarks.fashion_mnist import (
+        Settings,
+        Split,
+        Splits,
+        TrainConfig,
+        build_parser,
+        compression_data,
+        options_for,
+        settings_from,
+    )
+
+    # every sample is its own index, so where a sample came from can be read off it
+    x = torch.arange(60_000, dtype=torch.float32).view(-1, 1, 1, 1)
+    data = Splits(x, torch.zeros(60_000, dtype=torch.long), -torch.ones(10, 1, 1, 1), torch.zeros(10))
+    config = TrainConfig()
+    trained = set(data.training(config)[0].flatten().tolist())
+    validation = data.validation(config)[0].flatten().tolist()
+    assert len(validation) == 5000 and not trained & set(validation)
+    settings = Settings(train_samples=24_000, split=Split.VALIDATION)
+    drawn = compression_data(data, settings).inputs.first.flatten().tolist()
+    assert len(drawn) == 24_000 and set(drawn) <= trained
+    assert data.evaluation(Split.VALIDATION, config)[0].flatten().tolist() == validation
+    assert data.evaluation(Split.TEST, config)[0].flatten().tolist() == [-1.0] * 10
+
+    settings = settings_from(build_parser().parse_args(["--idap-option", "filter_share=1.0",
+                                                        "--idap-option", "allocation=drift"]))
+    assert options_for("idap", settings, 0).filter_share == 1.0
+    assert options_for("idap_stage1", settings, 0).allocation == "drift"
+    assert options_for("fpgm", settings, 0).filter_share == 0.7
+    assert options_for("fpgm", settings, 0).allocation == "auto"
+
+
 def test_the_larger_fashion_mnist_proxy_has_depthwise_layers_and_is_pruned_in_width_and_depth(tmp_path: Path) -> None:
     import torch
 
-    from benchmarks.fashion_mnist import MOBILENET_TRAIN, TrainConfig
+    from benchmarks.fashion_mnist import MOBILENET_TRAIN
     from core.data import Dataset
     from core.inputs import Inputs
     from core.measure.size import count_macs_params
     from core.options import CompressOptions, Target
     from core.run.pipeline import compress
 
-    assert TrainConfig().key() == "44a08fc8758b06f9"  # the ResNet proxy's cached weights keep their name
     torch.manual_seed(0)
     model = MOBILENET_TRAIN.model().eval()
     example = Inputs.single(torch.zeros(2, 1, 28, 28))
