@@ -283,7 +283,8 @@ def reference_model(config: TrainConfig, data: Splits,
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Write then rename, so an interrupted run never leaves a truncated cache entry behind.
     scratch = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(config),
+    # the proxy as its name: the cache is read with weights_only=True, which refuses pickled enums
+    torch.save({"state_dict": model.state_dict(), "config": {**dataclasses.asdict(config), "proxy": config.proxy.value},
                 "train_seconds": seconds}, scratch)
     scratch.replace(path)
     return model, {"cache": str(path), "cached": False, "train_seconds": seconds}

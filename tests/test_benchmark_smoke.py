@@ -326,6 +326,21 @@ def test_fashion_mnist_validation_split_is_unseen_and_idap_options_reach_idap_ru
     assert options_for("fpgm", settings, 0).allocation == "auto"
 
 
+@pytest.mark.parametrize("proxy", ["resnet", "mobilenet"])
+def test_fashion_mnist_reference_weights_are_read_back_from_the_cache(proxy: str, tmp_path: Path) -> None:
+    import torch
+
+    from benchmarks.fashion_mnist import Proxy, Splits, TrainConfig, reference_model
+
+    config = TrainConfig(proxy=Proxy(proxy), widths=(8, 8, 8), epochs=1, batch_size=32, train_samples=64)
+    x = torch.randn(80, 1, 28, 28)
+    data = Splits(x, torch.randint(0, 10, (80,)), x[:4], torch.zeros(4, dtype=torch.long))
+    trained, first = reference_model(config, data, tmp_path)
+    cached, second = reference_model(config, data, tmp_path)
+    assert not first["cached"] and second["cached"]
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), cached.state_dict().values()))
+
+
 def test_the_larger_fashion_mnist_proxy_has_depthwise_layers_and_is_pruned_in_width_and_depth(tmp_path: Path) -> None:
     import torch
 
