@@ -41,7 +41,7 @@ def test_minilm_option_overrides_reach_idap_runs_only() -> None:
     settings = settings_from(args)
     idap, taylor = options_for("idap", settings), options_for("taylor", settings)
     assert (idap.layers_must_beat_width, idap.group_scores, idap.device) == (False, "mean", "cuda")
-    assert (taylor.layers_must_beat_width, taylor.group_scores, taylor.device) == (True, "layer_sum", "cuda")
+    assert (taylor.layers_must_beat_width, taylor.group_scores, taylor.device) == (True, "auto", "cuda")
     with pytest.raises(SystemExit, match="frobnicate"):
         settings_from(build_parser().parse_args(["--option", "frobnicate=1"]))
 

@@ -556,3 +556,38 @@ def test_a_plan_that_also_narrows_the_units_inputs_compensates_them_with_the_mea
     value = UnitKey(UnitKind.CHANNELS, "model.bert.encoder.layer.0.attention.self.value")
     head_size = _mean_only_where_inputs_change(model, graph, {value: [0]}, means, by_site)
     assert [key for key in encoder if head_size[key][1].cov is None] == [UnitKey(UnitKind.HEADS, sites[0].name)]
+
+
+def _step_scores(model: nn.Module, inputs: Inputs, group_scores: str) -> dict[str, torch.Tensor]:
+    from core.run.pipeline import prepared_run
+    from core.run.stages import group_candidates, step_scoring
+    from core.surgery.groups import build_graph
+
+    options = CompressOptions(group_scores=group_scores, allocation="scores", mean_compensation=False)
+    model, run = prepared_run(model, Dataset(inputs), Target(macs_reduction=0.3), options)
+    graph = build_graph(model, run.spec.example)
+    groups = group_candidates(run.spec, run.cache, model, graph)
+    return {g.key.name: s for g, s in zip(groups, step_scoring(run, model, graph, groups).scores)}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_group_scores_auto_sums_layers_where_heads_are_pruned_and_averages_them_in_cnns():
+    from core.examples import BasicBlock
+
+    torch.manual_seed(0)
+    # the shortcut's group is written by the first block's projection and second conv and the second's conv
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), BasicBlock(8, 16, 2),
+                        BasicBlock(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    images = Inputs.single(torch.randn(32, 3, 16, 16))
+    cnn_auto = _step_scores(cnn, images, "auto")
+    assert _same(cnn_auto, _step_scores(cnn, images, "mean"))
+    assert not _same(cnn_auto, _step_scores(cnn, images, "layer_sum"))
+
+    bert = small_bert()
+    ids = as_ids(tokens())
+    bert_auto = _step_scores(bert, ids, "auto")
+    assert _same(bert_auto, _step_scores(bert, ids, "layer_sum"))
+    assert not _same(bert_auto, _step_scores(bert, ids, "mean"))

@@ -92,7 +92,7 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
     criterion = spec.options.criterion
     batch = spec.options.batch_size
     sites = [g.group for g in groups if isinstance(g.group, AttentionSite)]
-    layer_sum = spec.options.group_scores == GroupScores.LAYER_SUM
+    layer_sum = sums_layer_scores(spec.options.group_scores, heads_compete=bool(sites))
     means: Means = {}
     if criterion == Criterion.DIVERGENCE:
         compensate = spec.options.mean_compensation
@@ -141,6 +141,12 @@ def step_scoring(run: Run, model: nn.Module, graph: tp.DependencyGraph, groups: 
         with run.timer(Work.PROBES):
             scores = drift_per_size(run, model, graph, groups, scores, means)
     return Scoring(scores, means, graph)
+
+
+def sums_layer_scores(group_scores: GroupScores, heads_compete: bool) -> bool:
+    """Whether coupled layers' normalised scores are summed (CompressOptions.group_scores): with "auto",
+    where attention heads are pruned, whose residual stream averaged scores make look cheap."""
+    return group_scores == GroupScores.LAYER_SUM or (group_scores == GroupScores.AUTO and heads_compete)
 
 
 def allocates_by_drift(allocation: Allocation, groups: list[PrunableGroup], large: bool = False) -> bool:

@@ -109,7 +109,7 @@ def test_method_options_reach_the_engine() -> None:
     assert named.options_core().output == "aux"
     defaults = JobConfig.model_validate({"target": {"macs_reduction": 0.5}}).options_core()
     assert (defaults.layers_must_beat_width, defaults.group_scores, defaults.mean_compensation,
-            defaults.least_squares_compensation, defaults.allocation) == (True, "layer_sum", True, True, "auto")
+            defaults.least_squares_compensation, defaults.allocation) == (True, "auto", True, True, "auto")
     assert defaults.precision == "auto"
 
 
