@@ -42,6 +42,8 @@ def test_half_the_macs_keeps_top1_within_one_point(digits_model, digits_arrays, 
                       CompressOptions(**RECOVERED), tmp_path, progress=events.append)
     report = result.report
     assert REPORT_KEYS <= set(report.model_dump(mode="json"))
+    # lands within tolerance: here the last step's lowest-scoring units take a whole block of 8 of the stem's
+    # 32 channels (-46 % -> -57 %), and the step takes another group's next block instead (_capped_landing)
     assert report.target_met and abs(report.macs_reduction - 0.5) <= 0.03
     assert report.options.lr == 1e-3  # the method's rate for a CNN (transformers get 1e-4)
     assert report.accuracy_before - report.accuracy_after <= 0.01

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -11,7 +12,7 @@ from core.surgery.groups import PrunableGroup
 from core.surgery.units import Plan
 
 
-def _rounded_count(width: int, selected: int, minimum: int, round_to: int | None) -> int:
+def rounded_count(width: int, selected: int, minimum: int, round_to: int | None) -> int:
     """Channels to remove so the remaining width is a multiple of `round_to` (nearest)."""
     if not round_to or selected == 0:
         return selected
@@ -20,11 +21,12 @@ def _rounded_count(width: int, selected: int, minimum: int, round_to: int | None
     return max(width - keep, 0)
 
 
-def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, round_to: int | None) -> Plan:
+def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, round_to: int | None,
+              caps: Sequence[int | None] | None = None) -> Plan:
     """Remove the `k` lowest-scoring channels across all groups (global ranking).
 
     Scores are already comparable across groups (normalised per group). No group goes
-    below its minimum width.
+    below its minimum width, nor loses more than its entry in `caps` (None: no cap).
     """
     entries = [
         (float(score), g, c)
@@ -37,12 +39,13 @@ def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, r
     for _, g, _ in entries:
         if chosen >= k:
             break
-        if taken[g] < groups[g].capacity:
+        cap = groups[g].capacity if caps is None or caps[g] is None else min(caps[g], groups[g].capacity)
+        if taken[g] < cap:
             taken[g] += 1
             chosen += 1
     plan: Plan = {}
     for g, group in enumerate(groups):
-        n = _rounded_count(group.width, taken[g], group.min_width, round_to if group.rounds else None)
+        n = rounded_count(group.width, taken[g], group.min_width, round_to if group.rounds else None)
         if n == 0:
             continue
         lowest = torch.argsort(scores[g], stable=True)[:n].tolist()
