@@ -182,8 +182,8 @@ class CompressOptions:
     # residual-stream channel written by 12 layers weighs 12 of one MLP layer's neurons; "mean"
     # averages raw scores over the group and normalises the group (the first implementation).
     # "auto" is layer_sum where attention heads are pruned (MiniLM kept its hidden size and 2 points
-    # with it) and mean otherwise (the Fashion-MNIST ResNet's validation split: +0.3 point at -70 % and
-    # -80 % MACs over layer_sum: +0.28 and +0.27 point; README, Decisions).
+    # with it) and mean otherwise (the Fashion-MNIST ResNet's validation split, three seeds: +0.28 and
+    # +0.27 point over layer_sum at -70 % and -80 % MACs; README, Decisions).
     group_scores: GroupScores = GroupScores.AUTO
     # Units whose activation is exactly the input of one Linear (MLP neurons, attention heads) are
     # scored on their variation around the calibration mean, and that mean is folded into the
