@@ -43,11 +43,11 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 from benchmarks.cli_types import floats, ints, method_list, option_override
 from core.data import Dataset
+from core.errors import OptionsError
 from core.examples import BasicBlock
 from core.export.artifacts import export_onnx
 from core.inputs import Inputs
 from core.measure.latency import ort_latency_ms
-from core.errors import OptionsError
 from core.options import CompressOptions, Target
 from core.progress import ProgressEvent, ProgressFn
 from core.report import Report
@@ -667,7 +667,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
                    help="where trained reference weights are kept")
     p.add_argument("--out", type=Path, default=RESULTS_PATH, help="JSON results file")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="run nothing: the summary and goals of these results files' runs together "
+                        "(runs split over processes, e.g. one per level or per group of methods)")
     return p
+
+
+def combined_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The rows of several results files; a run (method, level, seed) found twice is refused, since the
+    summary would count it twice."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows += json.loads(path.read_text())["rows"]
+    runs = [(r["method"], r["level"], r["seed"]) for r in rows]
+    twice = sorted({run for run in runs if runs.count(run) > 1})
+    if twice:
+        raise ValueError(f"runs found in more than one file: {twice}")
+    splits = {r.get("split", Split.TEST.value) for r in rows}
+    if len(splits) > 1:
+        raise ValueError(f"rows measured on different splits ({', '.join(sorted(splits))}) cannot be compared")
+    return rows
+
+
+def print_combined(paths: Sequence[Path]) -> None:
+    rows = combined_rows(paths)
+    levels = tuple(sorted({r["level"] for r in rows}))
+    settings = Settings(levels=levels, compress_seeds=tuple(sorted({r["seed"] for r in rows})))
+    print(summary_table(rows, levels))
+    print("\nGoals:")
+    print(format_goals(goals(rows, settings)))
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -718,6 +746,12 @@ def run(settings: Settings, data_dir: Path, cache_dir: Path, out: Path) -> dict[
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.combine:
+        try:
+            print_combined(args.combine)
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--combine: {error}")
+        return 0
     require_data(args.data_dir)
     settings = settings_from(args)
     try:

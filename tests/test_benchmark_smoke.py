@@ -341,6 +341,27 @@ def test_fashion_mnist_reference_weights_are_read_back_from_the_cache(proxy: str
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), cached.state_dict().values()))
 
 
+def test_fashion_mnist_combines_runs_split_over_processes(tmp_path: Path) -> None:
+    from benchmarks.fashion_mnist import main
+
+    def write(name: str, method: str, top1s: tuple[float, ...], split: str = "test") -> Path:
+        rows = [{"method": method, "level": 0.7, "seed": seed, "top1_after": top1, "macs_reduction": 0.7,
+                 "split": split, "error": None} for seed, top1 in enumerate(top1s)]
+        (tmp_path / name).write_text(json.dumps({"rows": rows}))
+        return tmp_path / name
+
+    idap = write("idap.json", "idap", (0.905, 0.910, 0.912))
+    fpgm = write("fpgm.json", "fpgm", (0.900, 0.904, 0.907))
+    done = run_benchmark("--combine", idap, fpgm)
+    assert done.returncode == 0, done.stderr
+    assert "| 70% | torch-pruning fpgm | +0.53 |" in done.stdout
+    with pytest.raises(SystemExit):
+        main(["--combine", str(idap), str(fpgm), str(idap)])  # a run twice
+    validation = write("validation.json", "l2", (0.9,), split="validation")
+    with pytest.raises(SystemExit):
+        main(["--combine", str(idap), str(validation)])
+
+
 def test_the_larger_fashion_mnist_proxy_has_depthwise_layers_and_is_pruned_in_width_and_depth(tmp_path: Path) -> None:
     import torch
 

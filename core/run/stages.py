@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -177,7 +177,7 @@ def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: Attentio
 
 
 def pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
-                 k: int, caps: list[int | None] | None = None) -> tuple[nn.Module, int]:
+                 k: int, caps: Sequence[int | None] | None = None) -> tuple[nn.Module, int]:
     plan = make_plan(groups, scoring.scores, k, run.spec.options.round_to, caps)
     # pruned in place through the step's graph and copied, rather than copied and traced again
     with run.timer(Work.SURGERY), applied(model, run.spec.example, scoring.graph, plan, scoring.means):
@@ -186,28 +186,27 @@ def pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring
 
 
 def _smallest_step(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
-                  full: tuple[nn.Module, int], k: int, enough: Callable[[nn.Module], bool], slack: float = 0.0,
-                  low: int = 0, caps: list[int | None] | None = None
-                  ) -> tuple[tuple[nn.Module, int], tuple[nn.Module, int] | None, int, int]:
-    """Bisect the number of removed units between `low` (known not to be enough) and `k` for the smallest
-    step that is `enough` (the caller's k-unit step `full` is known to be), to within `slack` of the step's
-    size (each try prunes a copy of the model and measures it).
+                  full: tuple[nn.Module, int], k: int, enough: Callable[[nn.Module], bool], slack: float = 0.0
+                  ) -> tuple[tuple[nn.Module, int], tuple[nn.Module, int] | None, int]:
+    """Bisect the number of removed units for the smallest step that is `enough` (the caller's
+    k-unit step `full` is known to be), to within `slack` of the step's size (each try prunes a
+    copy of the model and measures it).
 
-    Returns that step and the largest one that is not enough (None if that is the `low`-unit step),
-    and their unit counts: with round_to, one more unit can remove a whole block of channels, and the
-    step just short of the target may be the closer one.
+    Returns that step, the largest one that is not enough (None if that is the empty step) and the
+    units planned for the latter: with round_to, one more unit can remove a whole block of channels,
+    and the step just short of the target may be the closer one.
     """
-    high = k
+    low, high = 0, k
     best = full
     below = None
     while high - low > max(1, int(slack * high)):
         mid = (low + high) // 2
-        trial = pruned_copy(run, model, groups, scoring, mid, caps)
+        trial = pruned_copy(run, model, groups, scoring, mid)
         if enough(trial[0]):
             high, best = mid, trial
         else:
             low, below = mid, trial
-    return best, below, high, low
+    return best, below, low
 
 
 def prune_filters(run: Run, model: nn.Module, state: StageState,
@@ -283,14 +282,14 @@ def _step_candidate(run: Run, model: nn.Module, groups: list[PrunableGroup], sco
         def enough(trial: nn.Module) -> bool:
             return goals.reached(run.measure(trial), share=share)
 
-        (candidate, removed), below, k_best, k_below = _smallest_step(
+        (candidate, removed), below, k_below = _smallest_step(
             run, model, groups, scoring, (candidate, removed), k, enough)
         if share >= 1.0 and goals.overshoots(run.measure(candidate)):
             # the smallest step that reaches the target overshoots it (round_to granularity):
             # a step, or no step, that ends within tolerance below the target is closer
             if below is not None and below[1] > 0 and goals.met(run.measure(below[0])):
                 return below
-            landed = _capped_landing(run, model, groups, scoring, k_below, k_best, enough)
+            landed = _capped_landing(run, model, groups, scoring, k_below, enough)
             if landed is not None:
                 return landed
             if goals.met(run.measure(model)):
@@ -299,9 +298,9 @@ def _step_candidate(run: Run, model: nn.Module, groups: list[PrunableGroup], sco
 
 
 def _capped_landing(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring, k_below: int,
-                    k_best: int, enough: Callable[[nn.Module], bool]) -> tuple[nn.Module, int] | None:
-    """A step that reaches the target without overshooting it, when the `k_best`-unit step overshoots
-    because its last unit rounded a whole block of a costly group's channels away (a digits model asked
+                    enough: Callable[[nn.Module], bool]) -> tuple[nn.Module, int] | None:
+    """A step that reaches the target without overshooting it, when the smallest step that reaches it
+    overshoots because its last unit rounded a whole block of a costly group's channels away (a digits model asked
     for -50 % of its MACs landed at -57 %): the `k_below`-unit step, just short of the target, plus the
     next block of one other group, whichever lands within tolerance with the lowest-scoring units. None
     if none does."""
@@ -309,17 +308,18 @@ def _capped_landing(run: Run, model: nn.Module, groups: list[PrunableGroup], sco
     round_to = run.spec.options.round_to
     short = make_plan(groups, scoring.scores, k_below, round_to)
     base = [len(short.get(g.key, [])) // g.ch_groups for g in groups]
-    landings: list[tuple[float, tuple[nn.Module, int]]] = []
+    blocks = []  # (the added units' summed score, group index, units the group then loses)
     for i, group in enumerate(groups):
         more = _next_block(group, base[i], round_to)
-        if more is None:
-            continue
-        caps: list[int | None] = [*base[:i], more, *base[i + 1:]]
-        trial = pruned_copy(run, model, groups, scoring, sum(caps), caps)
+        if more is not None:
+            blocks.append((float(torch.sort(scoring.scores[i]).values[base[i]: more].sum()), i, more))
+    # cheapest block first, and the first that lands is taken: one pruned copy alive at a time
+    for _, i, more in sorted(blocks):
+        counts = [*base[:i], more, *base[i + 1:]]
+        trial = pruned_copy(run, model, groups, scoring, sum(counts), counts)
         if enough(trial[0]) and not goals.overshoots(run.measure(trial[0])):
-            added = torch.sort(scoring.scores[i]).values[base[i]: more]
-            landings.append((float(added.sum()), trial))
-    return min(landings, key=lambda landing: landing[0])[1] if landings else None
+            return trial
+    return None
 
 
 def _next_block(group: PrunableGroup, removed: int, round_to: int | None) -> int | None:

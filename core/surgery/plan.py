@@ -35,12 +35,13 @@ def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, r
     ]
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
     taken = [0] * len(groups)
+    limits = [group.capacity if caps is None or (cap := caps[g]) is None else min(cap, group.capacity)
+              for g, group in enumerate(groups)]
     chosen = 0
     for _, g, _ in entries:
         if chosen >= k:
             break
-        cap = groups[g].capacity if caps is None or caps[g] is None else min(caps[g], groups[g].capacity)
-        if taken[g] < cap:
+        if taken[g] < limits[g]:
             taken[g] += 1
             chosen += 1
     plan: Plan = {}
