@@ -66,6 +66,19 @@ def test_plan_respects_minimum_width_and_round_to(digits_model, digits_arrays) -
     assert digits_model.fc.out_features == 10
 
 
+def test_plan_caps_hold_a_group_back_and_the_others_give_the_rest(digits_model, digits_arrays) -> None:
+    x = _x(digits_arrays)
+    graph = build_graph(digits_model, Inputs.single(x[:2]))
+    groups = prunable_groups(graph, digits_model, [digits_model.fc], {}, 0.125, 1)
+    # the first group's units score lowest of all, so an uncapped plan takes them first
+    scores = [torch.arange(g.width, dtype=torch.float32) + (0.0 if i == 0 else 1000.0) for i, g in enumerate(groups)]
+    assert len(make_plan(groups, scores, 4, None)[groups[0].key]) == 4
+    caps = [1] + [g.capacity for g in groups[1:]]
+    plan = make_plan(groups, scores, 4, None, caps)
+    assert len(plan[groups[0].key]) == 1
+    assert sum(len(units) // g.ch_groups for g in groups[1:] for units in [plan.get(g.key, [])]) == 3
+
+
 def test_block_that_passes_its_input_through_has_zero_divergence(digits_model, digits_arrays) -> None:
     bn = digits_model.blocks[1].bn2
     with torch.no_grad():

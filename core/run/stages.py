@@ -177,7 +177,7 @@ def _baseline_head_scores(criterion: Criterion, model: nn.Module, site: Attentio
 
 
 def pruned_copy(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring,
-                 k: int, caps: Sequence[int | None] | None = None) -> tuple[nn.Module, int]:
+                 k: int, caps: Sequence[int] | None = None) -> tuple[nn.Module, int]:
     plan = make_plan(groups, scoring.scores, k, run.spec.options.round_to, caps)
     # pruned in place through the step's graph and copied, rather than copied and traced again
     with run.timer(Work.SURGERY), applied(model, run.spec.example, scoring.graph, plan, scoring.means):

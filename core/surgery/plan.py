@@ -22,11 +22,11 @@ def rounded_count(width: int, selected: int, minimum: int, round_to: int | None)
 
 
 def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, round_to: int | None,
-              caps: Sequence[int | None] | None = None) -> Plan:
+              caps: Sequence[int] | None = None) -> Plan:
     """Remove the `k` lowest-scoring channels across all groups (global ranking).
 
     Scores are already comparable across groups (normalised per group). No group goes
-    below its minimum width, nor loses more than its entry in `caps` (None: no cap).
+    below its minimum width, nor loses more than its entry in `caps` (a cap for each group, if given).
     """
     entries = [
         (float(score), g, c)
@@ -35,8 +35,7 @@ def make_plan(groups: list[PrunableGroup], scores: list[torch.Tensor], k: int, r
     ]
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
     taken = [0] * len(groups)
-    limits = [group.capacity if caps is None or (cap := caps[g]) is None else min(cap, group.capacity)
-              for g, group in enumerate(groups)]
+    limits = [group.capacity if caps is None else min(caps[g], group.capacity) for g, group in enumerate(groups)]
     chosen = 0
     for _, g, _ in entries:
         if chosen >= k:
