@@ -243,11 +243,11 @@ MOBILENET_TRAIN = TrainConfig(proxy=Proxy.MOBILENET, widths=(32, 64, 128), stem_
 
 
 def fit(config: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    """The reference trained on `x`, `y` (Splits.training: the samples it may see)."""
     # fork_rng: the seed fixes initialisation without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = config.model()
-    x, y = x[: config.train_samples], y[: config.train_samples]
     order_rng = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * -(-len(x) // config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -278,7 +278,7 @@ def reference_model(config: TrainConfig, data: Splits,
         return model.eval(), {"cache": str(path), "cached": True, "train_seconds": saved["train_seconds"]}
     log(f"Training the reference model ({config})")
     started = time.monotonic()
-    model = fit(config, data.x_train, data.y_train)
+    model = fit(config, *data.training(config))
     seconds = round(time.monotonic() - started, 1)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Write then rename, so an interrupted run never leaves a truncated cache entry behind.
