@@ -214,31 +214,43 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| Method | Level | Params red. | PPL before | PPL after | Rel. increase | ORT ms/token before → after "
-             "| Removed layers | Steps | Wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| Method | Level | Params red. | Met | PPL before | PPL after | Rel. increase "
+             "| ORT ms/token before → after | Removed layers | Steps | Wall s |", "|---" * 11 + "|"]
     for r in rows:
         if r["error"]:
-            lines.append(f"| {r['label']} | -{r['level']:.0%} | failed | | | | | | | |")
+            lines.append(f"| {r['label']} | -{r['level']:.0%} | failed | | | | | | | | |")
             continue
-        lines.append(f"| {r['label']} | -{r['level']:.0%} | {r['params_reduction']:.1%} | {r['perplexity_before']:.2f} "
-                     f"| {r['perplexity_after']:.2f} | {r['relative_increase']:+.1%} | "
+        met = "yes" if r["target_met"] else "no"
+        lines.append(f"| {r['label']} | -{r['level']:.0%} | {r['params_reduction']:.1%} | {met} "
+                     f"| {r['perplexity_before']:.2f} | {r['perplexity_after']:.2f} | {r['relative_increase']:+.1%} | "
                      f"{r['latency_ms_per_token_before']:.3f} → {r['latency_ms_per_token_after']:.3f} | "
                      f"{len(r['removed_blocks'])} | {r['steps']} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """IDAP++ at least as good as the best baseline (lowest held-out perplexity) at every level."""
+    """IDAP++ at least as good as the best baseline (lowest held-out perplexity) at every level. Only runs
+    that reached the level compare: a baseline that the perplexity budget stopped short of it kept more of
+    the model, so its perplexity is no standard, and it loses to an IDAP++ run that got there."""
     out = []
     for level in sorted({r["level"] for r in rows}):
         at = {r["method"]: r for r in rows if r["level"] == level and not r["error"]}
-        baselines = [r for m, r in at.items() if METHODS[m][0] != "divergence"]
-        if "idap" not in at or not baselines:
+        if "idap" not in at:
             continue
-        best = min(baselines, key=lambda r: r["perplexity_after"])
-        ok = at["idap"]["perplexity_after"] <= best["perplexity_after"]
-        out.append(f"-{level:.0%}: IDAP++ {at['idap']['perplexity_after']:.2f} vs best baseline {best['label']} "
-                   f"{best['perplexity_after']:.2f}: {'met' if ok else 'NOT met'}")
+        idap = at["idap"]
+        baselines = [r for m, r in at.items() if METHODS[m][0] != "divergence"]
+        reached = [r for r in baselines if r["target_met"]]
+        if not idap["target_met"]:
+            out.append(f"-{level:.0%}: IDAP++ stopped at -{idap['params_reduction']:.1%}: NOT met")
+        elif not reached:
+            short = ", ".join(f"{r['label']} -{r['params_reduction']:.1%}" for r in baselines) or "none run"
+            out.append(f"-{level:.0%}: IDAP++ {idap['perplexity_after']:.2f}; no baseline reached the level "
+                       f"({short}): met")
+        else:
+            best = min(reached, key=lambda r: r["perplexity_after"])
+            ok = idap["perplexity_after"] <= best["perplexity_after"]
+            out.append(f"-{level:.0%}: IDAP++ {idap['perplexity_after']:.2f} vs best baseline {best['label']} "
+                       f"{best['perplexity_after']:.2f}: {'met' if ok else 'NOT met'}")
     return out
 
 
@@ -255,11 +267,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: 1)")
     p.add_argument("--quick", action="store_true", help="smoke-test settings")
     p.add_argument("--out", type=Path, default=RESULTS_PATH)
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="run nothing: the table and verdicts of these results files' runs together "
+                        "(runs split over processes, e.g. IDAP++ in one and the baselines in another)")
     return p
 
 
+def combined_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """The rows of several results files. They must share the settings that decide the comparison (all
+    but the methods and levels) and the original's held-out perplexity; a run found twice is refused."""
+    rows: list[dict[str, Any]] = []
+    shared: dict[str, Any] | None = None
+    for path in paths:
+        result = json.loads(path.read_text())
+        settings = {k: v for k, v in result["settings"].items() if k not in ("methods", "levels")}
+        mine = {"settings": settings, "perplexity": result["reference"]["perplexity"]}
+        if shared is not None and mine != shared:
+            raise ValueError(f"{path} was run with other settings or data than {paths[0]}")
+        shared = mine
+        rows += result["rows"]
+    runs = [(r["method"], r["level"]) for r in rows]
+    twice = sorted({run for run in runs if runs.count(run) > 1})
+    if twice:
+        raise ValueError(f"runs found in more than one file: {twice}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.combine:
+        try:
+            rows = combined_rows(args.combine)
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--combine: {error}")
+        print(markdown_table(rows))
+        print("\n".join(verdicts(rows)))
+        return 0
     # torch-pruning names every RMSNorm weight on each of its many graph builds; they are left whole anyway
     warnings.filterwarnings("ignore", message="Unwrapped parameters")
     settings = Settings(**QUICK) if args.quick else Settings()

@@ -385,3 +385,44 @@ def test_the_larger_fashion_mnist_proxy_has_depthwise_layers_and_is_pruned_in_wi
     assert any(step.stage == "filters" and step.accepted for step in report.steps)
     # its inverted residuals with a shortcut are Stage 2's candidates
     assert any(step.stage == "layers" and step.block for step in report.steps)
+
+
+def _smollm2_row(method: str, level: float, reduction: float, ppl: float) -> dict[str, object]:
+    from benchmarks.smollm2 import METHODS as SMOLLM2_METHODS
+
+    return {"method": method, "label": SMOLLM2_METHODS[method][2], "level": level, "error": None,
+            "params_reduction": reduction, "target_met": reduction >= level - 0.01, "perplexity_after": ppl}
+
+
+def test_smollm2_verdict_compares_only_runs_that_reached_the_level() -> None:
+    from benchmarks.smollm2 import verdicts
+
+    # l2 kept the whole model (its steps all broke the budget): its low perplexity is no standard
+    rows = [_smollm2_row("idap", 0.2, 0.2, 80.0), _smollm2_row("l2", 0.2, 0.0, 49.0),
+            _smollm2_row("taylor", 0.2, 0.2, 95.0)]
+    assert verdicts(rows) == ["-20%: IDAP++ 80.00 vs best baseline torch-pruning taylor 95.00: met"]
+    rows[2]["perplexity_after"] = 70.0
+    assert verdicts(rows)[0].endswith("NOT met")
+    rows[2] |= {"params_reduction": 0.15, "target_met": False}
+    assert verdicts(rows)[0].endswith("no baseline reached the level (torch-pruning l2 -0.0%, torch-pruning taylor "
+                                      "-15.0%): met")
+    rows[0] |= {"params_reduction": 0.1, "target_met": False}
+    assert verdicts(rows) == ["-20%: IDAP++ stopped at -10.0%: NOT met"]
+
+
+def test_smollm2_combines_runs_with_the_same_settings_only(tmp_path: Path) -> None:
+    from benchmarks.smollm2 import combined_rows
+
+    def results(name: str, rows: list[dict[str, object]], window: int = 64) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"settings": {"methods": ["x"], "levels": [0.2], "window": window},
+                                    "reference": {"perplexity": 58.4}, "rows": rows}))
+        return path
+
+    idap = results("idap.json", [_smollm2_row("idap", 0.2, 0.2, 80.0)])
+    base = results("base.json", [_smollm2_row("l2", 0.2, 0.2, 90.0)])
+    assert [r["method"] for r in combined_rows([idap, base])] == ["idap", "l2"]
+    with pytest.raises(ValueError, match="more than one file"):
+        combined_rows([idap, idap])
+    with pytest.raises(ValueError, match="other settings"):
+        combined_rows([idap, results("other.json", [_smollm2_row("l2", 0.2, 0.2, 90.0)], window=128)])
