@@ -263,8 +263,8 @@ def test_generic_outputs_are_held_to_a_relative_error(digits_model: DigitsNet, d
                       CompressOptions(task=Task.GENERIC, **FAST), tmp_path).report
     assert report.accuracy_metric is Metric.RELATIVE_ERROR and report.accuracy_before == 0.0
     assert report.macs_reduction > 0 and 0 < report.accuracy_after <= 0.2 + 1e-9
-    # whether -30 % fits in the budget depends on the trained fixture's last digits (this machine's CPU): either
-    # way the run ends at the target or at the budget, never past it
+    # whether -30 % fits in the budget turns on small numeric differences between machines (on one it stopped
+    # at -21.7 %): either way the run ends at the target or at the budget, never past it
     assert report.target_met or report.stop_reason is StopReason.ACCURACY_BUDGET
     # each accepted step is within the budget, a rolled-back one past it
     assert all((step.accuracy <= 0.2 + 1e-9) == step.accepted for step in report.steps)
