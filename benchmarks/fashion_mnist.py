@@ -673,16 +673,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def refuse_repeats(runs: Sequence[tuple[Any, ...]]) -> None:
+    """Raise ValueError when a run (its identifying key) is found more than once among combined files: a
+    summary would count it twice."""
+    twice = sorted({run for run in runs if runs.count(run) > 1})
+    if twice:
+        raise ValueError(f"runs found in more than one file: {twice}")
+
+
 def combined_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
     """The rows of several results files; a run (method, level, seed) found twice is refused, since the
     summary would count it twice."""
     rows: list[dict[str, Any]] = []
     for path in paths:
         rows += json.loads(path.read_text())["rows"]
-    runs = [(r["method"], r["level"], r["seed"]) for r in rows]
-    twice = sorted({run for run in runs if runs.count(run) > 1})
-    if twice:
-        raise ValueError(f"runs found in more than one file: {twice}")
+    refuse_repeats([(r["method"], r["level"], r["seed"]) for r in rows])
     splits = {r.get("split", Split.TEST.value) for r in rows}
     if len(splits) > 1:
         raise ValueError(f"rows measured on different splits ({', '.join(sorted(splits))}) cannot be compared")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from benchmarks.cli_types import floats, method_list, option_override
-from benchmarks.fashion_mnist import environment, log
+from benchmarks.fashion_mnist import environment, log, refuse_repeats
 from core.data import Dataset, batches
 from core.export.artifacts import export_onnx
 from core.graph.attention import find_sites
@@ -235,15 +235,15 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for level in sorted({r["level"] for r in rows}):
         at = {r["method"]: r for r in rows if r["level"] == level and not r["error"]}
-        if "idap" not in at:
+        baselines = [r for m, r in at.items() if METHODS[m][0] != "divergence"]
+        if "idap" not in at or not baselines:
             continue
         idap = at["idap"]
-        baselines = [r for m, r in at.items() if METHODS[m][0] != "divergence"]
         reached = [r for r in baselines if r["target_met"]]
         if not idap["target_met"]:
             out.append(f"-{level:.0%}: IDAP++ stopped at -{idap['params_reduction']:.1%}: NOT met")
         elif not reached:
-            short = ", ".join(f"{r['label']} -{r['params_reduction']:.1%}" for r in baselines) or "none run"
+            short = ", ".join(f"{r['label']} -{r['params_reduction']:.1%}" for r in baselines)
             out.append(f"-{level:.0%}: IDAP++ {idap['perplexity_after']:.2f}; no baseline reached the level "
                        f"({short}): met")
         else:
@@ -286,10 +286,7 @@ def combined_rows(paths: list[Path]) -> list[dict[str, Any]]:
             raise ValueError(f"{path} was run with other settings or data than {paths[0]}")
         shared = mine
         rows += result["rows"]
-    runs = [(r["method"], r["level"]) for r in rows]
-    twice = sorted({run for run in runs if runs.count(run) > 1})
-    if twice:
-        raise ValueError(f"runs found in more than one file: {twice}")
+    refuse_repeats([(r["method"], r["level"]) for r in rows])
     return rows
 
 

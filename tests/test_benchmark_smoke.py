@@ -408,6 +408,8 @@ def test_smollm2_verdict_compares_only_runs_that_reached_the_level() -> None:
                                       "-15.0%): met")
     rows[0] |= {"params_reduction": 0.1, "target_met": False}
     assert verdicts(rows) == ["-20%: IDAP++ stopped at -10.0%: NOT met"]
+    # with no baseline run at a level there is nothing to compare with
+    assert verdicts([_smollm2_row("idap", 0.3, 0.3, 80.0)]) == []
 
 
 def test_smollm2_combines_runs_with_the_same_settings_only(tmp_path: Path) -> None:
