@@ -14,6 +14,7 @@ from core.options import NormStatistics, Precision
 from core.progress import Reporter
 from core.recovery.augment import SMALL_DATA, Augmenter
 from core.recovery.features import FeatureTap, feature_loss
+from core.recovery.rates import scaled_param_groups
 from core.tasks.base import TaskHandler
 
 
@@ -77,7 +78,8 @@ def recover(
     loss = the task's loss (core.tasks: its own loss against labels + kd_weight·distillation on the outputs,
     distillation alone without labels) + w·Σ L1(adapter(f_s), f_t) on the feature points.
     With `augment`, teacher and student see the same augmented batch (core.recovery.augment); with
-    `frozen_norms`, the student's BatchNorms keep their statistics (`freeze_norms`).
+    `frozen_norms`, the student's BatchNorms keep their statistics (`freeze_norms`). Each module learns at
+    `lr`, scaled down where its weights are far below the model's scale (core.recovery.rates).
     The forward passes autocast to `precision` (core.accel: the losses are taken in float32, the weights stay
     float32) and run in channels_last where core.accel.uses_channels_last says so. The data lives on the
     device for the whole recovery when it fits (core.data.resident).
@@ -93,8 +95,7 @@ def recover(
         freeze_norms(student)
     s_tap, t_tap = FeatureTap(student, feature_points), FeatureTap(teacher, feature_points)
     adapters: dict[str, nn.Module | None] = {}
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(scaled_param_groups(student, lr), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     home = device if resident(data) else torch.device("cpu")
     inputs, y = data.inputs.to(home), None if data.y is None else data.y.to(home)
