@@ -58,7 +58,9 @@ def test_out_of_scale_modules_learn_at_a_rate_scaled_to_their_size() -> None:
     groups = scaled_param_groups(model, 1e-3)
     rates = {id(p): group["lr"] for group in groups for p in group["params"]}
     assert len(rates) == sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
-    tiny = model.layers[2].conv
+    rescaled = model.layers[2]
+    assert isinstance(rescaled, Rescaled)
+    tiny = rescaled.conv
     others = [m for m in model.layers if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         rms = float(tiny.weight.pow(2).mean().sqrt())
