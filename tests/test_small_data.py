@@ -21,6 +21,7 @@ from core.recovery.distill import iterations_for
 from core.report import StopReason
 from core.run.eta import Clock, schedule_steps
 from core.run.pipeline import compress
+from core.run.stages import GROW_AFTER
 from core.run.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,33 @@ def test_a_rejected_step_is_halved_and_retried_from_the_same_model(digits_model,
     assert all(b.units_removed < a.units_removed and b.macs > a.macs for a, b in zip(tried, tried[1:]))
     assert report.macs_after <= accepted[0].macs < report.macs_before
     assert report.accuracy_before - report.accuracy_after <= 0.05
+
+
+def _scales_by_rule(accepted: list[bool]) -> list[float]:
+    """The step scale each Stage 1 try should have had: halved after a rejected try, doubled (up to 1) after
+    GROW_AFTER steps in a row accepted at their first try."""
+    scale, clean, scales = 1.0, 0, []
+    for ok in accepted:
+        scales.append(scale)
+        if not ok:
+            scale, clean = scale / 2, -1
+            continue
+        clean += 1
+        if scale < 1.0 and clean >= GROW_AFTER:
+            scale, clean = min(1.0, scale * 2), 0
+    return scales
+
+
+def test_a_backed_off_step_grows_again_after_clean_steps(digits_model, digits_arrays, tmp_path):
+    # 60 % of the units at once breaks a 5-point budget, a quarter of that passes; later steps go on from
+    # the smaller size and grow back when they keep passing
+    options = CompressOptions(stages=("filters",), p0=0.6, recovery_iterations=0, final_recovery_iterations=0,
+                              latency_runs=1)
+    report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.8, max_accuracy_drop=0.05),
+                      options, tmp_path).report
+    scales = [s.step_scale for s in report.steps]
+    assert scales == _scales_by_rule([s.accepted for s in report.steps])
+    assert any(later > earlier for earlier, later in zip(scales, scales[1:])), scales
 
 
 def test_only_the_smallest_step_breaking_the_budget_stops_stage_one(digits_model, digits_arrays, tmp_path):

@@ -125,8 +125,11 @@ class StageState:
     filter_steps: int = 0
     # recoveries so far; each recovery is seeded with options.seed + its number
     recoveries: int = 0
-    # Stage 1's step size relative to its schedule, halved by each back-off after a rejected step
+    # Stage 1's step size relative to its schedule, halved by each back-off after a rejected step and
+    # doubled again (up to 1) after GROW_AFTER steps in a row accepted at their first try
     step_scale: float = 1.0
+    # Stage 1 steps accepted at their first try since the last back-off or growth
+    clean_steps: int = 0
     removed: tuple[RemovedBlock, ...] = ()
 
 

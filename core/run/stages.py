@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch_pruning as tp
@@ -157,6 +157,8 @@ def allocates_by_drift(allocation: Allocation, groups: list[PrunableGroup], larg
     return allocation == Allocation.DRIFT or (allocation == Allocation.AUTO and (heads_compete or large))
 
 
+# Stage 1 steps accepted in a row at their first try after which a backed-off step size doubles again
+GROW_AFTER = 2
 # Models with at least this many parameters count as large pretrained networks (README, Decisions):
 # between the project's trained-from-scratch examples (digits 0.17 M, the Fashion-MNIST ResNet 0.2 M)
 # and ImageNet models (EfficientNet-Lite0 4.6 M).
@@ -258,13 +260,24 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
             if k <= smallest or spec.out_of_time():
                 return model, state, StopReason.ACCURACY_BUDGET if k <= smallest else StopReason.TIME_BUDGET
             # back off: half the step, from the same model and scores
-            state = dataclasses.replace(state, step_scale=state.step_scale / 2)
+            state = dataclasses.replace(state, step_scale=state.step_scale / 2, clean_steps=-1)
             started = time.monotonic()
-        state = dataclasses.replace(state, filter_steps=state.filter_steps + 1)
+        state = dataclasses.replace(state, filter_steps=state.filter_steps + 1, **_grown(state))
         model = candidate
         run.accepted(model, state)
     reached = goals.reached(run.measure(model), share=share)
     return model, state, StopReason.TARGET_REACHED if reached else StopReason.MAX_STEPS
+
+
+def _grown(state: StageState) -> dict[str, Any]:
+    """The step size after an accepted step: a back-off made early in a run is not kept for good, since
+    the model a later step cuts may take larger steps again. After GROW_AFTER steps in a row accepted at
+    their first try the scale doubles, up to the schedule's own size; a step that needed a back-off
+    (clean_steps -1) starts the count again."""
+    clean = state.clean_steps + 1
+    if state.step_scale < 1.0 and clean >= GROW_AFTER:
+        return {"step_scale": min(1.0, state.step_scale * 2), "clean_steps": 0}
+    return {"clean_steps": clean}
 
 
 def _step_candidate(run: Run, model: nn.Module, groups: list[PrunableGroup], scoring: Scoring, k: int,
