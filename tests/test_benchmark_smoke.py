@@ -428,3 +428,31 @@ def test_smollm2_combines_runs_with_the_same_settings_only(tmp_path: Path) -> No
         combined_rows([idap, idap])
     with pytest.raises(ValueError, match="other settings"):
         combined_rows([idap, results("other.json", [_smollm2_row("l2", 0.2, 0.2, 90.0)], window=128)])
+
+
+def test_layout_detector_decodes_boxes_from_distributions_with_classwise_nms() -> None:
+    import torch
+
+    from benchmarks.layout_detector import BINS, HEIGHT, STRIDES, WIDTH, decode
+
+    anchors = [(HEIGHT // s) * (WIDTH // s) for s in STRIDES]
+    scores = [torch.zeros(1, n, 10) for n in anchors]
+    boxes = [torch.zeros(1, n, 4 * BINS) for n in anchors]
+
+    def place(level: int, row: int, col: int, label: int, score: float, bins: tuple[int, int, int, int]) -> None:
+        anchor = row * (WIDTH // STRIDES[level]) + col
+        scores[level][0, anchor, label] = score
+        for side, b in enumerate(bins):  # all of a side's mass on one bin
+            boxes[level][0, anchor, side * BINS + b] = 30.0
+
+    # stride 16, cell (row 3, col 5): centre (88, 56); 2, 1, 3, 4 strides to the left, top, right, bottom
+    place(1, 3, 5, label=2, score=0.9, bins=(2, 1, 3, 4))
+    place(1, 3, 6, label=2, score=0.8, bins=(3, 1, 2, 4))  # the same box from the next cell: suppressed
+    place(1, 3, 6 + 4, label=2, score=0.3, bins=(1, 1, 1, 1))  # below the threshold
+    place(2, 1, 2, label=7, score=0.6, bins=(1, 1, 1, 1))  # another class overlapping: kept
+    (found,) = decode(scores + boxes, HEIGHT, WIDTH)
+    order = found["labels"].argsort()
+    assert found["labels"][order].tolist() == [2, 7]
+    assert torch.allclose(found["boxes"][order][0], torch.tensor([56.0, 40.0, 136.0, 120.0]), atol=1e-3)
+    assert torch.allclose(found["boxes"][order][1], torch.tensor([48.0, 16.0, 112.0, 80.0]), atol=1e-3)
+    assert found["scores"][order].tolist() == pytest.approx([0.9, 0.6])
