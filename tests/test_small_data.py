@@ -210,6 +210,20 @@ def test_estimate_is_within_reach_of_the_measured_run(digits_model, digits_array
     assert budgeted.cpu < estimate.cpu - 0.5 * estimate.step_s
 
 
+def test_a_run_the_budget_binds_from_its_first_step_is_estimated_to_back_off_to_the_smallest_step(
+        digits_model, digits_arrays):
+    """Where the schedule's first step breaks the budget before recovery, the run ends at its smallest step
+    (the back-offs) rather than at the target: the estimate counts a back-off and a passed step per size."""
+    options = CompressOptions(stages=("filters",), p0=0.4, min_step_fraction=0.05, recovery_iterations=0,
+                              final_recovery_iterations=0, latency_runs=1)
+    bound = preflight(digits_model, _data(digits_arrays), Target(macs_reduction=0.1, max_accuracy_drop=0.0),
+                      options).estimate_seconds
+    assert bound.steps == 2 * 3 + 1  # 40 % halved thrice is the smallest step, 5 %
+    free = preflight(digits_model, _data(digits_arrays), Target(macs_reduction=0.1, max_accuracy_drop=1.0),
+                     options).estimate_seconds
+    assert free.steps < bound.steps and free.cpu < bound.cpu
+
+
 def test_augmentation_is_for_small_sets_of_photos_unless_asked_for():
     photos = Dataset(Inputs.single(torch.randn(100, 3, PHOTO_MIN_SIDE, PHOTO_MIN_SIDE)))
     augment = choose_augmenter(photos, Augmentation.AUTO)
