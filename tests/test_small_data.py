@@ -224,6 +224,18 @@ def test_a_run_the_budget_binds_from_its_first_step_is_estimated_to_back_off_to_
     assert free.steps < bound.steps and free.cpu < bound.cpu
 
 
+def test_a_large_pretrained_model_whose_schedule_would_spend_the_budget_is_estimated_as_budget_bound():
+    from core.run.preflight import _spends_budget, _StepTimes
+
+    step = _StepTimes(score_s=1.0, apply_s=0.1, iteration_s=0.1, drop=0.08, eval_s=0.1)
+    large, small = torch.nn.Linear(1024, 1024), torch.nn.Linear(64, 64)  # 1.05 M and 4 k parameters
+    assert _spends_budget(large, step, steps=3, budget=0.2)  # 3 steps of 8 points spend 24 of 20
+    assert not _spends_budget(large, step, steps=2, budget=0.2)
+    # a small model's recovery at the method's rate wins most of a step back: its schedule counts
+    assert not _spends_budget(small, step, steps=3, budget=0.2)
+    assert not _spends_budget(large, None, steps=3, budget=0.2)
+
+
 def test_augmentation_is_for_small_sets_of_photos_unless_asked_for():
     photos = Dataset(Inputs.single(torch.randn(100, 3, PHOTO_MIN_SIDE, PHOTO_MIN_SIDE)))
     augment = choose_augmenter(photos, Augmentation.AUTO)

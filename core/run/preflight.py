@@ -25,12 +25,21 @@ from core.graph.outputs import named_outputs
 from core.options import CompressOptions, Stage, Target
 from core.progress import Reporter
 from core.recovery.distill import freeze_norms
-from core.report import BlockRow, Estimate, GroupRow, InputSignature, NotPrunableRow, OutputRow, PreflightReport
+from core.report import (
+    BlockRow,
+    Estimate,
+    GroupRow,
+    InputSignature,
+    NotPrunableRow,
+    OutputRow,
+    PreflightReport,
+    Work,
+)
 from core.run.context import Run, RunCache, RunInputs
 from core.run.eta import BACKOFF_ALLOWANCE, schedule_steps, target_goal
 from core.run.goals import budget_resolution
 from core.run.pipeline import _prepare, out_of_reach, reachable_reduction, start_run
-from core.run.stages import group_candidates, pruned_copy, step_scoring
+from core.run.stages import group_candidates, is_large, pruned_copy, step_scoring
 from core.surgery.groups import ROOT_TYPES, PrunableGroup, build_graph
 
 # Without a GPU to measure, GPU time is CPU time over this factor (a mid-size CNN on one
@@ -149,11 +158,10 @@ def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Targ
     halvings = _halvings(opts, step.drop if step is not None else 0.0, budget)
     filter_steps = halvings + schedule_steps(opts, target_goal(opts, goal, n_blocks), scale=0.5**halvings) \
         if filters else 0
-    if filters and halvings:
-        # a first step that breaks the budget before recovery marks a run the budget ends rather than the
-        # target (EfficientNet-Lite0 and PP-OCRv4 on a few hundred crops): it backs off through each size
-        # down to the smallest step, passing about one step at each (9 and 10 tries where the schedule
-        # alone counted 2)
+    if filters and (halvings or _spends_budget(model, step, filter_steps, budget)):
+        # a run the budget ends rather than the target (EfficientNet-Lite0 and PP-OCRv4 on a few hundred
+        # crops) backs off through each size down to the smallest step, passing about one step at each (9
+        # and 10 tries where the schedule alone counted 2)
         filter_steps = max(filter_steps, 2 * _most_halvings(opts) + 1)
     if Stage.FILTERS in opts.stages and Stage.LAYERS in opts.stages and n_blocks:
         filter_steps = max(filter_steps, schedule_steps(opts, goal) - 1)  # Stage 1 closes the gap Stage 2 leaves
@@ -192,6 +200,13 @@ def _halvings(opts: CompressOptions, drop: float, budget: float) -> int:
     return min(math.ceil(math.log2(drop / max(budget, 1e-3))), _most_halvings(opts))
 
 
+def _spends_budget(model: nn.Module, step: _StepTimes | None, steps: int, budget: float) -> bool:
+    """Whether the schedule's steps, each costing what the first costs before recovery, would spend more
+    than the budget in a large pretrained model, whose recovery at its low rate gives little back (README,
+    Decisions); a small model's recovery at the method's rate wins most of a step back."""
+    return step is not None and is_large(sum(p.numel() for p in model.parameters())) and step.drop * steps > budget
+
+
 def _most_halvings(opts: CompressOptions) -> int:
     """Halvings from the schedule's first step down to the smallest (CompressOptions.min_step_fraction)."""
     return max(math.ceil(math.log2(opts.p0 / opts.min_step_fraction)), 0)
@@ -215,10 +230,14 @@ def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: 
     reporter = Reporter(None, None)
     run = start_run(model, dataclasses.replace(inputs, calib=inputs.calib[:batch]), cache, target, reporter,
                     time.monotonic())
-    begin = time.perf_counter()
+    begin, once_before = time.perf_counter(), _timed(run, _ONCE_A_STEP)
     graph = build_graph(model, inputs.example)
     scoring = step_scoring(run, model, graph, groups)
-    score_s = (time.perf_counter() - begin) * -(-len(inputs.calib) // batch)
+    # only the calibration pass runs over every batch; building the groups, drift allocation's probes and
+    # their measurements run once a step and count as measured. (Scaling the whole of it by the batches
+    # counted EfficientNet-Lite0's scoring at 14 s a step, where its run spends 6.)
+    once = _timed(run, _ONCE_A_STEP) - once_before
+    score_s = (time.perf_counter() - begin - once) * -(-len(inputs.calib) // batch) + once
     k = max(1, math.floor(opts.p0 * sum(g.width for g in groups)))
     begin = time.perf_counter()
     candidate, _ = pruned_copy(run, model, groups, scoring, k)
@@ -227,6 +246,14 @@ def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: 
     goals, verdict = run.spec.goals, run.spec.verdict(candidate)
     drop = goals.drop(verdict) if goals.resolution.resolved else goals.soft_agreement - verdict.soft_agreement
     return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model), drop, run.clock.eval_s)
+
+
+# the work of scoring a step that does not run per calibration batch
+_ONCE_A_STEP = (Work.PROBES, Work.SURGERY, Work.EVALUATION)
+
+
+def _timed(run: Run, works: tuple[Work, ...]) -> float:
+    return sum(run.timer.seconds.get(work, 0.0) for work in works)
 
 
 def _iteration_seconds(inputs: RunInputs, cache: RunCache, model: nn.Module) -> float:
