@@ -21,8 +21,8 @@ from core.recovery.distill import iterations_for
 from core.report import StopReason
 from core.run.eta import Clock, schedule_steps
 from core.run.pipeline import compress
-from core.run.stages import GROW_AFTER
 from core.run.preflight import preflight
+from core.run.stages import GROW_AFTER
 
 REPO = Path(__file__).resolve().parents[1]
 
