@@ -67,11 +67,12 @@ def _scales_by_rule(accepted: list[bool]) -> list[float]:
 
 
 def test_a_backed_off_step_grows_again_after_clean_steps(digits_model, digits_arrays, tmp_path):
-    # 60 % of the units at once breaks a 5-point budget, a quarter of that passes; later steps go on from
-    # the smaller size and grow back when they keep passing
-    options = CompressOptions(stages=("filters",), p0=0.6, recovery_iterations=0, final_recovery_iterations=0,
+    # unrecovered, 40 % of the units at once breaks a 30-point budget (accuracy falls to about 0.2) and half
+    # of that passes with room (0.86 to 0.99 over the next steps); later steps go on from the smaller size
+    # and grow back when they keep passing
+    options = CompressOptions(stages=("filters",), p0=0.4, recovery_iterations=0, final_recovery_iterations=0,
                               latency_runs=1)
-    report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.8, max_accuracy_drop=0.05),
+    report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.8, max_accuracy_drop=0.3),
                       options, tmp_path).report
     scales = [s.step_scale for s in report.steps]
     assert scales == _scales_by_rule([s.accepted for s in report.steps])
