@@ -79,6 +79,20 @@ def test_a_backed_off_step_grows_again_after_clean_steps(digits_model, digits_ar
     assert any(later > earlier for earlier, later in zip(scales, scales[1:])), scales
 
 
+def test_a_back_off_never_tries_the_cut_it_just_rejected_again(digits_model, digits_arrays, tmp_path):
+    # late in this run round_to rounds an eighth and a sixteenth of the step back up to the 8 units a
+    # quarter removed; tried again, the same cut was only rejected again (four times over)
+    options = CompressOptions(stages=("filters",), p0=0.4, recovery_iterations=0, final_recovery_iterations=0,
+                              latency_runs=1)
+    report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.8, max_accuracy_drop=0.3),
+                      options, tmp_path).report
+    assert report.stop_reason == StopReason.ACCURACY_BUDGET
+    steps = report.steps
+    retries = [(a, b) for a, b in zip(steps, steps[1:]) if not a.accepted]
+    assert retries and all(b.units_removed < a.units_removed for a, b in retries), \
+        [(s.step_scale, s.accepted, s.units_removed) for s in steps]
+
+
 def test_only_the_smallest_step_breaking_the_budget_stops_stage_one(digits_model, digits_arrays, tmp_path):
     # the minimum step is a tenth of the units: unrecovered, that costs the model a held-out sample (a
     # twentieth did not always: a well-trained digits model kept all 359)

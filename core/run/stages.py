@@ -218,7 +218,8 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
     A step that breaks the accuracy budget is rolled back and tried again from the same model at half
     its size (`state.step_scale` halves, and the later steps keep it), down to
     `min_step_fraction` of the prunable units; only a step of that size that still breaks the budget
-    stops the stage. The schedule's step counter is in `state`, so a later call with the returned
+    stops the stage. A halved step that rounds back to as many units as the try it halves is skipped,
+    not tried again. The schedule's step counter is in `state`, so a later call with the returned
     state continues the schedule.
     """
     spec, goals = run.spec, run.spec.goals
@@ -243,6 +244,7 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
         width = sum(g.width for g in groups)
         smallest = max(1, math.ceil(opts.min_step_fraction * width))
         rho = opts.p0 * (1 + t / total) ** opts.alpha
+        rejected: int | None = None
         while True:
             k = min(capacity, max(smallest, math.floor(rho * state.step_scale * width)))
             step = _step_candidate(run, model, groups, scoring, k, capacity, share)
@@ -251,6 +253,13 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
             candidate, removed = step
             if removed == 0:
                 return model, state, StopReason.NOTHING_LEFT_TO_PRUNE
+            if rejected is not None and removed >= rejected:
+                # round_to (or the target's own step) rounded the halved step back up to the units just
+                # rejected: the same cut, which would only be recovered and rejected again
+                if k <= smallest:
+                    return model, state, StopReason.ACCURACY_BUDGET
+                state = dataclasses.replace(state, step_scale=state.step_scale / 2)
+                continue
             state, verdict, kept = run.recovered(state, candidate, model)
             accepted = goals.within_budget(verdict)
             state = run.record(state, Stage.FILTERS, run.measure(candidate), verdict, time.monotonic() - started,
@@ -260,6 +269,7 @@ def prune_filters(run: Run, model: nn.Module, state: StageState,
             if k <= smallest or spec.out_of_time():
                 return model, state, StopReason.ACCURACY_BUDGET if k <= smallest else StopReason.TIME_BUDGET
             # back off: half the step, from the same model and scores
+            rejected = removed
             state = dataclasses.replace(state, step_scale=state.step_scale / 2, clean_steps=-1)
             started = time.monotonic()
         state = dataclasses.replace(state, filter_steps=state.filter_steps + 1, **_grown(state))
