@@ -19,7 +19,7 @@ from core.progress import ProgressEvent
 from core.recovery.augment import PHOTO_MIN_SIDE, SMALL_DATA, choose_augmenter
 from core.recovery.distill import iterations_for
 from core.report import StopReason
-from core.run.eta import Clock, schedule_steps
+from core.run.eta import SQUARE, Clock, schedule_steps, size_exponent
 from core.run.pipeline import compress
 from core.run.preflight import preflight
 from core.run.stages import GROW_AFTER
@@ -206,6 +206,16 @@ def test_clock_counts_the_remaining_steps_final_recovery_and_export():
     assert schedule_steps(options, 0.5) > schedule_steps(options, 0.3) > 0
     assert schedule_steps(options, 0.3, scale=0.25) > schedule_steps(options, 0.3)  # backed-off steps are smaller
     assert schedule_steps(options, 0.3, reached=0.3) == 0
+    # a model whose size falls slower than the width's square (measured on the preflight's step) takes more
+    assert schedule_steps(options, 0.5, exponent=1.0) > schedule_steps(options, 0.5)
+
+
+def test_the_size_exponent_is_read_off_a_step():
+    assert size_exponent(0.1, 1 - 0.9**2) == pytest.approx(2.0)  # both sides of every layer shrank
+    assert size_exponent(0.1, 0.1) == pytest.approx(1.0)  # one side
+    assert size_exponent(0.1, 0.001) == 0.25  # a step through the cheapest units: no faster than 0.25
+    assert size_exponent(0.1, 0.5) == SQUARE  # and never more than the square
+    assert size_exponent(0.0, 0.1) == size_exponent(0.1, 0.0) == SQUARE  # nothing to read
 
 
 def test_estimate_is_within_reach_of_the_measured_run(digits_model, digits_arrays, tmp_path):
@@ -218,6 +228,9 @@ def test_estimate_is_within_reach_of_the_measured_run(digits_model, digits_array
     assert estimate.low_s <= estimate.cpu <= estimate.high_s and estimate.step_s > 0
     report = compress(digits_model, _data(digits_arrays), target, options, tmp_path).report
     assert 0.5 <= report.seconds / estimate.cpu <= 2.0, (report.seconds, estimate)
+    # the count behind it, which no machine's load moves: Stage 1 to its share, a Stage 2 trial (two steps'
+    # work), Stage 1 on to the target (7 steps here; one pass of the schedule at the width's square counted 5)
+    assert abs(estimate.steps - len(report.steps)) <= 1, (estimate.steps, [s.stage for s in report.steps])
     # a time budget stops the stages: the estimate counts their time up to it
     budgeted = preflight(digits_model, _data(digits_arrays), target,
                          CompressOptions(recovery_iterations=20, final_recovery_iterations=40, latency_runs=2,
@@ -242,7 +255,7 @@ def test_a_run_the_budget_binds_from_its_first_step_is_estimated_to_back_off_to_
 def test_a_large_pretrained_model_whose_schedule_would_spend_the_budget_is_estimated_as_budget_bound():
     from core.run.preflight import _spends_budget, _StepTimes
 
-    step = _StepTimes(score_s=1.0, apply_s=0.1, iteration_s=0.1, drop=0.08, eval_s=0.1)
+    step = _StepTimes(score_s=1.0, apply_s=0.1, iteration_s=0.1, drop=0.08, eval_s=0.1, exponent=SQUARE)
     large, small = torch.nn.Linear(1024, 1024), torch.nn.Linear(64, 64)  # 1.05 M and 4 k parameters
     assert _spends_budget(large, step, steps=3, budget=0.2)  # 3 steps of 8 points spend 24 of 20
     assert not _spends_budget(large, step, steps=2, budget=0.2)

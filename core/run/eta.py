@@ -18,15 +18,31 @@ from core.options import CompressOptions, Stage
 BACKOFF_ALLOWANCE = 3
 
 
+# How a model's size follows the width Stage 1 keeps: size ~ kept ** exponent. 2 when both sides of
+# every layer shrink alike; a real model's is lower (its input and output layers keep one side, and the
+# units go first where they cost least), so the preflight measures it on its own step.
+SQUARE = 2.0
+_EXPONENT_RANGE = (0.25, SQUARE)
+
+
+def size_exponent(units: float, reduction: float) -> float:
+    """The exponent of a step that removed `units` of the prunable width and `reduction` of the size
+    (MACs or params, as the target counts them), within _EXPONENT_RANGE."""
+    if not 0.0 < units < 1.0 or not 0.0 < reduction < 1.0:
+        return SQUARE
+    low, high = _EXPONENT_RANGE
+    return min(max(math.log(1.0 - reduction) / math.log(1.0 - units), low), high)
+
+
 def schedule_steps(opts: CompressOptions, goal: float, reached: float = 0.0, t0: int = 0,
-                   scale: float = 1.0) -> int:
+                   scale: float = 1.0, exponent: float = SQUARE) -> int:
     """Stage 1 steps from schedule position `t0` (steps at `scale` of the schedule's size) that take the
-    reduction from `reached` to `goal`, taking MACs and params to fall with the square of the kept
-    width (both sides of most layers shrink); at most the steps the schedule has left."""
-    kept = math.sqrt(max(1.0 - reached, 0.0))
+    reduction from `reached` to `goal`, taking the size to fall with the kept width to the power
+    `exponent`; at most the steps the schedule has left."""
+    kept = max(1.0 - reached, 0.0) ** (1.0 / exponent)
     steps = 0
     for t in range(t0, opts.max_steps):
-        if 1.0 - kept**2 >= goal - 1e-9:
+        if 1.0 - kept**exponent >= goal - 1e-9:
             break
         kept *= 1.0 - min(opts.p0 * (1 + t / opts.max_steps) ** opts.alpha * scale, 1.0)
         steps += 1

@@ -36,8 +36,8 @@ from core.report import (
     Work,
 )
 from core.run.context import Run, RunCache, RunInputs
-from core.run.eta import BACKOFF_ALLOWANCE, schedule_steps, target_goal
-from core.run.goals import budget_resolution
+from core.run.eta import BACKOFF_ALLOWANCE, SQUARE, schedule_steps, size_exponent, target_goal
+from core.run.goals import budget_resolution, reductions
 from core.run.pipeline import _prepare, out_of_reach, reachable_reduction, start_run
 from core.run.stages import group_candidates, is_large, pruned_copy, step_scoring
 from core.surgery.groups import ROOT_TYPES, PrunableGroup, build_graph
@@ -156,15 +156,21 @@ def _estimate(inputs: RunInputs, cache: RunCache, model: nn.Module, target: Targ
         inputs.recovery_iterations() * iteration_s + (2 if inputs.recovery_iterations() else 1) * eval_s
     filters = Stage.FILTERS in opts.stages and bool(groups)
     halvings = _halvings(opts, step.drop if step is not None else 0.0, budget)
-    filter_steps = halvings + schedule_steps(opts, target_goal(opts, goal, n_blocks), scale=0.5**halvings) \
-        if filters else 0
+    exponent, scale = (step.exponent if step is not None else SQUARE), 0.5**halvings
+    share = target_goal(opts, goal, n_blocks)
+    first = schedule_steps(opts, share, scale=scale, exponent=exponent) if filters else 0
+    filter_steps = halvings + first
     if filters and (halvings or _spends_budget(model, step, filter_steps, budget)):
         # a run the budget ends rather than the target (EfficientNet-Lite0 and PP-OCRv4 on a few hundred
         # crops) backs off through each size down to the smallest step, passing about one step at each (9
         # and 10 tries where the schedule alone counted 2)
         filter_steps = max(filter_steps, 2 * _most_halvings(opts) + 1)
-    if Stage.FILTERS in opts.stages and Stage.LAYERS in opts.stages and n_blocks:
-        filter_steps = max(filter_steps, schedule_steps(opts, goal) - 1)  # Stage 1 closes the gap Stage 2 leaves
+    if filters and Stage.LAYERS in opts.stages and n_blocks:
+        # Stage 1 lands on its share of the target (its last step cut to fit) and, after Stage 2, goes on
+        # from there to the target: 5 and 3 steps on the digits example, where one pass of the schedule
+        # to the target counted 5 (Stage 2's own removals are left out: it declines about as many as it
+        # keeps)
+        filter_steps += schedule_steps(opts, goal, reached=share, t0=first, scale=scale, exponent=exponent)
     # a Stage 2 trial is a removal and its recovery, and with layers_must_beat_width a width step's too
     trial_steps = (2 if opts.layers_must_beat_width and Stage.FILTERS in opts.stages else 1) \
         if Stage.LAYERS in opts.stages else 0
@@ -219,6 +225,7 @@ class _StepTimes:
     iteration_s: float  # one recovery iteration
     drop: float  # what the schedule's first step costs before recovery, in the measure that decides the budget
     eval_s: float  # one pass over the held-out split
+    exponent: float  # how the size follows the kept width in that step (core.run.eta.size_exponent)
 
 
 def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: list[PrunableGroup],
@@ -238,14 +245,16 @@ def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: 
     # counted EfficientNet-Lite0's scoring at 14 s a step, where its run spends 6.)
     once = _timed(run, _ONCE_A_STEP) - once_before
     score_s = (time.perf_counter() - begin - once) * -(-len(inputs.calib) // batch) + once
-    k = max(1, math.floor(opts.p0 * sum(g.width for g in groups)))
+    width = sum(g.width for g in groups)
     begin = time.perf_counter()
-    candidate, _ = pruned_copy(run, model, groups, scoring, k)
-    run.measure(candidate)
+    candidate, removed = pruned_copy(run, model, groups, scoring, max(1, math.floor(opts.p0 * width)))
+    size = run.measure(candidate)
     apply_s = time.perf_counter() - begin
     goals, verdict = run.spec.goals, run.spec.verdict(candidate)
     drop = goals.drop(verdict) if goals.resolution.resolved else goals.soft_agreement - verdict.soft_agreement
-    return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model), drop, run.clock.eval_s)
+    measure = max(goals.fractions, key=lambda name: goals.fractions[name])
+    exponent = size_exponent(removed / width, reductions(size, goals.original)[measure])
+    return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model), drop, run.clock.eval_s, exponent)
 
 
 # the work of scoring a step that does not run per calibration batch
