@@ -19,7 +19,6 @@ threshold RapidOCR's post-processing binarises the map at.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -33,7 +32,8 @@ import numpy as np
 import torch
 
 from benchmarks.cli_types import floats
-from benchmarks.fashion_mnist import environment, log
+from benchmarks.fashion_mnist import log
+from benchmarks.packaged_onnx import packaged_file, report_row, write_results
 from core.intake.files import compress_files
 from core.options import CompressOptions, IntakeOptions, Target
 from core.progress import ProgressEvent
@@ -56,11 +56,7 @@ DB_THRESHOLD = 0.3  # RapidOCR's DBPostProcess binarisation threshold (its confi
 
 
 def model_path() -> Path:
-    """The detector inside the installed wheel, found without importing the package (which needs OpenCV)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(name=PACKAGE)
-    return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+    return packaged_file(PACKAGE, MODEL_FILE)
 
 
 def _photo(name: str) -> torch.Tensor:
@@ -150,18 +146,8 @@ def run_one(settings: Settings, onnx: Path, level: float, test: np.ndarray, work
     begin = time.monotonic()
     result = compress_files(onnx, data, target, options, IntakeOptions(), out, progress=_logger(f"-{level:.0%}"))
     report = result.report
-    return {
-        "level": level, "task": report.task, "metric": report.accuracy_metric, "budget": report.budget,
-        "eval_samples": report.eval_samples, "macs_before": report.macs_before, "macs_after": report.macs_after,
-        "macs_reduction": report.macs_reduction, "params_reduction": report.params_reduction,
-        "target_met": report.target_met, "stop_reason": report.stop_reason,
-        "held_out_before": report.accuracy_before, "held_out_after": report.accuracy_after,
-        "steps_accepted": sum(s.accepted for s in report.steps),
-        "steps_rolled_back": sum(not s.accepted for s in report.steps),
-        "latency_ms_before": report.latency_ms_before, "latency_ms_after": report.latency_ms_after,
-        "onnx_max_abs_diff": report.onnx_max_abs_diff,
-        **fidelity(onnx, out / "model.onnx", test), "wall_s": round(time.monotonic() - begin, 1),
-    }
+    return {"level": level, **report_row(report), **fidelity(onnx, out / "model.onnx", test),
+            "wall_s": round(time.monotonic() - begin, 1)}
 
 
 def _logger(tag: str) -> Any:
@@ -228,8 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for level in settings.levels:
         rows.append(run_one(settings, onnx, level, test, work))
         log(f"-{level:.0%}: {json.dumps(rows[-1])}")
-    results = {"settings": asdict(settings), "environment": environment(torch.get_num_threads()), "rows": rows}
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+    write_results(work, asdict(settings), rows)
     print(table(rows, settings))
     return 0
 
