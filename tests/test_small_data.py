@@ -80,8 +80,8 @@ def test_a_backed_off_step_grows_again_after_clean_steps(digits_model, digits_ar
 
 
 def test_a_back_off_never_tries_the_cut_it_just_rejected_again(digits_model, digits_arrays, tmp_path):
-    # late in this run round_to rounds an eighth and a sixteenth of the step back up to the 8 units a
-    # quarter removed; tried again, the same cut was only rejected again (four times over)
+    # late in this run round_to rounds an eighth, a sixteenth and a thirty-second of the step back up to
+    # the 8 units its quarter removed: each was recovered and rejected again before such repeats were skipped
     options = CompressOptions(stages=("filters",), p0=0.4, recovery_iterations=0, final_recovery_iterations=0,
                               latency_runs=1)
     report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.8, max_accuracy_drop=0.3),
@@ -230,7 +230,8 @@ def test_estimate_is_within_reach_of_the_measured_run(digits_model, digits_array
     assert 0.5 <= report.seconds / estimate.cpu <= 2.0, (report.seconds, estimate)
     # the count behind it, which no machine's load moves: Stage 1 to its share, a Stage 2 trial (two steps'
     # work), Stage 1 on to the target (7 steps here; one pass of the schedule at the width's square counted 5)
-    assert abs(estimate.steps - len(report.steps)) <= 1, (estimate.steps, [s.stage for s in report.steps])
+    made = len(report.steps)
+    assert made - 1 <= estimate.steps <= made + 2, (estimate.steps, [s.stage for s in report.steps])
     # a time budget stops the stages: the estimate counts their time up to it
     budgeted = preflight(digits_model, _data(digits_arrays), target,
                          CompressOptions(recovery_iterations=20, final_recovery_iterations=40, latency_runs=2,
