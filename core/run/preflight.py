@@ -37,7 +37,7 @@ from core.report import (
 )
 from core.run.context import Run, RunCache, RunInputs
 from core.run.eta import BACKOFF_ALLOWANCE, SQUARE, schedule_steps, size_exponent, target_goal
-from core.run.goals import budget_resolution, reductions
+from core.run.goals import budget_resolution
 from core.run.pipeline import _prepare, out_of_reach, reachable_reduction, start_run
 from core.run.stages import group_candidates, is_large, pruned_copy, step_scoring
 from core.surgery.groups import ROOT_TYPES, PrunableGroup, build_graph
@@ -252,8 +252,8 @@ def _measure_step(inputs: RunInputs, cache: RunCache, model: nn.Module, groups: 
     apply_s = time.perf_counter() - begin
     goals, verdict = run.spec.goals, run.spec.verdict(candidate)
     drop = goals.drop(verdict) if goals.resolution.resolved else goals.soft_agreement - verdict.soft_agreement
-    measure = max(goals.fractions, key=lambda name: goals.fractions[name])
-    exponent = size_exponent(removed / width, reductions(size, goals.original)[measure])
+    fractions = goals.fractions
+    exponent = size_exponent(removed / width, goals.reductions(size)[max(fractions, key=fractions.__getitem__)])
     return _StepTimes(score_s, apply_s, _timed_iterations(run, candidate, model), drop, run.clock.eval_s, exponent)
 
 
