@@ -85,7 +85,7 @@ def test_block_that_passes_its_input_through_has_zero_divergence(digits_model, d
         bn.weight.zero_()
         bn.bias.zero_()
     candidates = find_blocks(digits_model, Inputs.single(_x(digits_arrays)[:2]))
-    scores = block_divergence(digits_model, {c.name: c.shortcut for c in candidates}, Inputs.single(_x(digits_arrays)),
+    scores = block_divergence(digits_model, candidates, Inputs.single(_x(digits_arrays)),
                               torch.device("cpu"), 64)
     assert min(scores, key=scores.get) == "blocks.1"
     assert scores["blocks.1"] < 1e-6 < min(v for k, v in scores.items() if k != "blocks.1")

@@ -335,7 +335,8 @@ def test_onnx_upload_through_the_cli_keeps_its_interface(tmp_path, capsys):
                  "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["macs_reduction"] == pytest.approx(0.5, abs=0.03)
-    assert any("Stage 2" in note for note in report["notes"])
+    # Stage 2 finds the inverted residual blocks in the converted graph
+    assert any(step["stage"] == "layers" for step in report["steps"]), report["steps"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["pixel_values"]
     assert [o.name for o in session.get_outputs()] == ["scores"]

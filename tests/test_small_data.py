@@ -102,14 +102,15 @@ def test_only_the_smallest_step_breaking_the_budget_stops_stage_one(digits_model
                       options, tmp_path).report
     assert report.stop_reason == StopReason.ACCURACY_BUDGET and not report.target_met
     assert "smallest step" in report.message
-    rolled_back = [s for s in report.steps if not s.accepted]
-    # 40 %, 20 % and 10 % of the units: the minimum step is the last try
-    assert [s.step_scale for s in rolled_back] == [1.0, 0.5, 0.25]
-    assert report.macs_after == report.macs_before
+    # 40 %, 20 % and 10 % of the units: halved down to the minimum step, which breaks the budget last (a
+    # model trained on another CPU may keep its accuracy through one minimum step before that)
+    first, second, *_ = report.steps
+    assert (first.step_scale, first.accepted, second.step_scale, second.accepted) == (1.0, False, 0.5, False)
+    assert report.steps[2].step_scale == report.steps[-1].step_scale == 0.25 and not report.steps[-1].accepted
 
 
 def test_a_model_without_blocks_stops_for_its_stage_one_reason(digits_arrays, tmp_path):
-    """No Stage 2 where no block can go (a converted ONNX graph, a plain CNN): the stop reason is Stage 1's,
+    """No Stage 2 where no block can go (a plain CNN without shortcuts): the stop reason is Stage 1's,
     not "no further block can be removed"."""
     x, y = (torch.from_numpy(a) for a in digits_arrays)
     torch.manual_seed(0)

@@ -4,6 +4,10 @@ A block qualifies when its forward adds its own input (identity shortcut) or the
 output of one of its submodules applied to its input (projection shortcut) on the way
 to its output. The check traces each block with torch.fx, so it works for any
 residual block written in plain PyTorch, not only the ones we know by name.
+
+A flat graph (a model converted from ONNX) has no block submodules; there a block is the branch
+of a residual `Addition` that only the addition uses and that reads only the addition's other
+operand (the skip): removing it passes the skip through in the addition's place.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from core.graph.attention import holds_attention
-from core.graph.tracing import ContainerCall, containers_called_once
+from core.graph.tracing import ContainerCall, containers_called_once, forward_once
 from core.inputs import Inputs
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -30,12 +34,22 @@ class BlockCandidate:
     name: str
     shortcut: str | None  # submodule of the block to keep in its place; None = identity
     layer: bool = False  # a transformer layer: skipped as a whole, its residual stream passed through
+    # in a flat graph: `name` is a residual Addition and this the position of its skip operand
+    skip: int | None = None
 
     @property
     def kind(self) -> str:
         if self.layer:
             return "layer"
         return "identity" if self.shortcut is None else "projection"
+
+
+class Addition(nn.Module):
+    """The sum of two computed tensors in a flat graph. Intake makes one of each such ONNX Add so that
+    Stage 2 can find residual additions, score them with hooks and bypass them."""
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return torch.add(first, second)
 
 
 class SkippedLayer(nn.Module):
@@ -141,7 +155,61 @@ def find_blocks(model: nn.Module, example: Inputs) -> list[BlockCandidate]:
         if any(c.name.startswith(call.name + ".") for c in candidates):
             continue
         candidates.append(candidate)
+    if isinstance(model, fx.GraphModule):
+        candidates += _residual_additions(model, example)
     return candidates
+
+
+def _residual_additions(model: fx.GraphModule, example: Inputs) -> list[BlockCandidate]:
+    """The graph's residual Additions whose branch can go, in graph order; of nested ones the innermost."""
+    additions = [node for node in model.graph.nodes
+                 if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), Addition)]
+    shapes = _addition_shapes(model, example)
+    found: dict[fx.Node, tuple[int, set[fx.Node]]] = {}
+    for node in additions:
+        for skip in (1, 0):
+            branch = _branch(model, node, skip)
+            recorded = shapes.get(str(node.target))
+            if branch is not None and recorded is not None and recorded[skip] == recorded[2]:
+                found[node] = skip, branch
+                break
+    return [BlockCandidate(str(node.target), None, skip=skip) for node, (skip, branch) in found.items()
+            if not any(other in branch for other in found)]
+
+
+def _addition_shapes(model: fx.GraphModule, example: Inputs) -> dict[str, tuple[torch.Size, ...]]:
+    """Each Addition's operand shapes and output shape, for the ones that ran exactly once."""
+    seen: dict[str, list[tuple[torch.Size, ...]]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, Addition):
+            def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
+                seen.setdefault(name, []).append((inputs[0].shape, inputs[1].shape, output.shape))
+            handles.append(module.register_forward_hook(hook))
+    forward_once(model, example, handles)
+    return {name: records[0] for name, records in seen.items() if len(records) == 1}
+
+
+def _branch(model: fx.GraphModule, addition: fx.Node, skip: int) -> set[fx.Node] | None:
+    """The nodes that compute the Addition's non-skip operand and feed nothing else, when they read the
+    skip operand, nothing else computed, and hold a layer with parameters; else None."""
+    if len(addition.args) != 2 or addition.kwargs:
+        return None
+    x, operand = addition.args[skip], addition.args[1 - skip]
+    if not isinstance(x, fx.Node) or not isinstance(operand, fx.Node) or operand is x:
+        return None
+    nodes = list(model.graph.nodes)
+    branch = {operand}
+    # graph order is topological: walking back from the operand, a node joins once all its users have
+    for node in reversed(nodes[:nodes.index(operand)]):
+        if node is not x and node.op != "placeholder" and node.users \
+                and all(user in branch or user is addition for user in node.users):
+            branch.add(node)
+    reads = {arg for node in branch for arg in node.all_input_nodes if arg not in branch}
+    if x not in reads or any(arg is not x and arg.op != "get_attr" for arg in reads):
+        return None
+    layers = [model.get_submodule(str(node.target)) for node in branch if node.op == "call_module"]
+    return branch if any(True for layer in layers for _ in layer.parameters()) else None
 
 
 def _transformer_layers(model: nn.Module, calls: list[ContainerCall]) -> set[str]:
@@ -167,7 +235,11 @@ def _transformer_layers(model: nn.Module, calls: list[ContainerCall]) -> set[str
 
 
 def remove_block(model: nn.Module, candidate: BlockCandidate) -> None:
-    """Replace the block by Identity, by its shortcut projection, or (a layer) by SkippedLayer, in place."""
+    """Replace the block by Identity, by its shortcut projection, or (a layer) by SkippedLayer, in place;
+    in a flat graph, pass the skip operand through in the Addition's place and drop its branch."""
+    if candidate.skip is not None:
+        _bypass(model, candidate.name, candidate.skip)
+        return
     parent_name, _, child = candidate.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     block = parent.get_submodule(child)
@@ -176,3 +248,13 @@ def remove_block(model: nn.Module, candidate: BlockCandidate) -> None:
         return
     replacement = nn.Identity() if candidate.shortcut is None else block.get_submodule(candidate.shortcut)
     setattr(parent, child, replacement)
+
+
+def _bypass(model: nn.Module, addition: str, skip: int) -> None:
+    assert isinstance(model, fx.GraphModule), "a skip is found only in a flat graph"
+    node = next(n for n in model.graph.nodes if n.op == "call_module" and n.target == addition)
+    node.replace_all_uses_with(node.args[skip])
+    model.graph.erase_node(node)
+    model.graph.eliminate_dead_code()
+    model.delete_all_unused_submodules()
+    model.recompile()

@@ -6,13 +6,14 @@ per filter. Block scores: one pass for all candidate blocks together.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from core.data import batches
+from core.graph.blocks import BlockCandidate
 from core.graph.layers import compensates
 from core.importance.statistics import CalibrationPass, InputMoments, InputStats, run_calibration, token_rows
 from core.inputs import Inputs
@@ -285,7 +286,7 @@ def baseline_scorer(criterion: Criterion) -> GroupScorer:
 @torch.no_grad()
 def block_divergence(
     model: nn.Module,
-    blocks: dict[str, str | None],
+    blocks: Sequence[BlockCandidate],
     calib: Inputs,
     device: torch.device,
     batch_size: int,
@@ -293,28 +294,30 @@ def block_divergence(
 ) -> dict[str, float]:
     """D_l = mean_x ‖T_out − T_in‖ / (‖T_in‖ + ε) per candidate block.
 
-    `blocks` maps a block name to its shortcut submodule (relative name) or None for an
-    identity shortcut; with a projection, T_in is the shortcut's output, the path the
-    block would be replaced by.
+    T_in is what the block would be replaced by: its input, its shortcut's output with a projection,
+    or the skip operand of a residual Addition in a flat graph (whose output is T_out).
     """
     # summed on the device: a float() per batch would wait for it every batch
-    totals = {name: torch.zeros((), dtype=torch.float64, device=device) for name in blocks}
+    totals = {block.name: torch.zeros((), dtype=torch.float64, device=device) for block in blocks}
     reference: dict[str, torch.Tensor] = {}
     handles = []
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.detach().float().flatten(1)
 
-    for name, shortcut in blocks.items():
+    for candidate in blocks:
+        name = candidate.name
         block = model.get_submodule(name)
-        if shortcut is None:
-            def pre(_m, inputs, name=name):
-                reference[name] = flat(inputs[0])
+        if candidate.shortcut is None:
+            position = candidate.skip or 0
+
+            def pre(_m, inputs, name=name, position=position):
+                reference[name] = flat(inputs[position])
             handles.append(block.register_forward_pre_hook(pre))
         else:
             def short(_m, _inputs, output, name=name):
                 reference[name] = flat(output)
-            handles.append(block.get_submodule(shortcut).register_forward_hook(short))
+            handles.append(block.get_submodule(candidate.shortcut).register_forward_hook(short))
 
         def post(_m, _inputs, output, name=name):
             ref = reference.pop(name)

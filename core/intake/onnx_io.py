@@ -26,7 +26,7 @@ from core.graph.outputs import named_outputs
 from core.inputs import Inputs
 from core.intake.fx_shapes import Shapes, flatten_start, shapes_at
 from core.intake.onnx_attention import prunable_heads
-from core.intake.onnx_ops import linear_layers, register_converters
+from core.intake.onnx_ops import linear_layers, register_converters, residual_additions
 
 _REEXPORT_HINT = (
     "Re-export the model with torch.onnx.export(model, example, 'model.onnx', input_names=['input'], "
@@ -68,6 +68,7 @@ def load_onnx(path: Path) -> OnnxModel:
     _require_converters(proto, path)
     module = _convert(proto, path)
     linear_layers(module)
+    residual_additions(module)
     # the module takes the inputs in the converted graph's order, which the export must follow
     spec.input_names = [value.name for value in _graph_inputs(proto)]
     parameters = _name_parameters(module, spec.input_names)
@@ -84,8 +85,6 @@ def load_onnx(path: Path) -> OnnxModel:
         notes.append(f"{len(reshapes)} reshape(s) to a constant shape were left as they are (the input has dynamic "
                      "axes besides the batch and a token sequence); pruning the channels that reach them would "
                      "break the model.")
-    # block removal looks for residual submodules; a converted graph is one flat module
-    notes.append("Stage 2 (block removal) does not apply to models converted from ONNX; filters are pruned.")
     return OnnxModel(module=module.eval(), spec=spec, notes=notes, parameters=parameters, example=example)
 
 

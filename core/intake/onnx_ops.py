@@ -12,6 +12,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from core.graph.blocks import Addition
+
 # Op versions whose schema changed only in the tensor types it allows (bfloat16, float8, int4), so the
 # converter of the earlier version computes the same thing. BERT's exported attention mask uses
 # GreaterOrEqual; torch.onnx's dynamo exporter writes opset 20, where Shape, Cast, Reshape and the
@@ -138,6 +140,22 @@ def linear_layers(module: fx.GraphModule) -> None:
         module.graph.eliminate_dead_code()
         module.delete_all_unused_submodules()
         module.recompile()
+
+
+def residual_additions(module: fx.GraphModule) -> None:
+    """Make each Add of two computed tensors an Addition, the module Stage 2 looks for in a flat graph, in
+    place (an Add of a stored constant is a bias, not a residual)."""
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+
+    for node in module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        op = module.get_submodule(str(node.target))
+        if not isinstance(op, OnnxBinaryMathOperation) or op.math_op_function is not torch.add or op.broadcast \
+                or len(node.args) != 2 or node.kwargs:
+            continue
+        if all(isinstance(arg, fx.Node) and arg.op != "get_attr" for arg in node.args):
+            module.set_submodule(str(node.target), Addition())
 
 
 def stored_tensor(module: fx.GraphModule, arg: object) -> torch.Tensor | None:

@@ -450,8 +450,8 @@ def _run_stages(run: Run, model: nn.Module, saver: Saver | None = None,
     """Stage 1 up to its share of the target, Stage 2, then Stage 1 again to close the gap; from
     the phase and state of `resume` when given (its model is `model`).
 
-    A model with no removable block (a converted ONNX graph, a plain CNN) has no Stage 2: Stage 1 takes
-    the whole target, and the run's stop reason is Stage 1's."""
+    A model with no removable block (a plain CNN without shortcuts) has no Stage 2: Stage 1 takes the
+    whole target, and the run's stop reason is Stage 1's."""
     opts = run.spec.options
     state = resume.state if resume is not None else StageState()
     reasons = list(resume.reasons) if resume is not None else []

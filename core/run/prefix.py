@@ -82,7 +82,8 @@ class PrefixCache:
         """The reference records of `model` on `x`, collected while keeping its blocks' outputs; blocks
         past PREFIX_CACHE_BYTES, and every block if standing in for them changes the outputs, are not kept."""
         order = _execution_order(model, example)
-        blocks = sorted((model.get_submodule(b.name) for b in find_blocks(model, example)),
+        # a residual Addition of a flat graph stands in for nothing: its branch runs anyway
+        blocks = sorted((model.get_submodule(b.name) for b in find_blocks(model, example) if b.skip is None),
                         key=lambda m: order.end.get(m, 1 << 62))
         outputs: dict[nn.Module, list[Any]] = {block: [] for block in blocks}
         handles = [block.register_forward_hook(lambda m, _args, out: outputs[m].append(out)) for block in blocks]

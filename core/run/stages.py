@@ -376,8 +376,7 @@ def remove_layers(run: Run, model: nn.Module, state: StageState,
             return model, state, StopReason.NO_REMOVABLE_BLOCKS
         started = time.monotonic()
         with run.timer(Work.SCORING):
-            scores = block_divergence(model, {c.name: c.shortcut for c in live}, spec.calib, spec.device,
-                                      opts.batch_size)
+            scores = block_divergence(model, live, spec.calib, spec.device, opts.batch_size)
         choice = None
         for block in sorted(live, key=lambda c: scores[c.name]):
             if last_layer_of_its_stack(model, block):
