@@ -328,6 +328,8 @@ def test_onnx_upload_through_the_cli_keeps_its_interface(tmp_path, capsys):
     preflight = json.loads(capsys.readouterr().out)
     assert preflight["input_format"] == "onnx" and preflight["input_shape"] == [3, 32, 32]
     assert preflight["feasible"] is True and preflight["prunable_groups"]
+    # the inverted residual blocks, found in the flat converted graph
+    assert preflight["blocks"] and {b["kind"] for b in preflight["blocks"]} == {"identity"}
 
     out = tmp_path / "pruned"
     assert main(["prune", str(onnx_path), "--data", str(images), "--macs-reduction", "0.5", "--max-accuracy-drop",

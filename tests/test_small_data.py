@@ -331,3 +331,16 @@ def test_recovery_on_a_small_split_keeps_a_pretrained_networks_batchnorm_statist
     kept = torch.equal(student.bn.running_mean, teacher.bn.running_mean)
     assert kept is frozen
     assert not torch.equal(student.bn.weight, teacher.bn.weight)  # its affine parameters still train
+
+
+def test_a_missed_target_names_why_each_stage_stopped(digits_model, digits_arrays, tmp_path):
+    """Stage 2 runs after Stage 1 hit the budget; its "no block can go" must not hide Stage 1's reason."""
+    options = CompressOptions(p0=0.4, min_step_fraction=0.2, recovery_iterations=0, final_recovery_iterations=0,
+                              latency_runs=1, layers_must_beat_width=False)
+    report = compress(digits_model, _data(digits_arrays), Target(macs_reduction=0.9, max_accuracy_drop=0.0),
+                      options, tmp_path).report
+    stages = [s.stage for s in report.steps]
+    assert "layers" in stages and not report.target_met, [(s.stage, s.accepted) for s in report.steps]
+    assert report.stop_reason == StopReason.NO_REMOVABLE_BLOCKS
+    assert report.message.endswith(f"{StopReason.NO_REMOVABLE_BLOCKS.explanation}; before that, "
+                                   f"{StopReason.ACCURACY_BUDGET.explanation}."), report.message

@@ -322,7 +322,7 @@ def prune_and_export(
         target_met=met,
         reachable_reduction={k: round(v, 4) for k, v in reachable.items()},
         stop_reason=stop_reason,
-        message=_explain(stop_reason, met, reduction, target),
+        message=_explain(stop_reason, reasons, met, reduction, target),
         notes=notes + _uncut_notes(cache) + _recovery_notes(spec) + _undone_notes(state),
         device=str(spec.device),
         options=spec.options,
@@ -489,7 +489,10 @@ def _final_recovery(run: Run, state: StageState, model: nn.Module,
     return verdict, state
 
 
-def _explain(reason: StopReason, met: bool, reduction: dict[str, float], target: Target) -> str:
+def _explain(reason: StopReason, reasons: list[StopReason], met: bool, reduction: dict[str, float],
+             target: Target) -> str:
+    """The run's outcome in words; a missed target names why each stage stopped, the last stage's first
+    (Stage 2 runs after Stage 1 hit the budget, and "no block can go" alone would hide that)."""
     got = f"MACs -{reduction['macs']:.1%}, params -{reduction['params']:.1%}"
     if met:
         return f"Target met: {got}."
@@ -498,4 +501,6 @@ def _explain(reason: StopReason, met: bool, reduction: dict[str, float], target:
         for name, value in (("MACs", target.macs_reduction), ("params", target.params_reduction))
         if value is not None
     )
-    return f"Target not met ({asked} asked, {got} reached): {reason.explanation}."
+    earlier = [r for r in dict.fromkeys(reversed(reasons)) if r not in (reason, StopReason.TARGET_REACHED)]
+    why = "".join(f"; before that, {r.explanation}" for r in earlier)
+    return f"Target not met ({asked} asked, {got} reached): {reason.explanation}{why}."
