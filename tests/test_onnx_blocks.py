@@ -3,6 +3,7 @@ the pruned model still exports and runs in ONNX Runtime."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from core.importance.divergence import block_divergence
 from core.inputs import Inputs
 from core.intake.onnx_io import OnnxModel, load_onnx
 from core.options import CompressOptions, Stage, Target
+from core.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from core.run.pipeline import compress
 
 
@@ -121,3 +123,30 @@ def test_stage_two_runs_on_a_converted_graph_and_the_export_matches(converted, t
         expected = result.model.eval()(x[:3]).numpy()
     (got,) = session.run(None, {"pixel_values": x[:3].numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_resumes_from_a_checkpoint_taken_after_a_removal(converted, tmp_path: Path) -> None:
+    """The checkpoint holds the converted graph with its branch gone; the resumed run ends where the whole
+    run ended."""
+    loaded, _ = converted
+    x = _x(32)
+    with torch.no_grad():
+        labels = loaded.module(x).argmax(1)
+    data = Dataset(loaded.bind(Inputs.single(x)), labels)
+    options = CompressOptions(stages=(Stage.LAYERS,), recovery_iterations=2, final_recovery_iterations=2,
+                              batch_size=8, latency_runs=1, latency_batch=2)
+    target = Target(macs_reduction=0.55, max_accuracy_drop=1.0)
+    saved: list[Path] = []
+
+    def keep(checkpoint: Checkpoint) -> None:
+        saved.append(save_checkpoint(checkpoint, tmp_path / f"checkpoint-{len(saved)}.pt"))
+
+    whole = compress(copy.deepcopy(loaded.module), data, target, options, tmp_path / "whole", checkpoint=keep,
+                     onnx_spec=loaded.spec).report
+    assert len(whole.removed_blocks) == 2 and len(saved) == 2, whole.message
+    first = load_checkpoint(saved[0])
+    resumed = compress(copy.deepcopy(loaded.module), data, target, options, tmp_path / "resumed", resume=first,
+                       onnx_spec=loaded.spec).report
+    assert resumed.resumed_at_step == first.steps
+    assert resumed.removed_blocks == whole.removed_blocks
+    assert (resumed.macs_after, resumed.params_after) == (whole.macs_after, whole.params_after)
