@@ -164,6 +164,8 @@ def _residual_additions(model: fx.GraphModule, example: Inputs) -> list[BlockCan
     """The graph's residual Additions whose branch can go, in graph order; of nested ones the innermost."""
     additions = [node for node in model.graph.nodes
                  if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), Addition)]
+    if not additions:
+        return []
     shapes = _addition_shapes(model, example)
     found: dict[fx.Node, tuple[int, set[fx.Node]]] = {}
     for node in additions:
