@@ -61,6 +61,9 @@ def test_an_unknown_precision_is_refused() -> None:
         CompressOptions(precision="fp8").validate()  # type: ignore[arg-type]
 
 
+# slow: a CPU without bf16 instructions emulates it (7.7 minutes here, a sixth of the suite's CPU time); the
+# precision's plumbing is tested above, this is its quality end to end
+@pytest.mark.slow
 def test_the_digits_example_compresses_within_its_budget_in_bf16(
         digits_model: nn.Module, digits_arrays: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     x, y = digits_arrays
