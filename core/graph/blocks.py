@@ -162,17 +162,20 @@ def find_blocks(model: nn.Module, example: Inputs) -> list[BlockCandidate]:
 
 def _residual_additions(model: fx.GraphModule, example: Inputs) -> list[BlockCandidate]:
     """The graph's residual Additions whose branch can go, in graph order; of nested ones the innermost."""
-    additions = [node for node in model.graph.nodes
+    nodes = list(model.graph.nodes)
+    additions = [node for node in nodes
                  if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), Addition)]
     if not additions:
         return []
     shapes = _addition_shapes(model, example)
     found: dict[fx.Node, tuple[int, set[fx.Node]]] = {}
     for node in additions:
+        recorded = shapes.get(str(node.target))
+        if recorded is None:
+            continue
         for skip in (1, 0):
-            branch = _branch(model, node, skip)
-            recorded = shapes.get(str(node.target))
-            if branch is not None and recorded is not None and recorded[skip] == recorded[2]:
+            branch = _branch(model, nodes, node, skip)
+            if branch is not None and recorded[skip] == recorded[2]:
                 found[node] = skip, branch
                 break
     return [BlockCandidate(str(node.target), None, skip=skip) for node, (skip, branch) in found.items()
@@ -192,15 +195,15 @@ def _addition_shapes(model: fx.GraphModule, example: Inputs) -> dict[str, tuple[
     return {name: records[0] for name, records in seen.items() if len(records) == 1}
 
 
-def _branch(model: fx.GraphModule, addition: fx.Node, skip: int) -> set[fx.Node] | None:
+def _branch(model: fx.GraphModule, nodes: list[fx.Node], addition: fx.Node, skip: int) -> set[fx.Node] | None:
     """The nodes that compute the Addition's non-skip operand and feed nothing else, when they read the
-    skip operand, nothing else computed, and hold a layer with parameters; else None."""
+    skip operand, nothing else computed, and hold a layer with parameters; else None. `nodes` are the
+    graph's, in order."""
     if len(addition.args) != 2 or addition.kwargs:
         return None
     x, operand = addition.args[skip], addition.args[1 - skip]
     if not isinstance(x, fx.Node) or not isinstance(operand, fx.Node) or operand is x:
         return None
-    nodes = list(model.graph.nodes)
     branch = {operand}
     # graph order is topological: walking back from the operand, a node joins once all its users have
     for node in reversed(nodes[:nodes.index(operand)]):
